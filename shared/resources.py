@@ -1,0 +1,195 @@
+"""Names, ownership records and reaping of our shared-memory segments and semaphores.
+
+Every name of ours starts with "ve-" followed by 16 random hex digits (unguessable), so nothing
+else on the machine is touched. A process that creates resources first writes an owner record,
+`<run-dir>/owners/<pid>-<starttime>.json`, listing the names it is about to create; it removes
+the record after unlinking them on a clean exit. Any host or guest that starts, and the host
+whenever a guest disappears, calls `reap(run_dir)`: records whose process is gone (or whose pid
+was reused: the start time differs) have their resources unlinked and the record deleted.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import warnings
+from multiprocessing import resource_tracker, shared_memory
+from pathlib import Path
+
+import posix_ipc
+
+log = logging.getLogger(__name__)
+PREFIX = "ve-"
+
+
+def new_token() -> str:
+    return secrets.token_hex(8)
+
+
+def default_run_dir() -> Path:
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base and os.path.isdir(base):
+        return Path(base) / "virtio-emu"
+    return Path(f"/tmp/virtio-emu-{os.getuid()}")
+
+
+def ensure_run_dir(path: Path) -> Path:
+    path = Path(path)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    (path / "owners").mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def proc_starttime(pid: int) -> int | None:
+    """Field 22 of /proc/<pid>/stat, or None if the process is gone (or a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    rest = data[data.rindex(b")") + 2:].split()
+    if rest[0] == b"Z":
+        return None
+    return int(rest[19])
+
+
+# --- shared memory with the 3.11 resource-tracker pitfall handled ---------------------------------
+def _untrack(shm: shared_memory.SharedMemory) -> None:
+    try:
+        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+    except Exception:  # pragma: no cover - tracker not running
+        pass
+
+
+def create_shm(name: str, size: int) -> shared_memory.SharedMemory:
+    """Create a 0600 segment owned by our records (not by multiprocessing's tracker)."""
+    shm = shared_memory.SharedMemory(name=name, create=True, size=size)
+    _untrack(shm)
+    return shm
+
+
+def attach_shm(name: str) -> shared_memory.SharedMemory:
+    """Attach without letting the resource tracker unlink the owner's segment at our exit."""
+    if not name.startswith(PREFIX) or "/" in name or len(name) > 64:
+        raise ValueError(f"shared memory name {name!r} is not one of ours")
+    shm = shared_memory.SharedMemory(name=name, create=False)
+    _untrack(shm)
+    return shm
+
+
+def close_shm(shm: shared_memory.SharedMemory) -> bool:
+    """Close, tolerating views that are still alive elsewhere (the mapping then dies with us)."""
+    try:
+        shm.close()
+        return True
+    except BufferError:
+        log.debug("shared memory %s still has live views; left mapped", shm.name)
+        return False
+
+
+def unlink_shm(name: str) -> None:
+    try:
+        posix_ipc.unlink_shared_memory("/" + name.lstrip("/"))
+    except posix_ipc.ExistentialError:
+        pass
+
+
+def unlink_sem(name: str) -> None:
+    try:
+        posix_ipc.unlink_semaphore(name)
+    except posix_ipc.ExistentialError:
+        pass
+
+
+# --- owner records --------------------------------------------------------------------------------
+class OwnerRecord:
+    """What this process created (or is about to create) under a run dir."""
+
+    def __init__(self, run_dir: Path, role: str):
+        self.run_dir = Path(run_dir)
+        self.pid = os.getpid()
+        self.start = proc_starttime(self.pid)
+        self.role = role
+        self.shm: list[str] = []
+        self.sems: list[str] = []
+        self.path = self.run_dir / "owners" / f"{self.pid}-{self.start}.json"
+
+    def _save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": self.pid, "start": self.start, "role": self.role,
+                                   "shm": self.shm, "sems": self.sems}))
+        os.replace(tmp, self.path)
+
+    def add(self, shm: list[str] = (), sems: list[str] = ()) -> None:
+        """Record names *before* creating them, so a SIGKILL in between leaks nothing."""
+        self.shm.extend(shm)
+        self.sems.extend(sems)
+        self._save()
+
+    def remove(self, shm: list[str] = (), sems: list[str] = ()) -> None:
+        for n in shm:
+            if n in self.shm:
+                self.shm.remove(n)
+        for n in sems:
+            if n in self.sems:
+                self.sems.remove(n)
+        self._save()
+
+    def release_all(self) -> None:
+        for n in self.shm:
+            unlink_shm(n)
+        for n in self.sems:
+            unlink_sem(n)
+        self.shm, self.sems = [], []
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def reap(run_dir: Path) -> int:
+    """Unlink the resources of every dead owner under run_dir. Returns how many owners were reaped."""
+    owners = Path(run_dir) / "owners"
+    reaped = 0
+    if not owners.is_dir():
+        return 0
+    for rec in owners.glob("*.json"):
+        try:
+            data = json.loads(rec.read_text())
+            pid, start = int(data["pid"]), data["start"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if proc_starttime(pid) == start and start is not None:
+            continue  # alive
+        for n in data.get("shm", []):
+            unlink_shm(n)
+        for n in data.get("sems", []):
+            unlink_sem(n)
+        try:
+            rec.unlink()
+        except FileNotFoundError:
+            pass
+        reaped += 1
+        log.info("reaped resources of dead %s pid %d", data.get("role", "process"), pid)
+    for tmp in owners.glob("*.tmp"):
+        try:
+            pid = int(tmp.name.split("-")[0])
+        except ValueError:
+            continue
+        if proc_starttime(pid) is None:
+            tmp.unlink(missing_ok=True)
+    return reaped
+
+
+def ours_in_dev_shm() -> list[str]:
+    """Names in /dev/shm that belong to virtio-emu (segments and sem.* semaphores)."""
+    try:
+        names = os.listdir("/dev/shm")
+    except OSError:
+        return []
+    return sorted(n for n in names if n.startswith(PREFIX) or n.startswith("sem." + PREFIX))
+
+
+warnings.filterwarnings("ignore", message="resource_tracker", category=UserWarning)
