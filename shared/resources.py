@@ -9,6 +9,7 @@ was reused: the start time differs) have their resources unlinked and the record
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -25,6 +26,16 @@ PREFIX = "ve-"
 
 def new_token() -> str:
     return secrets.token_hex(8)
+
+
+def run_tag(run_dir) -> str:
+    """8 hex digits naming a run dir, so a test (or an operator) can tell whose names are whose."""
+    return hashlib.blake2s(str(Path(run_dir).resolve()).encode(), digest_size=4).hexdigest()
+
+
+def resource_base(run_dir) -> str:
+    """The stem of a new set of names: "ve-<run tag>-<16 random hex digits>"."""
+    return f"{PREFIX}{run_tag(run_dir)}-{new_token()}"
 
 
 def default_run_dir() -> Path:

@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from shared.resources import ours_in_dev_shm  # noqa: E402
+from shared.resources import ours_in_dev_shm  # noqa: E402,F401
 
 
 @pytest.fixture
@@ -22,25 +22,16 @@ def run_dir(tmp_path):
 
 @pytest.fixture
 def shm_guard(run_dir):
-    """Asserts that the test leaves no segment or semaphore of its own behind.
+    """Asserts the test leaves no segment or semaphore of its run dir behind, and no owner record.
 
-    Other tests run in parallel (pytest -n auto), so only names recorded under this test's run dir
-    (owner records) and names created while it ran that are still there are checked: the test
-    fixture reaps with its own run dir and then compares.
+    Names of ours carry the run dir's tag (shared.resources.resource_base), so parallel tests
+    (pytest -n auto) only ever check their own.
     """
-    before = set(ours_in_dev_shm())
+    from shared.resources import reap, run_tag
+    tag = run_tag(run_dir)
     yield run_dir
-    from shared.resources import reap
     reap(run_dir)
-    owners = list((run_dir / "owners").glob("*.json"))
-    assert not owners, f"owner records left: {[p.read_text() for p in owners]}"
-    after = set(ours_in_dev_shm())
-    leaked = sorted(n for n in after - before if _mine(n, run_dir))
+    owners = [p.read_text() for p in (run_dir / "owners").glob("*.json")]
+    assert not owners, f"owner records left: {owners}"
+    leaked = [n for n in ours_in_dev_shm() if tag in n]
     assert not leaked, f"leaked in /dev/shm: {leaked}"
-
-
-def _mine(name: str, run_dir: Path) -> bool:
-    tokens = (run_dir / "tokens")
-    if not tokens.exists():
-        return False
-    return any(t in name for t in tokens.read_text().split())
