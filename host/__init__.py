@@ -1,0 +1,1 @@
+"""The host: the vhost backend daemon serving many guests."""

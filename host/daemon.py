@@ -1,0 +1,278 @@
+"""The host daemon: accepts device connections and runs each device in a process of its own.
+
+    parent (this module's Daemon.serve)
+      listens on <run-dir>/control.sock; for each connection reads the first message (HELLO),
+      checks it (version, device type, and for vsock the CID: not reserved, not in use), then
+      forks a device process and forgets the socket. It reaps children, frees their CIDs, reaps
+      the resources of dead guests (shared.resources.reap), and on SIGINT/SIGTERM stops them all.
+    device process (run_device)
+      one VhostWorker thread: the control socket and the device's own file objects on a selector,
+      kick doorbells polled by threads that queue work. A guest's mistakes mark only its device
+      NEEDS_RESET; a guest that dies (control EOF) only ends its own device process.
+
+A process per device keeps one guest's work off every other guest's GIL.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import selectors
+import signal
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgpack
+
+from shared import control
+from shared.constants import RESERVED_CIDS
+from shared.errors import ProtocolError
+from shared.resources import ensure_run_dir, reap
+
+log = logging.getLogger("host")
+
+HELLO_TIMEOUT = 5.0
+SUPPORTED_DEVICES = ("vsock",)
+
+
+@dataclass
+class HostOptions:
+    run_dir: Path
+    pcap: Path | None = None
+    credit_policy: str = "every-read"
+    dialect: str = "firecracker"
+    max_queue_size: int = 1024
+    stats_interval: float = 0.5
+
+
+@dataclass
+class Child:
+    pid: int
+    device: str
+    guest: str
+    cid: int | None
+    started: float = field(default_factory=time.monotonic)
+
+
+def peer_pid(sock: socket.socket) -> int:
+    """The connecting process's pid from SO_PEERCRED (not what it claims)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[0]
+
+
+def send_msg(sock: socket.socket, msg: dict) -> None:
+    try:
+        sock.sendall(control.encode(msg))
+    except OSError:
+        pass
+
+
+def read_hello(sock: socket.socket, timeout: float = HELLO_TIMEOUT) -> dict:
+    """Read exactly one message, the HELLO; anything else is a ProtocolError."""
+    dec = control.Decoder()
+    sock.settimeout(timeout)
+    end = time.monotonic() + timeout
+    while True:
+        if time.monotonic() > end:
+            raise ProtocolError("no HELLO within %.0f s" % timeout, "ETIMEDOUT")
+        try:
+            data = sock.recv(65536)
+        except socket.timeout:
+            raise ProtocolError("no HELLO within %.0f s" % timeout, "ETIMEDOUT") from None
+        if not data:
+            raise ProtocolError("connection closed before HELLO", "ECONNRESET")
+        msgs = dec.feed(data)
+        if msgs:
+            if len(msgs) > 1 or dec.pending():
+                raise ProtocolError("HELLO must be answered before the next message is sent")
+            return control.validate_request(msgs[0])
+
+
+class Daemon:
+    def __init__(self, opts: HostOptions):
+        self.opts = opts
+        self.run_dir = ensure_run_dir(opts.run_dir)
+        self.path = self.run_dir / "control.sock"
+        self.children: dict[int, Child] = {}
+        self.cids: dict[int, int] = {}          # cid -> device process pid
+        self._stop = False
+        self.listener: socket.socket | None = None
+
+    # --- setup --------------------------------------------------------------------------------
+    def bind(self) -> None:
+        if self.path.exists():
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(str(self.path))
+            except OSError:
+                self.path.unlink()          # stale socket from a dead host
+            else:
+                raise SystemExit(f"host: another host is already serving {self.run_dir}")
+            finally:
+                probe.close()
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            s.bind(str(self.path))
+        finally:
+            os.umask(old)
+        s.listen(64)
+        s.setblocking(False)
+        self.listener = s
+        n = reap(self.run_dir)
+        if n:
+            log.info("reaped %d dead owner(s) in %s", n, self.run_dir)
+        if self.opts.pcap:
+            from shared.vsock.pcap import PcapWriter
+            PcapWriter(self.opts.pcap).close()   # the file header; device processes append records
+        log.info("host listening on %s", self.path)
+
+    def request_stop(self, *_: object) -> None:
+        self._stop = True
+
+    # --- the accept loop ------------------------------------------------------------------------
+    def serve(self) -> int:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        sel = selectors.DefaultSelector()
+        sel.register(self.listener, selectors.EVENT_READ)
+        try:
+            while not self._stop:
+                for _ in sel.select(0.2):
+                    self._accept()
+                self._reap_children()
+        finally:
+            sel.close()
+            self.shutdown()
+        return 0
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        conn.setblocking(True)
+        try:
+            pid = peer_pid(conn)
+            hello = read_hello(conn)
+            if hello["op"] != "HELLO":
+                raise ProtocolError(f"the first message must be HELLO, not {hello['op']}")
+            cid = self._check_hello(hello)
+        except ProtocolError as e:
+            log.warning("refused a connection: %s", e)
+            send_msg(conn, control.error_reply(0, e.code, str(e)))
+            conn.close()
+            return
+        except (OSError, ValueError, msgpack.ExtraData) as e:
+            log.warning("refused a connection: %s", e)
+            conn.close()
+            return
+        child = self._spawn(conn, hello, pid, cid)
+        conn.close()
+        if child is not None:
+            self.children[child.pid] = child
+            if cid is not None:
+                self.cids[cid] = child.pid
+            log.info("guest %r (pid %d): %s device in process %d%s", hello["guest"], pid,
+                     hello["device"], child.pid, f", cid {cid}" if cid is not None else "")
+
+    def _check_hello(self, hello: dict) -> int | None:
+        if hello["version"] != control.PROTOCOL_VERSION:
+            raise ProtocolError(f"protocol version {hello['version']} is not supported "
+                                f"(this host speaks {control.PROTOCOL_VERSION})", "ENOTSUP")
+        if hello["device"] not in SUPPORTED_DEVICES:
+            raise ProtocolError(f"unknown device type {hello['device']!r}", "ENODEV")
+        if hello["device"] != "vsock":
+            return None
+        cid = hello["params"].get("cid")
+        if not isinstance(cid, int) or isinstance(cid, bool) or cid < 0 or cid > 0xFFFFFFFFFFFFFFFF:
+            raise ProtocolError(f"vsock needs params.cid, an unsigned integer, not {cid!r}", "EINVAL")
+        if cid in RESERVED_CIDS or cid > 0xFFFFFFFF:
+            raise ProtocolError(f"CID {cid} is reserved (0, 1, 2 and -1 are not guest CIDs; "
+                                f"the upper 32 bits must be 0)", "EINVAL")
+        if cid in self.cids:
+            other = self.children.get(self.cids[cid])
+            raise ProtocolError(f"CID {cid} is already in use by guest "
+                                f"{other.guest if other else '?'!r}", "EADDRINUSE")
+        return cid
+
+    def _spawn(self, conn: socket.socket, hello: dict, peer: int, cid: int | None) -> Child | None:
+        try:
+            pid = os.fork()
+        except OSError as e:
+            log.error("fork failed: %s", e)
+            send_msg(conn, control.error_reply(hello.get("seq", 0), "EAGAIN", f"host cannot fork: {e}"))
+            return None
+        if pid == 0:  # the device process
+            code = 1
+            try:
+                self.listener.close()
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                from host.device_process import run_device
+                code = run_device(conn, hello, peer, self.opts)
+            except BaseException:  # never let the child run the parent's loop
+                log.exception("device process failed")
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        return Child(pid, hello["device"], hello["guest"], cid)
+
+    def _reap_children(self) -> None:
+        reaped = False
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            child = self.children.pop(pid, None)
+            if child is None:
+                continue
+            reaped = True
+            if child.cid is not None and self.cids.get(child.cid) == pid:
+                del self.cids[child.cid]
+            log.info("device process %d (%s of guest %r) ended, %s", pid, child.device, child.guest,
+                     _status(status))
+        if reaped:
+            reap(self.run_dir)
+
+    def shutdown(self) -> None:
+        for pid in list(self.children):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        end = time.monotonic() + 3.0
+        while self.children and time.monotonic() < end:
+            self._reap_children()
+            time.sleep(0.02)
+        for pid in list(self.children):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+            self.children.pop(pid, None)
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+        reap(self.run_dir)
+        log.info("host stopped")
+
+
+def _status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exit code {os.WEXITSTATUS(status)}"
+
+
+__all__ = ["Daemon", "HostOptions", "peer_pid", "read_hello", "errno"]
