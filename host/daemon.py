@@ -70,8 +70,12 @@ def send_msg(sock: socket.socket, msg: dict) -> None:
         pass
 
 
-def read_hello(sock: socket.socket, timeout: float = HELLO_TIMEOUT) -> dict:
-    """Read exactly one message, the HELLO; anything else is a ProtocolError."""
+def read_hello(sock: socket.socket, timeout: float = HELLO_TIMEOUT) -> tuple[dict, control.Decoder, list]:
+    """Read up to the first message, which must be HELLO.
+
+    Returns (hello, the connection's decoder, messages that followed in the same read): the
+    device process carries on with the same decoder, so nothing pipelined after HELLO is lost.
+    """
     dec = control.Decoder()
     sock.settimeout(timeout)
     end = time.monotonic() + timeout
@@ -86,9 +90,7 @@ def read_hello(sock: socket.socket, timeout: float = HELLO_TIMEOUT) -> dict:
             raise ProtocolError("connection closed before HELLO", "ECONNRESET")
         msgs = dec.feed(data)
         if msgs:
-            if len(msgs) > 1 or dec.pending():
-                raise ProtocolError("HELLO must be answered before the next message is sent")
-            return control.validate_request(msgs[0])
+            return msgs[0], dec, msgs[1:]
 
 
 class Daemon:
@@ -157,7 +159,7 @@ class Daemon:
         conn.setblocking(True)
         try:
             pid = peer_pid(conn)
-            hello = read_hello(conn)
+            hello, decoder, rest = read_hello(conn)
             if hello["op"] != "HELLO":
                 raise ProtocolError(f"the first message must be HELLO, not {hello['op']}")
             cid = self._check_hello(hello)
@@ -170,7 +172,7 @@ class Daemon:
             log.warning("refused a connection: %s", e)
             conn.close()
             return
-        child = self._spawn(conn, hello, pid, cid)
+        child = self._spawn(conn, hello, pid, cid, decoder, rest)
         conn.close()
         if child is not None:
             self.children[child.pid] = child
@@ -199,7 +201,8 @@ class Daemon:
                                 f"{other.guest if other else '?'!r}", "EADDRINUSE")
         return cid
 
-    def _spawn(self, conn: socket.socket, hello: dict, peer: int, cid: int | None) -> Child | None:
+    def _spawn(self, conn: socket.socket, hello: dict, peer: int, cid: int | None,
+               decoder: control.Decoder, rest: list) -> Child | None:
         try:
             pid = os.fork()
         except OSError as e:
@@ -213,7 +216,7 @@ class Daemon:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 from host.device_process import run_device
-                code = run_device(conn, hello, peer, self.opts)
+                code = run_device(conn, hello, peer, self.opts, decoder, rest)
             except BaseException:  # never let the child run the parent's loop
                 log.exception("device process failed")
             finally:

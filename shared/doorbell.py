@@ -20,6 +20,10 @@ from typing import Protocol
 import posix_ipc
 
 
+class DoorbellClosed(Exception):
+    """wait() on a doorbell that was closed."""
+
+
 class Doorbell(Protocol):
     def ring(self) -> None: ...
     def wait(self, timeout: float | None) -> int: ...
@@ -27,7 +31,12 @@ class Doorbell(Protocol):
 
 
 class SemDoorbell:
-    """A named POSIX semaphore used as an eventfd-like counter."""
+    """A named POSIX semaphore used as an eventfd-like counter.
+
+    close() while another thread is blocked in wait() must not unmap the semaphore under it
+    (sem_close would, and the waiter would fault when its timed wait returns): the close is
+    deferred until the last waiter leaves, and later waits raise DoorbellClosed.
+    """
 
     kind = "posix_sem"
 
@@ -35,35 +44,59 @@ class SemDoorbell:
         flags = posix_ipc.O_CREX if create else 0
         self.name = name
         self._sem = posix_ipc.Semaphore(name, flags, mode=0o600, initial_value=0)
+        self._lock = threading.Lock()
+        self._waiters = 0
+        self._closing = False
+        self._closed = False
 
     def ring(self) -> None:
+        if self._closing:
+            return
         self._sem.release()
 
     def wait(self, timeout: float | None) -> int:
+        with self._lock:
+            if self._closing:
+                raise DoorbellClosed(self.name)
+            self._waiters += 1
         try:
-            self._sem.acquire(timeout)
-        except posix_ipc.BusyError:
-            return 0
-        n = 1
-        while True:  # drain: eventfd read returns the whole counter
             try:
-                self._sem.acquire(0)
+                self._sem.acquire(timeout)
             except posix_ipc.BusyError:
-                return n
-            n += 1
+                return 0
+            n = 1
+            while True:  # drain: eventfd read returns the whole counter
+                try:
+                    self._sem.acquire(0)
+                except posix_ipc.BusyError:
+                    return n
+                n += 1
+        finally:
+            with self._lock:
+                self._waiters -= 1
+                if self._closing and self._waiters == 0:
+                    self._really_close()
 
     def pending(self) -> int:
         return self._sem.value
 
+    def _really_close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            try:
+                self._sem.close()
+            except posix_ipc.ExistentialError:
+                pass
+
     def close(self) -> None:
-        try:
-            self._sem.close()
-        except posix_ipc.ExistentialError:
-            pass
+        with self._lock:
+            self._closing = True
+            if self._waiters == 0:
+                self._really_close()
 
     def unlink(self) -> None:
         try:
-            self._sem.unlink()
+            posix_ipc.unlink_semaphore(self.name)
         except posix_ipc.ExistentialError:
             pass
 

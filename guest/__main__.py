@@ -1,0 +1,117 @@
+"""python -m guest: boot a VM with a virtio-vsock device against a running host."""
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from pathlib import Path
+
+from shared.constants import RESERVED_CIDS
+from shared.resources import default_run_dir
+
+SIZE_RE = re.compile(r"^(\d+)([KMG]?)$", re.I)
+
+
+def parse_size(text: str) -> int:
+    m = SIZE_RE.match(text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 64M, 512K or 1G")
+    n = int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[m.group(2).upper()]
+    if n < 1 << 20 or n > 4 << 30 or n % 8192:
+        raise argparse.ArgumentTypeError(f"guest RAM must be 1M..4G and a multiple of 8K, not {text}")
+    return n
+
+
+def parse_cid(text: str) -> int:
+    try:
+        cid = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"CID {text!r} is not a number") from None
+    if cid in RESERVED_CIDS or cid < 0 or cid > 0xFFFFFFFF:
+        raise argparse.ArgumentTypeError(f"CID {cid} is reserved or out of range (use 3..4294967294)")
+    return cid
+
+
+def parse_service(text: str) -> tuple[str, int]:
+    from guest.vsock.services import parse_service as parse
+    try:
+        return parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def parse_queue_size(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"queue size {text!r} is not a number") from None
+    if n < 2 or n > 32768 or n & (n - 1):
+        raise argparse.ArgumentTypeError(f"queue size {n} is not a power of 2 in 2..32768")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m guest",
+        description="virtio-emu guest: a VM whose kernel owns its RAM (shared memory) and drives a "
+                    "virtio-vsock device served by `python -m host` over split virtqueues.")
+    p.add_argument("--run-dir", type=Path, default=None,
+                   help=f"the host's run directory (default: {default_run_dir()})")
+    p.add_argument("--cid", type=parse_cid, required=True, help="the guest's vsock context ID (3 or more)")
+    p.add_argument("--name", default=None, help="guest name shown by the host and monitor (default: guest-CID)")
+    p.add_argument("--mem", type=parse_size, default=parse_size("64M"), metavar="SIZE",
+                   help="guest RAM size, e.g. 64M (default 64M)")
+    p.add_argument("--service", type=parse_service, action="append", default=[], metavar="KIND=PORT",
+                   help="run a built-in vsock service in the guest: echo=PORT, discard=PORT or "
+                        "chargen=PORT (repeatable)")
+    p.add_argument("--run", action="append", default=[], metavar="MODULE:FUNCTION",
+                   help="run FUNCTION(vsock) from MODULE inside the guest with the vsock socket API "
+                        "(repeatable)")
+    p.add_argument("--pcap", type=Path, default=None,
+                   help="record every vsock packet the guest sends or receives (vsockmon pcap)")
+    p.add_argument("--queue-size", type=parse_queue_size, default=128, metavar="N",
+                   help="rx and tx virtqueue size (power of 2; default 128)")
+    p.add_argument("--credit-policy", choices=("every-read", "low-space"), default="every-read",
+                   help="CREDIT_UPDATE after every read (2016-17 seeds) or when free space < 64 KiB")
+    p.add_argument("--buf-size", type=int, default=256 * 1024, metavar="BYTES",
+                   help="default vsock socket receive buffer (SO_VM_SOCKETS_BUFFER_SIZE; default 262144)")
+    p.add_argument("--connect-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="how long to wait for the host at boot (default 5)")
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                   help="logging level (default INFO)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not 128 <= args.buf_size <= 0xFFFFFFFF:
+        print(f"guest: --buf-size {args.buf_size} is out of range (128..4294967295)", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level,
+                        format="%(asctime)s guest[%(process)d] %(levelname)s %(name)s: %(message)s")
+    from guest.vm import VM, BootError, GuestOptions
+    opts = GuestOptions(run_dir=args.run_dir or default_run_dir(), cid=args.cid,
+                        name=args.name or f"guest-{args.cid}", mem=args.mem, services=args.service,
+                        run=args.run, pcap=args.pcap, queue_size=args.queue_size,
+                        credit_policy=args.credit_policy, buf_size=args.buf_size,
+                        connect_timeout=args.connect_timeout)
+    vm = VM(opts)
+    try:
+        vm.boot()
+    except BootError as e:
+        print(f"guest: {e}", file=sys.stderr)
+        vm.shutdown()
+        return 1
+    except KeyboardInterrupt:
+        vm.shutdown()
+        return 130
+    except Exception:
+        logging.getLogger("guest").exception("guest: boot failed")
+        vm.shutdown()
+        return 1
+    return vm.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""The VM: boots guest RAM, the kernel and the virtio-vsock device, runs services, survives hosts.
+
+Boot (VM.boot): reap what dead processes left in the run dir; record, then create, the guest RAM
+segment; start the kernel's workqueue; connect the device's control channel (an unreachable host
+is a BootError: one line, non-zero exit); probe the virtio-vsock transport (handshake, rings,
+doorbells, rx and event buffers, DRIVER_OK); start interrupt threads; start services and user
+functions.
+
+While running, a watcher thread notices the host going away (EOF on the control connection) and
+reconnects when a host is back: VirtioDevice.reconnect() replays the device state, and the new host
+raises TRANSPORT_RESET on the event queue, which resets connected sockets (ECONNRESET) and keeps
+listeners.
+
+Shutdown (VM.shutdown, on SIGINT/SIGTERM): stop services, remove the device as the seed's remove
+does (reset, detach unused buffers, free), close the control connection, stop the kernel, unmap and
+unlink RAM and doorbells (owner record released).
+"""
+from __future__ import annotations
+
+import logging
+import select
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.control import ControlError
+from shared.resources import OwnerRecord, ensure_run_dir, reap, resource_base
+from shared.stats import remove_stats, write_stats
+
+from .kernel import Kernel
+from .ram import GuestRAM
+
+log = logging.getLogger("guest")
+
+WATCH_INTERVAL = 0.2
+RECONNECT_INTERVAL = 0.5
+STATS_INTERVAL = 0.5
+
+
+class BootError(Exception):
+    """The VM could not boot (no host, refused CID, ...)."""
+
+
+@dataclass
+class GuestOptions:
+    run_dir: Path
+    cid: int
+    name: str = ""
+    mem: int = 64 << 20
+    services: list = field(default_factory=list)      # [(kind, port)]
+    run: list = field(default_factory=list)           # ["module:function"]
+    pcap: Path | None = None
+    queue_size: int = 128
+    credit_policy: str = "every-read"
+    buf_size: int = 256 * 1024
+    connect_timeout: float = 5.0
+
+
+class VM:
+    def __init__(self, opts: GuestOptions):
+        self.opts = opts
+        self.stop_event = threading.Event()
+        self.connected = threading.Event()
+        self.ram: GuestRAM | None = None
+        self.owner: OwnerRecord | None = None
+        self.kernel: Kernel | None = None
+        self.vdev = None
+        self.transport = None
+        self.vsock = None
+        self.capture = None
+        self.services: list = []
+        self.threads: list[threading.Thread] = []
+        self.reconnects = 0
+
+    # --- boot -----------------------------------------------------------------------------------
+    def boot(self) -> None:
+        o = self.opts
+        run_dir = ensure_run_dir(o.run_dir)
+        n = reap(run_dir)
+        if n:
+            log.info("reaped the resources of %d dead process(es)", n)
+        control_path = run_dir / "control.sock"
+        if not control_path.exists():
+            raise BootError(f"no host is serving {run_dir} (start one with: python -m host --run-dir {run_dir})")
+        base = resource_base(run_dir)
+        self.owner = OwnerRecord(run_dir, "guest")
+        self.owner.add(shm=[f"{base}-ram"])
+        self.ram = GuestRAM(f"{base}-ram", o.mem)
+        log.info("guest %s: %d MiB of RAM in %s (regions %s)", o.name, o.mem >> 20, f"{base}-ram",
+                 ", ".join(f"{r['guest_phys_addr']:#x}+{r['memory_size']:#x}" for r in self.ram.table))
+        self.kernel = Kernel(o.name)
+        self.kernel.start()
+
+        from guest.virtio_dev import VirtioDevice
+        from guest.vsock.socket import GuestVsock
+        from guest.vsock.transport import VirtioVsockTransport
+        self.vdev = VirtioDevice(self.ram, run_dir, control_path, "vsock", o.name, {"cid": o.cid},
+                                 resource_base=f"{base}-vsock", owner=self.owner,
+                                 timeout=o.connect_timeout)
+        try:
+            self.vdev.connect()
+        except ControlError as e:
+            raise BootError(f"the host refused the vsock device: {e}") from None
+        except (ConnectionError, TimeoutError, OSError) as e:
+            raise BootError(str(e)) from None
+        if o.pcap:
+            from shared.vsock.pcap import PcapWriter
+            self.capture = PcapWriter(o.pcap)
+        self.transport = VirtioVsockTransport(self.kernel, self.vdev, self.ram,
+                                              queue_sizes=(o.queue_size, o.queue_size, 8),
+                                              credit_policy=o.credit_policy, buf_size=o.buf_size,
+                                              capture=self.capture)
+        try:
+            with self.kernel.lock:
+                self.transport.probe()
+        except (ControlError, ConnectionError, TimeoutError, OSError) as e:
+            raise BootError(f"probing the vsock device failed: {e}") from None
+        self.vdev.start_irq_threads(self.stop_event)
+        self.connected.set()
+        log.info("guest %s: vsock device ready, cid %d, features %#x", o.name, o.cid, self.vdev.features)
+        self.vsock = GuestVsock(self.transport)
+        self._start_services()
+        self._thread(self._watch_host, "host-watch")
+        self._thread(self._stats_loop, "stats")
+
+    def _thread(self, fn, name: str) -> None:
+        t = threading.Thread(target=fn, name=f"{self.opts.name}-{name}", daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    def _start_services(self) -> None:
+        from guest.vsock import services
+        for kind, port in self.opts.services:
+            self.services.append(services.start_service(self.vsock, kind, port))
+            log.info("service %s listening on vsock port %d", kind, port)
+        for spec in self.opts.run:
+            self.services.append(services.run_user_function(spec, self.vsock))
+            log.info("running %s in the guest", spec)
+
+    # --- the host link ----------------------------------------------------------------------------
+    def _host_gone(self) -> bool:
+        client = self.vdev.client if self.vdev is not None else None
+        if client is None or client.closed:
+            return True
+        if not client._lock.acquire(blocking=False):
+            return False                   # a request is in flight: it will see EOF itself
+        try:
+            r, _, _ = select.select([client.sock], [], [], 0)
+            if not r:
+                return False
+            return client.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (OSError, ValueError):
+            return True
+        finally:
+            client._lock.release()
+
+    def _watch_host(self) -> None:
+        while not self.stop_event.wait(WATCH_INTERVAL):
+            if not self._host_gone():
+                continue
+            self.connected.clear()
+            log.warning("guest %s: lost the host; reconnecting when it is back", self.opts.name)
+            while not self.stop_event.is_set():
+                try:
+                    self.vdev.reconnect()
+                except (ControlError, ConnectionError, TimeoutError, OSError, RuntimeError) as e:
+                    log.debug("reconnect failed: %s", e)
+                    self.stop_event.wait(RECONNECT_INTERVAL)
+                    continue
+                self.reconnects += 1
+                self.connected.set()
+                log.info("guest %s: reconnected to the host", self.opts.name)
+                break
+
+    def _stats_loop(self) -> None:
+        while not self.stop_event.wait(STATS_INTERVAL):
+            self.write_stats()
+
+    def write_stats(self) -> None:
+        t = self.transport
+        if t is None:
+            return
+        stats = dict(t.stats)
+        stats.update(rx_buf_nr=getattr(t, "rx_buf_nr", None), queued_replies=getattr(t, "queued_replies", None),
+                     send_pkt_list=len(getattr(t, "send_pkt_list", ())),
+                     sockets=len(getattr(t.core, "connected", {})) if getattr(t, "core", None) else None,
+                     kicks=sum(self.vdev.kicks), interrupts=sum(self.vdev.interrupts))
+        try:
+            write_stats(self.opts.run_dir, "guest", {
+                "name": self.opts.name, "cid": self.opts.cid, "connected": self.connected.is_set(),
+                "reconnects": self.reconnects, "stats": stats,
+                "mem_in_use": self.ram.alloc.in_use, "mem_total": self.ram.alloc.total})
+        except OSError:
+            pass
+
+    # --- run and shut down ------------------------------------------------------------------------
+    def run(self) -> int:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self.stop_event.set())
+        while not self.stop_event.wait(0.5):
+            pass
+        log.info("guest %s: shutting down", self.opts.name)
+        self.shutdown()
+        return 0
+
+    def shutdown(self) -> None:
+        self.stop_event.set()
+        for svc in self.services:
+            try:
+                svc.stop()
+            except Exception:
+                log.exception("stopping a service failed")
+        self.services.clear()
+        if self.transport is not None and self.kernel is not None:
+            try:
+                with self.kernel.lock:
+                    self.transport.remove()     # reset, detach unused buffers, free, del_vqs
+            except (ControlError, ConnectionError, TimeoutError, OSError) as e:
+                log.info("device removal without the host: %s", e)
+                self._force_del_vqs()
+            except Exception:
+                log.exception("removing the vsock device failed")
+                self._force_del_vqs()
+        if self.vdev is not None:
+            self.vdev.join_irq_threads()
+            self.vdev.close()
+        for t in self.threads:
+            t.join(2.0)
+        if self.kernel is not None:
+            self.kernel.stop()
+        if self.capture is not None:
+            self.capture.close()
+        if self.ram is not None:
+            self.ram.close()
+        if self.owner is not None:
+            self.owner.release_all()         # unlink RAM and every doorbell we recorded
+        remove_stats(self.opts.run_dir, "guest")
+
+    def _force_del_vqs(self) -> None:
+        try:
+            self.vdev.del_vqs()
+        except Exception:
+            log.debug("del_vqs after a failed remove", exc_info=True)
+
+
+def wait_for(pred, timeout: float, interval: float = 0.01) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(interval)
+    return pred()

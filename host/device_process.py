@@ -1,0 +1,219 @@
+"""One device connection's process: the control session, the device and its vhost worker.
+
+Runs after the daemon forked us with the accepted control socket and the HELLO it already read.
+Everything happens on the VhostWorker thread (this process's main thread): control messages from
+the socket, queued work, timers and the device's own file objects (the vsock bridge). Kick
+doorbells are polled by one thread per queue (KickPollers) that only queue work.
+
+Lifetime: the connection's EOF (guest gone or closed), an error reply that closes the session, or
+SIGTERM from the daemon ends the worker; then pollers are stopped *before* the device releases its
+doorbells and memory, and the process exits.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import threading
+from functools import partial
+
+from shared.constants import VIRTIO_CONFIG_S_DRIVER_OK
+from shared.errors import ProtocolError
+from shared.stats import remove_stats, write_stats
+
+from host.control_session import ControlSession, attach_shm_memory
+from host.worker import POLL_TIMEOUT, VhostWorker
+
+log = logging.getLogger("host.device")
+
+
+class KickPollers:
+    """One thread per queue waiting on its kick doorbell (vhost_poll), each with its own stop flag."""
+
+    def __init__(self, worker: VhostWorker, device):
+        self.worker = worker
+        self.device = device
+        self.threads: dict[int, tuple[threading.Thread, threading.Event, object]] = {}
+
+    def sync(self) -> None:
+        """Match the pollers to the device's current kick doorbells (after every control message)."""
+        dev = self.device
+        live = dev.running and dev.status & VIRTIO_CONFIG_S_DRIVER_OK
+        for i in range(dev.num_queues):
+            db = dev.kicks[i] if live else None
+            cur = self.threads.get(i)
+            if cur is not None and cur[2] is db:
+                continue
+            if cur is not None:
+                self._stop(i)
+            if db is not None:
+                self._start(i, db)
+
+    def _start(self, i: int, db) -> None:
+        stop = threading.Event()
+        work = partial(self.device_kick, i)
+
+        def poll() -> None:
+            while not stop.is_set() and not self.worker.stopping:
+                try:
+                    n = db.wait(POLL_TIMEOUT)
+                except Exception:
+                    return          # closed under us
+                if n and not stop.is_set():
+                    self.worker.queue_work(work)
+
+        t = threading.Thread(target=poll, name=f"kick-q{i}", daemon=True)
+        self.threads[i] = (t, stop, db)
+        t.start()
+
+    def device_kick(self, i: int) -> None:
+        self.device.kick_received(i)
+
+    def _stop(self, i: int) -> None:
+        t, stop, _ = self.threads.pop(i)
+        stop.set()
+        t.join(POLL_TIMEOUT * 3)
+
+    def stop_all(self) -> None:
+        for i in list(self.threads):
+            self._stop(i)
+
+
+class DeviceProcess:
+    def __init__(self, conn: socket.socket, hello: dict, peer_pid: int, opts, decoder=None, rest=()):
+        self.conn = conn
+        self.hello = hello
+        self.peer_pid = peer_pid
+        self.opts = opts
+        self.worker = VhostWorker(name=f"{hello['device']}-{hello['guest']}")
+        self.device = None
+        self.session = ControlSession(self._make_device, attach_memory=attach_shm_memory,
+                                      name=f"control[{hello['guest']}]")
+        if decoder is not None:
+            self.session.decoder = decoder     # bytes the daemon already read stay in order
+        self.rest = list(rest)
+        self.pollers: KickPollers | None = None
+        self.capture = None
+        self._out = bytearray()
+
+    # --- device construction (ControlSession's device_factory) -------------------------------------
+    def _make_device(self, hello: dict):
+        if hello["device"] == "vsock":
+            from host.vsock.device import VhostVsock
+            if self.opts.pcap:
+                from shared.vsock.pcap import PcapWriter
+                self.capture = PcapWriter(self.opts.pcap, append=True)
+            dev = VhostVsock(hello["params"]["cid"], run_dir=self.opts.run_dir,
+                             credit_policy=self.opts.credit_policy, capture=self.capture,
+                             dialect=self.opts.dialect, reconnect=bool(hello.get("reconnect")))
+        else:
+            raise ProtocolError(f"unknown device type {hello['device']!r}", "ENODEV")
+        dev.max_queue_size = self.opts.max_queue_size
+        dev.worker = self.worker
+        dev.hello = hello
+        self.device = dev
+        self.pollers = KickPollers(self.worker, dev)
+        return dev
+
+    # --- the control socket ---------------------------------------------------------------------
+    def _send(self, chunks: list[bytes]) -> None:
+        for c in chunks:
+            self._out += c
+        self._flush()
+
+    def _flush(self) -> None:
+        while self._out:
+            try:
+                n = self.conn.send(self._out)
+            except BlockingIOError:
+                self.worker.modify(self.conn, 3, self._on_control)   # EVENT_READ | EVENT_WRITE
+                return
+            except OSError:
+                self._out.clear()
+                self.worker.stop()
+                return
+            del self._out[:n]
+        self.worker.modify(self.conn, 1, self._on_control)
+
+    def _on_control(self, mask: int) -> None:
+        if mask & 2:
+            self._flush()
+        if not mask & 1:
+            return
+        try:
+            data = self.conn.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            log.info("guest %r (pid %d) closed its control connection", self.hello["guest"], self.peer_pid)
+            self.worker.stop()
+            return
+        replies, close = self.session.feed(data)
+        self._send(replies)
+        self._after_control()
+        if close:
+            log.warning("closing the control connection of guest %r: %s", self.hello["guest"],
+                        self.session.error or "session closed")
+            self.worker.stop()
+
+    def _after_control(self) -> None:
+        if self.pollers is not None:
+            self.pollers.sync()
+
+    # --- stats for the monitor ------------------------------------------------------------------
+    def _write_stats(self) -> None:
+        dev = self.device
+        try:
+            write_stats(self.opts.run_dir, "device", {
+                "guest": self.hello["guest"], "device": self.hello["device"],
+                "cid": self.hello.get("params", {}).get("cid"), "guest_pid": self.peer_pid,
+                "status": dev.status if dev else 0,
+                "stats": dev.get_stats() if dev else {}})
+        except OSError as e:
+            log.debug("cannot write stats: %s", e)
+        if not self.worker.stopping:
+            self.worker.call_later(self.opts.stats_interval, self._write_stats)
+
+    # --- run ------------------------------------------------------------------------------------
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, lambda *_: self.worker.stop())
+        self.conn.setblocking(False)
+        from shared.control import encode
+        replies = []
+        for msg in [self.hello] + self.rest:
+            reply, close = self.session.handle(msg)
+            replies.append(encode(reply))
+            if close:
+                break
+        self.worker.register(self.conn, 1, self._on_control)
+        self._send(replies)
+        if close:
+            self.worker.stop()
+        self._after_control()
+        self._write_stats()
+        try:
+            self.worker.run()
+        finally:
+            self.close()
+        return 0
+
+    def close(self) -> None:
+        if self.pollers is not None:
+            self.pollers.stop_all()        # before the device closes the doorbells they wait on
+        try:
+            self.session.close()           # device.close(): stop, reset, release memory
+        except Exception:
+            log.exception("releasing the device failed")
+        if self.capture is not None:
+            self.capture.close()
+        try:
+            self.conn.close()
+        except OSError:
+            pass
+        remove_stats(self.opts.run_dir, "device")
+
+
+def run_device(conn: socket.socket, hello: dict, peer_pid: int, opts, decoder=None, rest=()) -> int:
+    return DeviceProcess(conn, hello, peer_pid, opts, decoder, rest).run()

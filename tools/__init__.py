@@ -1,0 +1,1 @@
+"""Tools around the emulator: demo, monitor, benchmarks."""
