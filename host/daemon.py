@@ -102,6 +102,7 @@ class Daemon:
         self.cids: dict[int, int] = {}          # cid -> device process pid
         self._stop = False
         self.listener: socket.socket | None = None
+        self.parent_pid = os.getpid()
 
     # --- setup --------------------------------------------------------------------------------
     def bind(self) -> None:
@@ -213,6 +214,7 @@ class Daemon:
             code = 1
             try:
                 self.listener.close()
+                _die_with_parent(self.parent_pid)
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 from host.device_process import run_device
@@ -270,6 +272,18 @@ class Daemon:
                 pass
         reap(self.run_dir)
         log.info("host stopped")
+
+
+def _die_with_parent(parent: int) -> None:
+    """A device process must not outlive a SIGKILLed daemon (its guest would never see EOF)."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)          # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:                 # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _status(status: int) -> str:

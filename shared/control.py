@@ -242,6 +242,8 @@ class Decoder:
                                           use_list=True)
         self.failed: ProtocolError | None = None
         self.messages = 0
+        self._fed = 0                  # bytes fed so far
+        self._consumed = 0             # stream offset just after the last complete message
 
     def iter_feed(self, data) -> Iterator[dict]:
         """Yield every message completed by `data`; raise ProtocolError at the first bad one.
@@ -253,8 +255,10 @@ class Decoder:
         data = memoryview(data).cast("B")
         try:
             for off in range(0, len(data), _FEED_PIECE):
+                piece = data[off:off + _FEED_PIECE]
                 try:
-                    self._unpacker.feed(data[off:off + _FEED_PIECE])
+                    self._unpacker.feed(piece)
+                    self._fed += len(piece)
                 except msgpack.BufferFull:
                     raise ProtocolError(f"message larger than {self.max_size} bytes", "E2BIG") from None
                 for msg in self._next_messages():
@@ -278,6 +282,7 @@ class Decoder:
                 code = "E2BIG" if "exceeds max" in str(e) else "EPROTO"
                 raise ProtocolError(f"undecodable message ({detail})", code) from None
             self.messages += 1
+            self._consumed = self._unpacker.tell()
             if type(msg) is not dict:
                 e = ProtocolError(f"a message must be a map, got {_describe(msg)}", "EPROTO")
                 raise e
@@ -288,6 +293,10 @@ class Decoder:
                     e.seq = request_seq(msg)  # type: ignore[attr-defined]
                     raise
             yield msg
+
+    def pending(self) -> int:
+        """Bytes received that are not (yet) part of a complete message."""
+        return self._fed - self._consumed
 
     def feed(self, data) -> list[dict]:
         """All messages completed by `data`. On error the ProtocolError carries `.messages`, the

@@ -1,0 +1,340 @@
+"""The guest's virtio transport for one device (the virtio_pci / QEMU vhost-user frontend role).
+
+Theory of operation
+-------------------
+The guest process is its own VMM: it owns guest RAM and every doorbell, and it drives the device
+on the host through the control protocol (docs/PROTOCOL.md). A driver uses a VirtioDevice as Linux
+drivers use `struct virtio_device` + its config ops:
+
+    dev = VirtioDevice(ram, run_dir, path, "vsock", "g1", {"cid": 3}, resource_base=..., owner=...)
+    dev.connect()                              # HELLO, SET_OWNER
+    feats = dev.probe(wanted)                  # reset, ACK, DRIVER, features, FEATURES_OK, check
+    vqs = dev.find_vqs([rx_done, tx_done, None], [256, 256, 64])   # rings, doorbells, vrings
+    dev.driver_ok()                            # virtio_device_ready
+    dev.start_irq_threads(stop_event)          # interrupts -> callbacks
+    ... vq.add_sgs(...); dev.kick(vq) ...      # virtqueue_kick: kick_prepare + notify
+    dev.reset(); dev.del_vqs(); dev.close()    # remove: reset first, then free the rings
+
+Order of calls (a grammar): connect probe find_vqs driver_ok (kick | notify | config_get |
+get_status | reconnect)* reset del_vqs close. `reset` followed by `probe` starts over.
+
+Doorbells are per queue (kick, call, err), POSIX semaphores created here 0600 with the names
+f"/{resource_base}-q{i}k|c|e", recorded in the owner record BEFORE they are created (so a
+SIGKILL between the two leaks nothing) and unlinked by del_vqs. `reconnect()` replays the whole
+device state to a new host connection (HELLO.reconnect = True) with SET_VRING_BASE = the ring's
+current used.idx, read from guest memory, as a vhost-user frontend does without inflight tracking.
+
+Interrupt threads (start_irq_threads) only wait and call the driver's callback; the callback is
+expected to schedule work (Kernel.queue_work), like an IRQ handler.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable
+
+from shared.constants import (VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER,
+                              VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED,
+                              VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+                              VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, has)
+from shared.control import PROTOCOL_VERSION, ControlError
+from shared.doorbell import SemDoorbell
+from shared.resources import unlink_sem
+from shared.ring_layout import used_idx_addr
+
+from .control_client import ControlClient
+
+log = logging.getLogger(__name__)
+IRQ_POLL = 0.2          # seconds an interrupt thread waits before looking at stop_event
+
+
+class ProbeError(ControlError):
+    """The device refused the driver (features not accepted, or a failed handshake step)."""
+
+
+class _Ring:
+    """What the transport remembers of one queue to set it up (again, on reconnect)."""
+    __slots__ = ("index", "num", "desc", "avail", "used", "vq", "callback", "kick", "call", "err", "names")
+
+    def __init__(self, index, num, desc, avail, used):
+        self.index, self.num, self.desc, self.avail, self.used = index, num, desc, avail, used
+        self.vq = None
+        self.callback = None
+        self.kick = self.call = self.err = None
+        self.names: list[str] = []
+
+
+class VirtioDevice:
+    def __init__(self, ram, run_dir, control_path, device: str, guest_name: str, params: dict | None = None,
+                 *, resource_base: str, owner, timeout: float = 5.0):
+        self.ram = ram
+        self.run_dir = run_dir
+        self.control_path = str(control_path)
+        self.device = device
+        self.guest_name = guest_name
+        self.params = dict(params or {})
+        self.resource_base = resource_base
+        self.owner = owner
+        self.timeout = timeout
+        self.client: ControlClient | None = None
+        self.info: dict = {}             # HELLO reply: device_id, num_queues, max_queue_size, config_size
+        self.offered = 0                 # GET_FEATURES
+        self.features = 0                # negotiated
+        self.status = 0                  # last status the device reported
+        self.rings: list[_Ring] = []
+        self.vqs: list = []
+        self.kicks: list[int] = []       # per queue: doorbell rings sent
+        self.interrupts: list[int] = []  # per queue: interrupts consumed
+        self.needs_reset = False
+        self.on_error: Callable[[int, int], None] | None = None   # (queue, status) after an err ring
+        self._mem_table_sent = False
+        self._threads: list[threading.Thread] = []
+        self.log = logging.getLogger(f"{__name__}.{guest_name}.{device}")
+
+    # --- connection ----------------------------------------------------------------------------
+    @property
+    def num_queues(self) -> int:
+        return self.info.get("num_queues", 0)
+
+    def _req(self, op: str, **fields) -> dict:
+        if self.client is None:
+            raise ConnectionError(f"{self.device}: not connected (call connect())")
+        return self.client.request(op, **fields)
+
+    def connect(self, *, reconnect: bool = False) -> dict:
+        """Open the control connection: HELLO, then SET_OWNER. Returns the HELLO reply."""
+        if self.client is not None:
+            self.client.close()
+        self.client = ControlClient(self.control_path, timeout=self.timeout)
+        rep = self._req("HELLO", version=PROTOCOL_VERSION, device=self.device, guest=self.guest_name,
+                        reconnect=reconnect, params=self.params)
+        if rep.get("version") != PROTOCOL_VERSION:
+            raise ControlError("EPROTONOSUPPORT", f"host speaks protocol {rep.get('version')}")
+        self.info = {k: rep[k] for k in ("device_id", "num_queues", "max_queue_size", "config_size") if k in rep}
+        self._req("SET_OWNER")
+        self._mem_table_sent = False
+        self.log.info("connected to %s: %s", self.control_path, self.info)
+        return rep
+
+    def close(self) -> None:
+        """Close the control connection (the host then releases the device). Idempotent."""
+        client, self.client = self.client, None
+        if client is not None:
+            client.close()
+
+    # --- status and features (virtio_dev_probe / virtio_features_ok) --------------------------
+    def _set_status(self, status: int) -> int:
+        self.status = self._req("SET_STATUS", status=status)["status"]
+        return self.status
+
+    def get_status(self) -> int:
+        self.status = self._req("GET_STATUS")["status"]
+        return self.status
+
+    def reset(self) -> None:
+        """Write status 0: the device stops and forgets rings, memory table and doorbells."""
+        self._set_status(0)
+        self._mem_table_sent = False
+        self.needs_reset = False
+
+    def _negotiate(self, wanted: int, *, exact: bool) -> int:
+        self._set_status(0)
+        self._set_status(VIRTIO_CONFIG_S_ACKNOWLEDGE)
+        self._set_status(VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER)
+        self.offered = self._req("GET_FEATURES")["features"]
+        features = wanted & self.offered
+        if exact and features != wanted:
+            self._fail_status()
+            raise ProbeError("ENODEV", f"the new host no longer offers features {wanted & ~self.offered:#x}")
+        self._req("SET_FEATURES", features=features)
+        self._set_status(self.status | VIRTIO_CONFIG_S_FEATURES_OK)
+        if not self.get_status() & VIRTIO_CONFIG_S_FEATURES_OK:     # spec 3.1.1 step 6: re-read
+            self._fail_status()
+            raise ProbeError("ENODEV", f"device refused features {features:#x}")
+        self.features = features
+        return features
+
+    def _fail_status(self) -> None:
+        try:
+            self._set_status(self.status | VIRTIO_CONFIG_S_FAILED)
+        except (ControlError, OSError):
+            pass
+
+    def probe(self, driver_features_wanted: int) -> int:
+        """Reset, ACKNOWLEDGE, DRIVER, negotiate, FEATURES_OK and check it stuck. Returns the features."""
+        f = self._negotiate(driver_features_wanted, exact=False)
+        self.log.info("probed: offered %#x, wanted %#x, negotiated %#x", self.offered,
+                      driver_features_wanted, f)
+        return f
+
+    def driver_ok(self) -> None:
+        """virtio_device_ready: set DRIVER_OK (the host checks every enabled ring first)."""
+        self._set_status(self.status | VIRTIO_CONFIG_S_DRIVER_OK)
+        self.log.info("DRIVER_OK")
+
+    def config_get(self, offset: int, size: int) -> bytes:
+        return bytes(self._req("GET_CONFIG", offset=offset, size=size)["data"])
+
+    def get_stats(self) -> dict:
+        return self._req("GET_STATS")["stats"]
+
+    # --- virtqueues ------------------------------------------------------------------------------
+    def find_vqs(self, callbacks: list, sizes: list[int]) -> list:
+        """Allocate rings and doorbells for each queue and describe them to the device."""
+        from .virtqueue import VirtQueue
+        if self.rings:
+            raise RuntimeError("find_vqs called twice without del_vqs")
+        if len(callbacks) != len(sizes):
+            raise ValueError("one callback (or None) per queue size")
+        if len(sizes) > self.num_queues:
+            raise ValueError(f"{len(sizes)} queues requested, the device has {self.num_queues}")
+        maxq = self.info.get("max_queue_size", 1 << 15)
+        for n in sizes:
+            if n < 1 or n & (n - 1) or n > maxq:
+                raise ValueError(f"queue size {n} is not a power of 2 in 1..{maxq}")
+        try:
+            for i, (cb, num) in enumerate(zip(callbacks, sizes)):
+                desc, avail, used = VirtQueue.alloc_rings(self.ram, num)
+                ring = _Ring(i, num, desc, avail, used)
+                self.rings.append(ring)
+                ring.vq = VirtQueue(self.ram.mem, i, num, desc, avail, used,
+                                    event_idx=has(self.features, VIRTIO_RING_F_EVENT_IDX),
+                                    indirect=has(self.features, VIRTIO_RING_F_INDIRECT_DESC),
+                                    alloc=self.ram.alloc, name=f"{self.device}-q{i}")
+                ring.callback = cb
+                if cb is None:   # vring_create_virtqueue: no callback, no interrupts wanted
+                    ring.vq.disable_cb()
+                ring.names = [f"/{self.resource_base}-q{i}{k}" for k in "kce"]
+                self.owner.add(sems=ring.names)        # record before creating
+                ring.kick, ring.call, ring.err = (SemDoorbell(n, create=True) for n in ring.names)
+            self.vqs = [r.vq for r in self.rings]
+            self.kicks = [0] * len(self.rings)
+            self.interrupts = [0] * len(self.rings)
+            self._setup_rings(bases=None)
+        except BaseException:
+            self.del_vqs()
+            raise
+        return list(self.vqs)
+
+    def _setup_rings(self, bases: list[int] | None) -> None:
+        if not self._mem_table_sent:
+            self._req("SET_MEM_TABLE", regions=self.ram.table)
+            self._mem_table_sent = True
+        for r in self.rings:
+            i = r.index
+            self._req("SET_VRING_NUM", index=i, num=r.num)
+            self._req("SET_VRING_ADDR", index=i, flags=0,
+                      desc_user_addr=self.ram.gpa_to_uva(r.desc),
+                      avail_user_addr=self.ram.gpa_to_uva(r.avail),
+                      used_user_addr=self.ram.gpa_to_uva(r.used), log_guest_addr=0)
+            self._req("SET_VRING_BASE", index=i, num=0 if bases is None else bases[i])
+            self._req("SET_VRING_KICK", index=i, doorbell=r.kick.spec())
+            self._req("SET_VRING_CALL", index=i, doorbell=r.call.spec())
+            self._req("SET_VRING_ERR", index=i, doorbell=r.err.spec())
+            self._req("SET_VRING_ENABLE", index=i, enable=True)
+        self.log.info("rings set up: %s", ", ".join(
+            f"q{r.index} num {r.num} desc {r.desc:#x} avail {r.avail:#x} used {r.used:#x}" for r in self.rings))
+
+    def del_vqs(self) -> None:
+        """Free ring memory, close and unlink the doorbells, drop them from the owner record.
+
+        Call after reset() (the device must no longer touch the rings)."""
+        from .virtqueue import VirtQueue
+        rings, self.rings = self.rings, []
+        self.vqs = []
+        names: list[str] = []
+        for r in rings:
+            if r.vq is not None:
+                r.vq.close()          # drop its cached views of guest RAM
+            for db in (r.kick, r.call, r.err):
+                if db is not None:
+                    db.close()
+            for n in r.names:
+                unlink_sem(n)
+            names.extend(r.names)
+            try:
+                VirtQueue.free_rings(self.ram, r.desc, r.avail, r.used)
+            except KeyError:
+                pass
+        if names:
+            self.owner.remove(sems=names)
+
+    def kick(self, vq) -> bool:
+        """virtqueue_kick: notify the device if the ring says it wants a kick."""
+        if not vq.kick_prepare():
+            return False
+        self.notify(vq)
+        return True
+
+    def notify(self, vq) -> None:
+        """virtqueue_notify: ring the queue's kick doorbell unconditionally."""
+        self.rings[vq.index].kick.ring()
+        self.kicks[vq.index] += 1
+
+    # --- interrupts ------------------------------------------------------------------------------
+    def start_irq_threads(self, stop_event: threading.Event) -> list[threading.Thread]:
+        """One daemon thread per queue with a callback (waits on its call doorbell), plus one that
+        watches the err doorbells. They exit soon after stop_event is set."""
+        threads = []
+        for r in self.rings:
+            if r.callback is not None:
+                threads.append(threading.Thread(target=self._irq_loop, args=(r, stop_event),
+                                                name=f"{self.guest_name}-{self.device}-irq{r.index}",
+                                                daemon=True))
+        threads.append(threading.Thread(target=self._err_loop, args=(list(self.rings), stop_event),
+                                        name=f"{self.guest_name}-{self.device}-err", daemon=True))
+        for t in threads:
+            t.start()
+        self._threads.extend(threads)
+        return threads
+
+    def join_irq_threads(self, timeout: float = 2.0) -> None:
+        threads, self._threads = self._threads, []
+        for t in threads:
+            t.join(timeout)
+
+    def _irq_loop(self, r: _Ring, stop: threading.Event) -> None:
+        while not stop.is_set():
+            n = r.call.wait(IRQ_POLL)
+            if stop.is_set():
+                return
+            if n:
+                self.interrupts[r.index] += n
+                try:
+                    r.callback(r.vq)       # vring_interrupt -> the driver's callback
+                except Exception:
+                    self.log.exception("interrupt callback of queue %d failed", r.index)
+
+    def _err_loop(self, rings: list[_Ring], stop: threading.Event) -> None:
+        while not stop.wait(IRQ_POLL):
+            for r in rings:
+                if r.err is None or not r.err.wait(0):
+                    continue
+                try:
+                    status = self.get_status()
+                except (ControlError, OSError) as e:
+                    self.log.warning("queue %d: device error signalled; GET_STATUS failed: %s", r.index, e)
+                    continue
+                if status & VIRTIO_CONFIG_S_NEEDS_RESET:
+                    self.needs_reset = True
+                    self.log.warning("queue %d: device reports NEEDS_RESET (status %#x)", r.index, status)
+                else:
+                    self.log.warning("queue %d: device error signalled (status %#x)", r.index, status)
+                if self.on_error is not None:
+                    try:
+                        self.on_error(r.index, status)
+                    except Exception:
+                        self.log.exception("on_error hook failed")
+
+    # --- reconnect ------------------------------------------------------------------------------
+    def reconnect(self) -> None:
+        """Replay the device state to a (new) host: HELLO reconnect, features, memory table, rings
+        resuming at each ring's used.idx, DRIVER_OK (vhost-user reconnect without inflight)."""
+        if not self.rings:
+            raise RuntimeError("reconnect before find_vqs")
+        self.connect(reconnect=True)
+        self._negotiate(self.features, exact=True)
+        bases = [self.ram.mem.load16(used_idx_addr(r.used)) for r in self.rings]
+        self._setup_rings(bases=bases)
+        self.driver_ok()
+        self.log.info("reconnected; rings resume at used.idx %s", bases)

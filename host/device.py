@@ -1,0 +1,237 @@
+"""The generic vhost device: what every backend device holds, whatever it does with its rings.
+
+Theory of operation
+-------------------
+A `VhostDevice` is the state behind one control connection (drivers/vhost/vhost.c's
+`struct vhost_dev` plus the virtio device status a vhost-user backend keeps):
+
+    features        offered feature bits (VERSION_1 | EVENT_IDX | INDIRECT_DESC | NOTIFY_ON_EMPTY
+                    | the device's own bits, `device_features`)
+    acked_features  what the driver acknowledged (SET_FEATURES)
+    status          the virtio device status byte (ACKNOWLEDGE ... DRIVER_OK, NEEDS_RESET)
+    mem             the GuestMemory of the memory table (None until SET_MEM_TABLE)
+    vqs             one VhostVirtqueue per queue (ring configuration and indices)
+    kicks/calls/errs  per-queue doorbells: kick (driver -> device), call (device -> driver
+                    interrupt), err (device -> frontend: "this ring is broken", vhost's error_ctx)
+    stats           counters for monitors (GET_STATS)
+
+The ControlSession configures it; a runner (host/worker.py) delivers kicks with `kick_received`
+and holds `lock` while doing so, as the session holds it for every control message (vhost's
+per-vq mutex, simplified to one per device). Subclasses implement `handle_kick(qidx)` and may
+override `start()` (DRIVER_OK), `stop()` and `reset()`, calling the base methods.
+
+Lifecycle (a small grammar):
+
+    created  (SET_FEATURES | SET_MEM_TABLE | vring setup)*  start  (kick_received* notify*)
+             [vq_err -> broken]  stop  reset  -> created
+
+A guest error found while processing a ring (a `VringError` or `GuestMemoryError`) goes to
+`vq_err`: log, count, set NEEDS_RESET, ring the queue's err doorbell and stop processing the device
+(`broken`) until the driver resets it (status 0) — Linux's vq_err() plus the virtio 1.x
+DEVICE_NEEDS_RESET status (spec 2.1.2).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Callable
+
+from shared.constants import (VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+                              VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_VERSION_1,
+                              VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, bit, has)
+from shared.errors import GuestMemoryError, VringError
+
+log = logging.getLogger(__name__)
+
+# What the vhost core itself supports (vhost.h VHOST_FEATURES, with VERSION_1 as modern vhost)
+VHOST_FEATURES = (bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_RING_F_EVENT_IDX)
+                  | bit(VIRTIO_RING_F_INDIRECT_DESC) | bit(VIRTIO_F_NOTIFY_ON_EMPTY))
+
+
+def _default_vq_factory(index: int, name: str):
+    from host.vhost_vq import VhostVirtqueue
+    return VhostVirtqueue(index, name)
+
+
+class VhostDevice:
+    device_type: str = ""            # "vsock" | "net" (HELLO.device)
+    device_id: int = 0               # virtio device id (virtio_ids.h)
+    num_queues: int = 0
+    max_queue_size: int = 1024       # libvhost-user VIRTQUEUE_MAX_SIZE
+    device_features: int = 0         # the device's own feature bits
+
+    def __init__(self, name: str = "", *, num_queues: int | None = None,
+                 max_queue_size: int | None = None,
+                 vq_factory: Callable[[int, str], Any] | None = None):
+        self.name = name or self.device_type or "vhost"
+        if num_queues is not None:
+            self.num_queues = num_queues
+        if max_queue_size is not None:
+            self.max_queue_size = max_queue_size
+        self.features = VHOST_FEATURES | self.device_features     # offered
+        self.acked_features = 0
+        self.status = 0
+        self.mem = None
+        factory = vq_factory or _default_vq_factory
+        self.vqs = [factory(i, f"{self.name}-q{i}") for i in range(self.num_queues)]
+        self.kicks: list = [None] * self.num_queues
+        self.calls: list = [None] * self.num_queues
+        self.errs: list = [None] * self.num_queues
+        self.broken = False          # a guest error stopped this device until reset
+        self.running = False         # between start() and stop()
+        self.reconnect = False       # HELLO.reconnect of the connection that made us
+        self.hello: dict = {}
+        self.worker = None           # set by the runner (queue_work); None in tests
+        self.lock = threading.RLock()
+        self.stats: dict[str, Any] = {
+            "kicks": 0, "interrupts": 0, "errors": 0, "resets": 0,
+            "bytes_in": 0,           # bytes the device read from guest buffers
+            "bytes_out": 0,          # bytes the device wrote into guest buffers
+            "vq_kicks": [0] * self.num_queues,
+            "vq_interrupts": [0] * self.num_queues,
+            "last_error": "",
+        }
+
+    # --- device description ---------------------------------------------------------------------
+    def config_bytes(self) -> bytes:
+        """The device-specific configuration space (GET_CONFIG reads from it)."""
+        return b""
+
+    def features_ok(self, features: int) -> bool:
+        """May FEATURES_OK be set with these acked features? (spec 3.1.1 step 5).
+
+        This device model is virtio 1.x only: VERSION_1 must be acked (a legacy driver is refused).
+        """
+        return has(features, VIRTIO_F_VERSION_1) and features & ~self.features == 0
+
+    def set_features(self, features: int) -> None:
+        """SET_FEATURES: record and apply the ring features to every queue (vhost_set_features)."""
+        self.acked_features = features
+        for vq in self.vqs:
+            vq.event_idx = has(features, VIRTIO_RING_F_EVENT_IDX)
+            vq.indirect = has(features, VIRTIO_RING_F_INDIRECT_DESC)
+            vq.notify_on_empty = has(features, VIRTIO_F_NOTIFY_ON_EMPTY)
+
+    def set_mem(self, mem) -> None:
+        """SET_MEM_TABLE: adopt a new memory table, dropping the old one's views."""
+        old, self.mem = self.mem, mem
+        if old is not None and old is not mem:
+            self._unmap_vqs()
+            old.release()
+
+    def _unmap_vqs(self) -> None:
+        for vq in self.vqs:              # the rings' cached views point into the old table
+            unmap = getattr(vq, "unmap", None)
+            if callable(unmap):
+                unmap()
+
+    # --- hooks ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        """DRIVER_OK: the rings are set up; begin processing. Subclasses call super().start()."""
+        self.running = True
+        log.info("%s: started (features %#x)", self.name, self.acked_features)
+
+    def stop(self) -> None:
+        """Stop processing (before reset or disconnect). Subclasses call super().stop()."""
+        if self.running:
+            log.info("%s: stopped", self.name)
+        self.running = False
+
+    def reset(self) -> None:
+        """Status 0 / RESET_OWNER / disconnect: forget everything the driver gave us.
+
+        Drops the memory table's views (mem.release()), closes the doorbells (the guest owns and
+        unlinks them), returns every queue to its initial state (vhost_dev_reset_owner).
+        """
+        self.stop()
+        self.status = 0
+        self.acked_features = 0
+        self.broken = False
+        self._unmap_vqs()
+        for i, vq in enumerate(self.vqs):
+            self._close_doorbells(i)
+            reset = getattr(vq, "reset", None)
+            if callable(reset):
+                reset()
+            else:
+                vq.__init__(vq.index, vq.name)   # back to the freshly constructed state, in place
+        if self.mem is not None:
+            self.mem.release()
+            self.mem = None
+        self.stats["resets"] += 1
+
+    def close(self) -> None:
+        """The connection is gone: stop and release everything."""
+        self.reset()
+
+    def _close_doorbells(self, i: int) -> None:
+        for table in (self.kicks, self.calls, self.errs):
+            db, table[i] = table[i], None
+            if db is not None:
+                try:
+                    db.close()
+                except Exception:  # closing is best effort; the guest unlinks the names
+                    log.debug("%s: closing doorbell of queue %d failed", self.name, i, exc_info=True)
+
+    def set_doorbell(self, kind: str, i: int, db) -> None:
+        """SET_VRING_KICK/CALL/ERR: install (or with None remove) one doorbell of queue i."""
+        table = {"kick": self.kicks, "call": self.calls, "err": self.errs}[kind]
+        old, table[i] = table[i], db
+        if old is not None and old is not db:
+            old.close()
+
+    # --- the data path -------------------------------------------------------------------------
+    def handle_kick(self, qidx: int) -> None:
+        """Process queue qidx after a kick (vhost's handle_kick). Subclasses override."""
+
+    def kick_received(self, qidx: int) -> None:
+        """A runner got a kick on queue qidx: count it and run handle_kick unless stopped.
+
+        A guest error (VringError, GuestMemoryError) becomes vq_err; any other exception is a
+        device bug, logged and also reported with vq_err so the worker survives.
+        """
+        self.stats["kicks"] += 1
+        self.stats["vq_kicks"][qidx] += 1
+        if not self.running or self.broken or not self.status & VIRTIO_CONFIG_S_DRIVER_OK:
+            return
+        if not getattr(self.vqs[qidx], "enabled", True):
+            return
+        try:
+            self.handle_kick(qidx)
+        except (VringError, GuestMemoryError) as e:
+            self.vq_err(self.vqs[qidx], e)
+        except Exception as e:  # pragma: no cover - a device bug must not kill the worker
+            log.exception("%s: handle_kick(%d) failed", self.name, qidx)
+            self.vq_err(self.vqs[qidx], e)
+
+    def notify(self, vq) -> bool:
+        """Interrupt the driver if the ring says so (vhost_signal: vhost_notify + eventfd_signal)."""
+        if self.mem is None or not vq.signal(self.mem):
+            return False
+        call = self.calls[vq.index]
+        if call is None:
+            return False
+        call.ring()
+        self.stats["interrupts"] += 1
+        self.stats["vq_interrupts"][vq.index] += 1
+        return True
+
+    def vq_err(self, vq, exc: BaseException) -> None:
+        """The guest broke a ring rule: stop this device until reset (vhost vq_err + NEEDS_RESET)."""
+        rule = getattr(exc, "rule", None)
+        msg = f"queue {vq.index}: {exc}"
+        log.warning("%s: %s%s", self.name, msg, "" if rule is None else f" (B.5 rule {rule})")
+        self.stats["errors"] += 1
+        self.stats["last_error"] = msg[:200]
+        self.broken = True
+        self.status |= VIRTIO_CONFIG_S_NEEDS_RESET       # spec 2.1.2 DEVICE_NEEDS_RESET
+        err = self.errs[vq.index] if 0 <= vq.index < len(self.errs) else None
+        if err is not None:
+            err.ring()
+
+    def get_stats(self) -> dict:
+        """The stats map of GET_STATS (a copy; lists copied too)."""
+        out = {k: (list(v) if isinstance(v, list) else v) for k, v in self.stats.items()}
+        out.update(name=self.name, device=self.device_type, status=self.status,
+                   features=self.acked_features, broken=self.broken, running=self.running)
+        return out
