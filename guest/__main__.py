@@ -33,7 +33,7 @@ def parse_cid(text: str) -> int:
     return cid
 
 
-def parse_service(text: str) -> tuple[str, int]:
+def parse_service(text: str):
     from guest.vsock.services import parse_service as parse
     try:
         return parse(text)

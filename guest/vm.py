@@ -50,7 +50,7 @@ class GuestOptions:
     cid: int
     name: str = ""
     mem: int = 64 << 20
-    services: list = field(default_factory=list)      # [(kind, port)]
+    services: list = field(default_factory=list)      # [ServiceSpec]
     run: list = field(default_factory=list)           # ["module:function"]
     pcap: Path | None = None
     queue_size: int = 128
@@ -133,9 +133,9 @@ class VM:
 
     def _start_services(self) -> None:
         from guest.vsock import services
-        for kind, port in self.opts.services:
-            self.services.append(services.start_service(self.vsock, kind, port))
-            log.info("service %s listening on vsock port %d", kind, port)
+        for spec in self.opts.services:
+            self.services.append(services.start_service(self.vsock, spec))
+            log.info("service %s listening on vsock port %d", spec.name, spec.port)
         for spec in self.opts.run:
             self.services.append(services.run_user_function(spec, self.vsock))
             log.info("running %s in the guest", spec)

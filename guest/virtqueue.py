@@ -1,0 +1,310 @@
+"""Split virtqueue, driver side (the guest half of drivers/virtio/virtio_ring.c).
+
+Theory of operation
+-------------------
+The driver owns three parts of guest RAM (virtio 1.x 2.7, linux/virtio_ring.h):
+
+    desc table  16*N bytes, align 16   struct vring_desc {le64 addr; le32 len; le16 flags; le16 next}
+    avail ring  6+2*N bytes, align 2   {flags, idx, ring[N], used_event}      driver writes
+    used ring   6+8*N bytes, align 4   {flags, idx, ring[N]{id,len}, avail_event}  device writes
+
+`add_sgs` takes descriptors off a free list (virtqueue_add_split), writes them, puts the head in
+avail.ring[avail_idx_shadow % N] and only then publishes avail.idx with one aligned 16-bit store.
+`kick_prepare` decides whether the device wants a notification (vring_need_event against
+avail_event with EVENT_IDX, else !VRING_USED_F_NO_NOTIFY); the caller rings the doorbell.
+`get_buf` consumes used.ring[last_used_idx % N] once used.idx moved, validates the id the device
+wrote (BAD_RING: out of range or not in flight marks the queue broken) and returns the chain's
+descriptors to the free list. `disable_cb`/`enable_cb`/`enable_cb_delayed` steer interrupts.
+
+The free list is chained through a driver-private copy of desc.next (Linux's desc_extra[].next):
+the device can scribble on the shared table, the driver never reads its own bookkeeping back from
+it. Per-head state (desc_state) holds the token, the number of descriptors and the indirect table.
+
+Everything is pure computation over a GuestMemory: no locks (the caller serialises, as the
+kernel's vq users do), no doorbells. Hot-path accesses go through views cached at construction:
+descriptors and used elements with precompiled struct.Struct, index/flags/event words through a
+u16 view (each publish is a single aligned store).
+"""
+from __future__ import annotations
+
+import struct
+
+from shared.constants import (VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
+                              VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY)
+from shared.memory import GuestMemory
+from shared.ring_layout import (DESC, USED_ELEM, avail_size, check_num, desc_table_size, used_size,
+                                vring_need_event)
+
+_U16 = 0xFFFF
+
+
+class VirtQueue:
+    """One split virtqueue as the driver sees it (struct vring_virtqueue, split half)."""
+
+    def __init__(self, mem: GuestMemory, index: int, num: int, desc: int, avail: int, used: int,
+                 *, event_idx: bool = False, indirect: bool = False, alloc=None, name: str = ""):
+        check_num(num)
+        if desc % 16 or avail % 2 or used % 4:
+            raise ValueError(f"ring parts misaligned: desc {desc:#x} avail {avail:#x} used {used:#x}")
+        self.mem = mem
+        self.index = index
+        self.name = name or f"vq{index}"
+        self.num = num                    # queue size N
+        self.desc = desc                  # gpa of the descriptor table
+        self.avail = avail                # gpa of the available ring
+        self.used = used                  # gpa of the used ring
+        self.event_idx = event_idx        # VIRTIO_RING_F_EVENT_IDX negotiated
+        self.indirect = indirect and alloc is not None   # VIRTIO_RING_F_INDIRECT_DESC usable
+        self.alloc = alloc                # GuestAllocator for indirect tables
+        self.broken = False               # set by BAD_RING; the queue then refuses work
+        self.broken_reason = ""           # what the device did wrong
+        self.num_free = num               # descriptors on the free list
+        self.free_head = 0                # first free descriptor
+        self.num_added = 0                # buffers added since the last kick_prepare
+        self.avail_idx_shadow = 0         # our copy of avail.idx (the device may not write it)
+        self.avail_flags_shadow = 0       # our copy of avail.flags (NO_INTERRUPT intent)
+        self.last_used_idx = 0            # next used.ring entry to consume
+        self._mask = num - 1
+        self._next = list(range(1, num)) + [0]     # desc_extra[].next: the free-list chain
+        # desc_state[head] = (token, descriptors used, last descriptor, indirect table gpa or None)
+        self._state: list[tuple | None] = [None] * num
+        # Cached views (each part lies inside one region; GuestMemory.view raises otherwise).
+        self._dv = mem.view(desc, desc_table_size(num))
+        self._av = mem.u16_view(avail, avail_size(num) // 2)   # [flags, idx, ring[N], used_event]
+        self._ub = mem.view(used, used_size(num))               # used elements via USED_ELEM
+        self._uv = mem.u16_view(used, used_size(num) // 2)     # [flags, idx, ..., avail_event]
+        self._used_event = 2 + num          # word index of used_event in _av
+        self._avail_event = 2 + 4 * num     # word index of avail_event in _uv
+        self._pack_desc = DESC.pack_into
+        self._unpack_used = USED_ELEM.unpack_from
+        # Initial state as vring_init/virtqueue_init leave it: free chain written through desc.next.
+        for i in range(num):
+            self._pack_desc(self._dv, 16 * i, 0, 0, 0, self._next[i])
+        self._av[0] = 0
+        self._av[1] = 0
+
+    # --- layout helpers ----------------------------------------------------------------------
+    @staticmethod
+    def layout(num: int) -> tuple[int, int, int]:
+        """(desc_size, avail_size, used_size) of a queue of size num, spec 2.7 table."""
+        check_num(num)
+        return desc_table_size(num), avail_size(num), used_size(num)
+
+    @staticmethod
+    def _alloc_mem(ram_or_alloc, mem):
+        alloc = getattr(ram_or_alloc, "alloc", None)
+        if alloc is not None and not callable(alloc):   # a GuestRAM: .alloc is the allocator
+            return alloc, mem if mem is not None else ram_or_alloc.mem
+        return ram_or_alloc, mem
+
+    @staticmethod
+    def alloc_rings(ram_or_alloc, num: int, mem: GuestMemory | None = None) -> tuple[int, int, int]:
+        """Allocate and zero desc/avail/used (alignments 16/2/4), like vring_alloc_queue.
+
+        Takes a GuestRAM, or a GuestAllocator plus the GuestMemory it carves. Raises MemoryError
+        when guest RAM is exhausted (nothing stays allocated).
+        """
+        alloc, mem = VirtQueue._alloc_mem(ram_or_alloc, mem)
+        if mem is None:
+            raise ValueError("alloc_rings needs the GuestMemory to zero the rings")
+        sizes = VirtQueue.layout(num)
+        got: list[int] = []
+        for size, align in zip(sizes, (16, 2, 4)):
+            gpa = alloc.alloc(size, align)
+            if gpa is None:
+                for g in got:
+                    alloc.free(g)
+                raise MemoryError(f"no guest memory for a {num}-entry virtqueue")
+            got.append(gpa)
+        for gpa, size in zip(got, sizes):
+            mem.write(gpa, bytes(size))
+        return got[0], got[1], got[2]
+
+    @staticmethod
+    def free_rings(ram_or_alloc, desc: int, avail: int, used: int) -> None:
+        alloc, _ = VirtQueue._alloc_mem(ram_or_alloc, None)
+        for gpa in (desc, avail, used):
+            alloc.free(gpa)
+
+    # --- adding buffers ----------------------------------------------------------------------
+    def add_sgs(self, out_sgs: list[tuple[int, int]], in_sgs: list[tuple[int, int]], token) -> bool:
+        """virtqueue_add_sgs: expose out (device-readable) then in (device-writable) buffers.
+
+        Returns False, with nothing changed, when there is no room (or the queue is broken).
+        """
+        if token is None:
+            raise ValueError("token must not be None")
+        total = len(out_sgs) + len(in_sgs)
+        if total == 0:
+            raise ValueError("a buffer needs at least one scatter-gather entry")
+        if self.broken:
+            return False
+        table = None
+        # virtqueue_add_split: an indirect table for multi-entry buffers while there is room.
+        if self.indirect and total > 1 and self.num_free:
+            table = self.alloc.alloc(16 * total, 16)
+        used_descs = 1 if table is not None else total
+        if self.num_free < used_descs:
+            return False
+        pack = self._pack_desc
+        head = self.free_head
+        if table is not None:
+            tv = self.mem.view(table, 16 * total)
+            k = 0
+            for addr, ln in out_sgs:
+                k += 1
+                pack(tv, 16 * k - 16, addr, ln, VRING_DESC_F_NEXT if k < total else 0, k)
+            for addr, ln in in_sgs:
+                k += 1
+                pack(tv, 16 * k - 16, addr, ln,
+                     (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) if k < total else VRING_DESC_F_WRITE, k)
+            # The head descriptor points at the table; the device ignores its WRITE bit.
+            pack(self._dv, 16 * head, table, 16 * total, VRING_DESC_F_INDIRECT, 0)
+            last = head
+            self.free_head = self._next[head]
+        else:
+            dv = self._dv
+            nxt = self._next
+            i = head
+            k = 0
+            last = head
+            for addr, ln in out_sgs:
+                k += 1
+                n = nxt[i]
+                pack(dv, 16 * i, addr, ln, VRING_DESC_F_NEXT if k < total else 0, n)
+                last = i
+                i = n
+            for addr, ln in in_sgs:
+                k += 1
+                n = nxt[i]
+                pack(dv, 16 * i, addr, ln,
+                     (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) if k < total else VRING_DESC_F_WRITE, n)
+                last = i
+                i = n
+            self.free_head = i
+        self.num_free -= used_descs
+        self._state[head] = (token, used_descs, last, table)
+        # Put the head in the avail ring, then publish avail.idx: the descriptors and the ring
+        # entry must be visible before the index that hands them over (virtio_wmb in Linux).
+        shadow = self.avail_idx_shadow
+        av = self._av
+        av[2 + (shadow & self._mask)] = head
+        shadow = (shadow + 1) & _U16
+        self.avail_idx_shadow = shadow
+        av[1] = shadow
+        self.num_added += 1
+        return True
+
+    def kick_prepare(self) -> bool:
+        """virtqueue_kick_prepare_split: True when the device asked to be notified."""
+        new = self.avail_idx_shadow
+        old = (new - self.num_added) & _U16
+        self.num_added = 0
+        if self.event_idx:
+            return vring_need_event(self._uv[self._avail_event], new, old)
+        return not (self._uv[0] & VRING_USED_F_NO_NOTIFY)
+
+    # --- used buffers ------------------------------------------------------------------------
+    def more_used(self) -> bool:
+        """more_used_split: has the device published used entries we have not consumed?"""
+        return self.last_used_idx != self._uv[1]
+
+    def _detach_buf(self, head: int):
+        """detach_buf_split: give the chain's descriptors back to the free list."""
+        token, count, last, table = self._state[head]
+        self._state[head] = None
+        self._next[last] = self.free_head
+        self.free_head = head
+        self.num_free += count
+        if table is not None:
+            self.alloc.free(table)
+        return token
+
+    def _bad_ring(self, why: str) -> None:
+        # BAD_RING: the device wrote something impossible; stop using the queue.
+        self.broken = True
+        self.broken_reason = why
+
+    def get_buf(self):
+        """virtqueue_get_buf: (token, len) of the next used buffer, or None."""
+        if self.broken:
+            return None
+        last = self.last_used_idx
+        if last == self._uv[1]:
+            return None
+        # used.idx was read first: the element it covers is complete (virtio_rmb).
+        i, ln = self._unpack_used(self._ub, 4 + 8 * (last & self._mask))
+        if i >= self.num:
+            self._bad_ring(f"id {i} out of range")
+            return None
+        if self._state[i] is None:
+            self._bad_ring(f"id {i} is not a head")
+            return None
+        token = self._detach_buf(i)
+        last = (last + 1) & _U16
+        self.last_used_idx = last
+        # Callbacks enabled with EVENT_IDX: ask for an interrupt at the next entry.
+        if self.event_idx and not (self.avail_flags_shadow & VRING_AVAIL_F_NO_INTERRUPT):
+            self._av[self._used_event] = last
+        return token, ln
+
+    def detach_unused_buf(self):
+        """virtqueue_detach_unused_buf_split: reclaim a buffer the device never used (after reset)."""
+        for head in range(self.num):
+            if self._state[head] is not None:
+                token = self._detach_buf(head)
+                # Linux rewinds avail.idx here: the device is reset, nobody consumes it.
+                self.avail_idx_shadow = (self.avail_idx_shadow - 1) & _U16
+                self._av[1] = self.avail_idx_shadow
+                return token
+        return None
+
+    # --- interrupt suppression ---------------------------------------------------------------
+    def disable_cb(self) -> None:
+        """virtqueue_disable_cb_split: ask the device not to interrupt.
+
+        Without EVENT_IDX this sets VRING_AVAIL_F_NO_INTERRUPT; with it the driver keeps
+        avail.flags = 0 (spec 2.7.10) and simply stops moving used_event forward.
+        """
+        if not (self.avail_flags_shadow & VRING_AVAIL_F_NO_INTERRUPT):
+            self.avail_flags_shadow |= VRING_AVAIL_F_NO_INTERRUPT
+            if not self.event_idx:
+                self._av[0] = self.avail_flags_shadow
+
+    def _enable_cb_prepare(self) -> None:
+        if self.avail_flags_shadow & VRING_AVAIL_F_NO_INTERRUPT:
+            self.avail_flags_shadow &= ~VRING_AVAIL_F_NO_INTERRUPT
+            if not self.event_idx:
+                self._av[0] = self.avail_flags_shadow
+
+    def enable_cb(self) -> bool:
+        """virtqueue_enable_cb: re-arm interrupts; False when buffers raced in (poll again)."""
+        self._enable_cb_prepare()
+        last = self.last_used_idx
+        if self.event_idx:
+            self._av[self._used_event] = last     # interrupt me at the very next used entry
+        return last == self._uv[1]                 # re-read used.idx after publishing
+
+    def enable_cb_delayed(self) -> bool:
+        """virtqueue_enable_cb_delayed: interrupt after ~3/4 of the outstanding buffers are used."""
+        self._enable_cb_prepare()
+        last = self.last_used_idx
+        bufs = ((self.avail_idx_shadow - last) & _U16) * 3 // 4
+        if self.event_idx:
+            self._av[self._used_event] = (last + bufs) & _U16
+        return not (((self._uv[1] - last) & _U16) > bufs)
+
+    # --- introspection -----------------------------------------------------------------------
+    def in_flight(self) -> int:
+        """Buffers handed to the device and not yet returned by get_buf/detach."""
+        return sum(1 for s in self._state if s is not None)
+
+    def close(self) -> None:
+        """Drop the cached views so the guest RAM can be unmapped."""
+        for v in (self._dv, self._av, self._ub, self._uv):
+            v.release()
+
+    def __repr__(self) -> str:
+        return (f"VirtQueue({self.name} num={self.num} free={self.num_free} "
+                f"avail={self.avail_idx_shadow} last_used={self.last_used_idx}"
+                f"{' BROKEN' if self.broken else ''})")

@@ -1,0 +1,243 @@
+"""Built-in guest services: inetd's small servers over AF_VSOCK, and user functions.
+
+Theory of operation
+-------------------
+Each service is a listener thread on a `GuestVsock` port that accepts connections and starts
+one thread per connection (inetd's "nowait" mode):
+
+    echo     RFC 862  send back every byte received, until the peer closes
+    discard  RFC 863  read and throw away everything, until the peer closes
+    chargen  RFC 864  send the rotating 72-character printable-ASCII line pattern until the
+                      peer closes (what the peer sends is ignored)
+
+A service is named by a spec `name=port` ("echo=1234"; a bare name uses the RFC's port:
+echo 7, discard 9, chargen 19), parsed by `parse_service`. `Service.stop()` closes the listener
+and every open connection, which wakes their threads (EBADF) and ends them.
+
+`run_user_function("pkg.module:function", vsock)` imports `pkg.module`, looks up `function`
+and runs `function(vsock)` in a daemon thread. A failure to import, look up or run is logged
+and kept on the thread (`.error`), never raised into the caller.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+from dataclasses import dataclass
+
+from shared.constants import VMADDR_CID_ANY, VMADDR_PORT_ANY
+
+log = logging.getLogger(__name__)
+
+RECV_SIZE = 4096
+CHARGEN_LINE = 72          # RFC 864: 72 characters per line, then CR LF
+_PRINTABLE = bytes(range(32, 127))    # the 95 printable ASCII characters
+
+
+def chargen_line(i: int) -> bytes:
+    """Line i of the RFC 864 pattern: 72 printable characters starting at offset i mod 95."""
+    k = i % len(_PRINTABLE)
+    doubled = _PRINTABLE + _PRINTABLE
+    return doubled[k:k + CHARGEN_LINE] + b"\r\n"
+
+
+def chargen_pattern(lines: int, start: int = 0) -> bytes:
+    """`lines` consecutive lines of the pattern, from line `start`."""
+    return b"".join(chargen_line(start + i) for i in range(lines))
+
+
+# One full cycle of the pattern (95 lines); chargen sends it over and over.
+CHARGEN_CYCLE = chargen_pattern(len(_PRINTABLE))
+
+
+# --- per-connection handlers (one thread each) ---------------------------------------------
+def _echo(conn, stop: threading.Event) -> None:
+    while not stop.is_set():
+        data = conn.recv(RECV_SIZE)
+        if not data:
+            return
+        conn.sendall(data)
+
+
+def _discard(conn, stop: threading.Event) -> None:
+    while not stop.is_set():
+        if not conn.recv(RECV_SIZE):
+            return
+
+
+def _chargen(conn, stop: threading.Event) -> None:
+    # The pattern restarts cleanly every 95 lines, so the cycle can be sent as is.
+    while not stop.is_set():
+        conn.sendall(CHARGEN_CYCLE)
+
+
+HANDLERS = {"echo": _echo, "discard": _discard, "chargen": _chargen}
+DEFAULT_PORTS = {"echo": 7, "discard": 9, "chargen": 19}
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSpec:
+    name: str
+    port: int
+
+
+def parse_service(spec: str) -> ServiceSpec:
+    """Parse "name=port" (or a bare "name" for the RFC port). ValueError says what is wrong."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"empty service spec {spec!r}: expected NAME=PORT, NAME one of "
+                         f"{', '.join(HANDLERS)}")
+    name, sep, port_s = spec.strip().partition("=")
+    name = name.strip().lower()
+    if name not in HANDLERS:
+        raise ValueError(f"unknown service {name!r} in {spec!r}: expected one of "
+                         f"{', '.join(HANDLERS)}")
+    if not sep:
+        return ServiceSpec(name, DEFAULT_PORTS[name])
+    port_s = port_s.strip()
+    if not port_s:
+        raise ValueError(f"service spec {spec!r} has no port after '='")
+    try:
+        port = int(port_s, 10)
+    except ValueError:
+        raise ValueError(f"service port {port_s!r} in {spec!r} is not a decimal number") from None
+    if not 0 <= port < VMADDR_PORT_ANY:
+        raise ValueError(f"service port {port} in {spec!r} is out of range 0..{VMADDR_PORT_ANY - 1}")
+    return ServiceSpec(name, port)
+
+
+class Service:
+    """One listening service: a listener thread and a thread per connection."""
+
+    def __init__(self, vsock, spec: ServiceSpec | str, *, backlog: int = 16):
+        if isinstance(spec, str):
+            spec = parse_service(spec)
+        self.spec = spec
+        self.name = spec.name
+        self.vsock = vsock
+        self._handler = HANDLERS[spec.name]
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._conns: set = set()
+        self._threads: list[threading.Thread] = []
+        self.connections = 0          # accepted so far
+        self.errors = 0               # connections that ended with an error
+        self.listener = vsock.create_server(spec.port, backlog)
+        self.port = self.listener.getsockname()[1]
+        self._thread = threading.Thread(target=self._accept_loop, daemon=True,
+                                        name=f"vsock-{self.name}-{self.port}")
+        self._thread.start()
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, peer = self.listener.accept()
+            except OSError as e:
+                if not self._stop.is_set():
+                    log.warning("%s:%d accept failed: %s", self.name, self.port, e)
+                return
+            with self._lock:
+                if self._stop.is_set():
+                    conn.close()
+                    return
+                self._conns.add(conn)
+                self.connections += 1
+                t = threading.Thread(target=self._serve, args=(conn, peer), daemon=True,
+                                     name=f"vsock-{self.name}-{peer[0]}:{peer[1]}")
+                self._threads = [x for x in self._threads if x.is_alive()]
+                self._threads.append(t)
+            t.start()
+
+    def _serve(self, conn, peer) -> None:
+        try:
+            self._handler(conn, self._stop)
+        except OSError as e:
+            # the peer went away (EPIPE, ECONNRESET) or stop() closed the socket (EBADF)
+            if not self._stop.is_set():
+                self.errors += 1
+                log.debug("%s connection from %s ended: %s", self.name, peer, e)
+        except Exception:
+            self.errors += 1
+            log.exception("%s connection from %s failed", self.name, peer)
+        finally:
+            conn.close()
+            with self._lock:
+                self._conns.discard(conn)
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        self.listener.close()
+        with self._lock:
+            conns = list(self._conns)
+            threads = list(self._threads)
+        for c in conns:
+            c.close()
+        self._thread.join(timeout)
+        for t in threads:
+            t.join(timeout)
+
+    def __repr__(self) -> str:
+        return f"<Service {self.name} port {self.port} connections {self.connections}>"
+
+
+def start_service(vsock, spec: ServiceSpec | str) -> Service:
+    """Start one service from a spec ("echo=1234")."""
+    return Service(vsock, spec)
+
+
+def start_services(vsock, specs) -> list[Service]:
+    """Start every spec; on a failure the ones already started are stopped again."""
+    parsed = [s if isinstance(s, ServiceSpec) else parse_service(s) for s in specs]
+    started: list[Service] = []
+    try:
+        for spec in parsed:
+            started.append(Service(vsock, spec))
+    except BaseException:
+        for s in started:
+            s.stop()
+        raise
+    return started
+
+
+class UserTask(threading.Thread):
+    """A user function running with the GuestVsock; `error` holds what it raised, if anything."""
+
+    def __init__(self, target_spec: str, vsock):
+        super().__init__(daemon=True, name=f"user-{target_spec}")
+        self.target_spec = target_spec
+        self.vsock = vsock
+        self.result = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            fn = resolve_function(self.target_spec)
+            self.result = fn(self.vsock)
+        except BaseException as e:  # noqa: BLE001 - a user's failure is logged, not propagated
+            self.error = e
+            log.exception("user function %s failed", self.target_spec)
+
+
+def resolve_function(target_spec: str):
+    """Import "pkg.module:function" and return the callable."""
+    mod_name, sep, fn_name = str(target_spec).partition(":")
+    if not sep or not mod_name or not fn_name:
+        raise ValueError(f"user function {target_spec!r} must look like 'pkg.module:function'")
+    module = importlib.import_module(mod_name)
+    obj = module
+    for part in fn_name.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"{target_spec!r} is not callable")
+    return obj
+
+
+def run_user_function(target_spec: str, vsock) -> UserTask:
+    """Run `function(vsock)` from "pkg.module:function" in a daemon thread; errors are logged."""
+    t = UserTask(target_spec, vsock)
+    t.start()
+    return t
+
+
+__all__ = ["ServiceSpec", "Service", "parse_service", "start_service", "start_services",
+           "run_user_function", "resolve_function", "UserTask", "chargen_line", "chargen_pattern",
+           "CHARGEN_CYCLE", "VMADDR_CID_ANY"]

@@ -1,0 +1,379 @@
+"""Split virtqueue, device side (the ring half of drivers/vhost/vhost.c).
+
+Theory of operation
+-------------------
+The control plane writes the ring configuration (num, desc/avail/used guest-physical addresses,
+last_avail_idx / last_used_idx from SET_VRING_BASE, features). Every call that touches the ring is
+handed the GuestMemory it works on (the rust-vmm shape); the first call with a new memory table,
+or after the configuration changed, maps the three parts: `access_ok` (vhost_vq_access_ok,
+B.5 rule 13) checks N and the alignments and that each part lies inside one region, then views
+over them are cached so the hot path is plain struct/u16 accesses.
+
+    get_vq_desc   vhost_get_vq_desc: read avail.idx (one aligned load, only when the cached copy
+                  is used up), take the head at avail.ring[last_avail_idx % N], walk the chain
+                  (direct or through one indirect table), validate every descriptor after copying
+                  it out once, then translate the buffers into memoryviews of guest memory.
+    add_used(_n)  vhost_add_used(_n): write used elements, then publish used.idx with one store.
+    signal        vhost_notify: does the driver want an interrupt for what was just used?
+    enable_notify / disable_notify: vhost's kick suppression (VRING_USED_F_NO_NOTIFY, or the
+                  avail_event word with EVENT_IDX); enable returns True when buffers raced in.
+
+Everything the guest wrote is hostile: descriptor contents, avail entries and indices are read
+once, checked against the B.5 table (virtio-facts), and chain walks are bounded by N (direct) and
+the table length (indirect). A violation raises VringError(rule, message-quoting-Linux); the
+device wrapper turns it into NEEDS_RESET (vq_err). The ring is pure code: no locks, no doorbells.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.constants import (INDIRECT_MAX_DESC, VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT,
+                              VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY,
+                              VIRTQUEUE_MAX_SIZE)
+from shared.errors import GuestMemoryError, VringError
+from shared.ring_layout import DESC, USED_ELEM, vring_need_event
+
+_U16 = 0xFFFF
+_U32 = 0xFFFFFFFF
+_unpack_desc = DESC.unpack_from
+_pack_used = USED_ELEM.pack_into
+
+
+@dataclass(slots=True)
+class DescChain:
+    head: int
+    out: list[memoryview]   # device-readable buffers, in order (guest memory views)
+    in_: list[memoryview]   # device-writable buffers, in order
+    out_len: int
+    in_len: int
+
+
+class VhostVirtqueue:
+    """struct vhost_virtqueue: one ring as the backend sees it."""
+
+    def __init__(self, index: int, name: str = ""):
+        self.index = index
+        self.name = name or f"vq{index}"
+        self._num = 0                   # queue size N (SET_VRING_NUM)
+        self._desc = 0                  # gpa of the descriptor table (SET_VRING_ADDR)
+        self._avail = 0                 # gpa of the available ring
+        self._used = 0                  # gpa of the used ring
+        self._event_idx = False         # VIRTIO_RING_F_EVENT_IDX acked
+        self.indirect = False           # VIRTIO_RING_F_INDIRECT_DESC acked
+        self.notify_on_empty = False    # VIRTIO_F_NOTIFY_ON_EMPTY acked
+        self.enabled = False            # SET_VRING_ENABLE
+        self._last_avail = 0            # next avail.ring entry to consume
+        self._avail_idx = 0             # last avail.idx read from the guest (cache)
+        self._last_used = 0             # next used.ring slot; used.idx as we published it
+        self.used_flags = 0             # our copy of used.flags (NO_NOTIFY intent)
+        self.signalled_used = 0         # used index at the last interrupt decision
+        self.signalled_used_valid = False
+        self._mem = None                # the GuestMemory the cached views belong to
+        self._mask = 0
+
+    # --- configuration (the control plane writes these) --------------------------------------
+    def _cfg(name):  # noqa: N805 - property factory: changing a ring parameter drops the mapping
+        attr = "_" + name
+
+        def get(self):
+            return getattr(self, attr)
+
+        def set_(self, v):
+            setattr(self, attr, v)
+            self.unmap()
+        return property(get, set_)
+
+    num = _cfg("num")
+    desc = _cfg("desc")
+    avail = _cfg("avail")
+    used = _cfg("used")
+    event_idx = _cfg("event_idx")
+    del _cfg
+
+    @property
+    def last_avail_idx(self) -> int:
+        return self._last_avail
+
+    @last_avail_idx.setter
+    def last_avail_idx(self, v: int) -> None:
+        # SET_VRING_BASE: the cached avail.idx restarts from the base too.
+        self._last_avail = self._avail_idx = v & _U16
+
+    @property
+    def last_used_idx(self) -> int:
+        return self._last_used
+
+    @last_used_idx.setter
+    def last_used_idx(self, v: int) -> None:
+        self._last_used = v & _U16
+        self.signalled_used_valid = False   # vhost_vq_init_access
+
+    # --- mapping: B.5 rule 13 ----------------------------------------------------------------
+    def _map(self, mem) -> None:
+        """vhost_vq_access_ok + map the rings; raises VringError(13) when they are not usable."""
+        self.unmap()
+        num = self._num
+        if not isinstance(num, int) or num < 1 or num > VIRTQUEUE_MAX_SIZE or num & (num - 1):
+            raise VringError(13, f"queue size {num!r} is not a power of 2 in 1..{VIRTQUEUE_MAX_SIZE}")
+        # vring_desc/avail/used alignment (VRING_*_ALIGN_SIZE 16/2/4)
+        if self._desc % 16 or self._avail % 2 or self._used % 4:
+            raise VringError(13, f"ring addresses misaligned: desc {self._desc:#x} avail "
+                                 f"{self._avail:#x} used {self._used:#x}")
+        e = 2 if self._event_idx else 0     # used_event / avail_event exist only with EVENT_IDX
+        try:
+            # Like QEMU's region caches, each part must be one contiguous mapping.
+            dv = mem.view(self._desc, 16 * num)
+            av = mem.u16_view(self._avail, (4 + 2 * num + e) // 2)
+            ub = mem.view(self._used, 4 + 8 * num + e)
+            uv = mem.u16_view(self._used, (4 + 8 * num + e) // 2)
+        except GuestMemoryError as exc:
+            raise VringError(13, f"vq_access_ok failed: {exc}") from None
+        self._dv, self._av, self._ub, self._uv = dv, av, ub, uv
+        self._used_event = 2 + num          # avail->ring[num]
+        self._avail_event = 2 + 4 * num     # *(u16 *)&used->ring[num]
+        self._mask = num - 1
+        self._mem = mem
+
+    def unmap(self) -> None:
+        """Drop the cached views (memory table replaced, ring reconfigured, device stopped)."""
+        if getattr(self, "_mem", None) is not None:
+            for v in (self._dv, self._av, self._ub, self._uv):
+                v.release()
+        self._mem = None
+
+    def access_ok(self, mem) -> bool:
+        """vhost_vq_access_ok: B.5 rule 13 (valid N, aligned parts, all inside the memory table)."""
+        try:
+            self._map(mem)
+            return True
+        except VringError:
+            return False
+
+    # --- avail side --------------------------------------------------------------------------
+    def _read_avail_idx(self) -> int:
+        """One aligned load of avail.idx, checked against rule 1, cached in _avail_idx."""
+        idx = self._av[1]
+        last = self._last_avail
+        if ((idx - last) & _U16) > self._num:
+            # B.5 rule 1 (vhost_get_vq_desc)
+            raise VringError(1, f"Guest moved used index from {last} to {idx}")
+        self._avail_idx = idx
+        return idx
+
+    def get_vq_desc(self, mem) -> DescChain | None:
+        """vhost_get_vq_desc: the next available chain, or None when the ring is empty."""
+        if mem is not self._mem:
+            self._map(mem)
+        last = self._last_avail
+        if self._avail_idx == last:
+            # B.5 rule 2: avail.idx == last_avail_idx means empty
+            if self._read_avail_idx() == last:
+                return None
+        num = self._num
+        head = self._av[2 + (last & self._mask)]       # read once
+        if head >= num:
+            # B.5 rule 3
+            raise VringError(3, f"Guest says index {head} > {num} is available")
+
+        # Pass 1: structure. Each descriptor is copied out once (one unpack) and validated.
+        segs: list[tuple[int, int, bool, int]] = []     # (addr, len, writable, where)
+        total = 0
+        seen_write = False
+        dv = self._dv
+        i = head
+        found = 0
+        while True:
+            if i >= num:
+                # B.5 rule 4
+                raise VringError(4, f"Desc index is {i} > {num}, head = {head}")
+            found += 1
+            if found > num:
+                # B.5 rule 5
+                raise VringError(5, f"Loop detected: last one at {i} vq size {num} head {head}")
+            addr, ln, flags, nxt = _unpack_desc(dv, i << 4)
+            if flags & VRING_DESC_F_INDIRECT:
+                total, seen_write = self._get_indirect(mem, i, addr, ln, flags, segs, total,
+                                                       seen_write)
+            else:
+                if flags & VRING_DESC_F_WRITE:
+                    seen_write = True
+                    segs.append((addr, ln, True, i))
+                else:
+                    if seen_write:
+                        # B.5 rule 10 (spec 2.7.4.2: readable descriptors come first)
+                        raise VringError(10, f"Descriptor has out after in: idx {i}")
+                    segs.append((addr, ln, False, i))
+                total += ln
+                if total > _U32:
+                    # B.5 rule 12
+                    raise VringError(12, f"chain length {total} exceeds 2^32 - 1 bytes, head {head}")
+            if not flags & VRING_DESC_F_NEXT:
+                break
+            i = nxt
+
+        # Pass 2: memory. Translate every buffer into guest-memory views (B.5 rule 11).
+        out: list[memoryview] = []
+        in_: list[memoryview] = []
+        out_len = in_len = 0
+        translate = mem.translate
+        for addr, ln, w, where in segs:
+            try:
+                iov = translate(addr, ln)
+            except GuestMemoryError as exc:
+                raise VringError(11, f"Translation failure -EFAULT descriptor idx {where}: {exc}") from None
+            if w:
+                in_ += iov
+                in_len += ln
+            else:
+                out += iov
+                out_len += ln
+        self._last_avail = (last + 1) & _U16
+        return DescChain(head, out, in_, out_len, in_len)
+
+    def _get_indirect(self, mem, i, addr, ln, flags, segs, total, seen_write):
+        """get_indirect: walk one indirect table; its own WRITE bit is ignored (spec 2.7.5.3.2)."""
+        if not self.indirect:
+            # B.5 rule 8 family: INDIRECT only if negotiated (spec 2.7.5.3.1)
+            raise VringError(8, f"Indirect descriptor without VIRTIO_RING_F_INDIRECT_DESC: idx {i}")
+        if flags & VRING_DESC_F_NEXT:
+            # spec 2.7.5.3.1: the driver MUST NOT set both INDIRECT and NEXT
+            raise VringError(8, f"Indirect descriptor with NEXT set: idx {i}")
+        if ln % 16 or ln == 0:
+            # B.5 rule 6
+            raise VringError(6, f"Invalid length in indirect descriptor: len {ln:#x} not multiple of 0x10")
+        count = ln // 16
+        if count > INDIRECT_MAX_DESC:
+            # B.5 rule 7
+            raise VringError(7, f"Indirect buffer length too big: {ln}")
+        try:
+            # Copy the table out once: the guest cannot change it under the walk.
+            parts = mem.translate(addr, ln)
+        except GuestMemoryError as exc:
+            raise VringError(11, f"Translation failure -EFAULT in indirect: {exc}") from None
+        table = b"".join(parts) if len(parts) > 1 else bytes(parts[0])
+        j = 0
+        found = 0
+        while True:
+            if j >= count:
+                # B.5 rule 4, bounded by the table instead of N
+                raise VringError(4, f"Desc index is {j} > {count} in indirect table, desc {i}")
+            found += 1
+            if found > count:
+                # B.5 rule 9
+                raise VringError(9, f"Loop detected: last one at {j} indirect size {count}")
+            a, n, f, nxt = _unpack_desc(table, j << 4)
+            if f & VRING_DESC_F_INDIRECT:
+                # B.5 rule 8
+                raise VringError(8, f"Nested indirect descriptor: idx {j}, {addr + 16 * j:#x}")
+            if f & VRING_DESC_F_WRITE:
+                seen_write = True
+                segs.append((a, n, True, j))
+            else:
+                if seen_write:
+                    # B.5 rule 10
+                    raise VringError(10, f"Indirect descriptor has out after in: idx {j}")
+                segs.append((a, n, False, j))
+            total += n
+            if total > _U32:
+                # B.5 rule 12
+                raise VringError(12, f"chain length {total} exceeds 2^32 - 1 bytes (indirect)")
+            if not f & VRING_DESC_F_NEXT:
+                return total, seen_write
+            j = nxt
+
+    def discard_vq_desc(self, n: int) -> None:
+        """vhost_discard_vq_desc: un-pop the last n chains (they will be returned again)."""
+        self._last_avail = (self._last_avail - n) & _U16
+
+    def avail_empty(self, mem) -> bool:
+        """vhost_vq_avail_empty: nothing left to pop (re-reads avail.idx only when needed)."""
+        if mem is not self._mem:
+            self._map(mem)
+        if self._avail_idx != self._last_avail:
+            return False
+        return self._read_avail_idx() == self._last_avail
+
+    # --- used side ---------------------------------------------------------------------------
+    def add_used(self, mem, head: int, length: int) -> None:
+        """vhost_add_used: one used element, then publish used.idx."""
+        if mem is not self._mem:
+            self._map(mem)
+        last = self._last_used
+        _pack_used(self._ub, 4 + ((last & self._mask) << 3), head, length)
+        last = (last + 1) & _U16
+        # The element is written; now hand it over with one aligned store of used.idx.
+        self._uv[1] = last
+        self._last_used = last
+        if last == self.signalled_used:     # wrapped all the way round since the last signal
+            self.signalled_used_valid = False
+
+    def add_used_n(self, mem, used: list[tuple[int, int]]) -> None:
+        """vhost_add_used_n: write all elements, then one used.idx store."""
+        if not used:
+            return
+        if mem is not self._mem:
+            self._map(mem)
+        ub = self._ub
+        mask = self._mask
+        old = last = self._last_used
+        for head, length in used:
+            _pack_used(ub, 4 + ((last & mask) << 3), head, length)
+            last = (last + 1) & _U16
+        self._uv[1] = last
+        self._last_used = last
+        # __vhost_add_used_n: signalled_used went stale if we lapped it
+        if ((last - self.signalled_used) & _U16) < ((last - old) & _U16):
+            self.signalled_used_valid = False
+
+    def used_idx(self, mem) -> int:
+        """used.idx as it is in guest memory (GET_VRING_BASE / reconnect)."""
+        if mem is not self._mem:
+            self._map(mem)
+        return self._uv[1]
+
+    def signal(self, mem) -> bool:
+        """vhost_notify: True when the driver must be interrupted for the buffers used so far."""
+        if mem is not self._mem:
+            self._map(mem)
+        # VIRTIO_F_NOTIFY_ON_EMPTY: interrupt when we ran out of buffers, whatever the flags say.
+        if self.notify_on_empty and self._avail_idx == self._last_avail:
+            return True
+        if not self._event_idx:
+            return not (self._av[0] & VRING_AVAIL_F_NO_INTERRUPT)
+        old = self.signalled_used
+        valid = self.signalled_used_valid
+        new = self.signalled_used = self._last_used
+        self.signalled_used_valid = True
+        if not valid:
+            return True
+        # spec 2.7.10: interrupt when used.idx passes used_event
+        return vring_need_event(self._av[self._used_event], new, old)
+
+    # --- kick suppression --------------------------------------------------------------------
+    def disable_notify(self, mem) -> None:
+        """vhost_disable_notify: ask the driver not to kick (EVENT_IDX: just stop moving avail_event)."""
+        if mem is not self._mem:
+            self._map(mem)
+        if self.used_flags & VRING_USED_F_NO_NOTIFY:
+            return
+        self.used_flags |= VRING_USED_F_NO_NOTIFY
+        if not self._event_idx:
+            self._uv[0] = self.used_flags
+
+    def enable_notify(self, mem) -> bool:
+        """vhost_enable_notify: re-arm kicks; True when buffers raced in (disable and poll again)."""
+        if mem is not self._mem:
+            self._map(mem)
+        if not (self.used_flags & VRING_USED_F_NO_NOTIFY):
+            return False
+        self.used_flags &= ~VRING_USED_F_NO_NOTIFY
+        if not self._event_idx:
+            self._uv[0] = self.used_flags
+        else:
+            self._uv[self._avail_event] = self._last_avail   # kick me at the next new entry
+        # Published; now re-read avail.idx to close the race with a driver that saw the old value.
+        return self._read_avail_idx() != self._last_avail
+
+    def __repr__(self) -> str:
+        return (f"VhostVirtqueue({self.name} num={self._num} last_avail={self._last_avail} "
+                f"avail_idx={self._avail_idx} last_used={self._last_used})")

@@ -1,0 +1,471 @@
+"""Hybrid vsock: Unix sockets on the host bridged to vsock streams in one guest (virtio-facts B.14).
+
+Theory of operation
+-------------------
+Any host program reaches the guest with a Unix socket, as Firecracker's and rust-vmm's
+vhost-device-vsock "hybrid vsock" do; the bridge runs on the device's worker thread and owns:
+
+    <run-dir>/vsock-<cid>.sock     listener (0600). A host program connects and writes one line
+                                   `CONNECT <port>\\n` (decimal, at most 32 bytes); the bridge
+                                   opens a stream from a host port (round robin in [2^30, 2^31),
+                                   Firecracker's allocator) to the guest's <port>, and once the
+                                   guest accepts it answers `OK <host port>\\n` (Firecracker) or
+                                   `OK <guest port>\\n` (vhost-device-vsock). A refused or timed
+                                   out connect closes the Unix connection.
+    <run-dir>/vsock-<cid>.sock_<P> not ours: when the guest connects to CID 2 port P and the host
+                                   core has no listener there, the core asks `unbound_request`;
+                                   the bridge connects to this path (never blocking) and hands
+                                   back a core socket bridged to it, or None (the core answers RST).
+
+Each bridged pair (`BridgeConn`) moves bytes both ways without ever holding more than one chunk in
+each direction, so the vsock credit is the flow control end to end:
+
+    Unix -> guest  read one chunk only when the previous one is fully accepted by core.send
+                   (credit-limited); a remainder stops reading until the core socket's `wake`
+                   says there is credit again.
+    guest -> Unix  core.recv one chunk only when the previous one is fully written to the Unix
+                   socket; the rest waits for EVENT_WRITE. Not reading from the core is what
+                   keeps the guest's data in the host core's receive buffer and holds back its
+                   credit (fwd_cnt), so a slow Unix reader slows the guest sender.
+
+Shutdown: EOF from the Unix side -> core.shutdown(SEND) once the pending data is sent (half
+close); the guest's SEND shutdown (drained) -> Unix shutdown(SHUT_WR); both -> release. An RST,
+a reset or an error on either side closes both. Every callback runs on the worker thread; the
+core's `wake` hook only queues the connection's pump (it may fire inside core calls).
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import selectors
+import socket
+from pathlib import Path
+
+from shared.constants import VSOCK_DEFAULT_CONNECT_TIMEOUT
+from shared.vsock.proto import SHUT_WR, SockState
+
+log = logging.getLogger(__name__)
+
+MAX_CONNECT_LINE = 32           # `CONNECT <port>\n`, bounded
+CHUNK = 64 * 1024               # bytes moved per step in each direction
+HANDSHAKE_TIMEOUT = 10.0        # a host program that never sends its CONNECT line is dropped
+HOST_PORT_FIRST = 1 << 30       # Firecracker: host-side ports for host-initiated connections
+HOST_PORT_END = 1 << 31
+ACCEPT_BATCH = 64
+
+_R, _W = selectors.EVENT_READ, selectors.EVENT_WRITE
+
+# BridgeConn states
+HANDSHAKE, CONNECTING, OPEN, CLOSED = "handshake", "connecting", "open", "closed"
+
+
+def parse_connect(line: bytes, dialect: str = "firecracker") -> int | None:
+    """The guest port of a `CONNECT <port>` line (without its newline), or None if malformed.
+
+    Firecracker wants the keyword as written; vhost-device-vsock compares it case-insensitively.
+    Words are whitespace-separated; the port is a decimal u32 other than VMADDR_PORT_ANY.
+    """
+    try:
+        words = line.decode("ascii").split()
+    except UnicodeDecodeError:
+        return None
+    if len(words) != 2:
+        return None
+    kw, port = words
+    if (kw.upper() if dialect == "vhost-device-vsock" else kw) != "CONNECT":
+        return None
+    if not port.isascii() or not port.isdigit() or len(port) > 10:
+        return None
+    p = int(port)
+    return p if p < 0xFFFFFFFF else None
+
+
+class BridgeConn:
+    """One Unix connection and the core socket it is bridged to."""
+
+    __slots__ = ("bridge", "unix", "sk", "state", "inbound", "line", "to_guest", "to_unix",
+                 "unix_eof", "shut_sent", "guest_eof", "events", "timer", "guest_port",
+                 "host_port", "pump", "on_ready", "wake")
+
+    def __init__(self, bridge: "VsockBridge", unix: socket.socket, inbound: bool):
+        self.bridge = bridge
+        self.unix = unix
+        self.sk = None
+        self.state = HANDSHAKE if inbound else OPEN
+        self.inbound = inbound            # True: host -> guest (CONNECT line)
+        self.line = b""                   # the CONNECT line read so far
+        self.to_guest = b""               # read from Unix, not yet accepted by core.send
+        self.to_unix = memoryview(b"")    # received from the guest, not yet written to Unix
+        self.unix_eof = False             # the Unix side sent EOF
+        self.shut_sent = False            # core.shutdown(SEND) done
+        self.guest_eof = False            # guest's SEND shutdown passed on (SHUT_WR)
+        self.events = 0                   # selector events registered
+        self.timer = None
+        self.guest_port = 0
+        self.host_port = 0
+        # One callable each, created once: queue_work deduplicates by identity/equality.
+        self.pump = lambda: bridge._pump(self)
+        self.on_ready = lambda mask: bridge._on_unix(self, mask)
+        self.wake = lambda *_: bridge.worker.queue_work(self.pump)
+
+    def __repr__(self) -> str:
+        d = "in" if self.inbound else "out"
+        return f"<BridgeConn {d} {self.state} host:{self.host_port} guest:{self.guest_port}>"
+
+
+class VsockBridge:
+    def __init__(self, device, worker, run_dir, guest_cid: int, dialect: str = "firecracker",
+                 *, connect_timeout: float = VSOCK_DEFAULT_CONNECT_TIMEOUT):
+        if dialect not in ("firecracker", "vhost-device-vsock"):
+            raise ValueError(f"unknown hybrid vsock dialect {dialect!r}")
+        self.device = device
+        self.worker = worker
+        self.run_dir = Path(run_dir)
+        self.guest_cid = guest_cid
+        self.dialect = dialect
+        self.connect_timeout = connect_timeout
+        self.path = self.run_dir / f"vsock-{guest_cid}.sock"
+        self.listener: socket.socket | None = None
+        self.conns: set[BridgeConn] = set()
+        self._next_port = HOST_PORT_FIRST
+        self.stats = {"connections_in": 0, "connections_out": 0, "refused_in": 0,
+                      "refused_out": 0, "malformed": 0, "bytes_to_guest": 0, "bytes_to_host": 0}
+
+    @property
+    def core(self):
+        return self.device.core
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Listen on <run-dir>/vsock-<cid>.sock (stale file removed, mode 0600)."""
+        try:
+            self.path.unlink()          # a stale socket of a previous host: the CID is ours now
+        except FileNotFoundError:
+            pass
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            s.bind(str(self.path))
+        except OSError:
+            s.close()
+            raise
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+        s.listen(64)
+        s.setblocking(False)
+        self.listener = s
+        self.worker.register(s, _R, self._on_accept)
+        self.core.unbound_request = self.unbound_request
+        log.info("vsock bridge for CID %d on %s (%s dialect)", self.guest_cid, self.path, self.dialect)
+
+    def stop(self) -> None:
+        for c in list(self.conns):
+            self._close(c, release=True)
+        if self.listener is not None:
+            self.worker.unregister(self.listener)
+            self.listener.close()
+            self.listener = None
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+        if self.core.unbound_request == self.unbound_request:
+            self.core.unbound_request = None
+
+    # --- host -> guest --------------------------------------------------------------------------
+    def _on_accept(self, mask: int) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                unix, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:        # e.g. EMFILE: leave it queued, log once per event
+                log.warning("vsock bridge %s: accept failed: %s", self.path, e)
+                return
+            unix.setblocking(False)
+            c = BridgeConn(self, unix, inbound=True)
+            self.conns.add(c)
+            c.timer = self.worker.call_later(HANDSHAKE_TIMEOUT, lambda c=c: self._timeout(c))
+            self._set_events(c, _R)
+
+    def _read_line(self, c: BridgeConn) -> None:
+        try:
+            data = c.unix.recv(MAX_CONNECT_LINE - len(c.line))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(c)
+            return
+        if not data:
+            self._close(c)
+            return
+        c.line += data
+        nl = c.line.find(b"\n")
+        if nl < 0:
+            if len(c.line) >= MAX_CONNECT_LINE:
+                self._malformed(c)
+            return
+        line, c.to_guest = c.line[:nl], c.line[nl + 1:]   # bytes after the line are stream data
+        c.line = b""
+        port = parse_connect(line, self.dialect)
+        if port is None:
+            self._malformed(c)
+            return
+        self._connect(c, port)
+
+    def _malformed(self, c: BridgeConn) -> None:
+        self.stats["malformed"] += 1
+        log.info("vsock bridge %s: malformed CONNECT line %r", self.path, c.line[:MAX_CONNECT_LINE])
+        self._close(c)
+
+    def alloc_host_port(self) -> int:
+        """Round robin in [2^30, 2^31), skipping ports in use (Firecracker's allocate_local_port)."""
+        used = {x.host_port for x in self.conns if x.inbound}
+        for _ in range(len(used) + 1):
+            p = self._next_port
+            self._next_port = p + 1 if p + 1 < HOST_PORT_END else HOST_PORT_FIRST
+            if p not in used:
+                return p
+        raise OSError(errno.EADDRNOTAVAIL, "no free host-side vsock port")
+
+    def _connect(self, c: BridgeConn, port: int) -> None:
+        core = self.core
+        c.guest_port = port
+        self._set_events(c, 0)
+        sk = core.socket()
+        sk.data = c
+        sk.wake = c.wake
+        c.sk = sk
+        try:
+            for _ in range(16):
+                c.host_port = self.alloc_host_port()
+                try:
+                    core.bind(sk, c.host_port)
+                    break
+                except OSError as e:
+                    if e.errno != errno.EADDRINUSE:
+                        raise
+            else:
+                raise OSError(errno.EADDRNOTAVAIL, "no free host-side vsock port")
+            core.connect(sk, self.guest_cid, port)
+        except OSError as e:
+            log.info("vsock bridge %s: connect to port %d failed: %s", self.path, port, e)
+            self.stats["refused_in"] += 1
+            self._close(c, release=True)
+            return
+        c.state = CONNECTING
+        if c.timer is not None:
+            c.timer.cancel()
+        c.timer = self.worker.call_later(self.connect_timeout, lambda: self._timeout(c))
+        self.worker.queue_work(c.pump)
+
+    def _timeout(self, c: BridgeConn) -> None:
+        with self.device.lock:
+            c.timer = None
+            if c.state == HANDSHAKE:
+                log.info("vsock bridge %s: no CONNECT line within %.0f s", self.path, HANDSHAKE_TIMEOUT)
+                self._close(c)
+            elif c.state == CONNECTING:
+                self.stats["refused_in"] += 1
+                log.info("vsock bridge %s: connect to guest port %d timed out", self.path, c.guest_port)
+                self.core.connect_timeout(c.sk)     # SYN_SENT -> CLOSE, ETIMEDOUT
+                self._close(c, release=True)
+
+    # --- guest -> host --------------------------------------------------------------------------
+    def unbound_request(self, pkt):
+        """VsockCore hook: a REQUEST for host port P with no listener -> `<path>_P` or None (RST)."""
+        target = f"{self.path}_{pkt.dst_port}"
+        unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        unix.setblocking(False)
+        try:
+            unix.connect(target)        # AF_UNIX: completes at once or fails (EAGAIN: backlog full)
+        except OSError as e:
+            unix.close()
+            self.stats["refused_out"] += 1
+            log.debug("vsock bridge: guest port %d -> %s: %s", pkt.src_port, target, e)
+            return None
+        c = BridgeConn(self, unix, inbound=False)
+        sk = self.core.socket()
+        sk.data = c
+        sk.wake = c.wake
+        c.sk = sk
+        c.guest_port = pkt.src_port
+        c.host_port = pkt.dst_port
+        self.conns.add(c)
+        self.stats["connections_out"] += 1
+        self._set_events(c, _R)
+        self.worker.queue_work(c.pump)
+        return sk
+
+    # --- the data path --------------------------------------------------------------------------
+    def _on_unix(self, c: BridgeConn, mask: int) -> None:
+        with self.device.lock:
+            try:
+                if c.state == HANDSHAKE:
+                    self._read_line(c)
+                    return
+                if c.state != OPEN:
+                    return
+                if mask & _R:
+                    self._read_unix(c)
+                if c.state == OPEN:
+                    self._pump_open(c)
+            except Exception:   # a bridge bug must not take the worker down: drop this connection
+                log.exception("vsock bridge %s: %r failed", self.path, c)
+                self._close(c, release=True)
+
+    def _pump(self, c: BridgeConn) -> None:
+        with self.device.lock:
+            try:
+                if c.state == CONNECTING:
+                    self._check_connected(c)
+                if c.state == OPEN:
+                    self._pump_open(c)
+            except Exception:
+                log.exception("vsock bridge %s: %r failed", self.path, c)
+                self._close(c, release=True)
+
+    def _check_connected(self, c: BridgeConn) -> None:
+        st = c.sk.state
+        if st == SockState.ESTABLISHED:
+            c.state = OPEN
+            if c.timer is not None:
+                c.timer.cancel()
+                c.timer = None
+            self.stats["connections_in"] += 1
+            ok = c.host_port if self.dialect == "firecracker" else c.guest_port
+            c.to_unix = memoryview(b"OK %d\n" % ok)
+        elif st != SockState.SYN_SENT or c.sk.err:
+            # RST from the guest (nothing listening), or an error: the Unix connection just closes.
+            self.stats["refused_in"] += 1
+            log.info("vsock bridge %s: guest port %d refused the connection", self.path, c.guest_port)
+            self._close(c, release=True)
+
+    def _read_unix(self, c: BridgeConn) -> None:
+        if c.to_guest or c.unix_eof:
+            return
+        try:
+            data = c.unix.recv(CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(c, release=True)
+            return
+        if data:
+            c.to_guest = data
+        else:
+            c.unix_eof = True
+
+    def _pump_open(self, c: BridgeConn) -> None:
+        core, sk = self.core, c.sk
+        # Unix -> guest: what was read, as far as the credit goes.
+        if c.to_guest:
+            try:
+                n = core.send(sk, c.to_guest)
+            except OSError as e:
+                log.debug("vsock bridge %r: send to guest: %s", c, e)
+                self._close(c, release=True)
+                return
+            if n:
+                self.stats["bytes_to_guest"] += n
+                c.to_guest = c.to_guest[n:]
+        if c.unix_eof and not c.to_guest and not c.shut_sent:
+            c.shut_sent = True
+            try:
+                core.shutdown(sk, SHUT_WR)
+            except OSError:
+                pass
+        # guest -> Unix: one chunk at a time, only as fast as the Unix side takes it.
+        while True:
+            if c.to_unix:
+                try:
+                    n = c.unix.send(c.to_unix)
+                except (BlockingIOError, InterruptedError):
+                    n = 0
+                except OSError as e:    # the Unix peer is gone
+                    log.debug("vsock bridge %r: write to Unix: %s", c, e)
+                    self._close(c, release=True)
+                    return
+                c.to_unix = c.to_unix[n:]
+                if c.to_unix:
+                    break
+            if c.guest_eof:
+                break
+            try:
+                data = core.recv(sk, CHUNK)
+            except BlockingIOError:
+                break                   # nothing queued: the core's wake brings us back
+            except OSError as e:        # ECONNRESET (transport reset) and friends
+                log.debug("vsock bridge %r: recv from guest: %s", c, e)
+                self._close(c, release=True)
+                return
+            if data:
+                self.stats["bytes_to_host"] += len(data)
+                c.to_unix = memoryview(data)
+                continue
+            # End of stream: the guest shut SEND (half close), or the connection was reset.
+            c.guest_eof = True
+            if sk.done or sk.state != SockState.ESTABLISHED:
+                self._close(c, release=True)
+                return
+            try:
+                c.unix.shutdown(socket.SHUT_WR)
+            except OSError:
+                self._close(c, release=True)
+                return
+            break
+        if c.unix_eof and c.shut_sent and c.guest_eof and not c.to_unix:
+            self._close(c, release=True)        # both directions done
+            return
+        self._update_events(c)
+
+    def _update_events(self, c: BridgeConn) -> None:
+        ev = 0
+        if c.state == OPEN:
+            if not c.to_guest and not c.unix_eof:
+                ev |= _R
+            if c.to_unix:
+                ev |= _W
+        self._set_events(c, ev)
+
+    def _set_events(self, c: BridgeConn, ev: int) -> None:
+        if ev == c.events:
+            return
+        if c.events == 0:
+            self.worker.register(c.unix, ev, c.on_ready)
+        elif ev == 0:
+            self.worker.unregister(c.unix)
+        else:
+            self.worker.modify(c.unix, ev, c.on_ready)
+        c.events = ev
+
+    # --- teardown -------------------------------------------------------------------------------
+    def _close(self, c: BridgeConn, release: bool = False) -> None:
+        """Close the Unix side; with release, also release the core socket (SHUTDOWN/RST)."""
+        if c.state == CLOSED:
+            return
+        c.state = CLOSED
+        self.conns.discard(c)
+        if c.timer is not None:
+            c.timer.cancel()
+            c.timer = None
+        self._set_events(c, 0)
+        try:
+            c.unix.close()
+        except OSError:
+            pass
+        sk, c.sk = c.sk, None
+        if sk is not None:
+            sk.wake = _noop
+            sk.data = None
+            if release:
+                try:
+                    self.core.release(sk)
+                except OSError as e:
+                    log.debug("vsock bridge: release: %s", e)
+
+
+def _noop(*_a) -> None:
+    pass

@@ -1,0 +1,461 @@
+"""vhost-vsock: the host end of one guest's virtio-vsock device (Linux drivers/vhost/vsock.c).
+
+Theory of operation
+-------------------
+One `VhostVsock` serves one guest (one CID). Its three rings are the guest's (virtio-facts B.4):
+
+    rx    (0)  guest posts empty buffers; `do_send_pkt` fills them with host -> guest packets
+    tx    (1)  guest posts packets; `handle_tx_kick` takes them to the host's VsockCore
+    event (2)  guest posts 4-byte buffers; `send_transport_reset` fills one (vhost leaves this
+               queue to the VMM, QEMU's vhost-vsock-common.c; here the device does it)
+
+The host's own socket layer is a `VsockCore(local_cid=2)` (shared/vsock/proto.py, the protocol
+written once) whose `send_pkt` callback is `VhostVsock.send_pkt`. The bridge (bridge.py) puts
+Unix sockets behind that core's sockets.
+
+TX (vhost_vsock_handle_tx_kick): with kick notifications disabled, pop chains until the ring is
+empty (then re-enable, and loop again if buffers raced in: the lost-wakeup fix), the per-kick
+budget is spent (VHOST_VSOCK_WEIGHT bytes / VHOST_VSOCK_PKT_WEIGHT packets: the work requeues
+itself and yields the worker), or the host owes the guest as many replies as the tx ring holds
+(`queued_replies`; tx stays stopped, notifications off, until do_send_pkt drains them). Each chain
+must be device-readable only (B.5 row 14, "Expected 0 input buffers") and begin with a 44-byte
+header, copied out of guest memory once before any field is trusted; only STREAM packets carry a
+payload, of at most 64 KiB and no more than the chain holds. A packet whose src_cid is not the
+guest's is dropped (counted); dst_cid 2 goes to the host core, any other CID gets an RST. Every
+chain is returned with add_used(head, 44 + len); one interrupt decision per batch.
+
+RX (vhost_transport_do_send_pkt): packets wait on `send_pkt_list`; each takes one rx chain
+(device-writable only: "Expected 0 output buffers"), header then payload scattered over the
+chain's buffers, so the Linux 2016 layout (44-byte + 4 KiB descriptors) and the one-buffer layout
+both work. A payload larger than the buffer is split: each piece goes out as its own packet with
+its own header and len (Linux >= 4.x "split packets to send using multiple buffers"). Without rx
+buffers the packet goes back to the head of the list and the queue's notifications are
+re-enabled; the guest's next rx kick resumes. When a reply leaves and queued_replies drops below
+the tx ring size, tx processing restarts.
+
+A guest mistake (VringError, GuestMemoryError) goes to `vq_err`: NEEDS_RESET, the err doorbell,
+and no more work until the driver resets the device. Nothing raises out of a work item.
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import os
+import struct
+import time
+from collections import deque
+
+from host.device import VhostDevice
+from shared.constants import (RESERVED_CIDS, VHOST_VSOCK_PKT_WEIGHT, VHOST_VSOCK_WEIGHT,
+                              VIRTIO_ID_VSOCK, VIRTIO_VSOCK_EVENT_TRANSPORT_RESET,
+                              VIRTIO_VSOCK_MAX_PKT_BUF_SIZE, VIRTIO_VSOCK_OP_RST,
+                              VIRTIO_VSOCK_TYPE_STREAM, VMADDR_CID_HOST, VSOCK_VQ_EVENT,
+                              VSOCK_VQ_RX, VSOCK_VQ_TX)
+from shared.errors import GuestMemoryError, VringError
+from shared.vsock.packet import HDR, HDR_SIZE, Packet
+
+log = logging.getLogger(__name__)
+
+VSOCK_CONFIG = struct.Struct("<Q")          # struct virtio_vsock_config { le64 guest_cid; }
+VSOCK_EVENT = struct.Struct("<I")           # struct virtio_vsock_event { le32 id; }
+TICK_INTERVAL = 0.5                         # how often the core's close timeouts are run (s)
+DIALECTS = ("firecracker", "vhost-device-vsock")
+GUEST_ERRORS = (VringError, GuestMemoryError)
+
+
+# --- iovec helpers: a chain's buffers are a list of memoryviews over guest memory ---------------
+def iov_read(iov: list[memoryview], offset: int, n: int) -> bytes:
+    """Copy n bytes starting `offset` bytes into the iovec (the caller checked the total length)."""
+    parts = []
+    for v in iov:
+        ln = v.nbytes
+        if offset >= ln:
+            offset -= ln
+            continue
+        take = min(ln - offset, n)
+        parts.append(v[offset:offset + take])
+        n -= take
+        offset = 0
+        if not n:
+            break
+    if n:
+        raise VringError(14, "descriptor chain shorter than the packet")
+    return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
+
+
+def iov_write(iov: list[memoryview], offset: int, data) -> None:
+    """Scatter `data` into the iovec starting `offset` bytes in (the caller checked the room)."""
+    src = memoryview(data).cast("B")
+    pos, n = 0, src.nbytes
+    for v in iov:
+        if pos >= n:
+            break
+        ln = v.nbytes
+        if offset >= ln:
+            offset -= ln
+            continue
+        take = min(ln - offset, n - pos)
+        v[offset:offset + take] = src[pos:pos + take]
+        pos += take
+        offset = 0
+    if pos < n:
+        raise VringError(14, "descriptor chain shorter than the packet")
+
+
+class VhostVsock(VhostDevice):
+    device_type = "vsock"
+    device_id = VIRTIO_ID_VSOCK
+    num_queues = 3
+
+    def __init__(self, guest_cid: int, *, run_dir=None, credit_policy: str = "every-read",
+                 capture=None, dialect: str = "firecracker", reconnect: bool = False,
+                 name: str = "", **kw):
+        if not isinstance(guest_cid, int) or guest_cid in RESERVED_CIDS or not 2 < guest_cid <= 0xFFFFFFFF:
+            raise ValueError(f"guest CID {guest_cid!r} is reserved or out of range "
+                             f"(a guest CID is 3..0xFFFFFFFE)")
+        if dialect not in DIALECTS:
+            raise ValueError(f"unknown hybrid vsock dialect {dialect!r} (one of {', '.join(DIALECTS)})")
+        super().__init__(name or f"vsock-{guest_cid}", **kw)
+        self.guest_cid = guest_cid
+        self.run_dir = run_dir
+        self.credit_policy = credit_policy
+        self.dialect = dialect
+        self.reconnect = reconnect
+        self.capture = self._open_capture(capture)
+        self.core = self._new_core()
+        self.send_pkt_list: deque[list] = deque()   # [packet, bytes of its payload already sent]
+        self.queued_replies = 0     # replies in send_pkt_list: bounds how much tx we accept
+        self.reset_pending = False  # a TRANSPORT_RESET waits for an event buffer
+        self._reset_on_start = reconnect
+        self.bridge = None
+        self._tick_handle = None
+        self._local_work: deque = deque()   # work queued while no worker is attached (tests)
+        self.stats.update({
+            "tx_packets": 0, "tx_bytes": 0,     # guest -> host (taken off the tx ring)
+            "rx_packets": 0, "rx_bytes": 0,     # host -> guest (written into rx buffers)
+            "dropped": 0,                       # tx packets with a src_cid that is not the guest's
+            "rst_unroutable": 0,                # tx packets for a CID other than the host's
+            "resets_sent": 0,                   # TRANSPORT_RESET events posted
+            "tx_requeued": 0,                   # tx work that spent its budget and requeued
+            "tx_stopped_replies": 0,            # times tx stopped on queued_replies
+        })
+
+    # --- description ---------------------------------------------------------------------------
+    def config_bytes(self) -> bytes:
+        return VSOCK_CONFIG.pack(self.guest_cid)
+
+    def _new_core(self):
+        from shared.vsock.proto import VsockCore
+        return VsockCore(VMADDR_CID_HOST, self.send_pkt, credit_policy=self.credit_policy)
+
+    @staticmethod
+    def _open_capture(capture):
+        if capture is None or hasattr(capture, "write"):
+            return capture
+        if isinstance(capture, (str, os.PathLike)):
+            from shared.vsock.pcap import PcapWriter
+            return PcapWriter(capture)
+        raise TypeError(f"capture must be a path or have write(pkt), not {type(capture).__name__}")
+
+    def _tap(self, pkt: Packet) -> None:
+        if self.capture is not None:
+            try:
+                self.capture.write(pkt)
+            except Exception as e:  # a full disk must not stop the data path
+                log.warning("%s: capture failed, disabled: %s", self.name, e)
+                self.capture = None
+
+    def get_stats(self) -> dict:
+        out = super().get_stats()
+        out.update(guest_cid=self.guest_cid, queued_replies=self.queued_replies,
+                   send_pkt_list=len(self.send_pkt_list),
+                   connections=len(self.bridge.conns) if self.bridge is not None else 0,
+                   sockets=len(self.core.connected))
+        if self.bridge is not None:
+            out["bridge"] = dict(self.bridge.stats)
+        return out
+
+    # --- work scheduling ------------------------------------------------------------------------
+    def _queue_work(self, fn) -> None:
+        if self.worker is not None:
+            self.worker.queue_work(fn)
+        elif fn not in self._local_work:
+            self._local_work.append(fn)
+
+    def run_local_work(self, limit: int = 10_000) -> int:
+        """Run work queued while no worker was attached (single-threaded tests); returns count."""
+        n = 0
+        while self._local_work and n < limit:
+            self._local_work.popleft()()
+            n += 1
+        return n
+
+    def _ready(self) -> bool:
+        return self.running and not self.broken and self.mem is not None
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        super().start()
+        if self.run_dir is not None and self.worker is not None and self.bridge is None:
+            from host.vsock.bridge import VsockBridge
+            try:
+                self.bridge = VsockBridge(self, self.worker, self.run_dir, self.guest_cid,
+                                          dialect=self.dialect)
+                self.bridge.start()
+            except OSError as e:
+                log.error("%s: cannot start the vsock bridge: %s", self.name, e)
+                self.bridge = None
+        if self.worker is not None:
+            self._tick_handle = self.worker.call_later(TICK_INTERVAL, self._tick)
+        if self._reset_on_start:
+            # Host restart: the guest's connections died with the old host (B.6 TRANSPORT_RESET).
+            self._reset_on_start = False
+            self.send_transport_reset()
+        if self.send_pkt_list:
+            self._queue_work(self.do_send_pkt)
+
+    def stop(self) -> None:
+        if self.bridge is not None:
+            bridge, self.bridge = self.bridge, None
+            bridge.stop()           # closes the bridged Unix sockets, releases their core sockets
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+            self._tick_handle = None
+        super().stop()
+        # Forget every connection: the guest's side goes away with the rings (release, purge).
+        self.send_pkt_list.clear()
+        self.queued_replies = 0
+        self.reset_pending = False
+        self._local_work.clear()
+        self.core = self._new_core()
+
+    def close(self) -> None:
+        super().close()
+        if self.capture is not None and hasattr(self.capture, "flush"):
+            try:
+                self.capture.flush()
+            except Exception:
+                pass
+
+    def _tick(self) -> None:
+        with self.lock:
+            self._tick_handle = None
+            if not self.running:
+                return
+            self.core.tick(time.monotonic())
+            if self.worker is not None:
+                self._tick_handle = self.worker.call_later(TICK_INTERVAL, self._tick)
+
+    # --- kicks ----------------------------------------------------------------------------------
+    def handle_kick(self, qidx: int) -> None:
+        if qidx == VSOCK_VQ_TX:
+            self.handle_tx_kick()
+        elif qidx == VSOCK_VQ_RX:
+            # vhost_vsock_handle_rx_kick: the guest posted rx buffers, send what waits.
+            self._queue_work(self.do_send_pkt)
+        elif qidx == VSOCK_VQ_EVENT:
+            # Event buffers wait for events; one may already be waiting for a buffer.
+            if self.reset_pending:
+                self.send_transport_reset()
+
+    def more_replies(self) -> bool:
+        """vhost_vsock_more_replies: may tx go on? (replies owed < tx ring size)"""
+        return self.queued_replies < self.vqs[VSOCK_VQ_TX].num
+
+    def handle_tx_work(self) -> None:
+        """Requeued tx work (budget spent, or replies drained): like a kick on the tx ring."""
+        with self.lock:
+            self.handle_tx_kick()
+
+    def handle_tx_kick(self) -> None:
+        """vhost_vsock_handle_tx_kick: take the guest's packets to the host."""
+        if not self._ready():
+            return
+        vq, mem = self.vqs[VSOCK_VQ_TX], self.mem
+        added = False
+        pkts = total = 0
+        try:
+            vq.disable_notify(mem)
+            while True:
+                if not self.more_replies():
+                    # Stop tx until do_send_pkt drains the replies; notifications stay disabled.
+                    self.stats["tx_stopped_replies"] += 1
+                    break
+                chain = vq.get_vq_desc(mem)
+                if chain is None:
+                    if vq.enable_notify(mem):
+                        vq.disable_notify(mem)
+                        continue
+                    break
+                pkt = self._alloc_pkt(chain)
+                self._tap(pkt)                      # monitors see every packet received
+                vq.add_used(mem, chain.head, HDR_SIZE + pkt.len)
+                added = True
+                self.stats["tx_packets"] += 1
+                self.stats["tx_bytes"] += pkt.len
+                self.stats["bytes_in"] += HDR_SIZE + pkt.len
+                self._route(pkt)
+                pkts += 1
+                total += HDR_SIZE + pkt.len
+                # vhost_exceeds_weight: give the worker to others, continue later
+                if pkts >= VHOST_VSOCK_PKT_WEIGHT or total >= VHOST_VSOCK_WEIGHT:
+                    self.stats["tx_requeued"] += 1
+                    self._queue_work(self.handle_tx_work)
+                    break
+        except GUEST_ERRORS as e:
+            self.vq_err(vq, e)
+        finally:
+            if added:
+                self.notify(vq)
+
+    def _alloc_pkt(self, chain) -> Packet:
+        """vhost_vsock_alloc_pkt: the device-specific chain rules (B.5 row 14), header copied once."""
+        if chain.in_:
+            raise VringError(14, f"Expected 0 input buffers, got {len(chain.in_)}")
+        if chain.out_len < HDR_SIZE:
+            raise VringError(14, f"vsock tx chain holds {chain.out_len} bytes, "
+                                 f"less than the {HDR_SIZE}-byte header")
+        hdr = iov_read(chain.out, 0, HDR_SIZE)     # copied out: the guest cannot change it now
+        (src_cid, dst_cid, src_port, dst_port, length, type_, op, flags, buf_alloc,
+         fwd_cnt) = HDR.unpack(hdr)
+        if type_ != VIRTIO_VSOCK_TYPE_STREAM:
+            length = 0                              # only STREAM packets carry a payload here
+        if length > VIRTIO_VSOCK_MAX_PKT_BUF_SIZE:
+            raise VringError(14, f"vsock packet len {length} exceeds "
+                                 f"{VIRTIO_VSOCK_MAX_PKT_BUF_SIZE} bytes")
+        if length > chain.out_len - HDR_SIZE:
+            raise VringError(14, f"vsock packet len {length} but the chain holds only "
+                                 f"{chain.out_len - HDR_SIZE} payload bytes")
+        payload = iov_read(chain.out, HDR_SIZE, length) if length else b""
+        return Packet(src_cid, dst_cid, src_port, dst_port, type_, op, flags, buf_alloc, fwd_cnt,
+                      payload)
+
+    def _route(self, pkt: Packet) -> None:
+        if pkt.src_cid != self.guest_cid:
+            # Only the guest's own CID may appear as the source (vhost_vsock_handle_tx_kick).
+            self.stats["dropped"] += 1
+            log.debug("%s: dropped %r: src_cid is not the guest's %d", self.name, pkt, self.guest_cid)
+            return
+        if pkt.dst_cid == VMADDR_CID_HOST:
+            self.core.recv_pkt(pkt)
+            return
+        # No route to another CID from this device: answer RST, never an RST to an RST.
+        self.stats["rst_unroutable"] += 1
+        if pkt.op != VIRTIO_VSOCK_OP_RST:
+            self.send_pkt(Packet(pkt.dst_cid, pkt.src_cid, pkt.dst_port, pkt.src_port, pkt.type,
+                                 VIRTIO_VSOCK_OP_RST, 0, 0, 0, b"", True))
+
+    # --- host -> guest --------------------------------------------------------------------------
+    def send_pkt(self, pkt: Packet) -> int:
+        """vhost_transport_send_pkt: the host core's transmit callback; returns the payload length."""
+        if pkt.dst_cid != self.guest_cid:
+            log.debug("%s: no guest with CID %d for %r", self.name, pkt.dst_cid, pkt)
+            return -errno.ENODEV
+        if not self.running:
+            return -errno.ENODEV
+        if pkt.reply:
+            self.queued_replies += 1
+        self.send_pkt_list.append([pkt, 0])
+        self._queue_work(self.do_send_pkt)
+        return pkt.len
+
+    def do_send_pkt(self) -> None:
+        """vhost_transport_do_send_pkt: fill the guest's rx buffers from send_pkt_list."""
+        with self.lock:
+            self._do_send_pkt()
+
+    def _do_send_pkt(self) -> None:
+        if not self._ready():
+            return
+        vq, mem = self.vqs[VSOCK_VQ_RX], self.mem
+        tx_num = self.vqs[VSOCK_VQ_TX].num
+        added = restart_tx = False
+        pkts = total = 0
+        try:
+            vq.disable_notify(mem)
+            while self.send_pkt_list:
+                entry = self.send_pkt_list.popleft()
+                pkt, off = entry
+                chain = vq.get_vq_desc(mem)
+                if chain is None:
+                    self.send_pkt_list.appendleft(entry)
+                    # No buffer: wait for the rx kick, unless buffers raced in meanwhile.
+                    if vq.enable_notify(mem):
+                        vq.disable_notify(mem)
+                        continue
+                    break
+                if chain.out:
+                    self.send_pkt_list.appendleft(entry)
+                    raise VringError(14, f"Expected 0 output buffers, got {len(chain.out)}")
+                remaining = pkt.len - off
+                room = chain.in_len - HDR_SIZE
+                if room < 0 or (remaining and not room):
+                    self.send_pkt_list.appendleft(entry)
+                    raise VringError(14, f"Buffer len [{chain.in_len}] too small")
+                n = min(room, remaining)
+                piece = pkt.payload[off:off + n] if (off or n < remaining) else pkt.payload
+                iov_write(chain.in_, 0, HDR.pack(pkt.src_cid, pkt.dst_cid, pkt.src_port,
+                                                 pkt.dst_port, n, pkt.type, pkt.op, pkt.flags,
+                                                 pkt.buf_alloc, pkt.fwd_cnt))
+                if n:
+                    iov_write(chain.in_, HDR_SIZE, piece)
+                vq.add_used(mem, chain.head, HDR_SIZE + n)
+                added = True
+                off += n
+                self.stats["rx_packets"] += 1
+                self.stats["rx_bytes"] += n
+                self.stats["bytes_out"] += HDR_SIZE + n
+                if self.capture is not None:
+                    self._tap(pkt if piece is pkt.payload else dataclasses.replace(pkt, payload=piece))
+                if off < pkt.len:
+                    # The rest goes out in the next buffer, as its own packet.
+                    self.send_pkt_list.appendleft([pkt, off])
+                elif pkt.reply:
+                    self.queued_replies -= 1
+                    if self.queued_replies + 1 == tx_num:
+                        restart_tx = True
+                pkts += 1
+                total += HDR_SIZE + n
+                if pkts >= VHOST_VSOCK_PKT_WEIGHT or total >= VHOST_VSOCK_WEIGHT:
+                    self._queue_work(self.do_send_pkt)
+                    break
+        except GUEST_ERRORS as e:
+            self.vq_err(vq, e)
+        finally:
+            if added:
+                self.notify(vq)
+        if restart_tx and not self.broken:
+            self._queue_work(self.handle_tx_work)
+
+    # --- event queue ----------------------------------------------------------------------------
+    def send_transport_reset(self) -> bool:
+        """Post VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: the guest resets its connected sockets.
+
+        Returns False when no event buffer is posted yet (the event waits for the next event kick)
+        or the device cannot work.
+        """
+        with self.lock:
+            if not self._ready():
+                self.reset_pending = True
+                return False
+            vq, mem = self.vqs[VSOCK_VQ_EVENT], self.mem
+            try:
+                chain = vq.get_vq_desc(mem)
+                if chain is None:
+                    self.reset_pending = True
+                    return False
+                if chain.out:
+                    raise VringError(14, f"Expected 0 output buffers, got {len(chain.out)}")
+                if chain.in_len < VSOCK_EVENT.size:
+                    raise VringError(14, f"event buffer of {chain.in_len} bytes cannot hold "
+                                         f"struct virtio_vsock_event")
+                iov_write(chain.in_, 0, VSOCK_EVENT.pack(VIRTIO_VSOCK_EVENT_TRANSPORT_RESET))
+                vq.add_used(mem, chain.head, VSOCK_EVENT.size)
+            except GUEST_ERRORS as e:
+                self.vq_err(vq, e)
+                return False
+            self.reset_pending = False
+            self.stats["resets_sent"] += 1
+            self.notify(vq)
+            return True

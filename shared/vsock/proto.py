@@ -1,0 +1,752 @@
+"""The virtio-vsock stream protocol and credit flow control, written once for both ends.
+
+Theory of operation
+-------------------
+This is Linux's net/vmw_vsock/virtio_transport_common.c plus the slice of af_vsock.c
+bookkeeping it leans on (bind tables, ephemeral ports, accept queues, socket errors), as pure
+code: packets come in through `VsockCore.recv_pkt`, packets go out through the `send_pkt`
+callback handed to the constructor, and nothing here blocks, sleeps, spawns or reads a real
+clock (time comes from the injectable `clock`, and close timeouts only fire from `tick`).
+The guest transport (guest/vsock/transport.py) and the host device (host/vsock/device.py)
+each own one `VsockCore`; the runner that drives it holds one lock around every call and
+wires each socket's `wake` hook to a Condition. The core itself is not thread-safe.
+
+A `VsockSock` is `struct vsock_sock` and `struct virtio_vsock_sock` in one object. Sockets
+are found by two tables, as in af_vsock:
+
+    connected  (local_port, remote_cid, remote_port) -> sock   SYN_SENT, ESTABLISHED, CLOSING
+    bound      local_port -> sock                               every socket that bind() named
+
+Children made by a listener (and sockets handed over by the `unbound_request` hook) are only
+in `connected`: they share their listener's port. Unlike Linux, a connecting socket goes in
+`connected` at connect() time, and a packet that reaches a connected socket through the
+bound table alone (wrong peer) is answered as if no socket were there: a hostile peer cannot
+inject into someone else's stream by guessing a port.
+
+Receive rules (virtio_transport_recv_pkt and its per-state helpers). Before dispatch: a type
+other than STREAM gets an RST (reset_no_sock); no socket gets an RST, never in answer to an
+RST; the packet's buf_alloc/fwd_cnt are copied into the socket from EVERY packet
+(virtio_transport_space_update) and writers are woken if credit opened.
+
+    state        op               action
+    LISTEN       REQUEST          backlog full -> RST; else child ESTABLISHED, RESPONSE (reply)
+    LISTEN       (other)          RST (reply), unless the packet is an RST
+    SYN_SENT     RESPONSE         ESTABLISHED
+    SYN_SENT     INVALID          ignored
+    SYN_SENT     RST              CLOSE, err ECONNREFUSED
+    SYN_SENT     (other)          RST (reply), CLOSE, err EPROTO
+    ESTABLISHED  RW               enqueue; bytes beyond buf_alloc are dropped and counted
+    ESTABLISHED  CREDIT_REQUEST   CREDIT_UPDATE (reply)
+    ESTABLISHED  CREDIT_UPDATE    wake writers (the credit was already copied)
+    ESTABLISHED  SHUTDOWN         peer_shutdown |= flags; both bits and nothing left to
+                                  read -> RST and close
+    ESTABLISHED  RST              close: peer_shutdown = both, CLOSING (reads drain, then EOF)
+    ESTABLISHED  (other)          ignored
+    CLOSING      RST              close completes (a released socket is forgotten)
+    CLOSING      (other)          ignored
+    CLOSE        (any)            RST (reply): bound but neither listening nor connected
+
+Credit (virtio spec §Socket Device "Flow control"; virtio-facts B.7). The sender may have at
+most `peer_free = peer_buf_alloc - (tx_cnt - peer_fwd_cnt)` bytes in flight, all counters u32
+with wrap-around. Every outgoing packet of a socket advertises the socket's own buf_alloc and
+fwd_cnt (virtio_transport_inc_tx_pkt) and records last_fwd_cnt = fwd_cnt. After a dequeue
+the receiver decides whether to send an explicit CREDIT_UPDATE (the h2 "window increment to
+advertise" shape lives in `_credit_update_due`):
+
+    "every-read"  2016-17: after every dequeue that advanced fwd_cnt
+    "low-space"   2019:    fwd_cnt advanced and buf_alloc - (fwd_cnt - last_fwd_cnt) < 64 KiB
+    "rcvlowat"    2024:    as low-space, or rx_bytes < SO_RCVLOWAT (the vsock_test
+                           "credit update + low rx_bytes" fix)
+
+Close (virtio_transport_close). release() sends RST at once if the peer already shut both
+ways; otherwise SHUTDOWN(RCV|SEND) and a close timeout (VSOCK_CLOSE_TIMEOUT, 8 s): the peer's
+RST, or its own SHUTDOWN(both), ends it early; else tick() sends RST and forgets it.
+
+Legal call order per socket (the socket layer):
+
+    socket() [bind()] listen() {accept()} release()
+    socket() [bind()] connect() {send() | recv() | shutdown() | set_buffer_size()} release()
+
+Socket-layer errors are raised as OSError(errno, message), as af_vsock returns them.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from shared.constants import (
+    VIRTIO_VSOCK_DEFAULT_BUF_SIZE,
+    VIRTIO_VSOCK_DEFAULT_MAX_BUF_SIZE,
+    VIRTIO_VSOCK_DEFAULT_MIN_BUF_SIZE,
+    VIRTIO_VSOCK_MAX_BUF_SIZE,
+    VIRTIO_VSOCK_MAX_PKT_BUF_SIZE,
+    VIRTIO_VSOCK_OP_CREDIT_REQUEST,
+    VIRTIO_VSOCK_OP_CREDIT_UPDATE,
+    VIRTIO_VSOCK_OP_INVALID,
+    VIRTIO_VSOCK_OP_REQUEST,
+    VIRTIO_VSOCK_OP_RESPONSE,
+    VIRTIO_VSOCK_OP_RST,
+    VIRTIO_VSOCK_OP_RW,
+    VIRTIO_VSOCK_OP_SHUTDOWN,
+    VIRTIO_VSOCK_SHUTDOWN_MASK,
+    VIRTIO_VSOCK_SHUTDOWN_RCV,
+    VIRTIO_VSOCK_SHUTDOWN_SEND,
+    VIRTIO_VSOCK_TYPE_STREAM,
+    VMADDR_CID_ANY,
+    VMADDR_PORT_ANY,
+    VSOCK_CLOSE_TIMEOUT,
+)
+from shared.vsock.packet import Packet, op_name
+
+U32 = 0xFFFFFFFF
+LAST_RESERVED_PORT = 1023          # af_vsock: ephemeral ports start above this
+SHUT_RD, SHUT_WR, SHUT_RDWR = 0, 1, 2   # socket.SHUT_* (how = mode - 1)
+CREDIT_POLICIES = ("every-read", "low-space", "rcvlowat")
+
+
+class SockState(enum.IntEnum):
+    """sk_state, with the TCP_* values af_vsock uses."""
+    ESTABLISHED = 1
+    SYN_SENT = 2
+    CLOSE = 7
+    LISTEN = 10
+    CLOSING = 11
+
+
+def _no_wake() -> None:
+    pass
+
+
+@dataclass(slots=True, eq=False)
+class VsockSock:
+    """One stream socket: vsock_sock (addresses, state, shutdown) + virtio_vsock_sock (credit)."""
+
+    # addresses (VMADDR_*_ANY = unset)
+    local_cid: int = VMADDR_CID_ANY
+    local_port: int = VMADDR_PORT_ANY
+    remote_cid: int = VMADDR_CID_ANY
+    remote_port: int = VMADDR_PORT_ANY
+    state: SockState = SockState.CLOSE
+    err: int = 0                   # pending socket error (errno), 0 = none; sticky until connect()
+    shutdown: int = 0              # SHUTDOWN bits we sent (RCV=1, SEND=2)
+    peer_shutdown: int = 0         # SHUTDOWN bits the peer sent; sticky (spec: hints are permanent)
+    done: bool = False             # SOCK_DONE: an RST ended the connection (sent or received)
+    released: bool = False         # the owner called release(); lingering until RST or timeout
+    # tx side (tx_lock in Linux)
+    tx_cnt: int = 0                # u32: bytes we have sent, free-running
+    peer_fwd_cnt: int = 0          # u32: bytes the peer has consumed (from its last header)
+    peer_buf_alloc: int = 0        # the peer's receive buffer (from its last header)
+    # rx side (rx_lock in Linux)
+    buf_alloc: int = VIRTIO_VSOCK_DEFAULT_BUF_SIZE   # our receive buffer, advertised
+    fwd_cnt: int = 0               # u32: bytes we have consumed, free-running
+    last_fwd_cnt: int = 0          # fwd_cnt as last advertised to the peer
+    rx_bytes: int = 0              # bytes queued in rx_queue not yet read
+    rx_queue: deque = field(default_factory=deque)   # bytes/memoryview chunks
+    rx_off: int = 0                # bytes of rx_queue[0] already read
+    rcvlowat: int = 1              # SO_RCVLOWAT (only the "rcvlowat" credit policy reads it)
+    # listener side
+    backlog: int = 0
+    accept_queue: deque = field(default_factory=deque)   # children not yet accept()ed
+    parent: "VsockSock | None" = None                   # listener, while in its accept_queue
+    close_deadline: float | None = None                 # close timeout, while lingering
+    # hooks for the owner
+    wake: Callable[[], None] = _no_wake   # called when readable/writable/state may have changed
+    data: object = None                   # free slot for the owner (e.g. a bridged Unix socket)
+    # counters
+    rx_dropped_bytes: int = 0      # RW bytes dropped: beyond buf_alloc, or after release
+    rx_total: int = 0              # RW payload bytes enqueued
+    tx_total: int = 0              # RW payload bytes sent
+
+    def __repr__(self) -> str:
+        return (f"VsockSock({self.state.name} {self.local_cid}:{self.local_port}->"
+                f"{self.remote_cid}:{self.remote_port} err={self.err} "
+                f"shut={self.shutdown}/{self.peer_shutdown} rx={self.rx_bytes} "
+                f"tx_cnt={self.tx_cnt} fwd_cnt={self.fwd_cnt})")
+
+
+def _oserror(code: int, what: str) -> OSError:
+    return OSError(code, f"{what}: {errno.errorcode.get(code, code)}")
+
+
+class VsockCore:
+    """The socket table and stream state machine of one vsock endpoint (one local CID)."""
+
+    def __init__(self, local_cid: int, send_pkt: Callable[[Packet], object], *,
+                 buf_size: int = VIRTIO_VSOCK_DEFAULT_BUF_SIZE,
+                 credit_policy: str = "every-read",
+                 clock: Callable[[], float] = time.monotonic,
+                 close_timeout: float = VSOCK_CLOSE_TIMEOUT,
+                 buf_size_min: int = VIRTIO_VSOCK_DEFAULT_MIN_BUF_SIZE,
+                 buf_size_max: int | None = None,
+                 max_pkt_len: int = VIRTIO_VSOCK_MAX_PKT_BUF_SIZE,
+                 unbound_request: Callable[[Packet], VsockSock | None] | None = None):
+        if credit_policy not in CREDIT_POLICIES:
+            raise ValueError(f"credit_policy must be one of {CREDIT_POLICIES}, "
+                             f"not {credit_policy!r}")
+        if not 0 < max_pkt_len <= VIRTIO_VSOCK_MAX_PKT_BUF_SIZE:
+            raise ValueError(f"max_pkt_len must be in 1..{VIRTIO_VSOCK_MAX_PKT_BUF_SIZE}")
+        if buf_size_max is None:      # 256 KiB, or buf_size if that is larger
+            buf_size_max = max(VIRTIO_VSOCK_DEFAULT_MAX_BUF_SIZE, buf_size)
+        if not 0 <= buf_size_min <= buf_size_max <= VIRTIO_VSOCK_MAX_BUF_SIZE:
+            raise ValueError("need 0 <= buf_size_min <= buf_size_max <= 2^32-1")
+        self.local_cid = local_cid
+        self._send = send_pkt
+        self.buf_size = min(max(buf_size, buf_size_min), buf_size_max)
+        self.buf_size_min = buf_size_min
+        self.buf_size_max = buf_size_max
+        self.credit_policy = credit_policy
+        self.clock = clock
+        self.close_timeout = close_timeout
+        self.max_pkt_len = max_pkt_len       # 64 KiB; a transport may ask for less
+        self.unbound_request = unbound_request
+        self.bound: dict[int, VsockSock] = {}
+        self.connected: dict[tuple[int, int, int], VsockSock] = {}
+        self.lingering: set[VsockSock] = set()   # released, waiting for RST or close timeout
+        self._next_port = LAST_RESERVED_PORT + 1
+        self.stats = {
+            "rx": Counter(),          # packets received, by op name
+            "tx": Counter(),          # packets sent, by op name
+            "resets_sent": 0,
+            "rx_dropped_bytes": 0,    # RW bytes dropped (beyond buf_alloc, or after release)
+            "rx_no_sock": 0,          # packets for which no socket was found
+            "rx_bad_type": 0,         # packets with a type other than STREAM
+            "rx_ignored": 0,          # packets with no meaning in the socket's state
+            "rx_bytes": 0,            # RW payload bytes enqueued
+            "tx_bytes": 0,            # RW payload bytes sent
+        }
+
+    # ------------------------------------------------------------------ socket layer (af_vsock)
+
+    def set_local_cid(self, cid: int) -> None:
+        """The guest CID changed (TRANSPORT_RESET re-read it): new packets carry the new one."""
+        self.local_cid = cid
+
+    def socket(self) -> VsockSock:
+        """A new unbound stream socket (virtio_transport_do_socket_init)."""
+        return VsockSock(local_cid=self.local_cid, buf_alloc=self.buf_size)
+
+    def bind(self, sk: VsockSock, port: int) -> None:
+        """Bind to `port` (VMADDR_PORT_ANY: the next free ephemeral port, from 1024 up)."""
+        self._check_open(sk)
+        if sk.local_port != VMADDR_PORT_ANY:
+            raise _oserror(errno.EINVAL, "bind: socket already bound")
+        if port == VMADDR_PORT_ANY:
+            port = self._ephemeral_port()
+        elif not 0 <= port < VMADDR_PORT_ANY:
+            raise _oserror(errno.EINVAL, f"bind: bad port {port}")
+        elif port in self.bound:
+            raise _oserror(errno.EADDRINUSE, f"bind: port {port} in use")
+        sk.local_cid = self.local_cid
+        sk.local_port = port
+        self.bound[port] = sk
+
+    def listen(self, sk: VsockSock, backlog: int) -> None:
+        """Start accepting connections (af_vsock vsock_listen: bound, not connected)."""
+        self._check_open(sk)
+        if sk.local_port == VMADDR_PORT_ANY or sk.state not in (SockState.CLOSE,
+                                                                 SockState.LISTEN):
+            raise _oserror(errno.EINVAL, "listen: socket not bound or already connected")
+        sk.backlog = max(0, backlog)
+        sk.state = SockState.LISTEN
+
+    def connect(self, sk: VsockSock, cid: int, port: int) -> None:
+        """Send REQUEST and enter SYN_SENT (auto-binds). Completion arrives via recv_pkt:
+        state ESTABLISHED, or CLOSE with sk.err set; the runner times out with connect_timeout."""
+        self._check_open(sk)
+        if sk.state == SockState.ESTABLISHED:
+            raise _oserror(errno.EISCONN, "connect")
+        if sk.state == SockState.SYN_SENT:
+            raise _oserror(errno.EALREADY, "connect")
+        if sk.state != SockState.CLOSE:      # LISTEN, CLOSING
+            raise _oserror(errno.EINVAL, f"connect in state {sk.state.name}")
+        if not (0 <= cid <= U32 and 0 <= port < VMADDR_PORT_ANY) or cid == VMADDR_CID_ANY:
+            raise _oserror(errno.EINVAL, f"connect: bad address {cid}:{port}")
+        if sk.local_port == VMADDR_PORT_ANY:
+            self.bind(sk, VMADDR_PORT_ANY)
+        key = (sk.local_port, cid, port)
+        if key in self.connected:
+            raise _oserror(errno.EADDRINUSE, f"connect: {key} already connected")
+        sk.remote_cid, sk.remote_port = cid, port
+        sk.err = 0
+        sk.shutdown = sk.peer_shutdown = 0
+        sk.done = False
+        sk.state = SockState.SYN_SENT
+        self.connected[key] = sk
+        self._send_pkt_info(sk, VIRTIO_VSOCK_OP_REQUEST)
+
+    def connect_timeout(self, sk: VsockSock) -> bool:
+        """af_vsock's connect timeout: SYN_SENT -> CLOSE with ETIMEDOUT. The port stays bound
+        (a retry reuses it); the runner should also cancel_pkt(sk) on its transport."""
+        if sk.state != SockState.SYN_SENT:
+            return False
+        self._unlink_connected(sk)
+        sk.state = SockState.CLOSE
+        sk.err = errno.ETIMEDOUT
+        sk.wake()
+        return True
+
+    def accept(self, listener: VsockSock) -> VsockSock | None:
+        """The oldest un-accepted child, or None."""
+        self._check_open(listener)
+        if listener.state != SockState.LISTEN:
+            raise _oserror(errno.EINVAL, "accept: socket is not listening")
+        if not listener.accept_queue:
+            return None
+        child = listener.accept_queue.popleft()
+        child.parent = None
+        return child
+
+    def send(self, sk: VsockSock, data: bytes | bytearray | memoryview) -> int:
+        """Queue as much of `data` as the peer's credit allows, as RW packets of at most
+        max_pkt_len bytes (virtio_transport_send_pkt_info). Returns the bytes taken: 0 when
+        there is no credit (no CREDIT_REQUEST is sent, as Linux does not)."""
+        self._check_open(sk)
+        # af_vsock vsock_stream_sendmsg: shutdown first, then socket error, then state.
+        if sk.shutdown & VIRTIO_VSOCK_SHUTDOWN_SEND or sk.peer_shutdown & VIRTIO_VSOCK_SHUTDOWN_RCV:
+            raise _oserror(errno.EPIPE, "send after shutdown")
+        if sk.err:
+            raise _oserror(sk.err, "send")
+        if sk.state != SockState.ESTABLISHED:
+            raise _oserror(errno.ENOTCONN, "send")
+        mv = memoryview(data).cast("B")
+        total = min(len(mv), self.has_space(sk))       # virtio_transport_get_credit
+        off = 0
+        while off < total:
+            n = min(total - off, self.max_pkt_len)
+            sk.tx_cnt = (sk.tx_cnt + n) & U32
+            self._send_pkt_info(sk, VIRTIO_VSOCK_OP_RW, payload=bytes(mv[off:off + n]))
+            off += n
+        sk.tx_total += total
+        self.stats["tx_bytes"] += total
+        return total
+
+    def recv(self, sk: VsockSock, n: int) -> bytes:
+        """Dequeue up to n bytes. b"" = end of stream (peer shut SEND or reset, queue drained;
+        or we shut RCV). BlockingIOError(EAGAIN) when nothing is queued yet."""
+        self._check_open(sk)
+        if n < 0:
+            raise _oserror(errno.EINVAL, "recv: negative length")
+        if sk.state not in (SockState.ESTABLISHED, SockState.CLOSING):
+            if sk.done:
+                return b""
+            raise _oserror(sk.err or errno.ENOTCONN, "recv")
+        if sk.shutdown & VIRTIO_VSOCK_SHUTDOWN_RCV or n == 0:
+            return b""
+        if not sk.rx_bytes:
+            if sk.err:
+                raise _oserror(sk.err, "recv")
+            if sk.peer_shutdown & VIRTIO_VSOCK_SHUTDOWN_SEND or sk.done:
+                return b""
+            raise BlockingIOError(errno.EAGAIN, "recv: no data queued")
+        data = self._dequeue(sk, n)
+        # virtio_transport_stream_do_dequeue: the consumed bytes become credit for the peer.
+        sk.fwd_cnt = (sk.fwd_cnt + len(data)) & U32
+        if self._credit_update_due(sk):
+            self._send_pkt_info(sk, VIRTIO_VSOCK_OP_CREDIT_UPDATE)
+        return data
+
+    def shutdown(self, sk: VsockSock, how: int) -> None:
+        """shutdown(2): SHUT_RD/SHUT_WR/SHUT_RDWR -> SHUTDOWN with RCV/SEND bits (sticky)."""
+        self._check_open(sk)
+        if how not in (SHUT_RD, SHUT_WR, SHUT_RDWR):
+            raise _oserror(errno.EINVAL, f"shutdown: bad how {how}")
+        if sk.state not in (SockState.ESTABLISHED, SockState.SYN_SENT, SockState.CLOSING):
+            raise _oserror(errno.ENOTCONN, "shutdown")
+        mode = how + 1          # RCV_SHUTDOWN=1, SEND_SHUTDOWN=2: the virtio bits share the values
+        sk.shutdown |= mode
+        if not sk.done:
+            self._send_pkt_info(sk, VIRTIO_VSOCK_OP_SHUTDOWN, flags=mode)
+        sk.wake()
+
+    def release(self, sk: VsockSock) -> None:
+        """close(2) (virtio_transport_release / virtio_transport_close)."""
+        if sk.released:
+            return
+        sk.released = True
+        if sk.state == SockState.LISTEN:
+            # Children nobody accepted are reset at once (Linux shuts them down and lingers).
+            while sk.accept_queue:
+                child = sk.accept_queue.popleft()
+                child.parent = None
+                child.released = True
+                self._send_pkt_info(child, VIRTIO_VSOCK_OP_RST)
+                child.done = True
+                self._forget(child)
+            self._forget(sk)
+            sk.state = SockState.CLOSE
+        elif sk.state in (SockState.ESTABLISHED, SockState.CLOSING):
+            # The owner will never read again: drop what is queued (its credit is moot).
+            sk.rx_queue.clear()
+            sk.rx_off = sk.rx_bytes = 0
+            if sk.peer_shutdown & VIRTIO_VSOCK_SHUTDOWN_MASK == VIRTIO_VSOCK_SHUTDOWN_MASK:
+                # The peer already shut both ways: answer with RST and go.
+                self._send_pkt_info(sk, VIRTIO_VSOCK_OP_RST)
+                sk.done = True
+                self._forget(sk)
+            else:
+                if sk.shutdown != VIRTIO_VSOCK_SHUTDOWN_MASK:
+                    self._send_pkt_info(sk, VIRTIO_VSOCK_OP_SHUTDOWN,
+                                        flags=VIRTIO_VSOCK_SHUTDOWN_MASK)
+                sk.close_deadline = self.clock() + self.close_timeout
+                self.lingering.add(sk)
+        else:                       # CLOSE, SYN_SENT: nothing to tell the peer
+            self._forget(sk)
+            sk.state = SockState.CLOSE
+        sk.shutdown = VIRTIO_VSOCK_SHUTDOWN_MASK
+        sk.wake()
+
+    def set_buffer_size(self, sk: VsockSock, n: int) -> int:
+        """SO_VM_SOCKETS_BUFFER_SIZE: clamp to [buf_size_min, buf_size_max], advertise it.
+        Returns the size set."""
+        self._check_open(sk)
+        n = min(max(n, self.buf_size_min), self.buf_size_max)
+        sk.buf_alloc = n
+        if sk.state == SockState.ESTABLISHED:
+            self._send_pkt_info(sk, VIRTIO_VSOCK_OP_CREDIT_UPDATE)
+        return n
+
+    def set_rcvlowat(self, sk: VsockSock, n: int) -> None:
+        """SO_RCVLOWAT (virtio_transport_notify_set_rcvlowat): if fewer bytes are queued than
+        the new mark and the peer has not heard of our last reads, tell it now."""
+        self._check_open(sk)
+        sk.rcvlowat = max(1, n)
+        if (sk.state == SockState.ESTABLISHED and sk.rx_bytes < sk.rcvlowat
+                and sk.fwd_cnt != sk.last_fwd_cnt):
+            self._send_pkt_info(sk, VIRTIO_VSOCK_OP_CREDIT_UPDATE)
+
+    # queries ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def has_data(sk: VsockSock) -> int:
+        """Bytes queued for reading (virtio_transport_stream_has_data)."""
+        return sk.rx_bytes
+
+    @staticmethod
+    def has_space(sk: VsockSock) -> int:
+        """Bytes of credit: peer_buf_alloc - (tx_cnt - peer_fwd_cnt), u32, never below 0."""
+        in_flight = (sk.tx_cnt - sk.peer_fwd_cnt) & U32
+        return max(0, sk.peer_buf_alloc - in_flight)
+
+    def readable(self, sk: VsockSock) -> bool:
+        """poll(POLLIN): data, EOF, an error, or (listener) a child to accept."""
+        if sk.state == SockState.LISTEN:
+            return bool(sk.accept_queue)
+        return bool(sk.rx_bytes or sk.err or sk.done
+                    or sk.peer_shutdown & VIRTIO_VSOCK_SHUTDOWN_SEND
+                    or sk.shutdown & VIRTIO_VSOCK_SHUTDOWN_RCV)
+
+    def writable(self, sk: VsockSock) -> bool:
+        """poll(POLLOUT): credit to send, or a send would fail at once (EPIPE, error)."""
+        if sk.err or sk.shutdown & VIRTIO_VSOCK_SHUTDOWN_SEND \
+                or sk.peer_shutdown & VIRTIO_VSOCK_SHUTDOWN_RCV:
+            return True
+        return sk.state == SockState.ESTABLISHED and self.has_space(sk) > 0
+
+    def next_deadline(self) -> float | None:
+        """The earliest close timeout pending, for a runner deciding how long to sleep."""
+        return min((sk.close_deadline for sk in self.lingering), default=None)
+
+    # ------------------------------------------------------------------ transport side
+
+    def recv_pkt(self, pkt: Packet) -> None:
+        """One packet from the peer (virtio_transport_recv_pkt). Never raises for bad input."""
+        self.stats["rx"][op_name(pkt.op)] += 1
+        if pkt.type != VIRTIO_VSOCK_TYPE_STREAM:
+            self.stats["rx_bad_type"] += 1
+            self._reset_no_sock(pkt)
+            return
+        sk = self._lookup(pkt)
+        if sk is None:
+            if (pkt.op == VIRTIO_VSOCK_OP_REQUEST and self.unbound_request is not None
+                    and pkt.dst_cid == self.local_cid):
+                self._recv_unbound_request(pkt)
+                return
+            self.stats["rx_no_sock"] += 1
+            self._reset_no_sock(pkt)
+            return
+        # virtio_transport_space_update: every header carries the peer's credit.
+        self._space_update(sk, pkt)
+        # Update CID in case it has changed after a transport reset event.
+        sk.local_cid = pkt.dst_cid
+        handler = _RECV_RULES.get((sk.state, pkt.op)) or _STATE_DEFAULT[sk.state]
+        handler(self, sk, pkt)
+
+    def tick(self, now: float | None = None) -> int:
+        """Run close timeouts due by `now` (virtio_transport_close_timeout): RST and forget.
+        Returns how many fired."""
+        if now is None:
+            now = self.clock()
+        due = [sk for sk in self.lingering if sk.close_deadline <= now]
+        for sk in due:
+            if not sk.done:
+                self._send_pkt_info(sk, VIRTIO_VSOCK_OP_RST)
+                sk.done = True
+                sk.peer_shutdown = VIRTIO_VSOCK_SHUTDOWN_MASK
+                sk.state = SockState.CLOSING
+            self._forget(sk)
+            sk.wake()
+        return len(due)
+
+    def reset_connected(self, err: int = errno.ECONNRESET) -> int:
+        """TRANSPORT_RESET (virtio_vsock_reset_sock for each connected socket): every
+        connecting/connected socket -> CLOSE with `err`, out of the connected table. Listeners
+        and bindings stay; lingering released sockets are forgotten. Returns the count."""
+        socks = list(self.connected.values())
+        for sk in socks:
+            self._unlink_connected(sk)
+            sk.state = SockState.CLOSE
+            sk.err = err
+            if sk.released:
+                self._forget(sk)
+            sk.wake()
+        return len(socks)
+
+    # ------------------------------------------------------------------ receive rules
+
+    def _lookup(self, pkt: Packet) -> VsockSock | None:
+        if pkt.dst_cid != self.local_cid:
+            return None
+        sk = self.connected.get((pkt.dst_port, pkt.src_cid, pkt.src_port))
+        if sk is not None:
+            return sk
+        sk = self.bound.get(pkt.dst_port)
+        # A bound socket that is connected to someone else is not this packet's socket.
+        if sk is not None and sk.state in (SockState.LISTEN, SockState.CLOSE):
+            return sk
+        return None
+
+    def _space_update(self, sk: VsockSock, pkt: Packet) -> None:
+        sk.peer_buf_alloc = pkt.buf_alloc
+        sk.peer_fwd_cnt = pkt.fwd_cnt
+        if self.has_space(sk) > 0:
+            sk.wake()
+
+    def _listen_request(self, sk: VsockSock, pkt: Packet) -> None:
+        # sk_acceptq_is_full: more than `backlog` children already waiting.
+        if len(sk.accept_queue) > sk.backlog:
+            self._reset_no_sock(pkt)
+            return
+        child = VsockSock(local_cid=pkt.dst_cid, local_port=pkt.dst_port,
+                          remote_cid=pkt.src_cid, remote_port=pkt.src_port,
+                          state=SockState.ESTABLISHED, buf_alloc=sk.buf_alloc,
+                          rcvlowat=sk.rcvlowat, parent=sk)
+        self._space_update(child, pkt)
+        self.connected[(child.local_port, child.remote_cid, child.remote_port)] = child
+        sk.accept_queue.append(child)
+        self._send_pkt_info(child, VIRTIO_VSOCK_OP_RESPONSE, reply=True)
+        sk.wake()
+
+    def _recv_unbound_request(self, pkt: Packet) -> None:
+        """No listener on the port: ask the owner (the host bridge) for a socket."""
+        try:
+            sk = self.unbound_request(pkt)
+        except OSError:
+            sk = None
+        if sk is None:
+            self.stats["rx_no_sock"] += 1
+            self._reset_no_sock(pkt)
+            return
+        if sk.state != SockState.CLOSE or sk.local_port != VMADDR_PORT_ANY or sk.released:
+            raise ValueError(f"unbound_request must return a fresh socket(), got {sk!r}")
+        sk.local_cid, sk.local_port = pkt.dst_cid, pkt.dst_port
+        sk.remote_cid, sk.remote_port = pkt.src_cid, pkt.src_port
+        sk.state = SockState.ESTABLISHED
+        self._space_update(sk, pkt)
+        self.connected[(sk.local_port, sk.remote_cid, sk.remote_port)] = sk
+        self._send_pkt_info(sk, VIRTIO_VSOCK_OP_RESPONSE, reply=True)
+        sk.wake()
+
+    def _connecting_response(self, sk: VsockSock, pkt: Packet) -> None:
+        sk.state = SockState.ESTABLISHED
+        sk.wake()
+
+    def _connecting_rst(self, sk: VsockSock, pkt: Packet) -> None:
+        self._connect_failed(sk, errno.ECONNREFUSED)
+
+    def _connecting_other(self, sk: VsockSock, pkt: Packet) -> None:
+        # virtio_transport_recv_connecting: anything but RESPONSE/INVALID/RST is a protocol
+        # error; reset the peer and fail the connect.
+        self._send_pkt_info(sk, VIRTIO_VSOCK_OP_RST, reply=True)
+        self._connect_failed(sk, errno.EPROTO)
+
+    def _connect_failed(self, sk: VsockSock, err: int) -> None:
+        self._unlink_connected(sk)
+        sk.state = SockState.CLOSE
+        sk.err = err
+        if sk.released:
+            self._forget(sk)
+        sk.wake()
+
+    def _enqueue(self, sk: VsockSock, pkt: Packet) -> None:
+        n = len(pkt.payload)
+        if not n:
+            return
+        # Drop what would overrun our advertised buffer (a peer ignoring credit), and
+        # anything for a socket its owner has closed.
+        if sk.released or sk.rx_bytes + n > sk.buf_alloc:
+            sk.rx_dropped_bytes += n
+            self.stats["rx_dropped_bytes"] += n
+            return
+        payload = pkt.payload
+        # Keep our own copy: a memoryview may alias a buffer the transport will reuse.
+        sk.rx_queue.append(payload if type(payload) is bytes else bytes(payload))
+        sk.rx_bytes += n
+        sk.rx_total += n
+        self.stats["rx_bytes"] += n
+        sk.wake()
+
+    def _credit_request(self, sk: VsockSock, pkt: Packet) -> None:
+        self._send_pkt_info(sk, VIRTIO_VSOCK_OP_CREDIT_UPDATE, reply=True)
+
+    def _credit_update(self, sk: VsockSock, pkt: Packet) -> None:
+        sk.wake()       # the credit itself was taken by _space_update
+
+    def _peer_shutdown(self, sk: VsockSock, pkt: Packet) -> None:
+        flags = pkt.flags & VIRTIO_VSOCK_SHUTDOWN_MASK
+        sk.peer_shutdown |= flags
+        if (sk.peer_shutdown == VIRTIO_VSOCK_SHUTDOWN_MASK and not sk.rx_bytes
+                and not sk.done):
+            self._send_pkt_info(sk, VIRTIO_VSOCK_OP_RST)
+            self._do_close(sk)
+        elif flags:
+            sk.wake()
+
+    def _peer_reset(self, sk: VsockSock, pkt: Packet) -> None:
+        self._do_close(sk)
+
+    def _do_close(self, sk: VsockSock) -> None:
+        """virtio_transport_do_close: the connection is over; reads drain, then EOF."""
+        sk.done = True
+        sk.peer_shutdown = VIRTIO_VSOCK_SHUTDOWN_MASK
+        sk.state = SockState.CLOSING
+        if sk.released:
+            self._forget(sk)       # cancels the close timeout
+        sk.wake()
+
+    def _reset_reply(self, sk: VsockSock, pkt: Packet) -> None:
+        self._reset_no_sock(pkt)
+
+    def _ignore(self, sk: VsockSock, pkt: Packet) -> None:
+        self.stats["rx_ignored"] += 1
+
+    # ------------------------------------------------------------------ sending
+
+    def _send_pkt_info(self, sk: VsockSock, op: int, *, flags: int = 0,
+                       payload: bytes = b"", reply: bool = False) -> None:
+        # virtio_transport_inc_tx_pkt: every header advertises our buffer and consumption.
+        pkt = Packet(self.local_cid, sk.remote_cid, sk.local_port, sk.remote_port,
+                     VIRTIO_VSOCK_TYPE_STREAM, op, flags, sk.buf_alloc, sk.fwd_cnt,
+                     payload, reply, sk)
+        sk.last_fwd_cnt = sk.fwd_cnt
+        self._emit(pkt)
+
+    def _reset_no_sock(self, pkt: Packet) -> None:
+        """virtio_transport_reset_no_sock: RST back to the sender; never in answer to an RST."""
+        if pkt.op == VIRTIO_VSOCK_OP_RST:
+            return
+        self._emit(Packet(pkt.dst_cid, pkt.src_cid, pkt.dst_port, pkt.src_port, pkt.type,
+                          VIRTIO_VSOCK_OP_RST, 0, 0, 0, b"", True, None))
+
+    def _emit(self, pkt: Packet) -> None:
+        self.stats["tx"][op_name(pkt.op)] += 1
+        if pkt.op == VIRTIO_VSOCK_OP_RST:
+            self.stats["resets_sent"] += 1
+        self._send(pkt)
+
+    def _credit_update_due(self, sk: VsockSock) -> bool:
+        """Whether a dequeue should be followed by an explicit CREDIT_UPDATE (the policy)."""
+        if sk.state != SockState.ESTABLISHED or sk.released or sk.fwd_cnt == sk.last_fwd_cnt:
+            return False
+        if self.credit_policy == "every-read":
+            return True
+        free_space = sk.buf_alloc - ((sk.fwd_cnt - sk.last_fwd_cnt) & U32)
+        if free_space < VIRTIO_VSOCK_MAX_PKT_BUF_SIZE:
+            return True
+        return self.credit_policy == "rcvlowat" and sk.rx_bytes < sk.rcvlowat
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    @staticmethod
+    def _dequeue(sk: VsockSock, n: int) -> bytes:
+        out = []
+        want = n
+        q = sk.rx_queue
+        while want and q:
+            chunk = q[0]
+            off = sk.rx_off
+            avail = len(chunk) - off
+            if avail <= want:
+                out.append(chunk[off:] if off else chunk)
+                q.popleft()
+                sk.rx_off = 0
+                want -= avail
+            else:
+                out.append(chunk[off:off + want])
+                sk.rx_off = off + want
+                want = 0
+        data = out[0] if len(out) == 1 and type(out[0]) is bytes else b"".join(out)
+        sk.rx_bytes -= len(data)
+        return data
+
+    def _ephemeral_port(self) -> int:
+        # af_vsock __vsock_bind_connectible: a rolling counter above the reserved ports,
+        # skipping ports in use. Scanning len(bound)+1 candidates always finds a free one.
+        for _ in range(len(self.bound) + 1):
+            port = self._next_port
+            self._next_port = port + 1 if port + 1 < VMADDR_PORT_ANY else LAST_RESERVED_PORT + 1
+            if port not in self.bound:
+                return port
+        raise _oserror(errno.EADDRNOTAVAIL, "bind: no ephemeral port free")
+
+    def _unlink_connected(self, sk: VsockSock) -> None:
+        key = (sk.local_port, sk.remote_cid, sk.remote_port)
+        if self.connected.get(key) is sk:
+            del self.connected[key]
+
+    def _forget(self, sk: VsockSock) -> None:
+        """vsock_remove_sock: out of every table; close timeout cancelled."""
+        self._unlink_connected(sk)
+        if self.bound.get(sk.local_port) is sk:
+            del self.bound[sk.local_port]
+        self.lingering.discard(sk)
+        sk.close_deadline = None
+        if sk.parent is not None:
+            try:
+                sk.parent.accept_queue.remove(sk)
+            except ValueError:
+                pass
+            sk.parent = None
+
+    @staticmethod
+    def _check_open(sk: VsockSock) -> None:
+        if sk.released:
+            raise _oserror(errno.EBADF, "socket already released")
+
+
+# Per-state receive rules: (state, op) -> handler; a missing key falls to the state's default.
+_S = SockState
+_RECV_RULES: dict[tuple[SockState, int], Callable[[VsockCore, VsockSock, Packet], None]] = {
+    (_S.LISTEN, VIRTIO_VSOCK_OP_REQUEST): VsockCore._listen_request,
+    (_S.SYN_SENT, VIRTIO_VSOCK_OP_RESPONSE): VsockCore._connecting_response,
+    (_S.SYN_SENT, VIRTIO_VSOCK_OP_INVALID): VsockCore._ignore,
+    (_S.SYN_SENT, VIRTIO_VSOCK_OP_RST): VsockCore._connecting_rst,
+    (_S.ESTABLISHED, VIRTIO_VSOCK_OP_RW): VsockCore._enqueue,
+    (_S.ESTABLISHED, VIRTIO_VSOCK_OP_CREDIT_REQUEST): VsockCore._credit_request,
+    (_S.ESTABLISHED, VIRTIO_VSOCK_OP_CREDIT_UPDATE): VsockCore._credit_update,
+    (_S.ESTABLISHED, VIRTIO_VSOCK_OP_SHUTDOWN): VsockCore._peer_shutdown,
+    (_S.ESTABLISHED, VIRTIO_VSOCK_OP_RST): VsockCore._peer_reset,
+    (_S.CLOSING, VIRTIO_VSOCK_OP_RST): VsockCore._peer_reset,
+}
+_STATE_DEFAULT: dict[SockState, Callable[[VsockCore, VsockSock, Packet], None]] = {
+    _S.LISTEN: VsockCore._reset_reply,
+    _S.SYN_SENT: VsockCore._connecting_other,
+    _S.ESTABLISHED: VsockCore._ignore,
+    _S.CLOSING: VsockCore._ignore,
+    _S.CLOSE: VsockCore._reset_reply,
+}
+del _S
