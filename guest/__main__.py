@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
                         credit_policy=args.credit_policy, buf_size=args.buf_size,
                         connect_timeout=args.connect_timeout)
     vm = VM(opts)
+    import signal
+    for sig in (signal.SIGINT, signal.SIGTERM):   # a signal during boot still shuts down cleanly
+        signal.signal(sig, lambda *_: vm.stop_event.set())
     try:
         vm.boot()
     except BootError as e:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import select
-import signal
 import socket
 import threading
 import time
@@ -198,8 +197,6 @@ class VM:
 
     # --- run and shut down ------------------------------------------------------------------------
     def run(self) -> int:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: self.stop_event.set())
         while not self.stop_event.wait(0.5):
             pass
         log.info("guest %s: shutting down", self.opts.name)

@@ -150,6 +150,14 @@ def guest_recv_exact(h: Harness, sk, n: int) -> bytes:
     return buf
 
 
+def guest_try_recv(h: Harness, sk, n: int) -> bytes | None:
+    """One non-blocking recv in the guest: None when nothing is queued yet, b"" at EOF."""
+    try:
+        return h.guest(lambda c: c.recv(sk, n))
+    except BlockingIOError:
+        return None
+
+
 def guest_send_all(h: Harness, sk, data: bytes) -> None:
     off = 0
 
@@ -265,7 +273,7 @@ def test_half_close_from_host_then_guest_closes(harness):
     s.sendall(b"last words")
     s.shutdown(socket.SHUT_WR)
     assert guest_recv_exact(h, child, 10) == b"last words"
-    wait_for(lambda: h.guest(lambda c: c.recv(child, 10)) == b"", what="guest EOF")
+    wait_for(lambda: guest_try_recv(h, child, 10) == b"", what="guest EOF")
     guest_send_all(h, child, b"reply after EOF")           # the other direction still works
     assert recv_exact(s, 15) == b"reply after EOF"
     h.guest(lambda c: c.release(child))
@@ -347,3 +355,28 @@ def test_slow_unix_reader_holds_back_the_guest(harness):
     assert not sender.is_alive()
     assert h.bridge.stats["bytes_to_host"] == total
     conn.close()
+
+
+def test_connect_times_out_when_the_guest_does_not_answer(harness):
+    h = harness()
+    h.bridge.connect_timeout = 0.3
+    with h.glock:                                    # the guest is frozen: no RESPONSE, no RST
+        t0 = time.monotonic()
+        with pytest.raises(ConnectionRefusedError):
+            h.host.connect(GUEST_CID, 1234)
+        assert time.monotonic() - t0 < 3
+    assert h.bridge.stats["refused_in"] == 1
+    wait_for(lambda: not h.bridge.conns, what="connection forgotten")
+
+
+def test_device_reset_closes_bridged_connections_and_listener(harness, run_dir):
+    h = harness()
+    lst = guest_listen(h, 1234)
+    s = h.host.connect(GUEST_CID, 1234)
+    guest_accept(h, lst)
+    h.on_worker(h.dev.reset)
+    s.settimeout(TIMEOUT)
+    assert s.recv(10) == b""
+    assert not (run_dir / f"vsock-{GUEST_CID}.sock").exists()
+    assert h.dev.bridge is None and not h.dev.running
+    s.close()

@@ -8,7 +8,7 @@ one thread per connection (inetd's "nowait" mode):
     echo     RFC 862  send back every byte received, until the peer closes
     discard  RFC 863  read and throw away everything, until the peer closes
     chargen  RFC 864  send the rotating 72-character printable-ASCII line pattern until the
-                      peer closes (what the peer sends is ignored)
+                      peer closes (what the peer sends is thrown away)
 
 A service is named by a spec `name=port` ("echo=1234"; a bare name uses the RFC's port:
 echo 7, discard 9, chargen 19), parsed by `parse_service`. `Service.stop()` closes the listener
@@ -65,9 +65,23 @@ def _discard(conn, stop: threading.Event) -> None:
             return
 
 
+def _drain(conn) -> None:
+    """Read and throw away whatever the peer sent, without waiting."""
+    conn.setblocking(False)
+    try:
+        while conn.recv(RECV_SIZE):
+            pass
+    except BlockingIOError:
+        pass
+    finally:
+        conn.setblocking(True)
+
+
 def _chargen(conn, stop: threading.Event) -> None:
     # The pattern restarts cleanly every 95 lines, so the cycle can be sent as is.
+    # RFC 864: "any data received is thrown away" (so the peer's credit keeps flowing).
     while not stop.is_set():
+        _drain(conn)
         conn.sendall(CHARGEN_CYCLE)
 
 
@@ -96,10 +110,9 @@ def parse_service(spec: str) -> ServiceSpec:
     port_s = port_s.strip()
     if not port_s:
         raise ValueError(f"service spec {spec!r} has no port after '='")
-    try:
-        port = int(port_s, 10)
-    except ValueError:
-        raise ValueError(f"service port {port_s!r} in {spec!r} is not a decimal number") from None
+    if not (port_s.isascii() and port_s.isdigit()):
+        raise ValueError(f"service port {port_s!r} in {spec!r} is not a decimal number")
+    port = int(port_s, 10)
     if not 0 <= port < VMADDR_PORT_ANY:
         raise ValueError(f"service port {port} in {spec!r} is out of range 0..{VMADDR_PORT_ANY - 1}")
     return ServiceSpec(name, port)
@@ -108,7 +121,7 @@ def parse_service(spec: str) -> ServiceSpec:
 class Service:
     """One listening service: a listener thread and a thread per connection."""
 
-    def __init__(self, vsock, spec: ServiceSpec | str, *, backlog: int = 16):
+    def __init__(self, vsock, spec: ServiceSpec | str, *, backlog: int = 128):  # SOMAXCONN of the era
         if isinstance(spec, str):
             spec = parse_service(spec)
         self.spec = spec

@@ -1,0 +1,81 @@
+"""Programs the end-to-end tests run inside a guest with `python -m guest --run tests.guest_apps:NAME`.
+
+Each reads its parameters from VE_APP_* environment variables and writes one JSON result line to
+the file named by VE_APP_OUT, so the test (a different process) can check what happened inside.
+"""
+import errno
+import hashlib
+import json
+import os
+import threading
+
+
+def _out(result: dict) -> None:
+    path = os.environ["VE_APP_OUT"]
+    with open(path, "a") as f:
+        f.write(json.dumps(result) + "\n")
+
+
+def sha_client(vsock) -> None:
+    """Connect to the host (CID 2) port VE_APP_PORT, send VE_APP_BYTES random bytes, read the echo,
+    report both SHA-256 digests."""
+    port, n = int(os.environ["VE_APP_PORT"]), int(os.environ["VE_APP_BYTES"])
+    conns = int(os.environ.get("VE_APP_CONNS", "1"))
+
+    def one(i: int) -> None:
+        data = os.urandom(n)
+        try:
+            s = vsock.create_connection((2, port), timeout=30)
+            t = threading.Thread(target=s.sendall, args=(data,))
+            t.start()
+            h, got = hashlib.sha256(), 0
+            while got < n:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                h.update(chunk)
+                got += len(chunk)
+            t.join()
+            s.close()
+            _out({"i": i, "sent": hashlib.sha256(data).hexdigest(), "got": h.hexdigest(), "bytes": got})
+        except OSError as e:
+            _out({"i": i, "errno": e.errno, "error": str(e)})
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(conns)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def refused_client(vsock) -> None:
+    """Connect to a host port nobody listens on: expect ECONNREFUSED; then retry (vsock_test 31)."""
+    port = int(os.environ["VE_APP_PORT"])
+    results = []
+    for _ in range(2):
+        s = vsock.socket()
+        try:
+            s.settimeout(10)
+            s.connect((2, port))
+            results.append(0)
+        except OSError as e:
+            results.append(e.errno)
+        finally:
+            s.close()
+    _out({"errnos": results, "ECONNREFUSED": errno.ECONNREFUSED})
+
+
+def hold_conn(vsock) -> None:
+    """Connect to the host, report "connected", then block in recv until the connection breaks."""
+    port = int(os.environ["VE_APP_PORT"])
+    s = vsock.create_connection((2, port), timeout=30)
+    s.settimeout(None)
+    _out({"state": "connected"})
+    try:
+        while s.recv(4096):
+            pass
+        _out({"state": "eof"})
+    except OSError as e:
+        _out({"state": "error", "errno": e.errno})
+    finally:
+        s.close()
