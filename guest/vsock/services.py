@@ -221,6 +221,10 @@ class UserTask(threading.Thread):
         self.result = None
         self.error: BaseException | None = None
 
+    def stop(self, timeout: float = 0.0) -> None:
+        """A user function cannot be interrupted; wait up to `timeout` for it (it is a daemon)."""
+        self.join(timeout)
+
     def run(self) -> None:
         try:
             fn = resolve_function(self.target_spec)

@@ -217,9 +217,9 @@ class VsockSocket:
         cid, port = _addr(address)
         with self._kernel.lock:
             self._check()
+            if not self._transport.probed:
+                raise _err(errno.ENODEV, "connect: the virtio-vsock device is gone")
             sk = self._sk
-            if sk.state == SockState.SYN_SENT and self._timeout != 0.0:
-                raise _err(errno.EALREADY, "connect already in progress")
             if self._connect_pending and sk.state != SockState.SYN_SENT:
                 # the outcome of an earlier non-blocking connect is reported once
                 self._connect_pending = False
@@ -264,11 +264,19 @@ class VsockSocket:
     # --- data ---------------------------------------------------------------------------------
     def send(self, data) -> int:
         """vsock_stream_sendmsg: queue as much as the peer's credit allows; wait for credit."""
+        return self._send(memoryview(data).cast("B"), self._deadline(self._timeout))
+
+    def sendall(self, data) -> None:
         mv = memoryview(data).cast("B")
+        deadline = self._deadline(self._timeout)     # one deadline for the whole call
+        off = 0
+        while off < len(mv):
+            off += self._send(mv[off:], deadline)
+
+    def _send(self, mv: memoryview, deadline: float | None) -> int:
         with self._kernel.lock:
             self._check()
             sk = self._sk
-            deadline = self._deadline(self._timeout)
             while True:
                 n = self._core.send(sk, mv)     # EPIPE, the socket error, ENOTCONN
                 if n or not len(mv):
@@ -279,23 +287,6 @@ class VsockSocket:
                 if not self._wait(lambda: self._core.writable(sk), deadline):
                     raise _err(errno.ETIMEDOUT, "send timed out")
                 self._check()
-
-    def sendall(self, data) -> None:
-        mv = memoryview(data).cast("B")
-        deadline = self._deadline(self._timeout) if self._timeout else None
-        off = 0
-        while off < len(mv):
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise _err(errno.ETIMEDOUT, "sendall timed out")
-                saved, self._timeout = self._timeout, left
-                try:
-                    off += self.send(mv[off:])
-                finally:
-                    self._timeout = saved
-            else:
-                off += self.send(mv[off:])
 
     def recv(self, bufsize: int) -> bytes:
         """vsock_stream_recvmsg: up to bufsize bytes; b"" at end of stream."""

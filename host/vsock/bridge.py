@@ -205,19 +205,19 @@ class VsockBridge:
         nl = c.line.find(b"\n")
         if nl < 0:
             if len(c.line) >= MAX_CONNECT_LINE:
-                self._malformed(c)
+                self._malformed(c, c.line)
             return
         line, c.to_guest = c.line[:nl], c.line[nl + 1:]   # bytes after the line are stream data
         c.line = b""
         port = parse_connect(line, self.dialect)
         if port is None:
-            self._malformed(c)
+            self._malformed(c, line)
             return
         self._connect(c, port)
 
-    def _malformed(self, c: BridgeConn) -> None:
+    def _malformed(self, c: BridgeConn, line: bytes) -> None:
         self.stats["malformed"] += 1
-        log.info("vsock bridge %s: malformed CONNECT line %r", self.path, c.line[:MAX_CONNECT_LINE])
+        log.info("vsock bridge %s: malformed CONNECT line %r", self.path, line[:MAX_CONNECT_LINE])
         self._close(c)
 
     def alloc_host_port(self) -> int:
