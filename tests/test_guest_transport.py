@@ -336,6 +336,24 @@ def test_one_device_per_guest():
     again.remove()
 
 
+def test_failed_probe_gives_everything_back():
+    ram = GuestRAM("unused", 1 << 20, buf=bytearray(1 << 20))
+    kernel = FakeKernel()
+    vdev = FakeVdev(ram)
+
+    def refuse():
+        raise OSError(errno.EIO, "device refused DRIVER_OK")
+    vdev.driver_ok = refuse
+    t = VirtioVsockTransport(kernel, vdev, ram)
+    with pytest.raises(OSError):
+        t.probe()
+    assert ram.alloc.in_use == 0 and not t.probed and vdev.vqs == []
+    ok = VirtioVsockTransport(kernel, FakeVdev(ram), ram)      # the slot is free again
+    ok.probe()
+    ok.remove()
+    assert ram.alloc.in_use == 0
+
+
 # --- connections -------------------------------------------------------------------------------
 def test_guest_connects_to_host_and_data_flows_both_ways(env):
     gsk, hsk = connected_pair(env)

@@ -21,7 +21,9 @@ seconds with TimeoutError (errno ETIMEDOUT). A blocking connect waits the socket
 `connect_timeout` (2 s, af_vsock's VSOCK_DEFAULT_CONNECT_TIMEOUT) when none is set; on expiry the
 core's connect_timeout moves the socket to CLOSE and the transport's cancel_pkt drops its queued
 REQUEST (vsock_connect_timeout). close() is release(): the core lingers with SHUTDOWN and a close
-timeout, which a kernel timer (call_later + core.tick) enforces.
+timeout, which a kernel timer (call_later + core.tick) enforces. close() calls the transport's
+cancel_pkt only for a socket still connecting (af_vsock cancels on an abandoned connect): an
+established socket's queued data and SHUTDOWN must still reach the peer.
 
 Errors are OSError with af_vsock's errno (Python maps them to ConnectionRefusedError,
 ConnectionResetError, TimeoutError, BlockingIOError, BrokenPipeError...).

@@ -149,23 +149,41 @@ class VirtioVsockTransport:
             self.features = self.vdev.probe(bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_RING_F_EVENT_IDX))
             self.vqs = list(self.vdev.find_vqs([self.rx_done, self.tx_done, self.event_done],
                                                list(self.queue_sizes)))
-            if len(self.vqs) != VSOCK_VQ_MAX:
-                self.vdev.del_vqs()
-                raise OSError(errno.ENODEV, f"virtio-vsock needs {VSOCK_VQ_MAX} virtqueues")
-            self.update_guest_cid()
-            self.core = VsockCore(self.guest_cid, self.send_pkt, buf_size=self.buf_size,
-                                  credit_policy=self.credit_policy)
-            _the_virtio_vsock[self.kernel] = self
-            self.probed = True
-            self.rx_buf_nr = 0
-            self.rx_buf_max_nr = 0
-            self.queued_replies = 0
-            self.rx_run = True
-            self.rx_fill()
-            self.tx_run = True
-            self.event_run = True
-            self.event_fill()
-            self.vdev.driver_ok()
+            try:
+                if len(self.vqs) != VSOCK_VQ_MAX:
+                    raise OSError(errno.ENODEV, f"virtio-vsock needs {VSOCK_VQ_MAX} virtqueues")
+                self.update_guest_cid()
+                self.core = VsockCore(self.guest_cid, self.send_pkt, buf_size=self.buf_size,
+                                      credit_policy=self.credit_policy)
+                _the_virtio_vsock[self.kernel] = self
+                self.probed = True
+                self.rx_buf_nr = 0
+                self.rx_buf_max_nr = 0
+                self.queued_replies = 0
+                self.rx_run = True
+                self.rx_fill()
+                self.tx_run = True
+                self.event_run = True
+                self.event_fill()
+                self.vdev.driver_ok()
+            except BaseException:
+                # out_vqs: give back what we took; the device never went live
+                self.rx_run = self.tx_run = self.event_run = False
+                self._cancel_retries()
+                self.probed = False
+                if _the_virtio_vsock.get(self.kernel) is self:
+                    del _the_virtio_vsock[self.kernel]
+                for vq in self.vqs:
+                    while (tok := vq.detach_unused_buf()) is not None:
+                        self._free_token(tok)
+                self.rx_buf_nr = 0
+                self.event_list.clear()
+                self.vqs = []
+                try:
+                    self.vdev.del_vqs()
+                except Exception:
+                    log.exception("virtio-vsock: del_vqs after a failed probe")
+                raise
             # Packets queued before the device was up go out now.
             self.kernel.queue_work(self.send_pkt_work)
 
@@ -178,10 +196,7 @@ class VirtioVsockTransport:
             if self.core is not None:
                 self.core.reset_connected(errno.ECONNRESET)
             self.rx_run = self.tx_run = self.event_run = False
-            for h in (self._rx_retry, self._tx_retry):
-                if h is not None:
-                    h.cancel()
-            self._rx_retry = self._tx_retry = None
+            self._cancel_retries()
             try:
                 self.vdev.reset()
             except Exception:  # a gone host must not keep us from freeing our own memory
@@ -479,6 +494,12 @@ class VirtioVsockTransport:
         except Exception:  # capture is best effort (vsock_deliver_tap)
             log.exception("virtio-vsock: capture failed; disabling it")
             self.capture = None
+
+    def _cancel_retries(self) -> None:
+        for h in (self._rx_retry, self._tx_retry):
+            if h is not None:
+                h.cancel()
+        self._rx_retry = self._tx_retry = None
 
     def _retry_rx(self) -> None:
         if self._rx_retry is None and self.rx_run:
