@@ -107,3 +107,30 @@ def test_sigkill_host_guest_reconnects(cluster):
     assert g.wait_log("lost the host", 10)
     cluster.host()
     assert g.wait_log("reconnected to the host", 20), g.text()
+
+
+def test_hostile_control_clients_do_not_disturb_guests(cluster):
+    import socket as so
+
+    import msgpack
+    cluster.host()
+    g = cluster.guest(3)
+    for payload in [b"\xc1\xc1garbage", msgpack.packb({"op": "SET_OWNER", "seq": 1}),
+                    msgpack.packb([1, 2, 3]), msgpack.packb({"op": "HELLO", "seq": 1, "version": 1,
+                                                             "device": "vsock", "guest": "x",
+                                                             "reconnect": False, "params": {"cid": 2}})]:
+        s = so.socket(so.AF_UNIX, so.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(str(cluster.run_dir / "control.sock"))
+        s.sendall(payload)
+        data = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        s.close()
+        rep = msgpack.unpackb(data)
+        assert rep["ok"] is False and rep["error"] and rep["message"]
+    assert g.p.poll() is None
+    cluster.guest(4)                           # the host still serves new guests
