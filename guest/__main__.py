@@ -7,6 +7,7 @@ import re
 import sys
 from pathlib import Path
 
+from shared.cli import add_common, queue_size, setup_logging
 from shared.constants import RESERVED_CIDS
 from shared.resources import default_run_dir
 
@@ -41,16 +42,6 @@ def parse_service(text: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def parse_queue_size(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"queue size {text!r} is not a number") from None
-    if n < 2 or n > 32768 or n & (n - 1):
-        raise argparse.ArgumentTypeError(f"queue size {n} is not a power of 2 in 2..32768")
-    return n
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m guest",
@@ -70,26 +61,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "(repeatable)")
     p.add_argument("--pcap", type=Path, default=None,
                    help="record every vsock packet the guest sends or receives (vsockmon pcap)")
-    p.add_argument("--queue-size", type=parse_queue_size, default=128, metavar="N",
+    p.add_argument("--queue-size", type=queue_size, default=128, metavar="N",
                    help="rx and tx virtqueue size (power of 2; default 128)")
-    p.add_argument("--credit-policy", choices=("every-read", "low-space"), default="every-read",
-                   help="CREDIT_UPDATE after every read (2016-17 seeds) or when free space < 64 KiB")
     p.add_argument("--buf-size", type=int, default=256 * 1024, metavar="BYTES",
                    help="default vsock socket receive buffer (SO_VM_SOCKETS_BUFFER_SIZE; default 262144)")
     p.add_argument("--connect-timeout", type=float, default=5.0, metavar="SECONDS",
                    help="how long to wait for the host at boot (default 5)")
-    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-                   help="logging level (default INFO)")
+    add_common(p, "CREDIT_UPDATE after every read (2016-17 seeds) or when free space < 64 KiB")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.queue_size < 2:
+        print("guest: --queue-size must be at least 2 (an rx buffer takes two descriptors)", file=sys.stderr)
+        return 2
     if not 128 <= args.buf_size <= 0xFFFFFFFF:
         print(f"guest: --buf-size {args.buf_size} is out of range (128..4294967295)", file=sys.stderr)
         return 2
-    logging.basicConfig(level=args.log_level,
-                        format="%(asctime)s guest[%(process)d] %(levelname)s %(name)s: %(message)s")
+    setup_logging("guest", args.log_level)
     from guest.vm import VM, BootError, GuestOptions
     opts = GuestOptions(run_dir=args.run_dir or default_run_dir(), cid=args.cid,
                         name=args.name or f"guest-{args.cid}", mem=args.mem, services=args.service,

@@ -1,0 +1,30 @@
+"""Command-line pieces both `python -m host` and `python -m guest` use."""
+from __future__ import annotations
+
+import argparse
+import logging
+
+CREDIT_POLICIES = ("every-read", "low-space")
+
+
+def queue_size(text: str) -> int:
+    """argparse type: a virtqueue size, a power of 2 in 1..32768 (spec 2.7)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"queue size {text!r} is not a number") from None
+    if n < 1 or n > 32768 or n & (n - 1):
+        raise argparse.ArgumentTypeError(f"queue size {n} is not a power of 2 in 1..32768")
+    return n
+
+
+def add_common(p: argparse.ArgumentParser, credit_help: str) -> None:
+    """--credit-policy and --log-level, spelled the same on both sides."""
+    p.add_argument("--credit-policy", choices=CREDIT_POLICIES, default="every-read", help=credit_help)
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                   help="logging level (default INFO)")
+
+
+def setup_logging(role: str, level: str) -> None:
+    logging.basicConfig(level=level,
+                        format=f"%(asctime)s {role}[%(process)d] %(levelname)s %(name)s: %(message)s")
