@@ -13,11 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -29,8 +26,7 @@ from rich.table import Table
 
 from host.vsock.api import VsockHost
 from shared.stats import read_all
-
-ROOT = Path(__file__).resolve().parent.parent
+from tools.launch import start, stop_all, wait_for_log
 SIZES = [64, 4096, 65536, 1 << 20]
 TOTAL = {64: 2 << 20, 4096: 32 << 20, 65536: 64 << 20, 1 << 20: 64 << 20}
 
@@ -65,6 +61,13 @@ def device_counters(run_dir: Path) -> dict:
         if d.get("role") == "device":
             return d.get("stats", {})
     return {}
+
+
+def per_packet(c0: dict, c1: dict) -> tuple[float, float]:
+    """Kicks and interrupts per packet (both directions) between two device stats snapshots."""
+    d = {k: c1.get(k, 0) - c0.get(k, 0) for k in ("kicks", "interrupts", "rx_packets", "tx_packets")}
+    pk = max(1, d["rx_packets"] + d["tx_packets"])
+    return d["kicks"] / pk, d["interrupts"] / pk
 
 
 def host_to_guest(run_dir: Path, cid: int, size: int, total: int) -> float:
@@ -108,15 +111,6 @@ def guest_to_host_listener(path: Path, results: list, count: int) -> socket.sock
     return srv
 
 
-def wait_for(path: Path, needle: str, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if path.exists() and needle in path.read_text(errors="replace"):
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.bench_vsock", description=__doc__.splitlines()[0])
     p.add_argument("--credit-policy", choices=("every-read", "low-space"), default="every-read")
@@ -129,27 +123,24 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     tmp = Path(tempfile.mkdtemp(prefix="ve-bench-"))
     run_dir = tmp / "run"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
     procs = []
     rows = []
     try:
-        procs.append(subprocess.Popen([sys.executable, "-m", "host", "--run-dir", str(run_dir),
-                                       "--credit-policy", args.credit_policy],
-                                      stdout=open(tmp / "host.log", "wb"), stderr=subprocess.STDOUT, env=env))
-        if not wait_for(tmp / "host.log", "host listening", 20):
+        procs.append(start(["-m", "host", "--run-dir", str(run_dir), "--credit-policy", args.credit_policy],
+                           tmp / "host.log"))
+        if not wait_for_log(tmp / "host.log", "host listening", 20):
             console.print("host did not start")
             return 1
         listen_path = run_dir / "vsock-3.sock_7000"
         g2h: list = []
         srv = guest_to_host_listener(listen_path, g2h, len(SIZES))
         totals = {s: max(s, int(TOTAL[s] * args.scale) // s * s) for s in SIZES}
-        env_g = dict(env, VE_BENCH_PORT="7000",
-                     VE_BENCH_PLAN=json.dumps([[s, totals[s]] for s in SIZES]), VE_BENCH_GO=str(tmp / "go"))
-        procs.append(subprocess.Popen([sys.executable, "-m", "guest", "--run-dir", str(run_dir), "--cid", "3",
-                                       "--mem", "64M", "--service", "discard=9", "--credit-policy",
-                                       args.credit_policy, "--run", "tools.bench_apps:sender"],
-                                      stdout=open(tmp / "guest.log", "wb"), stderr=subprocess.STDOUT, env=env_g))
-        if not wait_for(tmp / "guest.log", "vsock device ready", 30):
+        procs.append(start(["-m", "guest", "--run-dir", str(run_dir), "--cid", "3", "--mem", "64M",
+                            "--service", "discard=9", "--credit-policy", args.credit_policy,
+                            "--run", "tools.bench_apps:sender"], tmp / "guest.log",
+                           VE_BENCH_PORT="7000", VE_BENCH_GO=str(tmp / "go"),
+                           VE_BENCH_PLAN=json.dumps([[s, totals[s]] for s in SIZES])))
+        if not wait_for_log(tmp / "guest.log", "vsock device ready", 30):
             console.print("guest did not boot")
             return 1
         time.sleep(0.5)
@@ -158,11 +149,9 @@ def main(argv: list[str] | None = None) -> int:
             c0 = device_counters(run_dir)
             h2g = host_to_guest(run_dir, 3, size, totals[size])
             time.sleep(0.6)
-            c1 = device_counters(run_dir)
-            pk = max(1, c1.get("rx_packets", 0) - c0.get("rx_packets", 0) + c1.get("tx_packets", 0) - c0.get("tx_packets", 0))
+            kicks, irqs = per_packet(c0, device_counters(run_dir))
             rows.append({"direction": "host->guest", "write": size, "MB/s": h2g, "socketpair MB/s": base,
-                         "kicks/pkt": (c1.get("kicks", 0) - c0.get("kicks", 0)) / pk,
-                         "irqs/pkt": (c1.get("interrupts", 0) - c0.get("interrupts", 0)) / pk})
+                         "kicks/pkt": kicks, "irqs/pkt": irqs})
         # guest -> host: the guest app starts when the go file appears, one connection per size
         c0 = device_counters(run_dir)
         (tmp / "go").write_text("go")
@@ -170,21 +159,14 @@ def main(argv: list[str] | None = None) -> int:
         while len(g2h) < len(SIZES) and time.monotonic() < end:
             time.sleep(0.1)
         time.sleep(0.6)
-        c1 = device_counters(run_dir)
-        pk = max(1, c1.get("rx_packets", 0) - c0.get("rx_packets", 0) + c1.get("tx_packets", 0) - c0.get("tx_packets", 0))
+        kicks, irqs = per_packet(c0, device_counters(run_dir))
         for size, (got, dt) in zip(SIZES, g2h):
             rows.append({"direction": "guest->host", "write": size, "MB/s": got / dt / 1e6,
                          "socketpair MB/s": socketpair_mbps(size, totals[size]),
-                         "kicks/pkt": (c1.get("kicks", 0) - c0.get("kicks", 0)) / pk,
-                         "irqs/pkt": (c1.get("interrupts", 0) - c0.get("interrupts", 0)) / pk})
+                         "kicks/pkt": kicks, "irqs/pkt": irqs})
         srv.close()
     finally:
-        for pr in reversed(procs):
-            pr.send_signal(signal.SIGTERM)
-            try:
-                pr.wait(20)
-            except subprocess.TimeoutExpired:
-                pr.kill()
+        stop_all(procs, 20)
         shutil.rmtree(tmp, ignore_errors=True)
     t = Table(title=f"one vsock stream vs socketpair (credit policy {args.credit_policy})")
     for col in ("direction", "write", "vsock MB/s", "socketpair MB/s", "ratio", "kicks/pkt", "irqs/pkt"):

@@ -13,8 +13,6 @@ import argparse
 import hashlib
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -28,9 +26,8 @@ from rich.table import Table
 from host.vsock.api import VsockHost
 from shared.resources import ours_in_dev_shm, run_tag
 from shared.stats import read_all
+from tools.launch import start, stop_all, wait_for_log
 from tools.monitor import render
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 class Traffic:
@@ -89,21 +86,6 @@ def chargen_check(run_dir: Path, cid: int, traffic: Traffic) -> None:
         traffic.errors.append(f"cid {cid}: chargen: {e}")
 
 
-def start(args: list[str], log: Path) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.Popen([sys.executable, *args], stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                            env=env, cwd=ROOT)
-
-
-def wait_for(path: Path, needle: str, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if path.exists() and needle in path.read_text(errors="replace"):
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.demo", description=__doc__.splitlines()[0])
     p.add_argument("--guests", type=int, default=3, help="number of guests (default 3)")
@@ -117,14 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     run_dir = Path(tempfile.mkdtemp(prefix="ve-demo-")) / "run"
     logs = run_dir.parent
-    procs: list[subprocess.Popen] = []
+    procs: list = []
     traffic = Traffic()
     ok = False
     try:
         console.print(f"[bold]virtio-emu demo[/]: run dir {run_dir}")
         host = start(["-m", "host", "--run-dir", str(run_dir)], logs / "host.log")
         procs.append(host)
-        if not wait_for(logs / "host.log", "host listening", 20):
+        if not wait_for_log(logs / "host.log", "host listening", 20):
             console.print("[red]host did not start[/]; see", logs / "host.log")
             return 1
         cids = list(range(3, 3 + args.guests))
@@ -133,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "--service", "echo=7", "--service", "discard=9", "--service", "chargen=19"],
                                logs / f"guest-{cid}.log"))
         for cid in cids:
-            if not wait_for(logs / f"guest-{cid}.log", "vsock device ready", 30):
+            if not wait_for_log(logs / f"guest-{cid}.log", "vsock device ready", 30):
                 console.print(f"[red]guest {cid} did not boot[/]; see", logs / f"guest-{cid}.log")
                 return 1
         console.print(f"host and {len(cids)} guests up; traffic for {args.seconds:.0f} s")
@@ -166,19 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"[red]error[/]: {e}")
         ok = not traffic.errors and all(traffic.echoed.get(c, 0) > 0 for c in cids)
     finally:
-        for pr in procs[1:]:
-            pr.send_signal(signal.SIGTERM)
-        for pr in procs[1:]:
-            try:
-                pr.wait(15)
-            except subprocess.TimeoutExpired:
-                pr.kill()
-        if procs:
-            procs[0].send_signal(signal.SIGTERM)
-            try:
-                procs[0].wait(15)
-            except subprocess.TimeoutExpired:
-                procs[0].kill()
+        stop_all(procs)
         leaked = [n for n in ours_in_dev_shm() if run_tag(run_dir) in n]
         if leaked:
             console.print(f"[red]leaked[/]: {leaked}")
