@@ -177,39 +177,7 @@ class VhostVirtqueue:
 
         # Pass 1: structure. Each descriptor is copied out once (one unpack) and validated.
         segs: list[tuple[int, int, bool, int]] = []     # (addr, len, writable, where)
-        total = 0
-        seen_write = False
-        dv = self._dv
-        i = head
-        found = 0
-        while True:
-            if i >= num:
-                # B.5 rule 4
-                raise VringError(4, f"Desc index is {i} > {num}, head = {head}")
-            found += 1
-            if found > num:
-                # B.5 rule 5
-                raise VringError(5, f"Loop detected: last one at {i} vq size {num} head {head}")
-            addr, ln, flags, nxt = _unpack_desc(dv, i << 4)
-            if flags & VRING_DESC_F_INDIRECT:
-                total, seen_write = self._get_indirect(mem, i, addr, ln, flags, segs, total,
-                                                       seen_write)
-            else:
-                if flags & VRING_DESC_F_WRITE:
-                    seen_write = True
-                    segs.append((addr, ln, True, i))
-                else:
-                    if seen_write:
-                        # B.5 rule 10 (spec 2.7.4.2: readable descriptors come first)
-                        raise VringError(10, f"Descriptor has out after in: idx {i}")
-                    segs.append((addr, ln, False, i))
-                total += ln
-                if total > _U32:
-                    # B.5 rule 12
-                    raise VringError(12, f"chain length {total} exceeds 2^32 - 1 bytes, head {head}")
-            if not flags & VRING_DESC_F_NEXT:
-                break
-            i = nxt
+        self._walk(mem, self._dv, head, num, segs, 0, False, None)
 
         # Pass 2: memory. Translate every buffer into guest-memory views (B.5 rule 11).
         out: list[memoryview] = []
@@ -229,6 +197,45 @@ class VhostVirtqueue:
                 out_len += ln
         self._last_avail = (last + 1) & _U16
         return DescChain(head, out, in_, out_len, in_len)
+
+    def _walk(self, mem, table, i: int, bound: int, segs: list, total: int, seen_write: bool,
+              indirect_at: int | None) -> tuple[int, bool]:
+        """Walk one chain through `table` (the ring's descriptor table, or a copied-out indirect
+        table when indirect_at is the index of the descriptor that points to it), appending
+        (addr, len, writable, where) to segs. Returns (total bytes, seen a writable buffer)."""
+        head = i
+        found = 0
+        while True:
+            if i >= bound:
+                # B.5 rule 4 (an indirect table is bounded by its own length)
+                raise VringError(4, f"Desc index is {i} > {bound}, head = {head}" if indirect_at is None
+                                 else f"Desc index is {i} > {bound} in indirect table, desc {indirect_at}")
+            found += 1
+            if found > bound:
+                # B.5 rule 5 (ring) / rule 9 (inside an indirect table)
+                if indirect_at is None:
+                    raise VringError(5, f"Loop detected: last one at {i} vq size {bound} head {head}")
+                raise VringError(9, f"Loop detected: last one at {i} indirect size {bound}")
+            addr, ln, flags, nxt = _unpack_desc(table, i << 4)
+            if flags & VRING_DESC_F_INDIRECT:
+                if indirect_at is not None:
+                    # B.5 rule 8
+                    raise VringError(8, f"Nested indirect descriptor: idx {i}, in table of desc {indirect_at}")
+                total, seen_write = self._get_indirect(mem, i, addr, ln, flags, segs, total, seen_write)
+            else:
+                if flags & VRING_DESC_F_WRITE:
+                    seen_write = True
+                elif seen_write:
+                    # B.5 rule 10 (spec 2.7.4.2: readable descriptors come first)
+                    raise VringError(10, f"Descriptor has out after in: idx {i}")
+                segs.append((addr, ln, bool(flags & VRING_DESC_F_WRITE), i))
+                total += ln
+                if total > _U32:
+                    # B.5 rule 12
+                    raise VringError(12, f"chain length {total} exceeds 2^32 - 1 bytes, head {head}")
+            if not flags & VRING_DESC_F_NEXT:
+                return total, seen_write
+            i = nxt
 
     def _get_indirect(self, mem, i, addr, ln, flags, segs, total, seen_write):
         """get_indirect: walk one indirect table; its own WRITE bit is ignored (spec 2.7.5.3.2)."""
@@ -251,35 +258,7 @@ class VhostVirtqueue:
         except GuestMemoryError as exc:
             raise VringError(11, f"Translation failure -EFAULT in indirect: {exc}") from None
         table = b"".join(parts) if len(parts) > 1 else bytes(parts[0])
-        j = 0
-        found = 0
-        while True:
-            if j >= count:
-                # B.5 rule 4, bounded by the table instead of N
-                raise VringError(4, f"Desc index is {j} > {count} in indirect table, desc {i}")
-            found += 1
-            if found > count:
-                # B.5 rule 9
-                raise VringError(9, f"Loop detected: last one at {j} indirect size {count}")
-            a, n, f, nxt = _unpack_desc(table, j << 4)
-            if f & VRING_DESC_F_INDIRECT:
-                # B.5 rule 8
-                raise VringError(8, f"Nested indirect descriptor: idx {j}, {addr + 16 * j:#x}")
-            if f & VRING_DESC_F_WRITE:
-                seen_write = True
-                segs.append((a, n, True, j))
-            else:
-                if seen_write:
-                    # B.5 rule 10
-                    raise VringError(10, f"Indirect descriptor has out after in: idx {j}")
-                segs.append((a, n, False, j))
-            total += n
-            if total > _U32:
-                # B.5 rule 12
-                raise VringError(12, f"chain length {total} exceeds 2^32 - 1 bytes (indirect)")
-            if not f & VRING_DESC_F_NEXT:
-                return total, seen_write
-            j = nxt
+        return self._walk(mem, table, 0, count, segs, total, seen_write, i)
 
     def discard_vq_desc(self, n: int) -> None:
         """vhost_discard_vq_desc: un-pop the last n chains (they will be returned again)."""
