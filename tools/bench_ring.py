@@ -201,25 +201,21 @@ def _pipe_echo(conn):
         conn.send_bytes(m)
 
 
-def bench_socketpair(seconds: float) -> dict:
-    ctx = mp.get_context("fork")
-    a, b = socket.socketpair()
-    child = ctx.Process(target=_sock_echo, args=(b,), name="bench-sock")
+def _ping_pong(seconds: float, echo, a, b, one_round_trip, finish=None) -> dict:
+    """Run `echo(b)` in a forked child and time `one_round_trip()` for `seconds`."""
+    child = mp.get_context("fork").Process(target=echo, args=(b,), name=f"bench-{echo.__name__}")
     child.start()
     b.close()
-    msg = b"x" * PAYLOAD
     rt = 0
     try:
-        t0 = time.perf_counter()
+        t0 = now = time.perf_counter()
         end = t0 + seconds
-        now = t0
         while now < end:
-            a.sendall(msg)
-            got = 0
-            while got < PAYLOAD:
-                got += len(a.recv(PAYLOAD - got))
+            one_round_trip()
             rt += 1
             now = time.perf_counter()
+        if finish is not None:
+            finish()
         return {"rt_s": rt / (now - t0), "rt": rt}
     finally:
         a.close()
@@ -227,33 +223,28 @@ def bench_socketpair(seconds: float) -> dict:
         if child.is_alive():
             child.kill()
             child.join()
+
+
+def bench_socketpair(seconds: float) -> dict:
+    a, b = socket.socketpair()
+    msg = b"x" * PAYLOAD
+
+    def one() -> None:
+        a.sendall(msg)
+        got = 0
+        while got < PAYLOAD:
+            got += len(a.recv(PAYLOAD - got))
+    return _ping_pong(seconds, _sock_echo, a, b, one)
 
 
 def bench_pipe(seconds: float) -> dict:
-    ctx = mp.get_context("fork")
-    a, b = ctx.Pipe()
-    child = ctx.Process(target=_pipe_echo, args=(b,), name="bench-pipe")
-    child.start()
-    b.close()
+    a, b = mp.get_context("fork").Pipe()
     msg = b"x" * PAYLOAD
-    rt = 0
-    try:
-        t0 = time.perf_counter()
-        end = t0 + seconds
-        now = t0
-        while now < end:
-            a.send_bytes(msg)
-            a.recv_bytes()
-            rt += 1
-            now = time.perf_counter()
-        a.send_bytes(b"")
-        return {"rt_s": rt / (now - t0), "rt": rt}
-    finally:
-        a.close()
-        child.join(5)
-        if child.is_alive():
-            child.kill()
-            child.join()
+
+    def one() -> None:
+        a.send_bytes(msg)
+        a.recv_bytes()
+    return _ping_pong(seconds, _pipe_echo, a, b, one, finish=lambda: a.send_bytes(b""))
 
 
 # --- report ---------------------------------------------------------------------------------------
