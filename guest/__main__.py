@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rx and tx virtqueue size (power of 2; default 128)")
     p.add_argument("--buf-size", type=int, default=256 * 1024, metavar="BYTES",
                    help="default vsock socket receive buffer (SO_VM_SOCKETS_BUFFER_SIZE; default 262144)")
+    p.add_argument("--rx-buf-size", type=int, default=64 * 1024, metavar="BYTES",
+                   help="payload bytes of each posted rx buffer (default 65536; the 2016-17 seeds "
+                        "post 4096)")
     p.add_argument("--connect-timeout", type=float, default=5.0, metavar="SECONDS",
                    help="how long to wait for the host at boot (default 5)")
     add_common(p, "CREDIT_UPDATE after every read (2016-17 seeds) or when free space < 64 KiB")
@@ -79,12 +82,16 @@ def main(argv: list[str] | None = None) -> int:
     if not 128 <= args.buf_size <= 0xFFFFFFFF:
         print(f"guest: --buf-size {args.buf_size} is out of range (128..4294967295)", file=sys.stderr)
         return 2
+    if not 64 <= args.rx_buf_size <= 64 * 1024:
+        print(f"guest: --rx-buf-size {args.rx_buf_size} is out of range (64..65536)", file=sys.stderr)
+        return 2
     setup_logging("guest", args.log_level)
     from guest.vm import VM, BootError, GuestOptions
     opts = GuestOptions(run_dir=args.run_dir or default_run_dir(), cid=args.cid,
                         name=args.name or f"guest-{args.cid}", mem=args.mem, services=args.service,
                         run=args.run, pcap=args.pcap, queue_size=args.queue_size,
                         credit_policy=args.credit_policy, buf_size=args.buf_size,
+                        rx_buf_size=args.rx_buf_size, poll_us=args.poll_us,
                         connect_timeout=args.connect_timeout)
     vm = VM(opts)
     import signal

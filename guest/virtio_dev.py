@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from functools import partial
 from typing import Callable
 
 from shared.constants import (VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER,
@@ -45,7 +46,7 @@ from shared.ring_layout import used_idx_addr
 from .control_client import ControlClient
 
 log = logging.getLogger(__name__)
-IRQ_POLL = 0.2          # seconds an interrupt thread waits before looking at stop_event
+IRQ_POLL = 0.2          # seconds the err watcher waits between looks
 
 
 class ProbeError(ControlError):
@@ -89,6 +90,9 @@ class VirtioDevice:
         self.on_error: Callable[[int, int], None] | None = None   # (queue, status) after an err ring
         self._mem_table_sent = False
         self._threads: list[threading.Thread] = []
+        self._irq_threads: list = []           # engine doorbell threads, one per call doorbell
+        self._engine = None
+        self._own_engine = None
         self.log = logging.getLogger(f"{__name__}.{guest_name}.{device}")
 
     # --- connection ----------------------------------------------------------------------------
@@ -272,38 +276,45 @@ class VirtioDevice:
         self.kicks[vq.index] += 1
 
     # --- interrupts ------------------------------------------------------------------------------
-    def start_irq_threads(self, stop_event: threading.Event) -> list[threading.Thread]:
-        """One daemon thread per queue with a callback (waits on its call doorbell), plus one that
-        watches the err doorbells. They exit soon after stop_event is set."""
+    def start_irq_threads(self, stop_event: threading.Event, engine=None, poll=None) -> list:
+        """Interrupts: each queue with a callback gets a doorbell thread of `engine` (the guest
+        kernel's; a private one if None) that runs the callback itself when the call doorbell
+        rings, with the engine's lock held (vring_interrupt); `poll(qidx)` may give the PollOps
+        for busy-polling a queue (shared/engine.py). One more thread watches the err doorbells.
+        They exit soon after stop_event is set and join_irq_threads() is called."""
+        from shared.engine import Engine
+        if engine is None:
+            engine = self._own_engine = Engine(f"{self.guest_name}-{self.device}")
+        self._engine = engine
         threads = []
         for r in self.rings:
             if r.callback is not None:
-                threads.append(threading.Thread(target=self._irq_loop, args=(r, stop_event),
-                                                name=f"{self.guest_name}-{self.device}-irq{r.index}",
-                                                daemon=True))
-        threads.append(threading.Thread(target=self._err_loop, args=(list(self.rings), stop_event),
-                                        name=f"{self.guest_name}-{self.device}-err", daemon=True))
-        for t in threads:
-            t.start()
-        self._threads.extend(threads)
-        return threads
+                threads.append(engine.add_doorbell(r.call, partial(self._interrupt, r),
+                                                   poll=poll(r.index) if poll else None,
+                                                   name=f"{self.device}-irq{r.index}"))
+        err = threading.Thread(target=self._err_loop, args=(list(self.rings), stop_event),
+                               name=f"{self.guest_name}-{self.device}-err", daemon=True)
+        err.start()
+        self._irq_threads.extend(threads)
+        self._threads.append(err)
+        return threads + [err]
 
     def join_irq_threads(self, timeout: float = 2.0) -> None:
+        irqs, self._irq_threads = self._irq_threads, []
+        for t in irqs:
+            self._engine.remove_doorbell(t)
+        for t in irqs:
+            t.join(timeout)
         threads, self._threads = self._threads, []
         for t in threads:
             t.join(timeout)
+        if self._own_engine is not None:
+            self._own_engine.close()
+            self._own_engine = None
 
-    def _irq_loop(self, r: _Ring, stop: threading.Event) -> None:
-        while not stop.is_set():
-            n = r.call.wait(IRQ_POLL)
-            if stop.is_set():
-                return
-            if n:
-                self.interrupts[r.index] += n
-                try:
-                    r.callback(r.vq)       # vring_interrupt -> the driver's callback
-                except Exception:
-                    self.log.exception("interrupt callback of queue %d failed", r.index)
+    def _interrupt(self, r: _Ring) -> None:
+        self.interrupts[r.index] += 1
+        r.callback(r.vq)       # vring_interrupt -> the driver's callback
 
     def _err_loop(self, rings: list[_Ring], stop: threading.Event) -> None:
         while not stop.wait(IRQ_POLL):

@@ -31,6 +31,7 @@ import struct
 
 from shared.constants import (VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
                               VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY)
+from shared.barrier import mb
 from shared.memory import GuestMemory
 from shared.ring_layout import (DESC, USED_ELEM, avail_size, check_num, desc_table_size, used_size,
                                 vring_need_event)
@@ -197,6 +198,9 @@ class VirtQueue:
 
     def kick_prepare(self) -> bool:
         """virtqueue_kick_prepare_split: True when the device asked to be notified."""
+        # virtio_mb: the avail.idx store (add_sgs) must be visible before we read the device's
+        # avail_event / used.flags, or the device may sleep on a ring it saw empty.
+        mb()
         new = self.avail_idx_shadow
         old = (new - self.num_added) & _U16
         self.num_added = 0
@@ -205,6 +209,10 @@ class VirtQueue:
         return not (self._uv[0] & VRING_USED_F_NO_NOTIFY)
 
     # --- used buffers ------------------------------------------------------------------------
+    def used_idx(self) -> int:
+        """used.idx as the device last published it (one aligned load)."""
+        return self._uv[1]
+
     def more_used(self) -> bool:
         """more_used_split: has the device published used entries we have not consumed?"""
         return self.last_used_idx != self._uv[1]
@@ -271,6 +279,14 @@ class VirtQueue:
             if not self.event_idx:
                 self._av[0] = self.avail_flags_shadow
 
+    def suppress_cb(self) -> None:
+        """Stop interrupts for a busy-poll window (NAPI polling): disable_cb, and with EVENT_IDX
+        also move used_event behind last_used_idx, so the device's vring_need_event stays false
+        until enable_cb publishes a new one (Linux's disable_cb writes a stale value likewise)."""
+        self.disable_cb()
+        if self.event_idx:
+            self._av[self._used_event] = (self.last_used_idx - 1) & _U16
+
     def _enable_cb_prepare(self) -> None:
         if self.avail_flags_shadow & VRING_AVAIL_F_NO_INTERRUPT:
             self.avail_flags_shadow &= ~VRING_AVAIL_F_NO_INTERRUPT
@@ -283,7 +299,8 @@ class VirtQueue:
         last = self.last_used_idx
         if self.event_idx:
             self._av[self._used_event] = last     # interrupt me at the very next used entry
-        return last == self._uv[1]                 # re-read used.idx after publishing
+        mb()                                       # virtio_mb: publish before re-reading used.idx
+        return last == self._uv[1]
 
     def enable_cb_delayed(self) -> bool:
         """virtqueue_enable_cb_delayed: interrupt after ~3/4 of the outstanding buffers are used."""
@@ -292,6 +309,7 @@ class VirtQueue:
         bufs = ((self.avail_idx_shadow - last) & _U16) * 3 // 4
         if self.event_idx:
             self._av[self._used_event] = (last + bufs) & _U16
+        mb()                                       # virtio_mb: publish before re-reading used.idx
         return not (((self._uv[1] - last) & _U16) > bufs)
 
     # --- introspection -----------------------------------------------------------------------

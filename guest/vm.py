@@ -53,8 +53,10 @@ class GuestOptions:
     run: list = field(default_factory=list)           # ["module:function"]
     pcap: Path | None = None
     queue_size: int = 128
-    credit_policy: str = "every-read"
+    credit_policy: str = "low-space"
     buf_size: int = 256 * 1024
+    rx_buf_size: int = 64 * 1024
+    poll_us: int = 0
     connect_timeout: float = 5.0
 
 
@@ -90,7 +92,7 @@ class VM:
         self.ram = GuestRAM(f"{base}-ram", o.mem)
         log.info("guest %s: %d MiB of RAM in %s (regions %s)", o.name, o.mem >> 20, f"{base}-ram",
                  ", ".join(f"{r['guest_phys_addr']:#x}+{r['memory_size']:#x}" for r in self.ram.table))
-        self.kernel = Kernel(o.name)
+        self.kernel = Kernel(o.name, poll_us=o.poll_us)
         self.kernel.start()
 
         from guest.virtio_dev import VirtioDevice
@@ -111,13 +113,14 @@ class VM:
         self.transport = VirtioVsockTransport(self.kernel, self.vdev, self.ram,
                                               queue_sizes=(o.queue_size, o.queue_size, 8),
                                               credit_policy=o.credit_policy, buf_size=o.buf_size,
-                                              capture=self.capture)
+                                              rx_buf_size=o.rx_buf_size, capture=self.capture,
+                                              pool=True, coalesce=True)
         try:
             with self.kernel.lock:
                 self.transport.probe()
         except (ControlError, ConnectionError, TimeoutError, OSError) as e:
             raise BootError(f"probing the vsock device failed: {e}") from None
-        self.vdev.start_irq_threads(self.stop_event)
+        self.vdev.start_irq_threads(self.stop_event, engine=self.kernel, poll=self.transport.poll_ops)
         self.connected.set()
         log.info("guest %s: vsock device ready, cid %d, features %#x", o.name, o.cid, self.vdev.features)
         self.vsock = GuestVsock(self.transport)
@@ -187,6 +190,8 @@ class VM:
                      send_pkt_list=len(getattr(t, "send_pkt_list", ())),
                      sockets=len(getattr(t.core, "connected", {})) if getattr(t, "core", None) else None,
                      kicks=sum(self.vdev.kicks), interrupts=sum(self.vdev.interrupts))
+        if self.kernel is not None:
+            stats.update(self.kernel.stats)            # wakeups, handler runs, poll hits and time
         try:
             write_stats(self.opts.run_dir, "guest", {
                 "name": self.opts.name, "cid": self.opts.cid, "connected": self.connected.is_set(),

@@ -42,10 +42,11 @@ SUPPORTED_DEVICES = ("vsock",)
 class HostOptions:
     run_dir: Path
     pcap: Path | None = None
-    credit_policy: str = "every-read"
+    credit_policy: str = "low-space"
     dialect: str = "firecracker"
     max_queue_size: int = 1024
     stats_interval: float = 0.5
+    poll_us: int = 0
 
 
 @dataclass

@@ -204,6 +204,49 @@ class VhostDevice:
             log.exception("%s: handle_kick(%d) failed", self.name, qidx)
             self.vq_err(self.vqs[qidx], e)
 
+    # --- adaptive polling (shared/engine.py PollOps) ------------------------------------------
+    def queue_has_work(self, qidx: int) -> bool:
+        """Is there work on queue qidx for handle_kick? (lock held; a cheap check).
+
+        The default: the driver made buffers available. Devices whose queue holds buffers
+        waiting for data (an rx queue) override this."""
+        return not self.vqs[qidx].avail_empty(self.mem)
+
+    def poll_ops(self, qidx: int):
+        """How the engine busy-polls queue qidx between kicks (vhost_net_busy_poll)."""
+        from shared.engine import PollOps
+        vq = self.vqs[qidx]
+
+        def usable() -> bool:
+            return (self.running and not self.broken and self.mem is not None
+                    and bool(self.status & VIRTIO_CONFIG_S_DRIVER_OK))
+
+        def pending() -> bool:
+            if not usable():
+                return False
+            try:
+                return self.queue_has_work(qidx)
+            except (VringError, GuestMemoryError) as e:
+                self.vq_err(vq, e)
+                return False
+
+        def suppress() -> None:
+            if usable():
+                try:
+                    vq.suppress_notify(self.mem)
+                except (VringError, GuestMemoryError) as e:
+                    self.vq_err(vq, e)
+
+        def rearm() -> bool:
+            if not usable():
+                return False
+            try:
+                return vq.enable_notify(self.mem) and self.queue_has_work(qidx)
+            except (VringError, GuestMemoryError) as e:
+                self.vq_err(vq, e)
+                return False
+        return PollOps(pending, suppress, rearm)
+
     def notify(self, vq) -> bool:
         """Interrupt the driver if the ring says so (vhost_signal: vhost_notify + eventfd_signal)."""
         if self.mem is None or not vq.signal(self.mem):

@@ -1,9 +1,10 @@
 """One device connection's process: the control session, the device and its vhost worker.
 
 Runs after the daemon forked us with the accepted control socket and the HELLO it already read.
-Everything happens on the VhostWorker thread (this process's main thread): control messages from
-the socket, queued work, timers and the device's own file objects (the vsock bridge). Kick
-doorbells are polled by one thread per queue (KickPollers) that only queue work.
+The VhostWorker (shared/engine.py) runs control messages from the socket, queued work, timers and
+the device's own file objects (the vsock bridge) on this process's main thread; each queue's kick
+doorbell has a thread of its own that runs the device's handler itself (KickPollers). All of them
+hold the one device lock, so device state never sees two threads at once.
 
 Lifetime: the connection's EOF (guest gone or closed), an error reply that closes the session, or
 SIGTERM from the daemon ends the worker; then pollers are stopped *before* the device releases its
@@ -12,9 +13,9 @@ doorbells and memory, and the process exits.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
-import threading
 from functools import partial
 
 from shared.constants import VIRTIO_CONFIG_S_DRIVER_OK
@@ -22,61 +23,50 @@ from shared.errors import ProtocolError
 from shared.stats import remove_stats, write_stats
 
 from host.control_session import ControlSession, attach_shm_memory
-from host.worker import POLL_TIMEOUT, VhostWorker
+from host.worker import VhostWorker
 
 log = logging.getLogger("host.device")
 
 
 class KickPollers:
-    """One thread per queue waiting on its kick doorbell (vhost_poll), each with its own stop flag."""
+    """One engine doorbell thread per queue's kick doorbell (vhost_poll): the thread that wakes
+    runs the device's handler itself, under the device lock, and with --poll-us polls the ring
+    for a while before it sleeps again."""
 
     def __init__(self, worker: VhostWorker, device):
         self.worker = worker
         self.device = device
-        self.threads: dict[int, tuple[threading.Thread, threading.Event, object]] = {}
+        self.threads: dict[int, tuple[object, object]] = {}      # queue -> (DoorbellThread, doorbell)
 
     def sync(self) -> None:
-        """Match the pollers to the device's current kick doorbells (after every control message)."""
+        """Match the pollers to the device's current kick doorbells (after every control message).
+
+        Runs with the device lock held: stopping a poller only flags it (it exits within the
+        engine's wait timeout), and a doorbell closed under a waiter is closed when it leaves."""
         dev = self.device
         live = dev.running and dev.status & VIRTIO_CONFIG_S_DRIVER_OK
         for i in range(dev.num_queues):
             db = dev.kicks[i] if live else None
             cur = self.threads.get(i)
-            if cur is not None and cur[2] is db:
+            if cur is not None and cur[1] is db:
                 continue
             if cur is not None:
                 self._stop(i)
             if db is not None:
-                self._start(i, db)
-
-    def _start(self, i: int, db) -> None:
-        stop = threading.Event()
-        work = partial(self.device_kick, i)
-
-        def poll() -> None:
-            while not stop.is_set() and not self.worker.stopping:
-                try:
-                    n = db.wait(POLL_TIMEOUT)
-                except Exception:
-                    return          # closed under us
-                if n and not stop.is_set():
-                    self.worker.queue_work(work)
-
-        t = threading.Thread(target=poll, name=f"kick-q{i}", daemon=True)
-        self.threads[i] = (t, stop, db)
-        t.start()
-
-    def device_kick(self, i: int) -> None:
-        self.device.kick_received(i)
+                t = self.worker.add_doorbell(db, partial(dev.kick_received, i),
+                                             poll=dev.poll_ops(i), name=f"kick-q{i}")
+                self.threads[i] = (t, db)
 
     def _stop(self, i: int) -> None:
-        t, stop, _ = self.threads.pop(i)
-        stop.set()
-        t.join(POLL_TIMEOUT * 3)
+        t, _ = self.threads.pop(i)
+        self.worker.remove_doorbell(t)
 
     def stop_all(self) -> None:
+        threads = [t for t, _ in self.threads.values()]
         for i in list(self.threads):
             self._stop(i)
+        for t in threads:
+            t.join()
 
 
 class DeviceProcess:
@@ -85,7 +75,8 @@ class DeviceProcess:
         self.hello = hello
         self.peer_pid = peer_pid
         self.opts = opts
-        self.worker = VhostWorker(name=f"{hello['device']}-{hello['guest']}")
+        self.worker = VhostWorker(name=f"{hello['device']}-{hello['guest']}",
+                                  poll_us=getattr(opts, "poll_us", 0))
         self.device = None
         self.session = ControlSession(self._make_device, attach_memory=attach_shm_memory,
                                       name=f"control[{hello['guest']}]")
@@ -110,6 +101,7 @@ class DeviceProcess:
             raise ProtocolError(f"unknown device type {hello['device']!r}", "ENODEV")
         dev.max_queue_size = self.opts.max_queue_size
         dev.worker = self.worker
+        dev.lock = self.worker.lock          # one big lock: engine work, kicks, control, programs
         dev.hello = hello
         self.device = dev
         self.pollers = KickPollers(self.worker, dev)
@@ -169,8 +161,8 @@ class DeviceProcess:
             write_stats(self.opts.run_dir, "device", {
                 "guest": self.hello["guest"], "device": self.hello["device"],
                 "cid": self.hello.get("params", {}).get("cid"), "guest_pid": self.peer_pid,
-                "status": dev.status if dev else 0,
-                "stats": dev.get_stats() if dev else {}})
+                "status": dev.status if dev else 0, "pid": os.getpid(),
+                "stats": dict(dev.get_stats() if dev else {}, **self.worker.stats)})
         except OSError as e:
             log.debug("cannot write stats: %s", e)
         if not self.worker.stopping:

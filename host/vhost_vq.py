@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from shared.constants import (INDIRECT_MAX_DESC, VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT,
                               VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY,
                               VIRTQUEUE_MAX_SIZE)
+from shared.barrier import mb
 from shared.errors import GuestMemoryError, VringError
 from shared.ring_layout import DESC, USED_ELEM, vring_need_event
 
@@ -315,6 +316,9 @@ class VhostVirtqueue:
         if mem is not self._mem:
             self._map(mem)
         # VIRTIO_F_NOTIFY_ON_EMPTY: interrupt when we ran out of buffers, whatever the flags say.
+        # smp_mb (vhost_notify): the used.idx store must be visible before used_event or
+        # avail.flags is read, or the driver may re-arm after our read and never be woken.
+        mb()
         if self.notify_on_empty and self._avail_idx == self._last_avail:
             return True
         if not self._event_idx:
@@ -339,6 +343,14 @@ class VhostVirtqueue:
         if not self._event_idx:
             self._uv[0] = self.used_flags
 
+    def suppress_notify(self, mem) -> None:
+        """Stop kicks for a busy-poll window (vhost_net_busy_poll): disable_notify, and with
+        EVENT_IDX also move avail_event behind last_avail_idx, so the driver's
+        vring_need_event stays false until enable_notify publishes a new one."""
+        self.disable_notify(mem)
+        if self._event_idx:
+            self._uv[self._avail_event] = (self._last_avail - 1) & _U16
+
     def enable_notify(self, mem) -> bool:
         """vhost_enable_notify: re-arm kicks; True when buffers raced in (disable and poll again)."""
         if mem is not self._mem:
@@ -350,7 +362,9 @@ class VhostVirtqueue:
             self._uv[0] = self.used_flags
         else:
             self._uv[self._avail_event] = self._last_avail   # kick me at the next new entry
-        # Published; now re-read avail.idx to close the race with a driver that saw the old value.
+        # smp_mb: the store above must be visible before avail.idx is re-read, or a driver that
+        # read the old value and we, reading its old avail.idx, would both wait (lost kick).
+        mb()
         return self._read_avail_idx() != self._last_avail
 
     def __repr__(self) -> str:

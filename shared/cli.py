@@ -18,9 +18,25 @@ def queue_size(text: str) -> int:
     return n
 
 
+def poll_us(text: str) -> int:
+    """argparse type: a busy-poll window in microseconds, 0..1000000."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--poll-us {text!r} is not a whole number of microseconds") from None
+    if not 0 <= n <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"--poll-us {n} is out of range (0..1000000)")
+    return n
+
+
 def add_common(p: argparse.ArgumentParser, credit_help: str) -> None:
-    """--credit-policy and --log-level, spelled the same on both sides."""
-    p.add_argument("--credit-policy", choices=CREDIT_POLICIES, default="every-read", help=credit_help)
+    """--credit-policy, --poll-us and --log-level, spelled the same on both sides."""
+    p.add_argument("--credit-policy", choices=CREDIT_POLICIES, default="low-space",
+                   help=credit_help + " (default low-space)")
+    p.add_argument("--poll-us", type=poll_us, default=0, metavar="N",
+                   help="after work, busy-poll the rings for N microseconds with notifications "
+                        "suppressed before sleeping on the doorbell (vhost's busyloop_timeout, "
+                        "NAPI); 0 = doorbells only (default 0)")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                    help="logging level (default INFO)")
 

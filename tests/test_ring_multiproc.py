@@ -33,7 +33,7 @@ def make_out(counter: int) -> bytes:
     return body + struct.pack("<I4x", zlib.crc32(body))
 
 
-def guest_main(shm_name, kick_name, call_name, conn, n_buffers, deadline):
+def guest_main(shm_name, kick_name, call_name, conn, n_buffers, deadline, depth=RING):
     from guest.ram import GuestRAM
     from guest.virtqueue import VirtQueue
     shm = attach_shm(shm_name)
@@ -53,7 +53,7 @@ def guest_main(shm_name, kick_name, call_name, conn, n_buffers, deadline):
         while done < n_buffers:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"guest: {done}/{n_buffers} done, vq {vq}")
-            while sent < n_buffers and free and vq.num_free >= 2:
+            while sent < n_buffers and free and vq.num_free >= 2 and sent - done < depth:
                 s = free.pop()
                 gpa = slots[s]
                 mem.write(gpa, make_out(sent))
@@ -81,7 +81,8 @@ def guest_main(shm_name, kick_name, call_name, conn, n_buffers, deadline):
                     done += 1
                 if vq.enable_cb():
                     break
-            if done < n_buffers and (sent == n_buffers or not free or vq.num_free < 2):
+            if done < n_buffers and (sent == n_buffers or not free or vq.num_free < 2
+                                     or sent - done >= depth):
                 if call.wait(1.0):
                     irq_waits += 1
                 else:
@@ -164,8 +165,9 @@ def host_main(shm_name, kick_name, call_name, conn, n_buffers, deadline):
         call.close()
 
 
-@pytest.mark.multiprocess
-def test_100k_buffers_between_two_processes(shm_guard, run_dir):
+def run_pair(run_dir, n_buffers: int, depth: int, timeout: float) -> dict:
+    """Stream n_buffers through one ring between a guest and a host process, at most `depth`
+    in flight; returns both sides' results and the elapsed time."""
     base = resource_base(run_dir)
     shm_name, kick_name, call_name = f"{base}-ram", f"/{base}-k0", f"/{base}-c0"
     rec = OwnerRecord(run_dir, "test")
@@ -179,16 +181,16 @@ def test_100k_buffers_between_two_processes(shm_guard, run_dir):
         call = SemDoorbell(call_name, create=True)
         g_parent, g_child = ctx.Pipe()
         h_parent, h_child = ctx.Pipe()
-        deadline = time.monotonic() + TIMEOUT
+        deadline = time.monotonic() + timeout
         guest = ctx.Process(target=guest_main, name="ring-guest",
-                            args=(shm_name, kick_name, call_name, g_child, N_BUFFERS, deadline))
+                            args=(shm_name, kick_name, call_name, g_child, n_buffers, deadline, depth))
         host = ctx.Process(target=host_main, name="ring-host",
-                           args=(shm_name, kick_name, call_name, h_child, N_BUFFERS, deadline))
+                           args=(shm_name, kick_name, call_name, h_child, n_buffers, deadline))
         procs = [guest, host]
         guest.start()
         host.start()
         t0 = time.monotonic()
-        if not g_parent.poll(TIMEOUT):
+        if not g_parent.poll(timeout):
             pytest.fail("guest never published its rings")
         h_parent.send(g_parent.recv())                        # SET_VRING_ADDR, in effect
         results = {}
@@ -196,20 +198,11 @@ def test_100k_buffers_between_two_processes(shm_guard, run_dir):
             if not conn.poll(max(0.1, deadline - time.monotonic() + 5)):
                 pytest.fail(f"{name} did not finish in time")
             results[name] = conn.recv()
-        elapsed = time.monotonic() - t0
+        results["elapsed"] = time.monotonic() - t0
         for p in procs:
             p.join(10)
-        assert results["guest"]["ok"], results["guest"]
-        assert results["host"]["ok"], results["host"]
-        assert results["guest"]["done"] == N_BUFFERS and not results["guest"]["broken"]
-        assert results["host"]["handled"] == N_BUFFERS
-        # EVENT_IDX suppression must actually suppress: far fewer kicks than buffers
-        assert results["guest"]["kicks"] < N_BUFFERS
-        # no lost wakeups (a stall = a 1 s wait that timed out while work was waiting; one is
-        # tolerated for a badly descheduled peer on a loaded machine)
-        assert results["guest"]["stalls"] <= 1 and results["host"]["stalls"] <= 1, results
-        assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-        print(f"{N_BUFFERS} buffers in {elapsed:.2f}s: {results}")
+        results["exitcodes"] = [p.exitcode for p in procs]
+        return results
     finally:
         for p in procs:
             if p.is_alive():
@@ -221,3 +214,42 @@ def test_100k_buffers_between_two_processes(shm_guard, run_dir):
         if shm is not None:
             close_shm(shm)
         rec.release_all()
+
+
+def check(results: dict, n_buffers: int) -> None:
+    assert results["guest"]["ok"], results["guest"]
+    assert results["host"]["ok"], results["host"]
+    assert results["guest"]["done"] == n_buffers and not results["guest"]["broken"]
+    assert results["host"]["handled"] == n_buffers
+    # EVENT_IDX suppression must actually suppress: far fewer kicks than buffers
+    assert results["guest"]["kicks"] < n_buffers
+    # No lost wake-ups: a stall is a 1 s doorbell wait that timed out while work was waiting
+    # for it. With the barriers of shared/barrier.py at the four publish-then-read points there
+    # must be none, however loaded the machine.
+    assert results["guest"]["stalls"] == 0 and results["host"]["stalls"] == 0, results
+    assert results["exitcodes"] == [0, 0], results["exitcodes"]
+
+
+@pytest.mark.multiprocess
+def test_100k_buffers_between_two_processes(shm_guard, run_dir):
+    results = run_pair(run_dir, N_BUFFERS, RING, TIMEOUT)
+    check(results, N_BUFFERS)
+    print(f"{N_BUFFERS} buffers in {results['elapsed']:.2f}s: {results}")
+
+
+@pytest.mark.multiprocess
+def test_depth1_round_trips_never_stall(shm_guard, run_dir):
+    """One buffer in flight at a time: every round trip needs a kick and an interrupt decision,
+    the case a missing barrier turns into a lost wake-up."""
+    n = 20_000
+    results = run_pair(run_dir, n, 1, TIMEOUT)
+    check(results, n)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_million_depth1_round_trips_never_stall(shm_guard, run_dir):
+    n = 1_000_000
+    results = run_pair(run_dir, n, 1, 1800.0)
+    check(results, n)
+    print(f"{n} depth-1 round trips in {results['elapsed']:.1f}s: {results}")

@@ -60,7 +60,9 @@ from shared.constants import (
     VSOCK_VQ_TX,
     bit,
 )
+from guest.bufpool import BufPool
 from shared.vsock.packet import HDR, Packet
+from shared.constants import VIRTIO_VSOCK_MAX_PKT_BUF_SIZE, VIRTIO_VSOCK_OP_RW
 from shared.vsock.proto import VsockCore
 
 log = logging.getLogger(__name__)
@@ -70,22 +72,13 @@ EVENT = struct.Struct("<I")            # struct virtio_vsock_event { le32 id; }
 EVENT_LIST_LEN = 8                     # virtio_vsock.event_list[8]
 CONFIG_GUEST_CID = struct.Struct("<Q")  # struct virtio_vsock_config { le64 guest_cid; }
 RETRY_DELAY = 0.01                     # seconds before retrying a failed allocation with nothing in flight
+SMALL_WRITE = 4096                     # RW payloads below this may be corked while the tx ring is busy
+TX_OK, TX_NOBUF, TX_FULL = 0, 1, 2     # _tx_one results
 
 assert HDR.size == HDR_SIZE
 
 # One virtio-vsock device per guest kernel (the seeds' the_virtio_vsock, per VM here).
 _the_virtio_vsock: "weakref.WeakKeyDictionary[object, VirtioVsockTransport]" = weakref.WeakKeyDictionary()
-
-
-class _Buf:
-    """A guest-RAM block posted on a ring (the token handed to add_sgs)."""
-
-    __slots__ = ("gpa", "size", "pkt")
-
-    def __init__(self, gpa: int, size: int, pkt: Packet | None = None):
-        self.gpa = gpa
-        self.size = size          # payload bytes the block holds after the header
-        self.pkt = pkt            # tx: the packet it carries (for stats / debugging)
 
 
 class _EventBuf:
@@ -100,7 +93,8 @@ class _EventBuf:
 class VirtioVsockTransport:
     def __init__(self, kernel, vdev, ram, *, rx_buf_size: int = VIRTIO_VSOCK_DEFAULT_RX_BUF_SIZE,
                  queue_sizes: tuple[int, int, int] = (128, 128, 8), credit_policy: str = "every-read",
-                 buf_size: int = VIRTIO_VSOCK_DEFAULT_BUF_SIZE, capture=None):
+                 buf_size: int = VIRTIO_VSOCK_DEFAULT_BUF_SIZE, capture=None,
+                 pool: bool = False, coalesce: bool = False):
         if rx_buf_size <= 0:
             raise ValueError("rx_buf_size must be positive")
         if len(queue_sizes) != VSOCK_VQ_MAX:
@@ -115,6 +109,10 @@ class VirtioVsockTransport:
         self.credit_policy = credit_policy
         self.buf_size = buf_size
         self.capture = capture
+        self.pool = pool              # fixed buffer pools carved at probe (else kmalloc per packet)
+        self.coalesce = coalesce      # merge small RW packets while the tx ring is busy (autocork)
+        self.rx_pool: BufPool | None = None
+        self.tx_pool: BufPool | None = None
 
         self.vqs: list = []
         self.features = 0
@@ -135,7 +133,8 @@ class VirtioVsockTransport:
         self.stats: dict[str, int] = dict.fromkeys((
             "rx_packets", "rx_bytes", "rx_dropped", "tx_packets", "tx_bytes", "tx_ring_full",
             "tx_alloc_failures", "rx_alloc_failures", "loopback_packets", "rx_kicks", "tx_kicks",
-            "event_kicks", "events", "transport_resets", "cancelled_packets", "dropped_no_device"), 0)
+            "event_kicks", "events", "transport_resets", "cancelled_packets", "dropped_no_device",
+            "tx_direct", "tx_coalesced"), 0)
 
     # --- lifecycle ---------------------------------------------------------------------------
     def probe(self) -> None:
@@ -155,6 +154,11 @@ class VirtioVsockTransport:
                 self.update_guest_cid()
                 self.core = VsockCore(self.guest_cid, self.send_pkt, buf_size=self.buf_size,
                                       credit_policy=self.credit_policy)
+                rx_bufs = self.vqs[VSOCK_VQ_RX].num // 2 if self.pool else 0   # 2 descriptors each
+                tx_bufs = self.vqs[VSOCK_VQ_TX].num // 2 if self.pool else 0
+                self.rx_pool = BufPool(self.mem, self.alloc, HDR_SIZE + self.rx_buf_size, rx_bufs)
+                self.tx_pool = BufPool(self.mem, self.alloc,
+                                       HDR_SIZE + VIRTIO_VSOCK_MAX_PKT_BUF_SIZE, tx_bufs)
                 _the_virtio_vsock[self.kernel] = self
                 self.probed = True
                 self.rx_buf_nr = 0
@@ -176,6 +180,7 @@ class VirtioVsockTransport:
                 for vq in self.vqs:
                     while (tok := vq.detach_unused_buf()) is not None:
                         self._free_token(tok)
+                self._release_pools()
                 self.rx_buf_nr = 0
                 self.event_list.clear()
                 self.vqs = []
@@ -210,6 +215,7 @@ class VirtioVsockTransport:
             self.send_pkt_list.clear()
             self.loopback_list.clear()
             self.queued_replies = 0
+            self._release_pools()
             try:
                 self.vdev.del_vqs()
             except Exception:
@@ -219,8 +225,15 @@ class VirtioVsockTransport:
                 del _the_virtio_vsock[self.kernel]
 
     def _free_token(self, tok) -> None:
-        if isinstance(tok, (_Buf, _EventBuf)):
+        if isinstance(tok, _EventBuf):
             self.alloc.free(tok.gpa)
+        elif tok is not None:
+            tok.pool.put(tok)
+
+    def _release_pools(self) -> None:
+        for pool in (self.rx_pool, self.tx_pool):
+            if pool is not None:
+                pool.release()
 
     # --- config --------------------------------------------------------------------------------
     def update_guest_cid(self) -> None:
@@ -231,31 +244,141 @@ class VirtioVsockTransport:
     def get_local_cid(self) -> int:
         return self.guest_cid
 
-    # --- interrupt callbacks (interrupt threads: only queue work) ---------------------------
+    # --- interrupt callbacks (vring_interrupt: the thread that took the interrupt does the work)
     def rx_done(self, vq) -> None:
-        self.kernel.queue_work(self.rx_work)
+        with self.kernel.lock:
+            self.rx_work()
 
     def tx_done(self, vq) -> None:
-        self.kernel.queue_work(self.tx_work)
+        with self.kernel.lock:
+            self.tx_work()
 
     def event_done(self, vq) -> None:
-        self.kernel.queue_work(self.event_work)
+        with self.kernel.lock:
+            self.event_work()
+
+    def poll_ops(self, qidx: int):
+        """How the engine busy-polls a queue after an interrupt (NAPI): rx only; tx completions
+        are reaped when the send path needs room, events are rare."""
+        if qidx != VSOCK_VQ_RX or qidx >= len(self.vqs):
+            return None
+        from shared.engine import PollOps
+        vq = self.vqs[VSOCK_VQ_RX]
+        return PollOps(pending=lambda: self.rx_run and self.more_replies() and vq.more_used(),
+                       suppress=vq.suppress_cb,
+                       rearm=lambda: self.rx_run and not vq.enable_cb())
 
     # --- send side --------------------------------------------------------------------------
     def send_pkt(self, pkt: Packet) -> int:
-        """virtio_transport_send_pkt: queue a packet from the core; returns its payload length."""
+        """virtio_transport_send_pkt: a packet from the core; returns its payload length.
+
+        The payload may be a view of the caller's buffer, valid only during this call. When the
+        tx ring has room and nothing waits before it, the packet goes straight onto the ring
+        (header packed in place, payload copied once into guest RAM) and the queue is kicked if
+        the device asked for it. Otherwise it is copied into send_pkt_list (with `coalesce`, a
+        small RW packet joins the queued packet before it of the same socket: autocork)."""
         if not self.probed:
             self.stats["dropped_no_device"] += 1
             return -errno.ENODEV
         if pkt.dst_cid == self.guest_cid:
             return self.send_pkt_loopback(pkt)
+        n = len(pkt.payload)
         if pkt.reply:
             self.queued_replies += 1
-        self.send_pkt_list.append(pkt)
-        self.kernel.queue_work(self.send_pkt_work)
-        return len(pkt.payload)
+        if not self.send_pkt_list and self.tx_run:
+            vq = self.vqs[VSOCK_VQ_TX]
+            if not (self.coalesce and pkt.op == VIRTIO_VSOCK_OP_RW and n < SMALL_WRITE
+                    and self._tx_busy(vq)):
+                if self._tx_one(vq, pkt) == TX_OK:
+                    self.stats["tx_direct"] += 1
+                    if pkt.reply:
+                        self._reply_sent()
+                    self._kick(vq, "tx_kicks")
+                    return n
+        self._queue_pkt(pkt)
+        return n
+
+    def _queue_pkt(self, pkt: Packet) -> None:
+        lst = self.send_pkt_list
+        if self.coalesce and pkt.op == VIRTIO_VSOCK_OP_RW and lst:
+            tail = lst[-1]
+            if (tail.op == VIRTIO_VSOCK_OP_RW and tail.owner is pkt.owner and pkt.owner is not None
+                    and type(tail.payload) is bytearray
+                    and len(tail.payload) + len(pkt.payload) <= VIRTIO_VSOCK_MAX_PKT_BUF_SIZE
+                    and (tail.src_port, tail.dst_cid, tail.dst_port) == (pkt.src_port, pkt.dst_cid,
+                                                                         pkt.dst_port)):
+                tail.payload += pkt.payload            # one packet, the newest credit fields
+                tail.buf_alloc, tail.fwd_cnt = pkt.buf_alloc, pkt.fwd_cnt
+                self.stats["tx_coalesced"] += 1
+                return
+        payload = pkt.payload
+        if self.coalesce and pkt.op == VIRTIO_VSOCK_OP_RW:
+            pkt.payload = bytearray(payload)           # our copy, open for later small writes
+        elif type(payload) is not bytes:
+            pkt.payload = bytes(payload)               # our copy: the caller's view dies with its call
+        was_empty = not lst
+        lst.append(pkt)
+        if not self.tx_run:
+            return
+        # Something must flush the list: a tx completion (re-arm its interrupt) or, if the
+        # device already used everything, the work item right away.
+        if was_empty and self.vqs and not self.vqs[VSOCK_VQ_TX].enable_cb():
+            self.kernel.queue_work(self.tx_work)
+        elif self.tx_inflight == 0:
+            self.kernel.queue_work(self.send_pkt_work)
+
+    @staticmethod
+    def _tx_busy(vq) -> bool:
+        """Has the device not yet used everything on the tx ring? (autocork's "in flight")"""
+        return vq.avail_idx_shadow != vq.used_idx()
+
+    def _tx_one(self, vq, pkt: Packet) -> int:
+        """Put one packet on the tx ring: TX_OK, TX_NOBUF or TX_FULL (nothing changed)."""
+        payload = pkt.payload
+        n = len(payload)
+        descs = 2 if n else 1
+        if vq.num_free < descs:
+            self._reap_tx(vq)
+            if vq.num_free < descs:
+                self.stats["tx_ring_full"] += 1
+                return TX_FULL
+        buf = self.tx_pool.get(HDR_SIZE + n)
+        if buf is None:
+            self._reap_tx(vq)
+            buf = self.tx_pool.get(HDR_SIZE + n)
+            if buf is None:
+                self.stats["tx_alloc_failures"] += 1
+                return TX_NOBUF
+        view = buf.view
+        HDR.pack_into(view, 0, pkt.src_cid, pkt.dst_cid, pkt.src_port, pkt.dst_port, n, pkt.type,
+                      pkt.op, pkt.flags, pkt.buf_alloc, pkt.fwd_cnt)
+        gpa = buf.gpa
+        if n:
+            view[HDR_SIZE:HDR_SIZE + n] = payload        # the one copy of the payload
+            out = [(gpa, HDR_SIZE), (gpa + HDR_SIZE, n)]
+        else:
+            out = [(gpa, HDR_SIZE)]
+        if not vq.add_sgs(out, [], buf):
+            buf.pool.put(buf)
+            self.stats["tx_ring_full"] += 1
+            return TX_FULL
+        buf.pkt = pkt.op
+        self.tx_inflight += 1
+        self.stats["tx_packets"] += 1
+        self.stats["tx_bytes"] += n
+        if self.capture is not None:
+            self._tap(pkt)
+        return TX_OK
+
+    def _reply_sent(self) -> None:
+        """A reply reached the tx ring: resume rx if the owed replies had stopped it."""
+        self.queued_replies -= 1
+        if self.queued_replies + 1 == self.vqs[VSOCK_VQ_RX].num:
+            self.kernel.queue_work(self.rx_work)
 
     def send_pkt_loopback(self, pkt: Packet) -> int:
+        if type(pkt.payload) is not bytes:
+            pkt.payload = bytes(pkt.payload)           # the caller's view dies with its call
         self.loopback_list.append(pkt)
         self.kernel.queue_work(self.loopback_work)
         return len(pkt.payload)
@@ -271,67 +394,54 @@ class VirtioVsockTransport:
             self.core.recv_pkt(dataclasses.replace(pkt, reply=False, owner=None))
 
     def send_pkt_work(self) -> None:
-        """virtio_transport_send_pkt_work: move send_pkt_list onto the tx ring."""
+        """virtio_transport_send_pkt_work: move send_pkt_list onto the tx ring, kick once."""
         if not self.tx_run:
             return
         vq = self.vqs[VSOCK_VQ_TX]
         added = False
-        restart_rx = False
-        while self.send_pkt_list:
-            pkt = self.send_pkt_list.popleft()
-            n = len(pkt.payload)
-            gpa = self.alloc.alloc(HDR_SIZE + n)
-            if gpa is None:
-                # -ENOMEM: leave it at the head; a tx completion (or a timer) retries
-                self.send_pkt_list.appendleft(pkt)
-                self.stats["tx_alloc_failures"] += 1
-                if self.tx_inflight == 0:
+        lst = self.send_pkt_list
+        while lst:
+            pkt = lst[0]
+            r = self._tx_one(vq, pkt)
+            if r != TX_OK:
+                # -ENOMEM: a tx completion (or, with nothing in flight, a timer) retries;
+                # ring full: the next tx completion does (send_pkt_work's "break").
+                if r == TX_NOBUF and self.tx_inflight == 0:
                     self._retry_tx()
                 break
-            self.mem.write(gpa, pkt.pack_hdr())
-            out = [(gpa, HDR_SIZE)]
-            if n:
-                self.mem.write(gpa + HDR_SIZE, pkt.payload)
-                out.append((gpa + HDR_SIZE, n))
-            if not vq.add_sgs(out, [], _Buf(gpa, n, pkt)):
-                # Usually no more space in the vq: back at the head, stop (send_pkt_work)
-                self.alloc.free(gpa)
-                self.send_pkt_list.appendleft(pkt)
-                self.stats["tx_ring_full"] += 1
-                break
-            self.tx_inflight += 1
-            self.stats["tx_packets"] += 1
-            self.stats["tx_bytes"] += n
-            if self.capture is not None:
-                self._tap(pkt)
+            lst.popleft()
             if pkt.reply:
-                self.queued_replies -= 1
-                # Do we now have resources to resume rx processing?
-                if self.queued_replies + 1 == self.vqs[VSOCK_VQ_RX].num:
-                    restart_rx = True
+                self._reply_sent()
             added = True
         if added:
             self._kick(vq, "tx_kicks")
-        if restart_rx:
-            self.kernel.queue_work(self.rx_work)
+
+    def _reap_tx(self, vq) -> bool:
+        """Free the buffers of every completed tx packet (free_old_xmit); True if any."""
+        freed = False
+        while (got := vq.get_buf()) is not None:
+            self._free_token(got[0])
+            self.tx_inflight -= 1
+            freed = True
+        return freed
 
     def tx_work(self) -> None:
-        """virtio_transport_tx_work: reap tx completions, free their guest RAM."""
+        """virtio_transport_tx_work: reap tx completions, then move what waits onto the ring.
+
+        With nothing waiting, the tx interrupt is re-armed "delayed" (virtio-net's
+        enable_cb_delayed): completions are reaped lazily by the send path."""
         if not self.tx_run:
             return
         vq = self.vqs[VSOCK_VQ_TX]
-        freed = False
         while True:
             vq.disable_cb()
-            while (got := vq.get_buf()) is not None:
-                tok, _len = got
-                self._free_token(tok)
-                self.tx_inflight -= 1
-                freed = True
-            if vq.enable_cb():
+            self._reap_tx(vq)
+            if self.send_pkt_list:
+                self.send_pkt_work()
+                if vq.enable_cb():
+                    break
+            elif vq.enable_cb_delayed():
                 break
-        if freed:
-            self.kernel.queue_work(self.send_pkt_work)
 
     def cancel_pkt(self, sk) -> int:
         """virtio_transport_cancel_pkt: drop a closing socket's queued packets; returns how many."""
@@ -364,13 +474,15 @@ class VirtioVsockTransport:
         """virtio_vsock_rx_fill: post (44-byte header, rx_buf_size buffer) pairs while there is room."""
         vq = self.vqs[VSOCK_VQ_RX]
         size = self.rx_buf_size
-        while vq.num_free:
-            gpa = self.alloc.alloc(HDR_SIZE + size)
-            if gpa is None:
+        pool = self.rx_pool
+        while vq.num_free >= 2:
+            buf = pool.get(HDR_SIZE + size)
+            if buf is None:
                 self.stats["rx_alloc_failures"] += 1
                 break
-            if not vq.add_sgs([], [(gpa, HDR_SIZE), (gpa + HDR_SIZE, size)], _Buf(gpa, size)):
-                self.alloc.free(gpa)
+            gpa = buf.gpa
+            if not vq.add_sgs([], [(gpa, HDR_SIZE), (gpa + HDR_SIZE, size)], buf):
+                pool.put(buf)
                 break
             self.rx_buf_nr += 1
         if self.rx_buf_nr > self.rx_buf_max_nr:
@@ -386,6 +498,8 @@ class VirtioVsockTransport:
             return
         vq = self.vqs[VSOCK_VQ_RX]
         stopped = False
+        recv_pkt = self.core.recv_pkt
+        stats = self.stats
         while not stopped:
             vq.disable_cb()
             while True:
@@ -402,37 +516,36 @@ class VirtioVsockTransport:
                 try:
                     pkt = self._rx_pkt(tok, length)
                 finally:
-                    self.alloc.free(tok.gpa)
+                    tok.pool.put(tok)
                 if pkt is None:
-                    self.stats["rx_dropped"] += 1
+                    stats["rx_dropped"] += 1
                     continue
-                self.stats["rx_packets"] += 1
-                self.stats["rx_bytes"] += len(pkt.payload)
+                stats["rx_packets"] += 1
+                stats["rx_bytes"] += len(pkt.payload)
                 if self.capture is not None:
                     self._tap(pkt)
-                self.core.recv_pkt(pkt)
+                recv_pkt(pkt)
             if stopped or vq.enable_cb():
                 break
         if self.rx_buf_nr < self.rx_buf_max_nr // 2:
             self.rx_fill()
 
-    def _rx_pkt(self, tok: _Buf, length: int) -> Packet | None:
+    def _rx_pkt(self, tok, length: int) -> Packet | None:
         """Copy one received packet out of guest RAM; None = drop it."""
         # Drop short/long packets (virtio_transport_rx_work): the device claims `length` bytes
         # written; it must cover the header and fit the buffer we posted.
-        if length < HDR_SIZE or length > HDR_SIZE + tok.size:
+        if length < HDR_SIZE or length > tok.size:
             return None
-        hdr = self.mem.read(tok.gpa, HDR_SIZE)          # copy the header out before trusting it
-        payload_len = HDR.unpack(hdr)[4]
+        view = tok.view
+        # unpack_from copies the header's fields out before any of them is trusted
+        (src_cid, dst_cid, src_port, dst_port, payload_len, type_, op, flags, buf_alloc,
+         fwd_cnt) = HDR.unpack_from(view, 0)
         # the header's len must fit what was written (modern virtio_transport_rx_work)
         if payload_len > length - HDR_SIZE:
             return None
-        payload = self.mem.read(tok.gpa + HDR_SIZE, payload_len) if payload_len else b""
-        try:
-            return Packet.unpack(hdr, payload)
-        except Exception as e:  # a malformed header is the device's fault: drop, never raise
-            log.debug("virtio-vsock: dropping malformed rx packet: %s", e)
-            return None
+        payload = bytes(view[HDR_SIZE:HDR_SIZE + payload_len]) if payload_len else b""
+        return Packet(src_cid, dst_cid, src_port, dst_port, type_, op, flags, buf_alloc, fwd_cnt,
+                      payload)
 
     # --- event queue ------------------------------------------------------------------------
     def event_fill_one(self, ev: _EventBuf) -> bool:

@@ -1,0 +1,360 @@
+"""The engine both sides run on: work, timers, file readiness and doorbell waits, written once.
+
+Theory of operation
+-------------------
+Linux runs a virtio driver's bottom halves on a workqueue and vhost's handlers on one worker
+thread per device, and in both the code that notices an event does the work (vhost_poll queues
+the handler on the very worker that runs it; NAPI polls in the interrupt's softirq). An `Engine`
+is that, for a guest kernel and for a host device process alike:
+
+  * `lock` is the big lock (the guest kernel's, or the device's). Everything the engine runs —
+    queued work, timers, file callbacks and doorbell handlers — runs with it held, so the state
+    behind them needs no other lock. Program threads take it around their socket calls.
+  * `queue_work(fn)` runs fn soon on the engine thread; a pending fn is not queued twice
+    (queue_work / vhost_work_queue). `call_later(delay, fn)` runs fn after delay seconds.
+  * `register(fileobj, events, cb)` / `modify` / `unregister`: cb(mask) runs on the engine thread
+    when the file object is ready (selectors).
+  * `add_doorbell(db, handler, poll=...)` starts one thread that sleeps on a doorbell (a POSIX
+    semaphore cannot be select()ed) and, when it rings, runs `handler()` itself, lock held: no
+    relay through another thread. A wait that times out re-checks the ring through `poll.pending`
+    (a wake-up lost to a missing barrier would show up here, counted as `missed_wakeups`).
+  * Adaptive polling (vhost's busyloop_timeout, NAPI): with `poll_us > 0` a doorbell thread that
+    just did work keeps polling the ring for `poll_us` microseconds with notifications suppressed
+    (`poll.suppress`), running the handler whenever work appears, then re-arms notifications
+    (`poll.rearm`, which re-checks the ring after publishing) and sleeps. Between polls it yields
+    the GIL (time.sleep(0)), so other threads of the process keep running. `poll_us = 0` is pure
+    doorbells; an idle engine only wakes once per WAIT_TIMEOUT to look at its stop flag.
+
+`run()` runs the engine loop on the calling thread (a host device process's main thread);
+`start()` runs it on a thread of its own (the guest kernel's worker). `stats` counts what the
+monitor and benchmarks show: wakeups (doorbell waits that returned rings), handler runs, polled
+hits, time spent polling, missed wake-ups and work items.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import selectors
+import socket
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+WAIT_TIMEOUT = 0.2        # seconds a doorbell thread or the loop sleeps before looking at stop
+
+
+class TimerHandle:
+    __slots__ = ("deadline", "fn", "cancelled")
+
+    def __init__(self, deadline: float, fn: Callable[[], None]):
+        self.deadline = deadline
+        self.fn = fn
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass
+class PollOps:
+    """How a doorbell handler's ring is polled (all called with the engine lock held).
+
+    pending()   is there work on the ring? (a cheap index compare)
+    suppress()  ask the other side not to notify while we poll
+    rearm()     ask for notifications again; True when work raced in (poll again)
+    """
+    pending: Callable[[], bool]
+    suppress: Callable[[], None] | None = None
+    rearm: Callable[[], bool] | None = None
+
+
+class DoorbellThread:
+    """One thread sleeping on one doorbell and running its handler (vhost_poll + the worker)."""
+
+    def __init__(self, engine: "Engine", db, handler: Callable[[], None], poll: PollOps | None,
+                 name: str, poll_us: int):
+        self.engine = engine
+        self.db = db
+        self.handler = handler
+        self.poll = poll
+        self.poll_ns = max(0, int(poll_us)) * 1000
+        self.stopped = False
+        self.thread = threading.Thread(target=self._loop, name=f"{engine.name}-{name}", daemon=True)
+
+    def stop(self) -> None:
+        """Stop soon (within WAIT_TIMEOUT); never blocks, safe with the engine lock held."""
+        self.stopped = True
+
+    def join(self, timeout: float = WAIT_TIMEOUT * 3) -> None:
+        if self.thread is not threading.current_thread() and self.thread.is_alive():
+            self.thread.join(timeout)
+
+    def _run_handler(self) -> None:
+        try:
+            self.handler()
+        except Exception:  # a handler bug must not end the thread
+            self.engine.work_errors += 1
+            log.exception("%s: doorbell handler %r failed", self.engine.name, self.handler)
+
+    def _loop(self) -> None:
+        eng = self.engine
+        lock = eng.lock
+        stats = eng.stats
+        stopping = eng._stop.is_set
+        poll = self.poll
+        while not self.stopped and not stopping():
+            try:
+                n = self.db.wait(WAIT_TIMEOUT)
+            except Exception:       # closed or unlinked under us: the queue is going away
+                return
+            with lock:
+                if self.stopped:
+                    return
+                if n:
+                    stats["wakeups"] += 1
+                elif poll is not None and poll.pending():
+                    stats["missed_wakeups"] += 1      # work waited for a doorbell that never rang
+                else:
+                    continue
+                stats["handler_runs"] += 1
+                self._run_handler()
+            if self.poll_ns and poll is not None:
+                self._busy_poll()
+
+    def _busy_poll(self) -> None:
+        eng = self.engine
+        lock = eng.lock
+        stats = eng.stats
+        poll = self.poll
+        clock = time.perf_counter_ns
+        t0 = clock()
+        deadline = t0 + self.poll_ns
+        suppressed = False
+        while True:
+            with lock:
+                if self.stopped:
+                    return
+                if not suppressed and poll.suppress is not None:
+                    poll.suppress()
+                    suppressed = True
+                if poll.pending():
+                    stats["poll_hits"] += 1
+                    stats["handler_runs"] += 1
+                    self._run_handler()
+                    suppressed = False        # the handler re-armed on its way out
+                    deadline = clock() + self.poll_ns
+                    continue
+                now = clock()
+                if now >= deadline:
+                    if poll.rearm is not None and poll.rearm():
+                        stats["poll_hits"] += 1
+                        stats["handler_runs"] += 1
+                        self._run_handler()
+                    break
+            time.sleep(0)                     # let the other threads of this process run
+        stats["poll_ns"] += clock() - t0
+
+
+class Engine:
+    def __init__(self, name: str = "engine", *, poll_us: int = 0, lock=None):
+        self.name = name
+        self.poll_us = poll_us
+        self.lock = lock if lock is not None else threading.RLock()
+        self.sel = selectors.DefaultSelector()
+        self._wr, self._ww = socket.socketpair()
+        self._wr.setblocking(False)
+        self._ww.setblocking(False)
+        self.sel.register(self._wr, selectors.EVENT_READ, None)
+        self._qlock = threading.Lock()
+        self._queue: deque = deque()
+        self._pending: set = set()
+        self._timers: list = []
+        self._seq = itertools.count()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._thread_id: int | None = None
+        self._idle = True
+        self._closed = False
+        self.doorbells: list[DoorbellThread] = []
+        self.work_errors = 0
+        self.stats = {"wakeups": 0, "missed_wakeups": 0, "handler_runs": 0, "poll_hits": 0,
+                      "poll_ns": 0, "work_items": 0}
+
+    # --- any thread ---------------------------------------------------------------------------
+    def queue_work(self, fn: Callable[[], None]) -> bool:
+        """Run fn on the engine thread soon; False if it was already pending."""
+        with self._qlock:
+            if fn in self._pending:
+                return False
+            self._pending.add(fn)
+            self._queue.append(fn)
+        if threading.get_ident() != self._thread_id:
+            self._wake()                 # the engine thread drains its queue before selecting
+        return True
+
+    def call_later(self, delay: float, fn: Callable[[], None]) -> TimerHandle:
+        h = TimerHandle(time.monotonic() + max(0.0, delay), fn)
+        with self._qlock:
+            heapq.heappush(self._timers, (h.deadline, next(self._seq), h))
+        if threading.get_ident() != self._thread_id:
+            self._wake()
+        return h
+
+    def add_doorbell(self, db, handler: Callable[[], None], *, poll: PollOps | None = None,
+                     name: str = "doorbell", poll_us: int | None = None) -> DoorbellThread:
+        """Sleep on `db` in a thread of its own and run handler() there when it rings."""
+        t = DoorbellThread(self, db, handler, poll, name, self.poll_us if poll_us is None else poll_us)
+        self.doorbells.append(t)
+        t.thread.start()
+        return t
+
+    def remove_doorbell(self, t: DoorbellThread) -> None:
+        """Stop a doorbell thread (it exits within WAIT_TIMEOUT; never blocks)."""
+        t.stop()
+        try:
+            self.doorbells.remove(t)
+        except ValueError:
+            pass
+
+    def add_kick(self, doorbell, fn: Callable[[], None], name: str = "kick") -> DoorbellThread:
+        """vhost_poll_start: fn runs, lock held, in the thread that waits on the kick doorbell."""
+        return self.add_doorbell(doorbell, fn, name=name, poll_us=0)
+
+    def _wake(self) -> None:
+        try:
+            self._ww.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass  # already awake (buffer full) or shutting down
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the loop and every doorbell thread; with a timeout, also wait for them."""
+        self._stop.set()
+        for t in self.doorbells:
+            t.stop()
+        self._wake()
+        if timeout is not None:
+            self.join(timeout)
+
+    def join(self, timeout: float = 5.0) -> None:
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        for t in list(self.doorbells):
+            t.join()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until no work is queued or running (tests and orderly shutdown)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            with self._qlock:
+                if not self._queue and self._idle:
+                    return True
+            time.sleep(0.001)
+        return False
+
+    # --- file objects (engine thread, or before it runs) -------------------------------------
+    def register(self, fileobj, events: int, callback: Callable[[int], None]) -> None:
+        self.sel.register(fileobj, events, callback)
+
+    def modify(self, fileobj, events: int, callback: Callable[[int], None]) -> None:
+        self.sel.modify(fileobj, events, callback)
+
+    def unregister(self, fileobj) -> None:
+        try:
+            self.sel.unregister(fileobj)
+        except (KeyError, ValueError):
+            pass
+
+    # --- the loop -----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Run the loop on a thread of its own (the guest kernel's worker)."""
+        self._thread = threading.Thread(target=self.run, name=f"{self.name}-kworker", daemon=True)
+        self._thread.start()
+
+    def run(self) -> None:
+        """Run work, timers and file callbacks on this thread until stop()."""
+        self._thread_id = threading.get_ident()
+        try:
+            while not self._stop.is_set():
+                timeout = self._run_due()
+                for key, mask in self.sel.select(timeout):
+                    if key.data is None:
+                        try:
+                            while self._wr.recv(4096):
+                                pass
+                        except BlockingIOError:
+                            pass
+                        continue
+                    self._call(key.data, mask)
+                self._run_queue()
+        finally:
+            self._shutdown()
+
+    def _call(self, fn, *args) -> None:
+        try:
+            with self.lock:
+                fn(*args)
+        except Exception:
+            self.work_errors += 1
+            log.exception("%s: work %r failed", self.name, fn)
+
+    def _run_queue(self) -> None:
+        while True:
+            with self._qlock:
+                if not self._queue:
+                    self._idle = True
+                    return
+                fn = self._queue.popleft()
+                self._pending.discard(fn)
+                self._idle = False
+            self.stats["work_items"] += 1
+            self._call(fn)
+
+    def _run_due(self) -> float:
+        """Run queued work and expired timers; return how long select may sleep."""
+        self._run_queue()
+        now = time.monotonic()
+        due = []
+        with self._qlock:
+            while self._timers and (self._timers[0][2].cancelled or self._timers[0][0] <= now):
+                _, _, h = heapq.heappop(self._timers)
+                if not h.cancelled:
+                    due.append(h.fn)
+            nxt = self._timers[0][0] - now if self._timers else None
+        for fn in due:
+            self._call(fn)
+        with self._qlock:
+            busy = bool(self._queue)
+        if busy or due:
+            return 0
+        return WAIT_TIMEOUT if nxt is None else max(0.0, min(nxt, WAIT_TIMEOUT))
+
+    def _shutdown(self) -> None:
+        for t in self.doorbells:
+            t.stop()
+        for t in list(self.doorbells):
+            t.join()
+        self.doorbells.clear()
+        for key in list(self.sel.get_map().values()):
+            if key.fileobj is not self._wr:
+                self.unregister(key.fileobj)
+        self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.sel.close()
+        except Exception:
+            pass
+        self._wr.close()
+        self._ww.close()
