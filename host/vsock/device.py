@@ -49,7 +49,7 @@ from collections import deque
 from host.device import VhostDevice
 from shared.constants import (RESERVED_CIDS, VHOST_VSOCK_PKT_WEIGHT, VHOST_VSOCK_WEIGHT,
                               VIRTIO_ID_VSOCK, VIRTIO_VSOCK_EVENT_TRANSPORT_RESET,
-                              VIRTIO_VSOCK_MAX_PKT_BUF_SIZE, VIRTIO_VSOCK_OP_RST,
+                              VIRTIO_VSOCK_MAX_PKT_BUF_SIZE, VIRTIO_VSOCK_OP_RST, VIRTIO_VSOCK_OP_RW,
                               VIRTIO_VSOCK_TYPE_STREAM, VMADDR_CID_HOST, VSOCK_VQ_EVENT,
                               VSOCK_VQ_RX, VSOCK_VQ_TX)
 from shared.errors import GuestMemoryError, VringError
@@ -139,6 +139,7 @@ class VhostVsock(VhostDevice):
             "resets_sent": 0,                   # TRANSPORT_RESET events posted
             "tx_requeued": 0,                   # tx work that spent its budget and requeued
             "tx_stopped_replies": 0,            # times tx stopped on queued_replies
+            "rx_coalesced": 0,                  # small RW packets merged while rx was busy
         })
 
     # --- description ---------------------------------------------------------------------------
@@ -216,6 +217,9 @@ class VhostVsock(VhostDevice):
             self._queue_work(self.do_send_pkt)
 
     def stop(self) -> None:
+        # The device is going away: what the host's sockets say as they close (SHUTDOWN, RST)
+        # must not reach the guest's rings any more (vhost_vsock_dev_release resets them locally).
+        self.running = False
         if self.bridge is not None:
             bridge, self.bridge = self.bridge, None
             bridge.stop()           # closes the bridged Unix sockets, releases their core sockets
@@ -269,18 +273,22 @@ class VhostVsock(VhostDevice):
             self.handle_tx_kick()
 
     def handle_tx_kick(self) -> None:
-        """vhost_vsock_handle_tx_kick: take the guest's packets to the host."""
+        """vhost_vsock_handle_tx_kick: take the guest's packets to the host.
+
+        One batch: every chain popped is returned with one used.idx publish (add_used_n) and
+        one interrupt decision at the end, however many packets it held."""
         if not self._ready():
             return
         vq, mem = self.vqs[VSOCK_VQ_TX], self.mem
-        added = False
+        used: list[tuple[int, int]] = []
         pkts = total = 0
+        stats = self.stats
         try:
             vq.disable_notify(mem)
             while True:
                 if not self.more_replies():
                     # Stop tx until do_send_pkt drains the replies; notifications stay disabled.
-                    self.stats["tx_stopped_replies"] += 1
+                    stats["tx_stopped_replies"] += 1
                     break
                 chain = vq.get_vq_desc(mem)
                 if chain is None:
@@ -290,24 +298,37 @@ class VhostVsock(VhostDevice):
                     break
                 pkt = self._alloc_pkt(chain)
                 self._tap(pkt)                      # monitors see every packet received
-                vq.add_used(mem, chain.head, HDR_SIZE + pkt.len)
-                added = True
-                self.stats["tx_packets"] += 1
-                self.stats["tx_bytes"] += pkt.len
-                self.stats["bytes_in"] += HDR_SIZE + pkt.len
+                n = pkt.len
+                used.append((chain.head, HDR_SIZE + n))
+                stats["tx_packets"] += 1
+                stats["tx_bytes"] += n
+                stats["bytes_in"] += HDR_SIZE + n
                 self._route(pkt)
                 pkts += 1
-                total += HDR_SIZE + pkt.len
+                total += HDR_SIZE + n
                 # vhost_exceeds_weight: give the worker to others, continue later
                 if pkts >= VHOST_VSOCK_PKT_WEIGHT or total >= VHOST_VSOCK_WEIGHT:
-                    self.stats["tx_requeued"] += 1
+                    stats["tx_requeued"] += 1
                     self._queue_work(self.handle_tx_work)
                     break
         except GUEST_ERRORS as e:
             self.vq_err(vq, e)
         finally:
-            if added:
-                self.notify(vq)
+            if used and not self.broken:
+                try:
+                    vq.add_used_n(mem, used)
+                    self.notify(vq)
+                except GUEST_ERRORS as e:
+                    self.vq_err(vq, e)
+
+    def queue_has_work(self, qidx: int) -> bool:
+        """Work for the engine's busy-poll: tx chains (while replies may still be queued), or
+        packets waiting with rx buffers posted. The event queue is never polled."""
+        if qidx == VSOCK_VQ_TX:
+            return self.more_replies() and not self.vqs[qidx].avail_empty(self.mem)
+        if qidx == VSOCK_VQ_RX:
+            return bool(self.send_pkt_list) and not self.vqs[qidx].avail_empty(self.mem)
+        return False
 
     def _alloc_pkt(self, chain) -> Packet:
         """vhost_vsock_alloc_pkt: the device-specific chain rules (B.5 row 14), header copied once."""
@@ -348,17 +369,60 @@ class VhostVsock(VhostDevice):
 
     # --- host -> guest --------------------------------------------------------------------------
     def send_pkt(self, pkt: Packet) -> int:
-        """vhost_transport_send_pkt: the host core's transmit callback; returns the payload length."""
+        """vhost_transport_send_pkt: the host core's transmit callback; returns the payload length.
+
+        The payload may be a view of the sender's buffer, valid only during this call. With
+        nothing queued before it and an rx buffer posted, the packet is written straight into
+        the guest's buffer (one copy); otherwise it is copied onto send_pkt_list, where a small
+        RW packet joins the one before it of the same socket (autocork)."""
         if pkt.dst_cid != self.guest_cid:
             log.debug("%s: no guest with CID %d for %r", self.name, pkt.dst_cid, pkt)
             return -errno.ENODEV
         if not self.running:
             return -errno.ENODEV
+        n = pkt.len
         if pkt.reply:
             self.queued_replies += 1
-        self.send_pkt_list.append([pkt, 0])
+        if not self.send_pkt_list and self._ready():
+            self.send_pkt_list.append([pkt, 0])
+            with self.lock:
+                self._do_send_pkt()
+            if not self.send_pkt_list:
+                return n
+            entry = self.send_pkt_list.pop()        # not sent (whole or in part): keep a copy
+            if entry[0] is not pkt:
+                self.send_pkt_list.append(entry)
+                return n
+            pkt, off = entry
+            if off:
+                pkt = dataclasses.replace(pkt, payload=pkt.payload[off:])
+                entry = [pkt, 0]
+            self._own(pkt)
+            self.send_pkt_list.append(entry)
+            return n
+        self._own(pkt)
+        lst = self.send_pkt_list
+        if lst and pkt.op == VIRTIO_VSOCK_OP_RW and pkt.owner is not None:
+            tail, off = lst[-1]
+            if (off == 0 and tail.op == VIRTIO_VSOCK_OP_RW and tail.owner is pkt.owner
+                    and len(tail.payload) + n <= VIRTIO_VSOCK_MAX_PKT_BUF_SIZE
+                    and type(tail.payload) is bytearray):
+                tail.payload += pkt.payload          # coalesced: the newest credit fields
+                tail.buf_alloc, tail.fwd_cnt = pkt.buf_alloc, pkt.fwd_cnt
+                self.stats["rx_coalesced"] += 1
+                return n
+        lst.append([pkt, 0])
         self._queue_work(self.do_send_pkt)
-        return pkt.len
+        return n
+
+    @staticmethod
+    def _own(pkt: Packet) -> None:
+        """Copy a queued packet's payload out of the sender's buffer (RW: open for coalescing)."""
+        if pkt.op == VIRTIO_VSOCK_OP_RW:
+            if type(pkt.payload) is not bytearray:
+                pkt.payload = bytearray(pkt.payload)
+        elif type(pkt.payload) is not bytes:
+            pkt.payload = bytes(pkt.payload)
 
     def do_send_pkt(self) -> None:
         """vhost_transport_do_send_pkt: fill the guest's rx buffers from send_pkt_list."""
@@ -370,51 +434,63 @@ class VhostVsock(VhostDevice):
             return
         vq, mem = self.vqs[VSOCK_VQ_RX], self.mem
         tx_num = self.vqs[VSOCK_VQ_TX].num
-        added = restart_tx = False
+        used: list[tuple[int, int]] = []
+        restart_tx = False
         pkts = total = 0
+        lst = self.send_pkt_list
+        stats = self.stats
         try:
             vq.disable_notify(mem)
-            while self.send_pkt_list:
-                entry = self.send_pkt_list.popleft()
+            while lst:
+                entry = lst[0]
                 pkt, off = entry
                 chain = vq.get_vq_desc(mem)
                 if chain is None:
-                    self.send_pkt_list.appendleft(entry)
                     # No buffer: wait for the rx kick, unless buffers raced in meanwhile.
                     if vq.enable_notify(mem):
                         vq.disable_notify(mem)
                         continue
                     break
                 if chain.out:
-                    self.send_pkt_list.appendleft(entry)
                     raise VringError(14, f"Expected 0 output buffers, got {len(chain.out)}")
-                remaining = pkt.len - off
+                plen = pkt.len
+                remaining = plen - off
                 room = chain.in_len - HDR_SIZE
                 if room < 0 or (remaining and not room):
-                    self.send_pkt_list.appendleft(entry)
                     raise VringError(14, f"Buffer len [{chain.in_len}] too small")
                 n = min(room, remaining)
-                piece = pkt.payload[off:off + n] if (off or n < remaining) else pkt.payload
-                iov_write(chain.in_, 0, HDR.pack(pkt.src_cid, pkt.dst_cid, pkt.src_port,
-                                                 pkt.dst_port, n, pkt.type, pkt.op, pkt.flags,
-                                                 pkt.buf_alloc, pkt.fwd_cnt))
+                iov = chain.in_
+                first = iov[0]
+                hdr = (pkt.src_cid, pkt.dst_cid, pkt.src_port, pkt.dst_port, n, pkt.type,
+                       pkt.op, pkt.flags, pkt.buf_alloc, pkt.fwd_cnt)
+                if first.nbytes >= HDR_SIZE:
+                    HDR.pack_into(first, 0, *hdr)      # the header, packed in place
+                else:
+                    iov_write(iov, 0, HDR.pack(*hdr))
                 if n:
-                    iov_write(chain.in_, HDR_SIZE, piece)
-                vq.add_used(mem, chain.head, HDR_SIZE + n)
-                added = True
+                    payload = pkt.payload
+                    piece = payload[off:off + n] if (off or n < remaining) else payload
+                    if len(iov) == 2 and first.nbytes == HDR_SIZE:
+                        iov[1][:n] = piece             # the seeds' layout: one copy, no helper
+                    else:
+                        iov_write(iov, HDR_SIZE, piece)
+                else:
+                    piece = b""
+                used.append((chain.head, HDR_SIZE + n))
                 off += n
-                self.stats["rx_packets"] += 1
-                self.stats["rx_bytes"] += n
-                self.stats["bytes_out"] += HDR_SIZE + n
+                stats["rx_packets"] += 1
+                stats["rx_bytes"] += n
+                stats["bytes_out"] += HDR_SIZE + n
                 if self.capture is not None:
-                    self._tap(pkt if piece is pkt.payload else dataclasses.replace(pkt, payload=piece))
-                if off < pkt.len:
-                    # The rest goes out in the next buffer, as its own packet.
-                    self.send_pkt_list.appendleft([pkt, off])
-                elif pkt.reply:
-                    self.queued_replies -= 1
-                    if self.queued_replies + 1 == tx_num:
-                        restart_tx = True
+                    self._tap(pkt if n == plen else dataclasses.replace(pkt, payload=bytes(piece)))
+                if off < plen:
+                    entry[1] = off                     # the rest goes out as its own packet
+                else:
+                    lst.popleft()
+                    if pkt.reply:
+                        self.queued_replies -= 1
+                        if self.queued_replies + 1 == tx_num:
+                            restart_tx = True
                 pkts += 1
                 total += HDR_SIZE + n
                 if pkts >= VHOST_VSOCK_PKT_WEIGHT or total >= VHOST_VSOCK_WEIGHT:
@@ -423,8 +499,12 @@ class VhostVsock(VhostDevice):
         except GUEST_ERRORS as e:
             self.vq_err(vq, e)
         finally:
-            if added:
-                self.notify(vq)
+            if used and not self.broken:
+                try:
+                    vq.add_used_n(mem, used)
+                    self.notify(vq)
+                except GUEST_ERRORS as e:
+                    self.vq_err(vq, e)
         if restart_tx and not self.broken:
             self._queue_work(self.handle_tx_work)
 
