@@ -29,7 +29,7 @@ from shared.constants import VMADDR_CID_ANY, VMADDR_PORT_ANY
 
 log = logging.getLogger(__name__)
 
-RECV_SIZE = 4096
+RECV_SIZE = 64 * 1024
 CHARGEN_LINE = 72          # RFC 864: 72 characters per line, then CR LF
 _PRINTABLE = bytes(range(32, 127))    # the 95 printable ASCII characters
 

@@ -61,6 +61,7 @@ from shared.constants import (
     bit,
 )
 from guest.bufpool import BufPool
+from shared.batch import Batch
 from shared.vsock.packet import HDR, Packet
 from shared.constants import VIRTIO_VSOCK_MAX_PKT_BUF_SIZE, VIRTIO_VSOCK_OP_RW
 from shared.vsock.proto import VsockCore
@@ -111,6 +112,8 @@ class VirtioVsockTransport:
         self.capture = capture
         self.pool = pool              # fixed buffer pools carved at probe (else kmalloc per packet)
         self.coalesce = coalesce      # merge small RW packets while the tx ring is busy (autocork)
+        self.batch = Batch()          # with transport.batch: one tx kick for many packets
+        self._kick_tx = lambda: self._kick(self.vqs[VSOCK_VQ_TX], "tx_kicks") if self.vqs else None
         self.rx_pool: BufPool | None = None
         self.tx_pool: BufPool | None = None
 
@@ -293,7 +296,7 @@ class VirtioVsockTransport:
                     self.stats["tx_direct"] += 1
                     if pkt.reply:
                         self._reply_sent()
-                    self._kick(vq, "tx_kicks")
+                    self.batch.defer(self._kick_tx)
                     return n
         self._queue_pkt(pkt)
         return n
@@ -414,7 +417,7 @@ class VirtioVsockTransport:
                 self._reply_sent()
             added = True
         if added:
-            self._kick(vq, "tx_kicks")
+            self.batch.defer(self._kick_tx)
 
     def _reap_tx(self, vq) -> bool:
         """Free the buffers of every completed tx packet (free_old_xmit); True if any."""
@@ -496,6 +499,10 @@ class VirtioVsockTransport:
         """virtio_transport_rx_work: consume rx completions while replies may still be queued."""
         if not self.rx_run:
             return
+        with self.batch:            # replies made while handling the batch: one kick at the end
+            self._rx_work()
+
+    def _rx_work(self) -> None:
         vq = self.vqs[VSOCK_VQ_RX]
         stopped = False
         recv_pkt = self.core.recv_pkt

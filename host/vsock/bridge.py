@@ -48,7 +48,8 @@ from shared.vsock.proto import SHUT_WR, SockState
 log = logging.getLogger(__name__)
 
 MAX_CONNECT_LINE = 32           # `CONNECT <port>\n`, bounded
-CHUNK = 64 * 1024               # bytes moved per step in each direction
+CHUNK = 256 * 1024              # bytes moved per step in each direction
+READ_BURST = 4                  # Unix reads per readiness callback while the guest takes them all
 HANDSHAKE_TIMEOUT = 10.0        # a host program that never sends its CONNECT line is dropped
 HOST_PORT_FIRST = 1 << 30       # Firecracker: host-side ports for host-initiated connections
 HOST_PORT_END = 1 << 31
@@ -86,7 +87,7 @@ class BridgeConn:
 
     __slots__ = ("bridge", "unix", "sk", "state", "inbound", "line", "to_guest", "to_unix",
                  "unix_eof", "shut_sent", "guest_eof", "events", "timer", "guest_port",
-                 "host_port", "pump", "on_ready", "wake")
+                 "host_port", "pump", "on_ready", "wake", "rbuf")
 
     def __init__(self, bridge: "VsockBridge", unix: socket.socket, inbound: bool):
         self.bridge = bridge
@@ -96,6 +97,7 @@ class BridgeConn:
         self.inbound = inbound            # True: host -> guest (CONNECT line)
         self.line = b""                   # the CONNECT line read so far
         self.to_guest = b""               # read from Unix, not yet accepted by core.send
+        self.rbuf: bytearray | None = None  # what Unix reads land in (to_guest views it)
         self.to_unix = memoryview(b"")    # received from the guest, not yet written to Unix
         self.unix_eof = False             # the Unix side sent EOF
         self.shut_sent = False            # core.shutdown(SEND) done
@@ -301,23 +303,27 @@ class VsockBridge:
 
     # --- the data path --------------------------------------------------------------------------
     def _on_unix(self, c: BridgeConn, mask: int) -> None:
-        with self.device.lock:
+        with self.device.lock, self.device.batch:
             try:
                 if c.state == HANDSHAKE:
                     self._read_line(c)
                     return
                 if c.state != OPEN:
                     return
-                if mask & _R:
-                    self._read_unix(c)
-                if c.state == OPEN:
+                for _ in range(READ_BURST):        # several chunks per wake-up, one interrupt
+                    if mask & _R:
+                        self._read_unix(c)
+                    if c.state != OPEN:
+                        break
                     self._pump_open(c)
+                    if c.state != OPEN or c.to_guest or c.unix_eof or not c.events & _R:
+                        break
             except Exception:   # a bridge bug must not take the worker down: drop this connection
                 log.exception("vsock bridge %s: %r failed", self.path, c)
                 self._close(c, release=True)
 
     def _pump(self, c: BridgeConn) -> None:
-        with self.device.lock:
+        with self.device.lock, self.device.batch:
             try:
                 if c.state == CONNECTING:
                     self._check_connected(c)
@@ -346,15 +352,17 @@ class VsockBridge:
     def _read_unix(self, c: BridgeConn) -> None:
         if c.to_guest or c.unix_eof:
             return
+        if c.rbuf is None:
+            c.rbuf = bytearray(CHUNK)
         try:
-            data = c.unix.recv(CHUNK)
+            n = c.unix.recv_into(c.rbuf)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             self._close(c, release=True)
             return
-        if data:
-            c.to_guest = data
+        if n:
+            c.to_guest = memoryview(c.rbuf)[:n]    # core.send copies it into guest RAM (or queues a copy)
         else:
             c.unix_eof = True
 

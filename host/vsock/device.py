@@ -52,6 +52,7 @@ from shared.constants import (RESERVED_CIDS, VHOST_VSOCK_PKT_WEIGHT, VHOST_VSOCK
                               VIRTIO_VSOCK_MAX_PKT_BUF_SIZE, VIRTIO_VSOCK_OP_RST, VIRTIO_VSOCK_OP_RW,
                               VIRTIO_VSOCK_TYPE_STREAM, VMADDR_CID_HOST, VSOCK_VQ_EVENT,
                               VSOCK_VQ_RX, VSOCK_VQ_TX)
+from shared.batch import Batch
 from shared.errors import GuestMemoryError, VringError
 from shared.vsock.packet import HDR, HDR_SIZE, Packet
 
@@ -131,6 +132,8 @@ class VhostVsock(VhostDevice):
         self.bridge = None
         self._tick_handle = None
         self._local_work: deque = deque()   # work queued while no worker is attached (tests)
+        self.batch = Batch()        # with dev.batch: one rx interrupt decision for many packets
+        self._notify_rx = lambda: self.notify(self.vqs[VSOCK_VQ_RX])
         self.stats.update({
             "tx_packets": 0, "tx_bytes": 0,     # guest -> host (taken off the tx ring)
             "rx_packets": 0, "rx_bytes": 0,     # host -> guest (written into rx buffers)
@@ -279,6 +282,10 @@ class VhostVsock(VhostDevice):
         one interrupt decision at the end, however many packets it held."""
         if not self._ready():
             return
+        with self.batch:            # replies and credit made on the way: one rx interrupt
+            self._handle_tx()
+
+    def _handle_tx(self) -> None:
         vq, mem = self.vqs[VSOCK_VQ_TX], self.mem
         used: list[tuple[int, int]] = []
         pkts = total = 0
@@ -502,7 +509,7 @@ class VhostVsock(VhostDevice):
             if used and not self.broken:
                 try:
                     vq.add_used_n(mem, used)
-                    self.notify(vq)
+                    self.batch.defer(self._notify_rx)
                 except GUEST_ERRORS as e:
                     self.vq_err(vq, e)
         if restart_tx and not self.broken:
