@@ -170,6 +170,7 @@ class VirtioVsockTransport:
                 self.rx_run = True
                 self.rx_fill()
                 self.tx_run = True
+                self.vqs[VSOCK_VQ_TX].disable_cb()   # until packets wait for room (tx_work)
                 self.event_run = True
                 self.event_fill()
                 self.vdev.driver_ok()
@@ -431,20 +432,23 @@ class VirtioVsockTransport:
     def tx_work(self) -> None:
         """virtio_transport_tx_work: reap tx completions, then move what waits onto the ring.
 
-        With nothing waiting, the tx interrupt is re-armed "delayed" (virtio-net's
-        enable_cb_delayed): completions are reaped lazily by the send path."""
+        Tx interrupts are wanted only while packets wait for room (virtio-net's free_old_xmit
+        without tx NAPI): otherwise they stay disabled and the send path reaps completions
+        when it needs descriptors or buffers (_tx_one)."""
         if not self.tx_run:
             return
         vq = self.vqs[VSOCK_VQ_TX]
         while True:
             vq.disable_cb()
             self._reap_tx(vq)
+            if not self.send_pkt_list:
+                break                   # nothing waits for room: no tx interrupts until it does
+            self.send_pkt_work()
             if self.send_pkt_list:
-                self.send_pkt_work()
-                if vq.enable_cb():
+                if vq.enable_cb():      # still waiting for room: the next completion
                     break
             elif vq.enable_cb_delayed():
-                break
+                break                   # drained: one more interrupt reaps the tail, then quiet
 
     def cancel_pkt(self, sk) -> int:
         """virtio_transport_cancel_pkt: drop a closing socket's queued packets; returns how many."""

@@ -109,7 +109,7 @@ class BridgeConn:
         # One callable each, created once: queue_work deduplicates by identity/equality.
         self.pump = lambda: bridge._pump(self)
         self.on_ready = lambda mask: bridge._on_unix(self, mask)
-        self.wake = lambda *_: bridge.worker.queue_work(self.pump)
+        self.wake = lambda *_: bridge.schedule(self.pump)
 
     def __repr__(self) -> str:
         d = "in" if self.inbound else "out"
@@ -301,6 +301,16 @@ class VsockBridge:
         self.worker.queue_work(c.pump)
         return sk
 
+    def schedule(self, pump) -> None:
+        """A core socket's wake hook (it fires inside core calls, so never pump right there):
+        inside a device batch (a kick being handled, a host program's call) the pump runs at
+        the batch's end on the same thread; otherwise the worker runs it."""
+        batch = self.device.batch
+        if batch.depth:
+            batch.defer(pump)
+        else:
+            self.worker.queue_work(pump)
+
     # --- the data path --------------------------------------------------------------------------
     def _on_unix(self, c: BridgeConn, mask: int) -> None:
         with self.device.lock, self.device.batch:
@@ -311,12 +321,12 @@ class VsockBridge:
                 if c.state != OPEN:
                     return
                 for _ in range(READ_BURST):        # several chunks per wake-up, one interrupt
-                    if mask & _R:
-                        self._read_unix(c)
+                    full = self._read_unix(c) if mask & _R else False
                     if c.state != OPEN:
                         break
                     self._pump_open(c)
-                    if c.state != OPEN or c.to_guest or c.unix_eof or not c.events & _R:
+                    if (not full or c.state != OPEN or c.to_guest or c.unix_eof
+                            or not c.events & _R):
                         break
             except Exception:   # a bridge bug must not take the worker down: drop this connection
                 log.exception("vsock bridge %s: %r failed", self.path, c)
@@ -349,22 +359,24 @@ class VsockBridge:
             log.info("vsock bridge %s: guest port %d refused the connection", self.path, c.guest_port)
             self._close(c, release=True)
 
-    def _read_unix(self, c: BridgeConn) -> None:
+    def _read_unix(self, c: BridgeConn) -> bool:
+        """Read one chunk from the Unix side; True if it filled the buffer (more may wait)."""
         if c.to_guest or c.unix_eof:
-            return
+            return False
         if c.rbuf is None:
             c.rbuf = bytearray(CHUNK)
         try:
             n = c.unix.recv_into(c.rbuf)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError:
             self._close(c, release=True)
-            return
+            return False
         if n:
             c.to_guest = memoryview(c.rbuf)[:n]    # core.send copies it into guest RAM (or queues a copy)
         else:
             c.unix_eof = True
+        return n == CHUNK
 
     def _pump_open(self, c: BridgeConn) -> None:
         core, sk = self.core, c.sk
