@@ -1,0 +1,176 @@
+"""The fast data path on both sides, in one process on bytearray guest RAM: packets go straight
+onto rings from the sender's buffer, fixed buffer pools, autocork of small writes while the ring
+is busy, one kick or interrupt per batch, lazy tx reaping. Built on the fakes of
+tests/test_guest_transport.py (guest) and tests/test_host_vsock.py (host)."""
+from __future__ import annotations
+
+from shared.constants import VIRTIO_VSOCK_OP_RW, VSOCK_VQ_RX, VSOCK_VQ_TX
+from shared.vsock.packet import HDR_SIZE
+from tests.test_guest_transport import connected_pair, make_env, settle
+from tests.test_host_vsock import GUEST_CID, make, pkt
+
+
+# --- guest ------------------------------------------------------------------------------------
+def fast_env(**kw):
+    return make_env(ram_size=16 << 20, pool=True, coalesce=True, rx_buf_size=65536, **kw)
+
+
+def test_pools_are_carved_at_probe_and_all_returned_at_remove():
+    e = fast_env()
+    try:
+        rx = e.vdev.vqs[VSOCK_VQ_RX]
+        assert e.t.rx_pool.fixed and len(e.t.rx_pool.all) == rx.num // 2
+        assert e.t.tx_pool.fixed and len(e.t.tx_pool.all) == e.vdev.vqs[VSOCK_VQ_TX].num // 2
+        assert e.t.rx_buf_nr == rx.num // 2            # every rx buffer posted, 64 KiB each
+        in_use = e.ram.alloc.in_use
+        gsk, hsk = connected_pair(e)
+        data = bytes(range(256)) * 1024                 # 256 KiB through the pools
+        with e.kernel.lock:
+            assert e.core.send(gsk, data) == len(data)
+        settle(e.kernel, e.host)
+        assert e.host.core.recv(hsk, 1 << 20) == data
+        assert e.ram.alloc.in_use == in_use             # nothing allocated per packet
+    finally:
+        e.t.remove()
+    assert e.ram.alloc.in_use == 0
+
+
+def test_send_goes_straight_onto_the_ring_and_copies_the_callers_buffer_once():
+    e = fast_env()
+    try:
+        gsk, hsk = connected_pair(e)
+        buf = bytearray(b"A" * 5000)
+        with e.kernel.lock:
+            assert e.core.send(gsk, buf) == 5000
+        assert not e.t.send_pkt_list and e.t.stats["tx_direct"] >= 1
+        buf[:] = b"B" * 5000                           # the caller reuses its buffer at once
+        settle(e.kernel, e.host)
+        assert e.host.core.recv(hsk, 10000) == b"A" * 5000
+    finally:
+        e.t.remove()
+
+
+def test_small_writes_are_corked_while_the_ring_is_busy():
+    e = fast_env()
+    try:
+        gsk, hsk = connected_pair(e)
+        e.host.tx_paused = True                        # the device is busy: nothing is used
+        chunks = [bytes([65 + i % 26]) * 64 for i in range(100)]
+        direct = e.t.stats["tx_direct"]
+        with e.kernel.lock:
+            for c in chunks:
+                assert e.core.send(gsk, c) == 64
+        # the first write went out alone; the 99 behind it became one queued RW packet
+        assert e.t.stats["tx_direct"] == direct + 1 and e.t.stats["tx_coalesced"] == 98
+        assert len(e.t.send_pkt_list) == 1 and len(e.t.send_pkt_list[0].payload) == 99 * 64
+        e.host.tx_paused = False
+        before = len(e.host.received)
+        settle(e.kernel, e.host)
+        rw = [p for p in e.host.received[before:] if p.op == VIRTIO_VSOCK_OP_RW]
+        assert len(rw) == 2                            # 100 writes, 2 packets on the wire
+        assert e.host.core.recv(hsk, 1 << 20) == b"".join(chunks)   # order and bytes kept
+    finally:
+        e.t.remove()
+
+
+def test_writes_are_not_corked_when_the_ring_is_idle():
+    e = fast_env()
+    try:
+        gsk, hsk = connected_pair(e)
+        for i in range(5):
+            with e.kernel.lock:
+                e.core.send(gsk, b"x" * 64)
+            settle(e.kernel, e.host)                   # the device consumes each one
+        assert e.t.stats["tx_coalesced"] == 0
+        assert e.host.core.recv(hsk, 1000) == b"x" * 320
+    finally:
+        e.t.remove()
+
+
+def test_one_kick_for_a_batch_of_packets():
+    e = fast_env()
+    try:
+        gsk, hsk = connected_pair(e)
+        settle(e.kernel, e.host)
+        decisions = []                                  # virtqueue_kick calls (kick_prepare)
+        real_kick = e.vdev.kick
+        e.vdev.kick = lambda vq: decisions.append(vq.index) or real_kick(vq)
+        with e.kernel.lock, e.t.batch:
+            for _ in range(8):
+                e.core.send(gsk, b"y" * 4096)
+            assert decisions == []                      # nothing decided inside the batch
+        assert decisions == [VSOCK_VQ_TX]               # one decision at its end
+        settle(e.kernel, e.host)
+        assert e.host.core.recv(hsk, 1 << 16) == b"y" * 8 * 4096
+    finally:
+        e.t.remove()
+
+
+def test_tx_completions_raise_no_interrupt_unless_packets_wait():
+    e = fast_env()
+    try:
+        gsk, hsk = connected_pair(e)
+        settle(e.kernel, e.host)
+        irqs = e.host.interrupts[VSOCK_VQ_TX]
+        for _ in range(20):
+            with e.kernel.lock:
+                e.core.send(gsk, b"z" * 1000)
+            settle(e.kernel, e.host)
+        assert e.host.interrupts[VSOCK_VQ_TX] == irqs    # reaped lazily by the send path
+        assert e.t.tx_inflight <= e.vdev.vqs[VSOCK_VQ_TX].num
+    finally:
+        e.t.remove()
+
+
+# --- host -------------------------------------------------------------------------------------
+def test_device_writes_straight_into_rx_buffers_from_the_senders_buffer():
+    dev, g, w = make(rx_buf=65536)
+    g.post_rx(4)
+    w.run()                                           # the rx kick's work: nothing to send yet
+    buf = bytearray(b"q" * 60000)
+    p = pkt(VIRTIO_VSOCK_OP_RW, src_cid=2, dst_cid=GUEST_CID, payload=memoryview(buf))
+    assert dev.send_pkt(p) == 60000
+    assert not dev.send_pkt_list and not w.work         # delivered in the call, no work queued
+    buf[:] = b"r" * 60000
+    got = g.recv_rx()
+    assert len(got) == 1 and got[0].payload == b"q" * 60000
+
+
+def test_device_keeps_its_own_copy_when_no_rx_buffer_is_posted():
+    dev, g, w = make(rx_buf=65536)
+    buf = bytearray(b"k" * 1000)
+    dev.send_pkt(pkt(VIRTIO_VSOCK_OP_RW, src_cid=2, dst_cid=GUEST_CID, payload=memoryview(buf)))
+    buf[:] = b"m" * 1000                              # the sender's buffer is reused
+    assert len(dev.send_pkt_list) == 1
+    g.post_rx(2)
+    w.run()
+    assert [p.payload for p in g.recv_rx()] == [b"k" * 1000]
+
+
+def test_device_corks_small_writes_of_a_socket_while_rx_is_full():
+    dev, g, w = make(rx_buf=65536)
+    owner = object()
+    for i in range(50):
+        p = pkt(VIRTIO_VSOCK_OP_RW, src_cid=2, dst_cid=GUEST_CID, payload=bytes([i]) * 64,
+                fwd_cnt=i)
+        p.owner = owner
+        dev.send_pkt(p)
+    assert len(dev.send_pkt_list) == 1 and dev.stats["rx_coalesced"] == 49
+    g.post_rx(2)
+    w.run()
+    got = g.recv_rx()
+    assert len(got) == 1 and got[0].payload == b"".join(bytes([i]) * 64 for i in range(50))
+    assert got[0].fwd_cnt == 49                        # the newest credit information
+
+
+def test_device_interrupts_once_per_batch():
+    dev, g, w = make(rx_buf=4096)
+    g.post_rx(16)
+    g.irq.wait(0)
+    with dev.lock, dev.batch:
+        for _ in range(8):
+            dev.send_pkt(pkt(VIRTIO_VSOCK_OP_RW, src_cid=2, dst_cid=GUEST_CID, payload=b"b" * 100))
+        assert g.irq.pending() == 0
+    assert g.irq.wait(0) == 1                           # one interrupt for eight packets
+    assert len(g.recv_rx()) == 8
+    assert dev.stats["bytes_out"] == 8 * (HDR_SIZE + 100)
