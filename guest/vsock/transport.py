@@ -12,15 +12,30 @@ One `VirtioVsockTransport` drives one virtio-vsock device (one per guest kernel,
     event  (2)  device -> driver events: 8 pre-posted 4-byte `virtio_vsock_event` buffers.
 
 The stream protocol and credit live in a `VsockCore` (shared/vsock/proto.py) whose local CID is
-the guest CID read from the device config; its `send_pkt` is this transport's `send_pkt`, which
-only queues: packets to our own CID go to `loopback_list`, the rest to `send_pkt_list`, and the
-deferred work items move them along:
+the guest CID read from the device config; its `send_pkt` is this transport's `send_pkt`:
 
-    send_pkt_work   send_pkt_list -> guest RAM -> tx ring; kick
-    tx_work         tx completions: free the guest RAM, requeue send_pkt_work
-    rx_work         rx completions: copy the packet out, core.recv_pkt, refill at half empty
+    send_pkt        packets to our own CID go to `loopback_list`; any other packet goes straight
+                    onto the tx ring when nothing waits before it and there is room (header packed
+                    in place in a guest-RAM buffer, the payload copied once from the caller's
+                    buffer, which is only valid during the call); else a copy joins
+                    `send_pkt_list`. With `coalesce`, a small RW packet of a socket joins the RW
+                    packet queued before it while the device has not used everything on the tx
+                    ring yet (TCP autocork's idea), so a stream of 64 B writes is not a packet each.
+    send_pkt_work   send_pkt_list -> tx ring; one kick decision for all of them
+    tx_work         tx completions; tx interrupts are enabled only while packets wait for room,
+                    otherwise completed buffers are reaped by the send path (free_old_xmit)
+    rx_work         rx completions: header fields unpacked out of guest RAM, the payload copied
+                    once into the packet the core queues; refill at half empty
     event_work      TRANSPORT_RESET: re-read the CID, reset connected sockets, re-post the buffer
     loopback_work   loopback_list -> core.recv_pkt (only while rx_run)
+
+Kicks are decided once per batch: inside `with transport.batch:` (the socket layer wraps its
+calls, rx_work wraps its loop) every kick is deferred to the batch's end (shared/batch.py).
+Buffers come from `BufPool`s (guest/bufpool.py): with `pool`, fixed pools carved at probe (rx:
+one buffer per two rx descriptors, tx: one per two tx descriptors, each 44 + 64 KiB), so nothing on
+the hot path touches the allocator; without it, one allocation per packet as the seeds do (their
+-ENOMEM degradation is what the tests exercise). The class defaults are the seeds' behaviour
+(4 KiB rx buffers, allocator per packet, no autocork); guest/vm.py turns the fast path on.
 
 Replies the core owes the peer (`pkt.reply`, e.g. RST for an unknown port, RESPONSE, CREDIT_UPDATE)
 are counted in `queued_replies` until they are on the tx ring. While that count has reached the rx
@@ -28,12 +43,12 @@ ring size, rx_work stops consuming rx buffers and leaves rx callbacks disabled, 
 floods us with requests cannot make us queue unbounded replies; send_pkt_work (or cancel_pkt)
 restarts rx when the count drops back below the ring size.
 
-Interrupt callbacks (rx_done, tx_done, event_done) only `kernel.queue_work`. Every other method
-runs with `kernel.lock` held: work items are run with it held by the kernel, and socket calls
-(guest/vsock/socket.py) take it. Guest RAM for packets comes from `ram.alloc`; an allocation
-failure never raises: rx_fill posts fewer buffers, send_pkt_work leaves the packet at the head of
-the list, and both are retried later (on the next completion, or a short timer when nothing is in
-flight).
+Interrupt callbacks (rx_done, tx_done, event_done) run on the interrupt's own thread (the guest
+kernel's engine, shared/engine.py) and do the work there, with `kernel.lock` held: no relay
+through a workqueue. Every other method runs with `kernel.lock` held: socket calls
+(guest/vsock/socket.py) take it. An allocation failure never raises: rx_fill posts fewer
+buffers, send_pkt_work leaves the packet at the head of the list, and both are retried later (on
+the next completion, or a short timer when nothing is in flight).
 
 Legal order: probe() once -> (work, send_pkt, cancel_pkt)* -> remove() once.
 """
