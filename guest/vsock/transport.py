@@ -287,6 +287,28 @@ class VirtioVsockTransport:
                        suppress=vq.suppress_cb,
                        rearm=lambda: self.rx_run and not vq.enable_cb())
 
+    # --- busy polling from a socket call (sk_busy_loop / napi_busy_loop) ---------------------
+    def busy_poll_start(self) -> None:
+        """A program thread is about to poll the rx ring itself: no rx interrupts meanwhile."""
+        if self.rx_run and self.vqs:
+            self.vqs[VSOCK_VQ_RX].suppress_cb()
+
+    def busy_poll(self) -> bool:
+        """One poll of the rx ring from the calling thread (lock held); True if it did work."""
+        if not self.rx_run or not self.vqs:
+            return False
+        vq = self.vqs[VSOCK_VQ_RX]
+        if not vq.more_used() or not self.more_replies():
+            return False
+        self.rx_work()
+        vq.suppress_cb()                # rx_work re-armed on its way out: still polling
+        return True
+
+    def busy_poll_stop(self) -> None:
+        """Polling is over: re-arm rx interrupts, and handle what raced in meanwhile."""
+        if self.rx_run and self.vqs and not self.vqs[VSOCK_VQ_RX].enable_cb():
+            self.rx_work()
+
     # --- send side --------------------------------------------------------------------------
     def send_pkt(self, pkt: Packet) -> int:
         """virtio_transport_send_pkt: a packet from the core; returns its payload length.

@@ -411,8 +411,8 @@ class VsockBridge:
                 c.to_unix = c.to_unix[n:]
                 if c.to_unix:
                     break
-            if c.guest_eof:
-                break
+            if c.guest_eof or not core.readable(sk):
+                break                   # nothing queued: the core's wake brings us back
             try:
                 data = core.recv(sk, CHUNK)
             except BlockingIOError:

@@ -337,6 +337,41 @@ class VhostVsock(VhostDevice):
             return bool(self.send_pkt_list) and not self.vqs[qidx].avail_empty(self.mem)
         return False
 
+    # --- busy polling from a host program's socket call (sk_busy_loop) ------------------------
+    def busy_poll_start(self) -> None:
+        """A host program thread polls the tx ring itself: no kicks meanwhile."""
+        if self._ready():
+            try:
+                self.vqs[VSOCK_VQ_TX].suppress_notify(self.mem)
+            except GUEST_ERRORS as e:
+                self.vq_err(self.vqs[VSOCK_VQ_TX], e)
+
+    def busy_poll(self) -> bool:
+        """One poll of the tx ring from the calling thread (lock held); True if it did work."""
+        if not self._ready():
+            return False
+        try:
+            if not self.queue_has_work(VSOCK_VQ_TX):
+                return False
+        except GUEST_ERRORS as e:
+            self.vq_err(self.vqs[VSOCK_VQ_TX], e)
+            return False
+        self.handle_tx_kick()
+        self.busy_poll_start()          # handle_tx_kick re-armed kicks on its way out
+        return True
+
+    def busy_poll_stop(self) -> None:
+        """Polling is over: re-arm kicks, and handle what raced in meanwhile."""
+        if not self._ready():
+            return
+        try:
+            raced = self.vqs[VSOCK_VQ_TX].enable_notify(self.mem)
+        except GUEST_ERRORS as e:
+            self.vq_err(self.vqs[VSOCK_VQ_TX], e)
+            return
+        if raced:
+            self.handle_tx_kick()
+
     def _alloc_pkt(self, chain) -> Packet:
         """vhost_vsock_alloc_pkt: the device-specific chain rules (B.5 row 14), header copied once."""
         if chain.in_:
@@ -344,9 +379,12 @@ class VhostVsock(VhostDevice):
         if chain.out_len < HDR_SIZE:
             raise VringError(14, f"vsock tx chain holds {chain.out_len} bytes, "
                                  f"less than the {HDR_SIZE}-byte header")
-        hdr = iov_read(chain.out, 0, HDR_SIZE)     # copied out: the guest cannot change it now
+        out = chain.out
+        first = out[0]
+        # The fields are copied out once (unpack_from makes ints): the guest cannot change them.
         (src_cid, dst_cid, src_port, dst_port, length, type_, op, flags, buf_alloc,
-         fwd_cnt) = HDR.unpack(hdr)
+         fwd_cnt) = (HDR.unpack_from(first, 0) if first.nbytes >= HDR_SIZE
+                     else HDR.unpack(iov_read(out, 0, HDR_SIZE)))
         if type_ != VIRTIO_VSOCK_TYPE_STREAM:
             length = 0                              # only STREAM packets carry a payload here
         if length > VIRTIO_VSOCK_MAX_PKT_BUF_SIZE:
@@ -355,7 +393,12 @@ class VhostVsock(VhostDevice):
         if length > chain.out_len - HDR_SIZE:
             raise VringError(14, f"vsock packet len {length} but the chain holds only "
                                  f"{chain.out_len - HDR_SIZE} payload bytes")
-        payload = iov_read(chain.out, HDR_SIZE, length) if length else b""
+        if not length:
+            payload = b""
+        elif first.nbytes == HDR_SIZE and out[1].nbytes >= length:
+            payload = bytes(out[1][:length])        # the seeds' layout: the one copy
+        else:
+            payload = iov_read(out, HDR_SIZE, length)
         return Packet(src_cid, dst_cid, src_port, dst_port, type_, op, flags, buf_alloc, fwd_cnt,
                       payload)
 
