@@ -245,7 +245,13 @@ class VhostDevice:
             except (VringError, GuestMemoryError) as e:
                 self.vq_err(vq, e)
                 return False
-        return PollOps(pending, suppress, rearm)
+        def polled() -> None:                   # work found by polling: not a kick
+            if usable() and getattr(vq, "enabled", True):
+                try:
+                    self.handle_kick(qidx)
+                except (VringError, GuestMemoryError) as e:
+                    self.vq_err(vq, e)
+        return PollOps(pending, suppress, rearm, polled)
 
     def notify(self, vq) -> bool:
         """Interrupt the driver if the ring says so (vhost_signal: vhost_notify + eventfd_signal)."""

@@ -67,10 +67,13 @@ class PollOps:
     pending()   is there work on the ring? (a cheap index compare)
     suppress()  ask the other side not to notify while we poll
     rearm()     ask for notifications again; True when work raced in (poll again)
+    handler()   what runs for work found by polling, when it differs from the doorbell's
+                handler (a device counts kicks in the latter)
     """
     pending: Callable[[], bool]
     suppress: Callable[[], None] | None = None
     rearm: Callable[[], bool] | None = None
+    handler: Callable[[], None] | None = None   # for work found by polling (default: the doorbell's)
 
 
 class DoorbellThread:
@@ -94,9 +97,12 @@ class DoorbellThread:
         if self.thread is not threading.current_thread() and self.thread.is_alive():
             self.thread.join(timeout)
 
-    def _run_handler(self) -> None:
+    def _run_handler(self, polled: bool = False) -> None:
         try:
-            self.handler()
+            if polled and self.poll.handler is not None:
+                self.poll.handler()
+            else:
+                self.handler()
         except Exception:  # a handler bug must not end the thread
             self.engine.work_errors += 1
             log.exception("%s: doorbell handler %r failed", self.engine.name, self.handler)
@@ -122,7 +128,7 @@ class DoorbellThread:
                 else:
                     continue
                 stats["handler_runs"] += 1
-                self._run_handler()
+                self._run_handler(polled=not n)
             if self.poll_ns and poll is not None:
                 self._busy_poll()
 
@@ -145,7 +151,7 @@ class DoorbellThread:
                 if poll.pending():
                     stats["poll_hits"] += 1
                     stats["handler_runs"] += 1
-                    self._run_handler()
+                    self._run_handler(polled=True)
                     suppressed = False        # the handler re-armed on its way out
                     deadline = clock() + self.poll_ns
                     continue
@@ -154,7 +160,7 @@ class DoorbellThread:
                     if poll.rearm is not None and poll.rearm():
                         stats["poll_hits"] += 1
                         stats["handler_runs"] += 1
-                        self._run_handler()
+                        self._run_handler(polled=True)
                     break
             time.sleep(0)                     # let the other threads of this process run
         stats["poll_ns"] += clock() - t0

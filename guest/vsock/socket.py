@@ -134,7 +134,14 @@ class VsockSocket:
         return None if timeout is None else time.monotonic() + timeout
 
     def _wait(self, ready, deadline: float | None) -> bool:
-        """Wait (lock held) until ready() or the socket is closed; False on timeout."""
+        """Wait (lock held) until ready() or the socket is closed; False on timeout.
+
+        With the kernel's poll_us > 0, first busy-poll the rx ring from this thread for that
+        long (sk_busy_loop): a packet that arrives meanwhile is handled here, with no interrupt
+        and no wake-up of another thread."""
+        poll_us = getattr(self._kernel, "poll_us", 0)
+        if poll_us and not (ready() or self._closed) and self._busy_poll(ready, poll_us, deadline):
+            return True
         while not (ready() or self._closed):
             if deadline is None:
                 self._cv.wait()
@@ -144,6 +151,22 @@ class VsockSocket:
                     return False
                 self._cv.wait(left)
         return True
+
+    def _busy_poll(self, ready, poll_us: int, deadline: float | None) -> bool:
+        t = self._transport
+        clock = time.perf_counter
+        end = clock() + poll_us / 1e6
+        t.busy_poll_start()
+        try:
+            while True:
+                t.busy_poll()
+                if ready() or self._closed:
+                    return True
+                now = clock()
+                if now >= end or (deadline is not None and now >= deadline):
+                    return False
+        finally:
+            t.busy_poll_stop()
 
     # --- timeouts -----------------------------------------------------------------------------
     def settimeout(self, timeout: float | None) -> None:
