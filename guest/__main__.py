@@ -63,8 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="record every vsock packet the guest sends or receives (vsockmon pcap)")
     p.add_argument("--queue-size", type=queue_size, default=128, metavar="N",
                    help="rx and tx virtqueue size (power of 2; default 128)")
-    p.add_argument("--buf-size", type=int, default=256 * 1024, metavar="BYTES",
-                   help="default vsock socket receive buffer (SO_VM_SOCKETS_BUFFER_SIZE; default 262144)")
     p.add_argument("--rx-buf-size", type=int, default=64 * 1024, metavar="BYTES",
                    help="payload bytes of each posted rx buffer (default 65536; the 2016-17 seeds "
                         "post 4096)")
@@ -78,9 +76,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.queue_size < 2:
         print("guest: --queue-size must be at least 2 (an rx buffer takes two descriptors)", file=sys.stderr)
-        return 2
-    if not 128 <= args.buf_size <= 0xFFFFFFFF:
-        print(f"guest: --buf-size {args.buf_size} is out of range (128..4294967295)", file=sys.stderr)
         return 2
     if not 64 <= args.rx_buf_size <= 64 * 1024:
         print(f"guest: --rx-buf-size {args.rx_buf_size} is out of range (64..65536)", file=sys.stderr)

@@ -54,7 +54,7 @@ class GuestOptions:
     pcap: Path | None = None
     queue_size: int = 128
     credit_policy: str = "low-space"
-    buf_size: int = 256 * 1024
+    buf_size: int = 1 << 20
     rx_buf_size: int = 64 * 1024
     poll_us: int = 0
     connect_timeout: float = 5.0

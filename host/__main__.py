@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     from host.daemon import Daemon, HostOptions
     opts = HostOptions(run_dir=args.run_dir or default_run_dir(), pcap=args.pcap,
                        credit_policy=args.credit_policy, dialect=args.dialect,
-                       max_queue_size=args.max_queue_size, poll_us=args.poll_us)
+                       max_queue_size=args.max_queue_size, poll_us=args.poll_us,
+                       buf_size=args.buf_size)
     try:
         d = Daemon(opts)
         d.bind()

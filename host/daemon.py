@@ -47,6 +47,7 @@ class HostOptions:
     max_queue_size: int = 1024
     stats_interval: float = 0.5
     poll_us: int = 0
+    buf_size: int = 1 << 20
 
 
 @dataclass

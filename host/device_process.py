@@ -96,7 +96,8 @@ class DeviceProcess:
                 self.capture = PcapWriter(self.opts.pcap, append=True)
             dev = VhostVsock(hello["params"]["cid"], run_dir=self.opts.run_dir,
                              credit_policy=self.opts.credit_policy, capture=self.capture,
-                             dialect=self.opts.dialect, reconnect=bool(hello.get("reconnect")))
+                             dialect=self.opts.dialect, reconnect=bool(hello.get("reconnect")),
+                             buf_size=getattr(self.opts, "buf_size", None))
         else:
             raise ProtocolError(f"unknown device type {hello['device']!r}", "ENODEV")
         dev.max_queue_size = self.opts.max_queue_size

@@ -29,10 +29,27 @@ def poll_us(text: str) -> int:
     return n
 
 
+def buf_size(text: str) -> int:
+    """argparse type: a vsock socket receive buffer (SO_VM_SOCKETS_BUFFER_SIZE) in bytes."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--buf-size {text!r} is not a number of bytes") from None
+    if not 128 <= n <= 0xFFFFFFFF:
+        raise argparse.ArgumentTypeError(f"--buf-size {n} is out of range (128..4294967295)")
+    return n
+
+
+DEFAULT_BUF_SIZE = 1 << 20
+
+
 def add_common(p: argparse.ArgumentParser, credit_help: str) -> None:
     """--credit-policy, --poll-us and --log-level, spelled the same on both sides."""
     p.add_argument("--credit-policy", choices=CREDIT_POLICIES, default="low-space",
                    help=credit_help + " (default low-space)")
+    p.add_argument("--buf-size", type=buf_size, default=DEFAULT_BUF_SIZE, metavar="BYTES",
+                   help="receive buffer of each vsock socket on this side, advertised as buf_alloc "
+                        "(SO_VM_SOCKETS_BUFFER_SIZE; default 1048576, Linux's is 262144)")
     p.add_argument("--poll-us", type=poll_us, default=0, metavar="N",
                    help="after work, busy-poll the rings for N microseconds with notifications "
                         "suppressed before sleeping on the doorbell (vhost's busyloop_timeout, "

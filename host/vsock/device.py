@@ -111,7 +111,7 @@ class VhostVsock(VhostDevice):
 
     def __init__(self, guest_cid: int, *, run_dir=None, credit_policy: str = "every-read",
                  capture=None, dialect: str = "firecracker", reconnect: bool = False,
-                 name: str = "", **kw):
+                 name: str = "", buf_size: int | None = None, **kw):
         if not isinstance(guest_cid, int) or guest_cid in RESERVED_CIDS or not 2 < guest_cid <= 0xFFFFFFFF:
             raise ValueError(f"guest CID {guest_cid!r} is reserved or out of range "
                              f"(a guest CID is 3..0xFFFFFFFE)")
@@ -121,6 +121,7 @@ class VhostVsock(VhostDevice):
         self.guest_cid = guest_cid
         self.run_dir = run_dir
         self.credit_policy = credit_policy
+        self.buf_size = buf_size        # the host sockets' receive buffer (None: the core's default)
         self.dialect = dialect
         self.reconnect = reconnect
         self.capture = self._open_capture(capture)
@@ -151,7 +152,8 @@ class VhostVsock(VhostDevice):
 
     def _new_core(self):
         from shared.vsock.proto import VsockCore
-        return VsockCore(VMADDR_CID_HOST, self.send_pkt, credit_policy=self.credit_policy)
+        kw = {} if self.buf_size is None else {"buf_size": self.buf_size}
+        return VsockCore(VMADDR_CID_HOST, self.send_pkt, credit_policy=self.credit_policy, **kw)
 
     @staticmethod
     def _open_capture(capture):
