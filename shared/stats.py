@@ -37,6 +37,7 @@ def remove_stats(run_dir, role: str) -> None:
 
 
 def read_all(run_dir) -> list[dict]:
+    """Every live process's snapshot; files of dead processes are removed on the way."""
     d = Path(run_dir) / "stats"
     out = []
     if not d.is_dir():
@@ -55,3 +56,8 @@ def read_all(run_dir) -> list[dict]:
             continue
         out.append(data)
     return out
+
+
+def prune(run_dir) -> None:
+    """Remove the snapshots of dead processes (a SIGKILLed process cannot remove its own)."""
+    read_all(run_dir)
