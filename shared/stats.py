@@ -59,5 +59,13 @@ def read_all(run_dir) -> list[dict]:
 
 
 def prune(run_dir) -> None:
-    """Remove the snapshots of dead processes (a SIGKILLed process cannot remove its own)."""
+    """Remove the snapshots of dead processes (a SIGKILLed process cannot remove its own), and
+    their half-written `.role-pid.tmp` files."""
     read_all(run_dir)
+    for tmp in (Path(run_dir) / "stats").glob(".*.tmp"):
+        try:
+            pid = int(tmp.name.rsplit("-", 1)[1].split(".")[0])
+        except (IndexError, ValueError):
+            continue
+        if proc_starttime(pid) is None:
+            tmp.unlink(missing_ok=True)
