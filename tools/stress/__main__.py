@@ -239,7 +239,7 @@ def _finish(console, args, groups, base, seed, cfg, notes, rss_series, errors, t
                "faults": list(cfg.faults), "seconds": round(elapsed, 1),
                "rounds": sum(g.rounds for g in groups), "ok": ok, "invariants": rows, "notes": notes,
                "fault_log": run["faults"], "stalls": run["stalls"],
-               "outcome_counts": _counts(run["outcomes"])}
+               "outcome_counts": _counts(run["outcomes"]), "outcomes": run["outcomes"]}
         args.json.write_text(json.dumps(doc, indent=1, default=str))
     if args.keep or not ok:
         console.print(f"logs kept in {base}")

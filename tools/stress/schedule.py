@@ -115,11 +115,11 @@ def round_plan(cfg: Config, group: int, rnd: int) -> RoundPlan:
         elif kind == "hostile":
             target = 200 + rnd % 50                     # a CID of its own
             mode = str(r.getrandbits(32))
-        plan.fault = Fault(kind, target, round(r.uniform(0.05, 0.5), 3), round(r.uniform(0.3, 2.0), 3), mode)
+        plan.fault = Fault(kind, target, round(r.uniform(0.02, 0.3), 3), round(r.uniform(0.3, 2.0), 3), mode)
         if kind in ("guest-kill", "host-kill", "guest-stop", "host-stop"):
             # Victims: long streams both ways to the target, so the fault lands mid-transfer.
             victim = target if isinstance(target, int) else r.choice(cids)
-            big = max(4 * cfg.max_size, 1 << 20)
+            big = max(8 * cfg.max_size, 2 << 20)
             add("h2g", victim, big)
             add("g2h", victim, big)
     return plan
