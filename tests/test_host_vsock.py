@@ -579,3 +579,16 @@ def test_new_backend_rearms_kicks_left_suppressed_by_a_killed_one(event_idx):
     assert not dev.broken
     assert g.post_rx(4, kick=False) == 4
     assert g.vqs[VSOCK_VQ_RX].kick_prepare()          # the driver kicks the new backend again
+
+
+def test_restarted_backend_takes_tx_left_by_the_killed_one_without_a_kick():
+    """The killed host took the guest's last tx kick with it: the new one (reconnect) must look
+    at the tx ring at start, or a guest with a full tx ring never kicks again (tools.stress)."""
+    dev, g, w = make(reconnect=True, start=False)
+    g.post_event(1)
+    for i in range(3):
+        assert g.xmit(pkt(VIRTIO_VSOCK_OP_RST, src_port=6000 + i))   # on the ring, no kick
+    dev.start()
+    w.run()
+    assert dev.stats["tx_packets"] == 3
+    assert len(g.reap_tx()) == 3
