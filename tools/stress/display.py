@@ -5,10 +5,12 @@ from rich.table import Table
 
 
 def progress(groups, elapsed: float, rss_now: dict[str, int]) -> Table:
-    t = Table(title=f"virtio-emu stress: {elapsed:5.0f} s", title_justify="left")
-    for col in ("group", "rounds", "verified", "reset", "corrupt", "hung", "MB checked", "faults",
+    t = Table(title=f"virtio-emu stress: {elapsed:5.0f} s   (faults: gK/hK guest/host SIGKILL, "
+                    f"gS/hS SIGSTOP, rx stall, ho hostile)", title_justify="left")
+    for col in ("grp", "rounds", "ok", "reset", "corrupt", "hung", "MB ok", "faults",
                 "stalls", "procs", "RSS MiB"):
-        t.add_column(col, justify="right" if col not in ("faults",) else "left")
+        t.add_column(col, justify="right" if col not in ("faults",) else "left",
+                     no_wrap=col == "faults")
     for g in groups:
         with g.lock:
             outs = list(g.outcomes)
@@ -18,13 +20,18 @@ def progress(groups, elapsed: float, rss_now: dict[str, int]) -> Table:
         mb = sum(o["bytes"] for o in outs if o["result"] == "ok") / 1e6
         kinds: dict = {}
         for f in faults:
-            kinds[f["kind"]] = kinds.get(f["kind"], 0) + 1
+            k = SHORT.get(f["kind"], f["kind"])
+            kinds[k] = kinds.get(k, 0) + 1
         mine = {k: v for k, v in rss_now.items() if k.startswith(f"g{g.idx}/")}
         t.add_row(str(g.idx), str(g.rounds), str(count["ok"]), str(count["reset"]),
                   _red(count["corrupt"]), _red(count["hung"]), f"{mb:.1f}",
                   " ".join(f"{k}:{v}" for k, v in sorted(kinds.items())) or "-", str(nst),
                   str(len(mine)), f"{sum(mine.values()) / 2**20:.0f}")
     return t
+
+
+SHORT = {"guest-kill": "gK", "host-kill": "hK", "guest-stop": "gS", "host-stop": "hS", "rx-stall": "rx",
+         "hostile": "ho"}
 
 
 def _red(n: int) -> str:
