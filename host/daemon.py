@@ -31,6 +31,7 @@ from shared import control
 from shared.constants import RESERVED_CIDS
 from shared.errors import ProtocolError
 from shared.resources import ensure_run_dir, reap
+from shared.stats import prune as prune_stats
 
 log = logging.getLogger("host")
 
@@ -247,6 +248,7 @@ class Daemon:
                      _status(status))
         if reaped:
             reap(self.run_dir)
+            prune_stats(self.run_dir)     # snapshots of device processes that were killed
 
     def shutdown(self) -> None:
         for pid in list(self.children):
@@ -273,6 +275,7 @@ class Daemon:
             except FileNotFoundError:
                 pass
         reap(self.run_dir)
+        prune_stats(self.run_dir)
         log.info("host stopped")
 
 

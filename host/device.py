@@ -129,6 +129,14 @@ class VhostDevice:
     def start(self) -> None:
         """DRIVER_OK: the rings are set up; begin processing. Subclasses call super().start()."""
         self.running = True
+        if self.mem is not None:
+            for vq in self.vqs:
+                init = getattr(vq, "init_access", None)
+                if callable(init) and getattr(vq, "enabled", True):
+                    try:
+                        init(self.mem)
+                    except (VringError, GuestMemoryError) as e:
+                        self.vq_err(vq, e)
         log.info("%s: started (features %#x)", self.name, self.acked_features)
 
     def stop(self) -> None:

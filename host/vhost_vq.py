@@ -150,6 +150,19 @@ class VhostVirtqueue:
         except VringError:
             return False
 
+    def init_access(self, mem) -> None:
+        """vhost_vq_init_access: map the ring and publish our notification intent.
+
+        A backend killed mid-batch leaves VRING_USED_F_NO_NOTIFY set (or avail_event behind) in
+        guest memory; the driver would then never kick this new backend (vhost_update_used_flags).
+        """
+        if mem is not self._mem:
+            self._map(mem)
+        if self._event_idx:
+            self._uv[self._avail_event] = self._last_avail
+        else:
+            self._uv[0] = self.used_flags
+
     # --- avail side --------------------------------------------------------------------------
     def _read_avail_idx(self) -> int:
         """One aligned load of avail.idx, checked against rule 1, cached in _avail_idx."""

@@ -37,6 +37,7 @@ def remove_stats(run_dir, role: str) -> None:
 
 
 def read_all(run_dir) -> list[dict]:
+    """Every live process's snapshot; files of dead processes are removed on the way."""
     d = Path(run_dir) / "stats"
     out = []
     if not d.is_dir():
@@ -55,3 +56,16 @@ def read_all(run_dir) -> list[dict]:
             continue
         out.append(data)
     return out
+
+
+def prune(run_dir) -> None:
+    """Remove the snapshots of dead processes (a SIGKILLed process cannot remove its own), and
+    their half-written `.role-pid.tmp` files."""
+    read_all(run_dir)
+    for tmp in (Path(run_dir) / "stats").glob(".*.tmp"):
+        try:
+            pid = int(tmp.name.rsplit("-", 1)[1].split(".")[0])
+        except (IndexError, ValueError):
+            continue
+        if proc_starttime(pid) is None:
+            tmp.unlink(missing_ok=True)

@@ -560,3 +560,35 @@ def test_capture_sees_tx_and_each_rx_piece():
     dev.send_pkt(pkt(VIRTIO_VSOCK_OP_RW, src_cid=2, dst_cid=GUEST_CID, payload=bytes(1500)))
     w.run()
     assert [(p.src_cid, p.len) for p in cap.pkts] == [(77, 0), (2, 1000), (2, 500)]
+
+
+# --- regression (found by tools.stress: host SIGKILL mid-batch, then restart) ------------------
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_new_backend_rearms_kicks_left_suppressed_by_a_killed_one(event_idx):
+    """A killed backend left kicks suppressed in guest memory; the next one must re-arm them at
+    start (vhost_vq_init_access), or the driver never kicks it and connections time out."""
+    from shared.constants import VRING_USED_F_NO_NOTIFY
+    from shared.ring_layout import avail_event_addr, used_flags_addr
+    dev, g, w = make(start=False, event_idx=event_idx)
+    for vq in g.vqs:
+        if event_idx:
+            g.mem.store16(avail_event_addr(vq.used, vq.num), 0x8000)   # far behind the driver
+        else:
+            g.mem.store16(used_flags_addr(vq.used), VRING_USED_F_NO_NOTIFY)
+    dev.start()
+    assert not dev.broken
+    assert g.post_rx(4, kick=False) == 4
+    assert g.vqs[VSOCK_VQ_RX].kick_prepare()          # the driver kicks the new backend again
+
+
+def test_restarted_backend_takes_tx_left_by_the_killed_one_without_a_kick():
+    """The killed host took the guest's last tx kick with it: the new one (reconnect) must look
+    at the tx ring at start, or a guest with a full tx ring never kicks again (tools.stress)."""
+    dev, g, w = make(reconnect=True, start=False)
+    g.post_event(1)
+    for i in range(3):
+        assert g.xmit(pkt(VIRTIO_VSOCK_OP_RST, src_port=6000 + i))   # on the ring, no kick
+    dev.start()
+    w.run()
+    assert dev.stats["tx_packets"] == 3
+    assert len(g.reap_tx()) == 3

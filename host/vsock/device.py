@@ -218,6 +218,9 @@ class VhostVsock(VhostDevice):
             # Host restart: the guest's connections died with the old host (B.6 TRANSPORT_RESET).
             self._reset_on_start = False
             self.send_transport_reset()
+            # The old host took the guest's last tx kick with it; a full tx ring would never be
+            # kicked again. Look at it once, as if kicked (vhost_poll_queue at start).
+            self._queue_work(self.handle_tx_work)
         if self.send_pkt_list:
             self._queue_work(self.do_send_pkt)
 

@@ -1,0 +1,123 @@
+"""tools/stress: the seeded schedule, the invariants (pure), the CLI's errors, and one short run
+with faults on (multi-process: hosts, guests, a hostile guest, kills, stops)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tools.stress.data import PrefixChecker, stream_bytes
+from tools.stress.invariants import evaluate, explained, rss_growth
+from tools.stress.schedule import FAULTS, Config, parse_faults, round_plan
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_same_seed_same_schedule_other_seed_other_schedule():
+    a = Config(seed=42, pairs=3, guests_per_host=2)
+    b = Config(seed=43, pairs=3, guests_per_host=2)
+    plans = [round_plan(a, g, r).as_dict() for g in range(3) for r in range(20)]
+    assert plans == [round_plan(a, g, r).as_dict() for g in range(3) for r in range(20)]
+    assert plans != [round_plan(b, g, r).as_dict() for g in range(3) for r in range(20)]
+    kinds = {f["fault"]["kind"] for f in plans if f["fault"]}
+    assert kinds == set(FAULTS)                    # 60 rounds at rate 0.5 reach every fault
+
+
+def test_faults_option():
+    assert parse_faults("all") == FAULTS and parse_faults("none") == ()
+    assert parse_faults("host-kill, guest-stop") == ("host-kill", "guest-stop")
+    with pytest.raises(ValueError, match="unknown fault"):
+        parse_faults("host-kill,meteor")
+    plan = [round_plan(Config(seed=1, faults=("rx-stall",), fault_rate=1.0), 0, r) for r in range(10)]
+    assert all(p.fault.kind == "rx-stall" for p in plan)
+
+
+def test_prefix_checker_counts_every_wrong_byte():
+    data = stream_bytes(7, 1000)
+    ok = PrefixChecker(data)
+    ok.feed(data[:300])
+    ok.feed(data[300:])
+    assert ok.verified() and not ok.corrupt
+    bad = PrefixChecker(data)
+    bad.feed(data[:10] + bytes([data[10] ^ 1]) + data[11:20])
+    assert bad.corrupt == 1 and not bad.complete
+    extra = PrefixChecker(data[:5])
+    extra.feed(data[:5] + b"zz")
+    assert extra.corrupt == 2
+
+
+def _o(result="ok", cid=3, t0=10.0, t1=11.0, corrupt=0, group=0):
+    return {"kind": "h2g", "cid": cid, "sid": 1, "size": 5, "result": result, "bytes": 5,
+            "corrupt": corrupt, "t0": t0, "t1": t1, "why": "", "group": group}
+
+
+def _run(outs, faults=(), **kw):
+    run = {"outcomes": list(outs), "faults": list(faults), "stalls": [], "rss": {},
+           "leaks": {"shm": [], "files": [], "procs": []}, "hung": [],
+           "exceptions": {"host": [], "guest": []}, "errors": []}
+    run.update(kw)
+    return {r["invariant"]: r for r in evaluate(run)}
+
+
+def test_a_reset_needs_a_kill_of_its_guest_or_host_to_be_explained():
+    kill = {"group": 0, "kind": "guest-kill", "target": 3, "t0": 10.5, "t1": 12.0, "recovered": True, "detail": ""}
+    assert explained(_o("reset"), [kill])
+    assert not explained(_o("reset", cid=4), [kill])                 # another guest
+    assert not explained(_o("reset", group=1), [kill])               # another group
+    assert not explained(_o("reset", t0=30, t1=31), [kill])          # long after
+    stop = dict(kill, kind="guest-stop")
+    assert not explained(_o("reset"), [stop])                        # a stop must not break streams
+    rows = _run([_o(), _o("reset")], [kill])
+    assert all(r["ok"] for r in rows.values())
+    rows = _run([_o(), _o("reset", cid=4)], [kill])
+    assert not rows["transfers broken with no kill to explain them"]["ok"]
+
+
+def test_violations_are_reported():
+    rows = _run([_o("corrupt", corrupt=3)])
+    assert rows["corrupted bytes delivered"]["count"] == 3 and not rows["corrupted bytes delivered"]["ok"]
+    hostile = {"group": 0, "kind": "hostile", "target": 200, "t0": 10.2, "t1": 10.8, "recovered": True, "detail": {}}
+    rows = _run([_o("reset")], [hostile])
+    assert not rows["well-behaved guests disturbed by a hostile guest"]["ok"]
+    rows = _run([_o()], leaks={"shm": ["ve-x-ram"], "files": [], "procs": [123]})
+    assert not rows["leaked shm segments and semaphores"]["ok"] and not rows["leaked processes"]["ok"]
+    rows = _run([_o()], exceptions={"host": ["host.1.log (1)"], "guest": []})
+    assert not rows["host exceptions (tracebacks in host logs)"]["ok"]
+
+
+def test_rss_growth_after_warm_up():
+    flat = [(t, 50 << 20) for t in range(60)]
+    leak = [(t, (50 << 20) + t * (2 << 20)) for t in range(60)]
+    young = [(t, t << 24) for t in range(10)]
+    bad = rss_growth({"flat": flat, "leak": leak, "young": young})
+    assert [b[0] for b in bad] == ["leak"]
+
+
+def _cli(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "tools.stress", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_cli_refuses_bad_arguments_with_one_line(tmp_path):
+    r = _cli("--faults", "meteor")
+    assert r.returncode == 2 and "unknown fault" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("--json", str(tmp_path / "no" / "such" / "dir" / "x.json"), "--rounds", "1")
+    assert r.returncode == 2 and "cannot write --json" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("--print-schedule", "2", "--seed", "9", "--pairs", "1")
+    assert r.returncode == 0 and json.loads(r.stdout)["seed"] == 9
+
+
+@pytest.mark.multiprocess
+def test_short_stress_run_with_faults_keeps_every_invariant(tmp_path):
+    out = tmp_path / "summary.json"
+    r = _cli("--pairs", "2", "--guests-per-host", "1", "--seconds", "18", "--faults", "all",
+             "--fault-rate", "0.7", "--seed", "7", "--plain", "--json", str(out), "--dir", str(tmp_path / "stress"),
+             timeout=400)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    assert doc["ok"] and doc["seed"] == 7 and doc["rounds"] >= 2
+    rows = {row["invariant"]: row for row in doc["invariants"]}
+    assert rows["transfers verified end to end (SHA-256, every byte)"]["count"] > 0
+    assert rows["faults injected"]["count"] > 0
+    assert all(row["ok"] for row in doc["invariants"])

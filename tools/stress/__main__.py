@@ -1,0 +1,261 @@
+"""python -m tools.stress: N host/guest groups, seeded workloads and faults, invariants checked.
+
+Exit status: 0 when every invariant holds, 1 on any violation, 2 on bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+
+from shared.resources import ours_in_dev_shm, run_tag
+
+from . import display, invariants
+from .group import Group, GroupError
+from .procs import processes_mentioning
+from .schedule import Config, parse_faults, round_plan
+from tools.launch import ROOT
+
+TRACEBACK = "Traceback (most recent call last)"
+
+
+def _positive(kind, lo, hi):
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(f"{text} is out of range ({lo}..{hi})")
+        return v
+    return parse
+
+
+def _faults(text: str) -> tuple:
+    try:
+        return parse_faults(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tools.stress", description=__doc__.splitlines()[0])
+    p.add_argument("--pairs", type=_positive(int, 1, 32), default=2, help="host/guest groups (default 2)")
+    p.add_argument("--guests-per-host", type=_positive(int, 1, 16), default=2, help="guests per host (default 2)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--seconds", type=_positive(float, 1, 86400), default=None,
+                     help="run rounds until this much time has passed (default 20)")
+    how.add_argument("--rounds", type=_positive(int, 1, 10**6), default=None, help="run exactly this many rounds per group")
+    p.add_argument("--seed", type=int, default=None, help="seed of the schedule (default: random, printed)")
+    p.add_argument("--faults", type=_faults, default=parse_faults("all"),
+                   help="which faults: all (default), none, or a comma list of "
+                        "guest-kill,host-kill,guest-stop,host-stop,rx-stall,hostile")
+    p.add_argument("--fault-rate", type=_positive(float, 0, 1), default=0.5,
+                   help="probability that a round has a fault (default 0.5)")
+    p.add_argument("--max-size", type=_positive(int, 1, 64 << 20), default=256 * 1024,
+                   help="largest stream in bytes (default 262144)")
+    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the summary as JSON")
+    p.add_argument("--dir", type=Path, default=None, help="where run dirs and logs go (default: a new temp dir)")
+    p.add_argument("--keep", action="store_true", help="keep logs and run dirs")
+    p.add_argument("--plain", action="store_true", help="no live view (progress lines instead)")
+    p.add_argument("--print-schedule", type=_positive(int, 1, 10**4), default=None, metavar="ROUNDS",
+                   help="print the plan of the first ROUNDS rounds of every group as JSON and exit")
+    return p
+
+
+def host_supports_services() -> bool:
+    """Does `python -m host` have the in-device endpoint (--service)?"""
+    try:
+        out = subprocess.run([sys.executable, "-m", "host", "--help"], capture_output=True, text=True,
+                             cwd=ROOT, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return re.search(r"--service\b", out) is not None
+
+
+def check_writable(path: Path) -> str | None:
+    existed = path.exists()
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        return f"stress: cannot write --json {path}: {e.strerror or e}"
+    if not existed:
+        path.unlink()
+    return None
+
+
+def scan_tracebacks(groups) -> dict:
+    found = {"host": [], "guest": []}
+    for g in groups:
+        for role, log in g.logs():
+            if role == "hostile":
+                continue
+            try:
+                text = log.read_text(errors="replace")
+            except FileNotFoundError:
+                continue
+            n = text.count(TRACEBACK)
+            if n:
+                found[role].append(f"{log} ({n})")
+    return found
+
+
+def scan_leaks(groups) -> dict:
+    shm, files, procs = [], [], []
+    now = set(ours_in_dev_shm())
+    for g in groups:
+        tag = run_tag(g.run_dir)
+        shm += [n for n in now if tag in n]
+        if g.run_dir.exists():
+            files += [str(p.relative_to(g.dir)) for p in g.run_dir.rglob("*") if not p.is_dir()]
+        procs += processes_mentioning(str(g.run_dir))
+    return {"shm": sorted(shm), "files": sorted(files), "procs": procs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console = Console()
+    if args.json is not None:
+        err = check_writable(args.json)
+        if err:
+            print(err, file=sys.stderr)
+            return 2
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
+    indevice = host_supports_services()
+    cfg = Config(seed=seed, pairs=args.pairs, guests_per_host=args.guests_per_host, faults=args.faults,
+                 max_size=args.max_size, fault_rate=args.fault_rate, indevice=indevice)
+    if args.print_schedule:
+        plans = [round_plan(cfg, g, r).as_dict() for g in range(cfg.pairs) for r in range(args.print_schedule)]
+        print(json.dumps({"seed": seed, "plans": plans}, indent=1))
+        return 0
+    seconds = args.seconds if args.seconds is not None or args.rounds is not None else 20.0
+    notes = []
+    if not indevice:
+        notes.append("in-device host endpoint: `python -m host --help` has no --service; its workloads "
+                      "(indev-echo, indev-sink) were skipped")
+    notes.append("net workloads: vhost-net has not landed; none run (schedule.WORKLOADS is the extension point)")
+    base = args.dir or Path(tempfile.mkdtemp(prefix="ve-stress-"))
+    base.mkdir(parents=True, exist_ok=True)
+    console.print(f"[bold]virtio-emu stress[/]: seed {seed}, {args.pairs} group(s) x {args.guests_per_host} "
+                  f"guest(s), faults {','.join(args.faults) or 'none'}, "
+                  + (f"{args.rounds} rounds" if args.rounds else f"{seconds:.0f} s") + f"; logs in {base}")
+    for n in notes:
+        console.print(f"note: {n}")
+    groups = [Group(i, cfg, base) for i in range(args.pairs)]
+    stop = threading.Event()
+    rss_series: dict[str, list] = {}
+    rss_now: dict[str, int] = {}
+    start_errors: list[str] = []
+    t_start = time.monotonic()
+    try:
+        starters = [threading.Thread(target=_start, args=(g, start_errors)) for g in groups]
+        for t in starters:
+            t.start()
+        for t in starters:
+            t.join()
+        if start_errors:
+            for e in start_errors:
+                console.print(f"[red]{e}[/]")
+            return _finish(console, args, groups, base, seed, cfg, notes, rss_series, start_errors, t_start)
+        deadline = time.monotonic() + seconds if seconds else None
+        runners = [threading.Thread(target=g.run, args=(args.rounds, deadline, stop), name=f"group{g.idx}")
+                   for g in groups]
+        for t in runners:
+            t.start()
+
+        def sample() -> None:
+            rss_now.clear()
+            now = time.monotonic() - t_start
+            for g in groups:
+                for key, v in g.rss_sample():
+                    rss_series.setdefault(key, []).append((now, v))
+                    rss_now[key] = v
+
+        if args.plain:
+            last = 0.0
+            while any(t.is_alive() for t in runners):
+                time.sleep(1.0)
+                sample()
+                if time.monotonic() - last > 10:
+                    last = time.monotonic()
+                    console.print(display.progress(groups, time.monotonic() - t_start, rss_now))
+        else:
+            with Live(display.progress(groups, 0, rss_now), console=console, refresh_per_second=2) as live:
+                while any(t.is_alive() for t in runners):
+                    time.sleep(1.0)
+                    sample()
+                    live.update(display.progress(groups, time.monotonic() - t_start, rss_now))
+        for t in runners:
+            t.join()
+    except KeyboardInterrupt:
+        stop.set()
+        start_errors.append("interrupted")
+    return _finish(console, args, groups, base, seed, cfg, notes, rss_series, start_errors, t_start)
+
+
+def _start(g: Group, errors: list) -> None:
+    try:
+        g.start()
+    except (GroupError, OSError) as e:
+        errors.append(str(e))
+
+
+def _finish(console, args, groups, base, seed, cfg, notes, rss_series, errors, t_start) -> int:
+    for g in groups:
+        g.shutdown()
+    time.sleep(0.5)
+    run = {
+        "outcomes": [o for g in groups for o in g.outcomes],
+        "faults": [f for g in groups for f in g.faults],
+        "stalls": [s for g in groups for s in g.stalls],
+        "rss": rss_series,
+        "leaks": scan_leaks(groups),
+        "hung": [h for g in groups for h in g.hung_procs],
+        "exceptions": scan_tracebacks(groups),
+        "errors": errors + [e for g in groups for e in g.errors],
+    }
+    rows = invariants.evaluate(run)
+    elapsed = time.monotonic() - t_start
+    ok = all(r["ok"] for r in rows)
+    console.print(display.summary(rows, f"stress summary: seed {seed}, {len(groups)} group(s), "
+                                        f"{sum(g.rounds for g in groups)} rounds, {elapsed:.0f} s"))
+    for n in notes:
+        console.print(f"note: {n}")
+    if args.json is not None:
+        doc = {"seed": seed, "pairs": cfg.pairs, "guests_per_host": cfg.guests_per_host,
+               "faults": list(cfg.faults), "seconds": round(elapsed, 1),
+               "rounds": sum(g.rounds for g in groups), "ok": ok, "invariants": rows, "notes": notes,
+               "fault_log": run["faults"], "stalls": run["stalls"],
+               "outcome_counts": _counts(run["outcomes"]), "outcomes": run["outcomes"]}
+        args.json.write_text(json.dumps(doc, indent=1, default=str))
+    if args.keep or not ok:
+        console.print(f"logs kept in {base}")
+    elif args.dir is None:
+        shutil.rmtree(base, ignore_errors=True)
+    console.print("[bold green]stress OK[/]" if ok else "[bold red]stress FAILED: invariant violated[/]")
+    return 0 if ok else 1
+
+
+def _counts(outs: list[dict]) -> dict:
+    c: dict = {}
+    for o in outs:
+        key = f"{o['kind']}:{o['result']}"
+        c[key] = c.get(key, 0) + 1
+    return c
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""One stress group: a host, its guests (each running the agent), rounds of transfers and faults.
+
+The group's rounds run on one thread of the orchestrator; each round starts its transfers at once
+(one thread each), fires the round's fault after its delay, and ends when all are done and the
+fault has been recovered from (killed processes restarted and ready again).
+"""
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+from host.vsock.api import VsockHost
+
+from . import workloads
+from .procs import Proc, children, rss
+from .schedule import AGENT_PORT, ECHO_PORT, Config, RoundPlan, round_plan
+
+READY_TIMEOUT = 40.0
+JOIN_GRACE = workloads.TIMEOUT * 4
+
+
+class GroupError(Exception):
+    pass
+
+
+class Group:
+    def __init__(self, idx: int, cfg: Config, base: Path):
+        self.idx = idx
+        self.cfg = cfg
+        self.dir = base / f"g{idx}"
+        self.dir.mkdir(parents=True)
+        self.run_dir = self.dir / "run"
+        self.host: Proc | None = None
+        self.guests: dict[int, Proc] = {}
+        self.hostiles: list[Proc] = []
+        self.listeners: dict[int, workloads.G2HListeners] = {}
+        self.outcomes: list[dict] = []
+        self.faults: list[dict] = []
+        self.stalls: list[dict] = []
+        self.hung_procs: list[str] = []
+        self.errors: list[str] = []        # the orchestrator's own trouble (a violation too)
+        self.rounds = 0
+        self.lock = threading.Lock()
+        self.busy_until_stop = threading.Event()
+
+    # --- processes -----------------------------------------------------------------------------
+    def _host_args(self) -> list[str]:
+        a = ["-m", "host", "--run-dir", str(self.run_dir)]
+        if self.cfg.indevice:
+            from .schedule import INDEV_ECHO_PORT, INDEV_SINK_PORT
+            a += ["--service", f"echo={INDEV_ECHO_PORT}", "--service", f"sink={INDEV_SINK_PORT}"]
+        return a
+
+    def _guest_args(self, cid: int) -> list[str]:
+        return ["-m", "guest", "--run-dir", str(self.run_dir), "--cid", str(cid), "--mem", "16M",
+                "--service", f"echo={ECHO_PORT}", "--run", "tools.stress.agent:main"]
+
+    def start(self) -> None:
+        self.host = Proc("host", self._host_args(), self.dir)
+        if not self.host.wait_log("host listening", READY_TIMEOUT):
+            raise GroupError(f"group {self.idx}: host did not start; see {self.host.log}")
+        for cid in self.cfg.cids():
+            self.guests[cid] = Proc(f"guest{cid}", self._guest_args(cid), self.dir)
+        for cid in self.cfg.cids():
+            self.listeners[cid] = workloads.G2HListeners(self.run_dir, cid)
+            if not self._guest_ready(cid):
+                raise GroupError(f"group {self.idx}: guest {cid} did not boot; see {self.guests[cid].log}")
+
+    def _guest_ready(self, cid: int, timeout: float = READY_TIMEOUT) -> bool:
+        """Booted, and both the echo service and the agent answer through the bridge."""
+        g = self.guests[cid]
+        end = time.monotonic() + timeout
+        if not g.wait_log("vsock device ready", timeout):
+            return False
+        return self._ports_answer(cid, end)
+
+    def _ports_answer(self, cid: int, end: float) -> bool:
+        vh = VsockHost(self.run_dir)
+        for port in (ECHO_PORT, AGENT_PORT):
+            while True:
+                try:
+                    vh.connect(cid, port, timeout=2).close()
+                    break
+                except OSError:
+                    if time.monotonic() > end:
+                        return False
+                    time.sleep(0.1)
+        return True
+
+    def procs(self) -> list[tuple[str, int]]:
+        """(role, pid) of every live process of the group, the host's device processes included."""
+        out = []
+        if self.host is not None and self.host.alive():
+            out.append(("host", self.host.pid))
+            out += [("device", c) for c in children(self.host.pid)]
+        out += [(f"guest{cid}", g.pid) for cid, g in self.guests.items() if g.alive()]
+        out += [("hostile", h.pid) for h in self.hostiles if h.alive()]
+        return out
+
+    def rss_sample(self) -> list[tuple[str, int]]:
+        out = []
+        for role, pid in self.procs():
+            v = rss(pid)
+            if v is not None:
+                out.append((f"g{self.idx}/{role}/{pid}", v))
+        return out
+
+    # --- rounds -------------------------------------------------------------------------------
+    def run(self, rounds: int | None, deadline: float | None, stop: threading.Event) -> None:
+        rnd = 0
+        try:
+            while not stop.is_set():
+                if rounds is not None and rnd >= rounds:
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                self.run_round(round_plan(self.cfg, self.idx, rnd))
+                rnd += 1
+                self.rounds = rnd
+        except Exception as e:  # reported as a violation, not a traceback
+            import traceback
+            self.errors.append(f"group {self.idx}: {type(e).__name__}: {e}")
+            (self.dir / "orchestrator-error.txt").write_text(traceback.format_exc())
+
+    def run_round(self, plan: RoundPlan) -> None:
+        threads = []
+        for t in plan.transfers:
+            th = threading.Thread(target=self._transfer, args=(t,), daemon=True,
+                                  name=f"g{self.idx}-{t.kind}-{t.cid}")
+            th.start()
+            threads.append((th, t))
+        if plan.fault is not None:
+            ft = threading.Thread(target=self._fault, args=(plan,), daemon=True, name=f"g{self.idx}-fault")
+            ft.start()
+            threads.append((ft, None))
+        end = time.monotonic() + JOIN_GRACE
+        for th, t in threads:
+            th.join(max(0.0, end - time.monotonic()))
+            if th.is_alive() and t is not None:
+                # A transfer that outlived every timeout: the process it talks to is stuck.
+                self._record(workloads.outcome(t.kind, t.cid, t.sid, t.size, time.time() - JOIN_GRACE,
+                                               "hung", why="transfer thread did not finish"))
+        self._check_alive()
+
+    def _transfer(self, t) -> None:
+        fn = workloads.EXECUTORS[t.kind]
+        try:
+            o = fn(self, t.kind, t.cid, t.sid, t.size)
+        except Exception as e:
+            o = workloads.outcome(t.kind, t.cid, t.sid, t.size, time.time(), "reset",
+                                  why=f"executor: {type(e).__name__}: {e}")
+            self.errors.append(f"group {self.idx}: {t.kind} executor raised {type(e).__name__}: {e}")
+        o["group"] = self.idx
+        self._record(o)
+
+    def _record(self, o: dict) -> None:
+        o.setdefault("group", self.idx)
+        with self.lock:
+            self.outcomes.append(o)
+
+    def _check_alive(self) -> None:
+        """A process that died without a fault killing it is a violation (and is restarted)."""
+        if self.host is not None and not self.host.alive():
+            self.errors.append(f"group {self.idx}: host exited on its own ({self.host.p.returncode}); "
+                               f"see {self.host.log}")
+            self._restart_host()
+        for cid, g in self.guests.items():
+            if not g.alive():
+                self.errors.append(f"group {self.idx}: guest {cid} exited on its own ({g.p.returncode}); "
+                                   f"see {g.log}")
+                self._restart_guest(cid)
+
+    # --- faults -------------------------------------------------------------------------------
+    def _fault(self, plan: RoundPlan) -> None:
+        f = plan.fault
+        time.sleep(f.delay)
+        rec = {"group": self.idx, "round": plan.rnd, "kind": f.kind, "target": f.target,
+               "t0": time.time(), "t1": None, "recovered": True, "detail": ""}
+        try:
+            getattr(self, "_fault_" + f.kind.replace("-", "_"))(f, rec)
+        except Exception as e:
+            rec["recovered"] = False
+            rec["detail"] = f"{type(e).__name__}: {e}"
+        rec["t1"] = time.time()
+        with self.lock:
+            self.faults.append(rec)
+
+    def _fault_guest_kill(self, f, rec) -> None:
+        g = self.guests[f.target]
+        g.signal(signal.SIGKILL)
+        g.p.wait(10)
+        time.sleep(0.3)
+        rec["recovered"] = self._restart_guest(f.target)
+
+    def _restart_guest(self, cid: int) -> bool:
+        g = self.guests[cid]
+        for _ in range(3):
+            g.restart()
+            if self._guest_ready(cid):
+                return True
+            g.kill_group()
+        return False
+
+    def _fault_host_kill(self, f, rec) -> None:
+        before = {cid: g.text().count("reconnected to the host") for cid, g in self.guests.items()}
+        if f.mode == "all":
+            self.host.signal_group(signal.SIGKILL)
+        else:
+            self.host.signal(signal.SIGKILL)      # device processes follow (PDEATHSIG)
+        self.host.p.wait(10)
+        time.sleep(0.3)
+        rec["recovered"] = self._restart_host(before)
+        rec["detail"] = f.mode
+
+    def _restart_host(self, before: dict | None = None) -> bool:
+        if before is None:
+            before = {cid: g.text().count("reconnected to the host") for cid, g in self.guests.items()}
+        end = time.monotonic() + READY_TIMEOUT
+        while True:
+            self.host.restart()
+            if self.host.wait_log("host listening", READY_TIMEOUT):
+                break
+            self.host.kill_group()
+            if time.monotonic() > end:
+                return False
+        ok = True
+        for cid, g in self.guests.items():
+            ok &= g.wait_log("reconnected to the host", READY_TIMEOUT, count=before[cid] + 1)
+            ok &= self._ports_answer(cid, time.monotonic() + READY_TIMEOUT)
+        return ok
+
+    def _fault_guest_stop(self, f, rec) -> None:
+        g = self.guests[f.target]
+        g.signal(signal.SIGSTOP)
+        time.sleep(f.duration)
+        g.signal(signal.SIGCONT)
+
+    def _fault_host_stop(self, f, rec) -> None:
+        self.host.signal_group(signal.SIGSTOP)
+        time.sleep(f.duration)
+        self.host.signal_group(signal.SIGCONT)
+
+    def _fault_rx_stall(self, f, rec) -> None:
+        o = workloads.rx_stall(self, f.target, f.duration * 2)
+        o["group"] = self.idx
+        with self.lock:
+            self.stalls.append(o)
+        rec["detail"] = f"{o['result']}: {o['bytes']} bytes accepted"
+
+    def _fault_hostile(self, f, rec) -> None:
+        seconds = f.duration * 2
+        h = Proc(f"hostile{len(self.hostiles)}", ["-m", "tools.stress.hostile", "--run-dir", str(self.run_dir),
+                                                 "--cid", str(f.target), "--seed", f.mode,
+                                                 "--seconds", f"{seconds:.2f}"], self.dir)
+        self.hostiles.append(h)
+        try:
+            h.p.wait(seconds + 60)
+        except Exception:
+            self.hung_procs.append(f"group {self.idx}: hostile guest {f.target} did not finish")
+            h.kill_group()
+            rec["recovered"] = False
+            return
+        lines = [ln for ln in h.text().splitlines() if ln.startswith("{")]
+        summary = json.loads(lines[-1]) if lines else {}
+        rec["detail"] = summary
+        rec["recovered"] = h.p.returncode == 0 and bool(summary.get("ok"))
+
+    # --- the end ------------------------------------------------------------------------------
+    def shutdown(self, timeout: float = 20.0) -> None:
+        for cid, g in self.guests.items():
+            if not g.stop(timeout):
+                self.hung_procs.append(f"group {self.idx}: guest {cid} did not exit on SIGTERM")
+        for h in self.hostiles:
+            if not h.stop(timeout):
+                self.hung_procs.append(f"group {self.idx}: hostile guest did not exit")
+        for lst in self.listeners.values():
+            lst.close()
+        if self.host is not None and not self.host.stop(timeout):
+            self.hung_procs.append(f"group {self.idx}: host did not exit on SIGTERM")
+
+    def logs(self) -> list[tuple[str, Path]]:
+        out = [("host", p) for p in (self.host.logs if self.host else [])]
+        for g in self.guests.values():
+            out += [("guest", p) for p in g.logs]
+        for h in self.hostiles:
+            out += [("hostile", p) for p in h.logs]
+        return out

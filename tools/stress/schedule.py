@@ -1,0 +1,139 @@
+"""The seeded plan (pure): what every round of every group does, and which fault hits it.
+
+`round_plan(cfg, group, rnd)` depends only on (cfg.seed, group, rnd) and the configuration, so the
+same `--seed` reproduces the same transfers (kinds, sizes, stream ids, concurrency) and the same
+faults (kind, target, delay into the round, duration) whatever the timing of the run.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+from .data import stream_id
+
+# Fault kinds (--faults picks among them)
+FAULTS = ("guest-kill", "host-kill", "guest-stop", "host-stop", "rx-stall", "hostile")
+# Faults that may legitimately break the streams of their target (kills reset connections)
+BREAKING = ("guest-kill", "host-kill")
+
+# Workload kinds. Extension point: vhost-net frames ("net-loopback", "net-udp", "net-l2") go here
+# with an executor in workloads.EXECUTORS once the vhost-net device has landed.
+WORKLOADS = ("h2g", "g2h", "fanout", "storm-h2g", "storm-g2h", "indev-echo", "indev-sink")
+
+ECHO_PORT = 7           # guest echo service (host -> guest streams through the bridge)
+AGENT_PORT = 100        # the guest agent's command port
+HOLD_PORT = 41          # the agent's listener that accepts and never reads (rx-stall)
+G2H_PORT = 5000         # host listener (bridge vsock-<cid>.sock_5000) verifying guest streams
+STORM_PORT = 5001       # host listener that accepts and closes (connect/close storms)
+INDEV_ECHO_PORT = 6000  # in-device host services (python -m host --service ...), when supported
+INDEV_SINK_PORT = 6001
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = 1
+    pairs: int = 2
+    guests_per_host: int = 2
+    faults: tuple = FAULTS
+    max_size: int = 256 * 1024
+    max_streams: int = 3
+    fault_rate: float = 0.5
+    indevice: bool = False        # the host supports --service (in-device endpoint)
+
+    def cids(self) -> list[int]:
+        return list(range(3, 3 + self.guests_per_host))
+
+
+@dataclass
+class Transfer:
+    kind: str
+    cid: int
+    sid: int
+    size: int = 0          # bytes (streams) or connections (storms, fanout)
+
+
+@dataclass
+class Fault:
+    kind: str
+    target: object         # cid (guest faults), "host", or the hostile guest's cid
+    delay: float           # seconds into the round
+    duration: float        # stop faults: stopped this long; rx-stall / hostile: how long they run
+    mode: str = ""         # host-kill: "daemon" or "all"; hostile: its seed
+
+
+@dataclass
+class RoundPlan:
+    group: int
+    rnd: int
+    transfers: list[Transfer] = field(default_factory=list)
+    fault: Fault | None = None
+
+    def as_dict(self) -> dict:
+        return {"group": self.group, "round": self.rnd,
+                "transfers": [t.__dict__ for t in self.transfers],
+                "fault": None if self.fault is None else self.fault.__dict__}
+
+
+def _size(r: random.Random, max_size: int) -> int:
+    if r.random() < 0.05:
+        return 0
+    return min(max_size, int(2 ** r.uniform(0, math.log2(max(2, max_size)))))
+
+
+def round_plan(cfg: Config, group: int, rnd: int) -> RoundPlan:
+    r = random.Random(f"stress/{cfg.seed}/{group}/{rnd}")
+    plan = RoundPlan(group, rnd)
+    idx = 0
+
+    def add(kind: str, cid: int, size: int) -> None:
+        nonlocal idx
+        plan.transfers.append(Transfer(kind, cid, stream_id(cfg.seed, group, rnd, idx), size))
+        idx += 1
+
+    for cid in cfg.cids():
+        for _ in range(r.randint(1, cfg.max_streams)):
+            add("h2g", cid, _size(r, cfg.max_size))
+        for _ in range(r.randint(0, cfg.max_streams)):
+            add("g2h", cid, _size(r, cfg.max_size))
+        if r.random() < 0.2:
+            add("fanout", cid, r.randint(8, 24))       # many concurrent small streams
+        if r.random() < 0.25:
+            add("storm-h2g", cid, r.randint(10, 40))
+        if r.random() < 0.25:
+            add("storm-g2h", cid, r.randint(10, 40))
+        if cfg.indevice:
+            add("indev-echo", cid, _size(r, cfg.max_size))
+            add("indev-sink", cid, _size(r, cfg.max_size))
+    if cfg.faults and r.random() < cfg.fault_rate:
+        kind = r.choice(sorted(cfg.faults))
+        cids = cfg.cids()
+        target: object = "host" if kind.startswith("host") else r.choice(cids)
+        mode = ""
+        if kind == "host-kill":
+            mode = r.choice(("daemon", "all"))
+        elif kind == "hostile":
+            target = 200 + rnd % 50                     # a CID of its own
+            mode = str(r.getrandbits(32))
+        plan.fault = Fault(kind, target, round(r.uniform(0.02, 0.3), 3), round(r.uniform(0.3, 2.0), 3), mode)
+        if kind in ("guest-kill", "host-kill", "guest-stop", "host-stop"):
+            # Victims: long streams both ways to the target, so the fault lands mid-transfer.
+            victim = target if isinstance(target, int) else r.choice(cids)
+            big = max(8 * cfg.max_size, 2 << 20)
+            add("h2g", victim, big)
+            add("g2h", victim, big)
+    return plan
+
+
+def parse_faults(text: str) -> tuple:
+    """--faults: "all", "none", or a comma list of FAULTS."""
+    text = text.strip()
+    if text == "all":
+        return FAULTS
+    if text in ("none", ""):
+        return ()
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    bad = [n for n in names if n not in FAULTS]
+    if bad:
+        raise ValueError(f"unknown fault(s) {', '.join(bad)}; choose from {', '.join(FAULTS)}, all, none")
+    return names
