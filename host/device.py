@@ -246,4 +246,6 @@ class VhostDevice:
         out.update(name=self.name, device=self.device_type, status=self.status,
                    features=self.acked_features, broken=self.broken, running=self.running)
         out["vqs"] = [vq.snapshot() for vq in self.vqs if callable(getattr(vq, "snapshot", None))]
+        if self.mem is not None:
+            out["mem_table"] = list(getattr(self, "mem_table", []))
         return out
