@@ -117,7 +117,7 @@ def _err_text(n, extra: str = "") -> Text:
 # --- panels ----------------------------------------------------------------------------------------
 def header(frame: dict, view: str, guest: int | None, keys: bool) -> Text:
     t = Text("virtio-emu monitor ", "bold")
-    t.append(f"{frame.get('run_dir', '')}  {time.strftime('%H:%M:%S', time.localtime(frame.get('time', 0)))}  ")
+    t.append(f"{frame.get('run_dir', '')}  {time.strftime('%H:%M:%S UTC', time.gmtime(frame.get('time', 0)))}  ")
     for v in VIEWS:
         t.append(f"[{v}]" if v == view else f" {v} ", "bold reverse" if v == view else "")
     t.append(f"  guest {guest if guest is not None else 'all'}")
