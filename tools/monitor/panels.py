@@ -58,7 +58,7 @@ class Col:
     header: str
     cell: Callable[[dict], Any]
     justify: str = "right"
-    keep: int = 0          # higher = dropped later; 9 = never dropped
+    keep: int = 0          # higher = dropped later when the width is short
 
 
 def _plain(x) -> str:
@@ -79,9 +79,9 @@ def fit_table(title: str, cols: list[Col], rows: list[dict], width: int, empty: 
 
     dropped = 0
     while need(keep) > width and len(keep) > 1:
-        cand = min((j for j in keep if cols[j].keep < 9), key=lambda j: (cols[j].keep, -j), default=None)
-        if cand is None:
-            break
+        # the least important column goes first (later ones first among equals); the first
+        # column (the name) stays whatever the width
+        cand = min(keep[1:], key=lambda j: (cols[j].keep, -j))
         keep.remove(cand)
         dropped += 1
     t = Table(box=box.SIMPLE_HEAD, padding=(0, 1), show_edge=False, expand=False)
@@ -170,9 +170,10 @@ def guests_panel(frame: dict, width: int, history=None) -> Group:
 
 
 GUESTS_LEGEND = ("tx = guest→host (taken off the tx ring), rx = host→guest (written into rx buffers); "
-                 "kicks = guest→device notifications, irqs = device→guest interrupts; re-conn = times "
-                 "the guest reconnected to a host; resets = device resets; bridge in/out = host "
-                 "connections accepted into / made from the guest; →host/→guest = bridge bytes.")
+                 "kicks = guest→device notifications, irqs = device→guest interrupts; re-connects = "
+                 "times the guest reconnected to a host; device resets = resets of its device; bridge "
+                 "conns in/out = host connections into / out of the guest; bridge bytes = bytes the "
+                 "bridge passed each way; host silent Ns = no new host snapshot for N seconds.")
 
 
 def _suppression(q: dict) -> str:
@@ -281,12 +282,12 @@ def net_panel(frame: dict, width: int, guest: int | None = None) -> Group:
         Col("guest", lambda n: n["guest"], "left", 9), Col("backend", lambda n: num(n["backend"]), "left", 8),
         Col("mac", lambda n: num(n["mac"]), "left", 8), Col("status", lambda n: _status_text(n["status"]), "left", 6),
         Col("tx frames g→net", lambda n: num(n["tx_packets"]), keep=7),
-        Col("tx bytes", lambda n: human(n["tx_bytes"], "B"), keep=6),
+        Col("tx bytes", lambda n: human(n["tx_bytes"], "B"), keep=4),
         Col("rx frames net→g", lambda n: num(n["rx_packets"]), keep=7),
-        Col("rx bytes", lambda n: human(n["rx_bytes"], "B"), keep=6),
-        Col("tx B/s", lambda n: human(n["tx_Bps"], "B"), keep=5), Col("rx B/s", lambda n: human(n["rx_Bps"], "B"), keep=5),
+        Col("rx bytes", lambda n: human(n["rx_bytes"], "B"), keep=4),
+        Col("B/s tx/rx", lambda n: f"{human(n['tx_Bps'], 'B')}/{human(n['rx_Bps'], 'B')}", keep=5),
         Col("drops tx/rx", lambda n: f"{num(n['tx_dropped'])}/{num(n['rx_dropped'])}", keep=8),
-        Col("tx polling", lambda n: DASH if n["tx_polling"] is None else ("on" if n["tx_polling"] else "off"), "left", 6),
+        Col("tx polling", lambda n: DASH if n["tx_polling"] is None else ("on" if n["tx_polling"] else "off"), "left", 8),
     ]
     return Group(fit_table("net devices", cols, rows, width, "no net devices"))
 
