@@ -248,7 +248,7 @@ def test_narrow_terminals_drop_columns_never_cut_names_or_numbers():
             if width < 100:
                 assert "hidden at width" in out
     # the columns that stay are whole: every figure of the first table is there, digit for digit
-    out = text_of(render_view(f, "queues", 60), 60)
+    out = text_of(render_view(f, "queues", 80), 80)
     assert "204.8KB" in out and "409.6KB" in out
 
 
