@@ -337,3 +337,15 @@ def test_fit_table_drops_least_important_first():
     out = text_of(fit_table("t", cols, [{"n": "a-long-guest-name"}], 60, ""), 60)
     assert "a-long-guest-name" in out and "2" * 30 in out and "1" * 30 not in out
     assert "1 column hidden at width 60" in out
+
+
+def test_live_loop_runs_and_stops(run_dir, capsys):
+    from shared.stats import stats_dir
+    import os
+    d = stats_dir(run_dir)
+    for rec in snapshot(T0, 1):
+        (d / f"{rec['role']}-x.json").write_text(json.dumps(dict(rec, pid=os.getpid())))
+    assert main(["--run-dir", str(run_dir), "--duration", "0.8", "--no-keys", "--width", "100",
+                 "--view", "conns"]) == 0
+    out = capsys.readouterr().out
+    assert "my-first-vm" in out and "vsock connections" in out

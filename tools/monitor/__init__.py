@@ -142,10 +142,19 @@ def run_live(run_dir: Path, args, console: Console) -> int:
     end = None if args.duration is None else time.monotonic() + args.duration
     use_keys = KeyReader.available() and not args.no_keys
 
+    last_key = [None]
+
+    def stamp(raw):
+        return tuple(sorted((d.get("pid"), d.get("time")) for d in raw))
+
     def frame_now():
         nonlocal guest
         now = time.monotonic()
         raw = read_all(run_dir)
+        key = (stamp(raw), view, guest)
+        if view != "ring" and key == last_key[0]:
+            return None, None            # no process wrote a new snapshot: nothing to redraw
+        last_key[0] = key
         samples.append((now, raw))
         while len(samples) > 2 and samples[1][0] <= now - RATE_PERIOD:
             samples.pop(0)
@@ -162,14 +171,19 @@ def run_live(run_dir: Path, args, console: Console) -> int:
     def loop(keys) -> None:
         nonlocal view, guest
         screen, cids = frame_now()
+        # Stats snapshots change every half second; the ring view reads the RAM itself and
+        # refreshes four times a second (unless --interval says otherwise).
         with Live(screen, console=console, refresh_per_second=8, auto_refresh=False,
                   screen=args.screen) as live:
             while end is None or time.monotonic() < end:
-                deadline = time.monotonic() + args.interval
-                while time.monotonic() < deadline:
-                    k = keys.get() if keys is not None else None
+                interval = args.interval or (0.25 if view == "ring" else 0.5)
+                deadline = time.monotonic() + interval
+                if keys is None:
+                    time.sleep(interval)
+                while keys is not None and time.monotonic() < deadline:
+                    k = keys.get()
                     if k is None:
-                        time.sleep(0.03)
+                        time.sleep(0.05)
                         continue
                     if k in ("x", "\x1b"):
                         return
@@ -183,8 +197,10 @@ def run_live(run_dir: Path, args, console: Console) -> int:
                     else:
                         continue
                     break
-                screen, cids = frame_now()
-                live.update(screen, refresh=True)
+                new, new_cids = frame_now()
+                if new is not None:
+                    screen, cids = new, new_cids
+                    live.update(screen, refresh=True)
 
     try:
         if use_keys:
@@ -205,8 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", type=Path, default=None, help=f"run directory (default {default_run_dir()})")
     p.add_argument("--view", choices=VIEWS, default="queues", help="what to show (default queues)")
     p.add_argument("--guest", type=int, default=None, metavar="CID", help="show this guest only")
-    p.add_argument("--interval", type=float, default=0.25,
-                   help="refresh period in seconds (default 0.25; --once measures rates over it)")
+    p.add_argument("--interval", type=float, default=None,
+                   help="refresh period in seconds (default 0.5, ring view 0.25); --once measures "
+                        "rates over it (default 1.0)")
     p.add_argument("--once", action="store_true", help="print one frame and exit")
     p.add_argument("--json", action="store_true", help="with --once: the frame as JSON (same figures)")
     p.add_argument("--width", type=int, default=None, help="columns to fit (default: the terminal's, "
@@ -219,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(run_dir).is_dir():
         print(f"monitor: no run directory {run_dir}", file=sys.stderr)
         return 1
-    if args.interval <= 0:
+    if args.interval is not None and args.interval <= 0:
         print("monitor: --interval must be positive", file=sys.stderr)
         return 2
     if args.json and not args.once:
@@ -229,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         print("monitor: --width must be at least 40", file=sys.stderr)
         return 2
     if args.once:
+        args.interval = args.interval or 1.0     # two snapshots of every writer (0.5 s period)
         width = args.width or (shutil.get_terminal_size((160, 40)).columns if sys.stdout.isatty() else 160)
         try:
             return once(Path(run_dir), args, width)
