@@ -214,6 +214,7 @@ class VirtioDevice:
             self.vqs = [r.vq for r in self.rings]
             self.kicks = [0] * len(self.rings)
             self.interrupts = [0] * len(self.rings)
+            self.kicks_suppressed = [0] * len(self.rings)
             self._setup_rings(bases=None)
         except BaseException:
             self.del_vqs()
@@ -266,6 +267,7 @@ class VirtioDevice:
     def kick(self, vq) -> bool:
         """virtqueue_kick: notify the device if the ring says it wants a kick."""
         if not vq.kick_prepare():
+            self.kicks_suppressed[vq.index] += 1     # for monitors: a kick the device waived
             return False
         self.notify(vq)
         return True

@@ -317,6 +317,29 @@ class VirtQueue:
         """Buffers handed to the device and not yet returned by get_buf/detach."""
         return sum(1 for s in self._state if s is not None)
 
+    def snapshot(self) -> dict:
+        """A read-only picture of the driver's side of the queue, for monitors (shared.stats).
+
+        Reads the shadows and the ring words as they are now; writes nothing. Keys: see
+        docs/monitor.md ("queue snapshot"). Returns {} once close() dropped the views.
+        """
+        try:
+            av, uv = self._av, self._uv
+            out = {"index": self.index, "name": self.name, "num": self.num,
+                   "desc": self.desc, "avail": self.avail, "used": self.used,
+                   "event_idx": self.event_idx, "indirect": self.indirect,
+                   "avail_idx": self.avail_idx_shadow, "last_used": self.last_used_idx,
+                   "used_idx": uv[1], "avail_flags": av[0], "used_flags": uv[0],
+                   "num_free": self.num_free, "in_flight": self.in_flight(),
+                   "cb_disabled": bool(self.avail_flags_shadow & VRING_AVAIL_F_NO_INTERRUPT),
+                   "broken": self.broken, "broken_reason": self.broken_reason}
+            if self.event_idx:
+                out["used_event"] = av[self._used_event]
+                out["avail_event"] = uv[self._avail_event]
+            return out
+        except ValueError:          # views released
+            return {}
+
     def close(self) -> None:
         """Drop the cached views so the guest RAM can be unmapped."""
         for v in (self._dv, self._av, self._ub, self._uv):

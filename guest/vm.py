@@ -192,11 +192,32 @@ class VM:
                      kicks=sum(self.vdev.kicks), interrupts=sum(self.vdev.interrupts))
         if self.kernel is not None:
             stats.update(self.kernel.stats)            # wakeups, handler runs, poll hits and time
+        # For monitors: each queue's driver side, the RAM to attach read-only, the connections.
+        vdev = self.vdev
+        vqs = []
+        for i, vq in enumerate(list(getattr(vdev, "vqs", ()))):
+            snap = vq.snapshot() if hasattr(vq, "snapshot") else {}
+            if snap:
+                for key, src in (("kicks", "kicks"), ("interrupts", "interrupts"),
+                                 ("kicks_suppressed", "kicks_suppressed")):
+                    counts = getattr(vdev, src, None)
+                    if counts is not None and i < len(counts):
+                        snap[key] = counts[i]
+            vqs.append(snap)
+        core = getattr(t, "core", None)
+        try:        # the kernel's threads change the table meanwhile; a torn read is retried next time
+            socks = sorted(getattr(core, "connected", {}).values(), key=lambda sk: (sk.local_port, sk.remote_port))
+        except RuntimeError:
+            socks = []
         try:
             write_stats(self.opts.run_dir, "guest", {
                 "name": self.opts.name, "cid": self.opts.cid, "connected": self.connected.is_set(),
                 "reconnects": self.reconnects, "stats": stats,
-                "mem_in_use": self.ram.alloc.in_use, "mem_total": self.ram.alloc.total})
+                "mem_in_use": self.ram.alloc.in_use, "mem_total": self.ram.alloc.total,
+                "ram": {"shm": self.ram.name, "size": self.ram.size, "table": self.ram.table},
+                "vqs": vqs, "conns": [sk.snapshot() for sk in socks[:64]],
+                "device_status": getattr(vdev, "status", None),
+                "needs_reset": bool(getattr(vdev, "needs_reset", False))})
         except OSError:
             pass
 

@@ -312,6 +312,9 @@ class ControlSession:
         except Exception as e:
             raise _err("EFAULT", f"cannot attach the memory table: {type(e).__name__}: {e}") from None
         dev.set_mem(mem)
+        # for monitors (GET_STATS "mem_table"): where the guest RAM is, to attach read-only
+        dev.mem_table = [{k: r[k] for k in ("guest_phys_addr", "memory_size", "mmap_offset", "shm")}
+                         for r in regions]
         self._addr_set = [False] * dev.num_queues   # ring addresses are translated via the table
         log.info("%s: SET_MEM_TABLE %s", self.name, ", ".join(
             f"[{r['guest_phys_addr']:#x}, +{r['memory_size']:#x}) from {r['shm']}@{r['mmap_offset']:#x}"

@@ -90,6 +90,11 @@ class VhostDevice:
             "vq_kicks": [0] * self.num_queues,
             "vq_interrupts": [0] * self.num_queues,
             "last_error": "",
+            # for monitors (tools.monitor): per-queue errors, the rule last broken, interrupts
+            # that the driver's suppression (NO_INTERRUPT / used_event) made unnecessary
+            "vq_errors": [0] * self.num_queues,
+            "last_rule": None,
+            "vq_interrupts_suppressed": [0] * self.num_queues,
         }
 
     # --- device description ---------------------------------------------------------------------
@@ -263,7 +268,10 @@ class VhostDevice:
 
     def notify(self, vq) -> bool:
         """Interrupt the driver if the ring says so (vhost_signal: vhost_notify + eventfd_signal)."""
-        if self.mem is None or not vq.signal(self.mem):
+        if self.mem is None:
+            return False
+        if not vq.signal(self.mem):
+            self.stats["vq_interrupts_suppressed"][vq.index] += 1
             return False
         call = self.calls[vq.index]
         if call is None:
@@ -280,6 +288,9 @@ class VhostDevice:
         log.warning("%s: %s%s", self.name, msg, "" if rule is None else f" (B.5 rule {rule})")
         self.stats["errors"] += 1
         self.stats["last_error"] = msg[:200]
+        self.stats["last_rule"] = rule
+        if 0 <= vq.index < len(self.stats["vq_errors"]):
+            self.stats["vq_errors"][vq.index] += 1
         self.broken = True
         self.status |= VIRTIO_CONFIG_S_NEEDS_RESET       # spec 2.1.2 DEVICE_NEEDS_RESET
         err = self.errs[vq.index] if 0 <= vq.index < len(self.errs) else None
@@ -291,4 +302,7 @@ class VhostDevice:
         out = {k: (list(v) if isinstance(v, list) else v) for k, v in self.stats.items()}
         out.update(name=self.name, device=self.device_type, status=self.status,
                    features=self.acked_features, broken=self.broken, running=self.running)
+        out["vqs"] = [vq.snapshot() for vq in self.vqs if callable(getattr(vq, "snapshot", None))]
+        if self.mem is not None:
+            out["mem_table"] = list(getattr(self, "mem_table", []))
         return out

@@ -380,6 +380,28 @@ class VhostVirtqueue:
         mb()
         return self._read_avail_idx() != self._last_avail
 
+    def snapshot(self) -> dict:
+        """A read-only picture of the device's side of the queue, for monitors (GET_STATS).
+
+        The indices we keep plus, when the ring is mapped, the guest's words as they are now
+        (avail.idx, avail.flags, used_event, avail_event). Writes nothing, maps nothing.
+        """
+        out = {"index": self.index, "name": self.name, "num": self._num, "desc": self._desc,
+               "avail": self._avail, "used": self._used, "event_idx": self._event_idx,
+               "enabled": self.enabled, "last_avail": self._last_avail,
+               "avail_idx_seen": self._avail_idx, "last_used": self._last_used,
+               "used_flags": self.used_flags, "signalled_used": self.signalled_used,
+               "signalled_used_valid": self.signalled_used_valid, "mapped": self._mem is not None}
+        if self._mem is not None:
+            try:
+                av, uv = self._av, self._uv
+                out.update(avail_idx=av[1], avail_flags=av[0], used_idx=uv[1])
+                if self._event_idx:
+                    out.update(used_event=av[self._used_event], avail_event=uv[self._avail_event])
+            except (ValueError, IndexError):   # views released under us
+                pass
+        return out
+
     def __repr__(self) -> str:
         return (f"VhostVirtqueue({self.name} num={self._num} last_avail={self._last_avail} "
                 f"avail_idx={self._avail_idx} last_used={self._last_used})")

@@ -1,31 +1,351 @@
-"""The monitor's rendering is pure: render snapshots into a Console with no colour."""
+"""The monitor's panels are pure: a snapshot in, text out (rich Console on a StringIO, no colour)."""
 import io
+import json
 
 from rich.console import Console
 
-from tools.monitor import render
+from tools.monitor import main, render, render_view
+from tools.monitor.model import History, build_frame
+from tools.monitor.panels import fit_table, Col, sparkline
+
+T0 = 1_800_000_000.0
 
 
-def text_of(renderable) -> str:
+def text_of(renderable, width=100) -> str:
     buf = io.StringIO()
-    Console(file=buf, width=160, color_system=None, force_terminal=False).print(renderable)
+    Console(file=buf, width=width, color_system=None, force_terminal=False).print(renderable)
     return buf.getvalue()
 
 
-def test_render_devices_and_guests_with_rates():
-    prev = [{"role": "device", "pid": 10, "guest": "g3", "cid": 3, "status": 15,
-             "stats": {"kicks": 5, "tx_bytes": 1000, "rx_bytes": 0}}]
-    cur = [{"role": "device", "pid": 10, "guest": "g3", "cid": 3, "status": 15,
-            "stats": {"kicks": 7, "interrupts": 3, "tx_bytes": 3000, "rx_bytes": 500, "errors": 0}},
-           {"role": "device", "pid": 11, "guest": "bad", "cid": 4, "status": 0x4F, "stats": {"errors": 2}},
-           {"role": "guest", "pid": 20, "name": "g3", "cid": 3, "connected": True,
-            "stats": {"rx_buf_nr": 128, "queued_replies": 0}, "mem_in_use": 2_000_000, "mem_total": 64_000_000}]
-    out = text_of(render(cur, prev, 2.0, "/run/x"))
-    assert "g3" in out and "DRIVER_OK" in out and "NEEDS_RESET" in out
-    assert "1.0KB" in out          # (3000-1000)/2 s
-    assert "connected" in out and "128" in out
+def vq(i, num, avail, used, last_used, free, inflight, kicks_saved, ue, ae):
+    return {"index": i, "num": num, "desc": 0x4000_0000 + 0x1000 * i, "avail": 0x4000_0800 + 0x1000 * i,
+            "used": 0x4000_0c00 + 0x1000 * i, "event_idx": True, "avail_idx": avail, "used_idx": used,
+            "last_used": last_used, "num_free": free, "in_flight": inflight, "avail_flags": 0,
+            "used_flags": 0, "kicks_suppressed": kicks_saved, "used_event": ue, "avail_event": ae,
+            "broken": False, "broken_reason": ""}
 
 
-def test_render_empty():
-    out = text_of(render([], None, 0))
-    assert "(no devices)" in out and "(no guests)" in out
+def dvq(i, num, last_avail):
+    return {"index": i, "num": num, "last_avail": last_avail, "last_used": last_avail, "event_idx": True}
+
+
+def conn(local, remote, tx, rx, fwd, peer_free, cu, stalled=False):
+    return {"local": local, "remote": remote, "state": "ESTABLISHED", "tx_bytes": tx, "rx_bytes": rx,
+            "buf_alloc": 262144, "fwd_cnt": fwd, "peer_free": peer_free, "credit_update_tx": cu,
+            "credit_request_tx": 0, "stalled": stalled}
+
+
+def snapshot(t, k):
+    """Guest my-first-vm (CID 3) and its device at time t, k = how far traffic has gone."""
+    guest = {"role": "guest", "pid": 100, "time": t, "name": "my-first-vm", "cid": 3, "connected": True,
+             "reconnects": 1, "stats": {"rx_buf_nr": 64},
+             "vqs": [vq(0, 128, 64 + 10 * k, 10 * k, 10 * k, 0, 64, 5 * k, 10 * k, 7 * k),
+                     vq(1, 128, 20 * k, 20 * k, 20 * k, 128, 0, 3 * k, 20 * k, 20 * k),
+                     vq(2, 8, 8, 0, 0, 0, 8, 0, 0, 0)],
+             "conns": [conn("3:5000", "2:1073741824", 4096 * k, 8192 * k, 8192 * k, 262144, 2 * k)],
+             "mem_in_use": 2_000_000, "mem_total": 16_000_000}
+    device = {"role": "device", "pid": 200, "time": t, "guest": "my-first-vm", "device": "vsock", "cid": 3,
+              "status": 15, "stats": {
+                  "kicks": 30 * k, "interrupts": 40 * k, "errors": 0, "resets": 2, "tx_bytes": 4096 * k,
+                  "rx_bytes": 8192 * k, "vq_kicks": [k, 29 * k, 0], "vq_interrupts": [30 * k, 10 * k, 0],
+                  "vq_interrupts_suppressed": [4 * k, 19 * k, 0], "vq_errors": [0, 0, 0],
+                  "vqs": [dvq(0, 128, 10 * k), dvq(1, 128, 20 * k), dvq(2, 8, 0)],
+                  "queued_replies": 0,
+                  "bridge": {"connections_in": 1, "connections_out": 0, "refused_in": 0, "refused_out": 0,
+                             "bytes_to_host": 4096 * k, "bytes_to_guest": 8192 * k},
+                  "conns": [conn("2:1073741824", "3:5000", 8192 * k, 4096 * k, 4096 * k, 0, 3 * k,
+                                 stalled=True)]}}
+    return [guest, device]
+
+
+def frame():
+    return build_frame(snapshot(T0 + 2, 200), snapshot(T0, 100), 2.0, run_dir="/run/x", now=T0 + 2)
+
+
+def net_snapshot(t, k):
+    return [{"role": "device", "pid": 300, "time": t, "guest": "net-vm", "device": "net", "cid": 5,
+             "status": 15, "stats": {"backend": "tap:vetap0", "mac": "52:54:00:12:34:56",
+                                     "tx_packets": 10 * k, "tx_bytes": 15000 * k, "rx_packets": 8 * k,
+                                     "rx_bytes": 12000 * k, "tx_dropped": 0, "rx_dropped": 3,
+                                     "tx_polling": True}}]
+
+
+def ring_rows():
+    from tests.test_monitor_ring import state_event_idx, state_mixed
+    return [{"title": "q0 rx", "q": 0, "picture": state_mixed()},
+            {"title": "q1 tx", "q": 1, "picture": state_event_idx()}]
+
+
+def views():
+    """(name, renderable) of every view, as the frozen texts below were made."""
+    f = frame()
+    net = build_frame(net_snapshot(T0 + 2, 200), net_snapshot(T0, 100), 2.0, run_dir="/run/x", now=T0 + 2)
+    return [("queues", render_view(f, "queues", 100)),
+            ("ring", render_view(f, "ring", 100, guest=3, rings=ring_rows())),
+            ("conns", render_view(f, "conns", 100)),
+            ("net", render_view(net, "net", 100))]
+
+
+# --- frozen frames at 100 columns (also in docs/monitor.md) ------------------------------------
+EXPECTED = {
+    "queues": """\
+virtio-emu monitor /run/x  08:00:02 UTC  [queues] ring  conns  net   guest all
+guests and their devices
+                                 device       tx B/s    rx B/s                             
+ guest         cid   host link   status          g→h       h→g   kicks/s   irqs/s   errors 
+───────────────────────────────────────────────────────────────────────────────────────────
+ my-first-vm     3   connected   DRIVER_OK   204.8KB   409.6KB      1.5K     2.0K        0 
+links, resets, bridge  (1 column hidden at width 100: widen the terminal or use --width)
+                                      bridge              bridge   bridge                   
+                             device    conns    bridge     bytes    bytes    queued   guest 
+ guest         re-connects   resets   in/out   refused     →host   →guest   replies     pid 
+────────────────────────────────────────────────────────────────────────────────────────────
+ my-first-vm             1        2      1/0         0   819.2KB    1.6MB         0     100 
+virtqueues: indices  (2 columns hidden at width 100: widen the terminal or use --width)
+                       avail   last_avail   used   last_used       in                          
+ guest         q         idx        (dev)    idx       (drv)   flight   suppression       errs 
+───────────────────────────────────────────────────────────────────────────────────────────────
+ my-first-vm   rx       2064         2000   2000        2000       64   ue 2000 ae 1400   0    
+ my-first-vm   tx       4000         4000   4000        4000        0   ue 4000 ae 4000   0    
+ my-first-vm   event       8            0      0           0        8   ue 0 ae 0         0    
+virtqueues: notifications
+                                                              bufs   bufs        
+                                   kicks               irqs    per    per   poll 
+ guest         q       kicks/s   saved/s   irqs/s   saved/s   kick   wake   time 
+─────────────────────────────────────────────────────────────────────────────────
+ my-first-vm   rx           50       250     1.5K       200   10.0      –      – 
+ my-first-vm   tx         1.4K       150      500       950    0.7      –      – 
+ my-first-vm   event         0         0        0         0      –      –      – 
+tx = guest→host (taken off the tx ring), rx = host→guest (written into rx buffers); kicks = 
+guest→device notifications, irqs = device→guest interrupts; re-connects = times the guest 
+reconnected to a host; device resets = resets of its device; bridge conns in/out = host connections 
+into / out of the guest; bridge bytes = bytes the bridge passed each way; host silent Ns = no new 
+host snapshot for N seconds.
+avail idx = what the driver posted; last_avail = what the device took; used idx = what the device 
+returned; last_used = what the driver reclaimed (all mod 65536). in flight = buffers with the 
+device; free desc = descriptors on the driver's free list. suppression: with EVENT_IDX ue = 
+used_event (interrupt me past it), ae = avail_event (kick me past it); otherwise the NO_NOTIFY / 
+NO_INTERRUPT flags set. errs = ring errors (NEEDS_RESET: the device stopped). saved/s = 
+notifications suppression avoided; bufs per kick / per wake = buffers the device took per kick / per
+worker wake-up; poll time = share of time polling (– until the engine reports it). Driver and device
+figures come from two processes' snapshots, up to half a second apart: read them as a picture, not 
+an invariant.
+""",
+    "ring": """\
+virtio-emu monitor /run/x  08:00:02 UTC   queues [ring] conns  net   guest 3
+guests and their devices
+                                 device       tx B/s    rx B/s                             
+ guest         cid   host link   status          g→h       h→g   kicks/s   irqs/s   errors 
+───────────────────────────────────────────────────────────────────────────────────────────
+ my-first-vm     3   connected   DRIVER_OK   204.8KB   409.6KB      1.5K     2.0K        0 
+links, resets, bridge  (1 column hidden at width 100: widen the terminal or use --width)
+                                      bridge              bridge   bridge                   
+                             device    conns    bridge     bytes    bytes    queued   guest 
+ guest         re-connects   resets   in/out   refused     →host   →guest   replies     pid 
+────────────────────────────────────────────────────────────────────────────────────────────
+ my-first-vm             1        2      1/0         0   819.2KB    1.6MB         0     100 
+rings of my-first-vm, read from its RAM (read-only)
+q0 rx  N=16  avail.idx 8  last_avail 5  used.idx 3  last_used 1
+  free 7  avail 5  in device 2  used 2
+  desc .UUDDAAAAA......
+  ring .UUDDAAA........
+        r u l  a       
+  flags: avail 0, used 0
+q1 tx  N=16  avail.idx 8  last_avail 4  used.idx 0  last_used 0
+  free 8  avail 4  in device 4  used 0
+  desc DDDDAAAA........
+  ring DDDDAAAA........
+       *   * e a       
+  EVENT_IDX  used_event 6 (irq when used.idx passes)  avail_event 4 (kick when avail.idx passes)
+cells: . free  A posted (avail)  D in the device  U used, not reclaimed  ! broken chain  
+marks under the ring strip: a avail.idx  l last_avail (device)  u used.idx  r last_used (driver)  e 
+used_event  v avail_event  * several
+tx = guest→host (taken off the tx ring), rx = host→guest (written into rx buffers); kicks = 
+guest→device notifications, irqs = device→guest interrupts; re-connects = times the guest 
+reconnected to a host; device resets = resets of its device; bridge conns in/out = host connections 
+into / out of the guest; bridge bytes = bytes the bridge passed each way; host silent Ns = no new 
+host snapshot for N seconds.
+""",
+    "conns": """\
+virtio-emu monitor /run/x  08:00:02 UTC   queues  ring [conns] net   guest all
+guests and their devices
+                                 device       tx B/s    rx B/s                             
+ guest         cid   host link   status          g→h       h→g   kicks/s   irqs/s   errors 
+───────────────────────────────────────────────────────────────────────────────────────────
+ my-first-vm     3   connected   DRIVER_OK   204.8KB   409.6KB      1.5K     2.0K        0 
+links, resets, bridge  (1 column hidden at width 100: widen the terminal or use --width)
+                                      bridge              bridge   bridge                   
+                             device    conns    bridge     bytes    bytes    queued   guest 
+ guest         re-connects   resets   in/out   refused     →host   →guest   replies     pid 
+────────────────────────────────────────────────────────────────────────────────────────────
+ my-first-vm             1        2      1/0         0   819.2KB    1.6MB         0     100 
+vsock connections
+                                                                                    stalled 
+               guest                             bytes   bytes    window   window   on      
+ guest         end      host end       state       g→h     h→g       g→h      h→g   credit  
+────────────────────────────────────────────────────────────────────────────────────────────
+ my-first-vm   3:5000   2:1073741824   ESTAB   819.2KB   1.6MB   262.1KB       0B   h→g     
+credit (virtio-vsock flow control)
+ guest        guest     guest        host      host   CREDIT_UPDATE   CREDIT_REQUEST 
+ end      buf_alloc   fwd_cnt   buf_alloc   fwd_cnt             g/h              g/h 
+─────────────────────────────────────────────────────────────────────────────────────
+ 3:5000      262144   1638400      262144    819200         400/600              0/0 
+tx = guest→host (taken off the tx ring), rx = host→guest (written into rx buffers); kicks = 
+guest→device notifications, irqs = device→guest interrupts; re-connects = times the guest 
+reconnected to a host; device resets = resets of its device; bridge conns in/out = host connections 
+into / out of the guest; bridge bytes = bytes the bridge passed each way; host silent Ns = no new 
+host snapshot for N seconds.
+g = guest, h = host; state = the guest's / the host's socket state (one word when equal). buf_alloc 
+/ fwd_cnt = each receiver's buffer and bytes it consumed (as it advertises them); window g→h = 
+credit the guest's sender still has (host's free space), window h→g = the host sender's; 
+CREDIT_UPDATE / CREDIT_REQUEST g/h = packets sent by the guest / the host; stalled = that 
+direction's sender has no credit left.
+""",
+    "net": """\
+virtio-emu monitor /run/x  08:00:02 UTC   queues  ring  conns [net]  guest all
+guests and their devices
+                                   device       tx B/s    rx B/s                             
+ guest    cid   host link          status          g→h       h→g   kicks/s   irqs/s   errors 
+─────────────────────────────────────────────────────────────────────────────────────────────
+ net-vm     5   no guest process   DRIVER_OK   750.0KB   600.0KB         –        –        – 
+links, resets, bridge
+                                 bridge             bridge   bridge                            
+                        device    conns    bridge    bytes    bytes    queued   guest   device 
+ guest    re-connects   resets   in/out   refused    →host   →guest   replies     pid      pid 
+───────────────────────────────────────────────────────────────────────────────────────────────
+ net-vm             –        –      –/–         –        –        –         –       –      300 
+net devices  (3 columns hidden at width 100: widen the terminal or use --width)
+                                                           tx       rx                   
+                                                       frames   frames   drops   tx      
+ guest    backend      mac                 status       g→net    net→g   tx/rx   polling 
+─────────────────────────────────────────────────────────────────────────────────────────
+ net-vm   tap:vetap0   52:54:00:12:34:56   DRIVER_OK     2000     1600     0/3   on      
+tx = guest→host (taken off the tx ring), rx = host→guest (written into rx buffers); kicks = 
+guest→device notifications, irqs = device→guest interrupts; re-connects = times the guest 
+reconnected to a host; device resets = resets of its device; bridge conns in/out = host connections 
+into / out of the guest; bridge bytes = bytes the bridge passed each way; host silent Ns = no new 
+host snapshot for N seconds.
+tx = guest→network (taken off the tx ring), rx = network→guest; drops = frames the backend could not
+deliver; tx polling = vhost-net busy-polls the tx ring instead of waiting for kicks.
+""",
+}
+
+
+def test_every_view_renders_exactly_at_100_columns():
+    for name, r in views():
+        got = text_of(r)
+        assert got == EXPECTED[name], f"{name}:\n{got}"
+
+
+# --- names and numbers are never cut (issue 8 item 3) ---------------------------------------------
+def test_narrow_terminals_drop_columns_never_cut_names_or_numbers():
+    f = frame()
+    for width in (100, 80, 60, 40):
+        for view in ("queues", "conns"):
+            out = text_of(render_view(f, view, width), width)
+            assert "…" not in out, (width, view)
+            assert "my-first-vm" in out and ("DRIVER_OK" in out or width < 60)
+            if width < 100:
+                assert "hidden at width" in out
+    # the columns that stay are whole: every figure of the first table is there, digit for digit
+    out = text_of(render_view(f, "queues", 80), 80)
+    assert "204.8KB" in out and "409.6KB" in out
+
+
+def test_cli_once_to_a_file_keeps_names_whole(run_dir, capsys):
+    from shared.stats import stats_dir
+    d = stats_dir(run_dir)
+    import os
+    for rec in snapshot(T0, 1):
+        rec = dict(rec, pid=os.getpid())     # a live pid, so read_all keeps it
+        (d / f"{rec['role']}-x.json").write_text(json.dumps(rec))
+    assert main(["--run-dir", str(run_dir), "--once", "--interval", "0.01"]) == 0
+    out = capsys.readouterr().out
+    assert "my-first-vm" in out and "…" not in out and "ue 10 ae 7" in out
+
+
+def test_cli_once_json_has_the_same_figures(run_dir, capsys):
+    from shared.stats import stats_dir
+    import os
+    d = stats_dir(run_dir)
+    for rec in snapshot(T0, 1):
+        (d / f"{rec['role']}-x.json").write_text(json.dumps(dict(rec, pid=os.getpid())))
+    assert main(["--run-dir", str(run_dir), "--once", "--json", "--interval", "0.01"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    q = {r["name"]: r for r in data["queues"]}
+    assert q["rx"]["avail_idx"] == 74 and q["rx"]["last_avail"] == 10 and q["rx"]["used_event"] == 10
+    assert data["guests"][0]["reconnects"] == 1 and data["guests"][0]["resets"] == 2
+    assert data["conns"][0]["stalled_rx"] is True and data["nets"] == []
+    # the RAM named by the snapshot does not exist: the ring entry says so instead of failing
+    assert data["rings"][0]["error"]
+
+
+def test_cli_bad_arguments_one_line(run_dir, capsys):
+    assert main(["--run-dir", str(run_dir / "nope"), "--once"]) == 1
+    assert main(["--run-dir", str(run_dir), "--json"]) == 2
+    assert main(["--run-dir", str(run_dir), "--interval", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("monitor: ") for line in err)
+
+
+# --- the model ---------------------------------------------------------------------------------------
+def test_rates_use_the_writers_clock_and_restart_with_a_new_process():
+    f = frame()
+    g = f["guests"][0]
+    assert g["tx_Bps"] == 4096 * 100 / 2 and g["kicks_ps"] == 30 * 100 / 2
+    q = {r["name"]: r for r in f["queues"]}
+    assert q["tx"]["kicks_saved_ps"] == 3 * 100 / 2 and q["tx"]["irqs_saved_ps"] == 19 * 100 / 2
+    assert q["rx"]["per_kick"] == 10.0 and q["rx"]["batch"] is None and q["rx"]["poll_frac"] is None
+    prev = snapshot(T0, 100)
+    prev[1] = dict(prev[1], pid=999)                   # another device process: no rate
+    f2 = build_frame(snapshot(T0 + 2, 200), prev, 2.0, now=T0 + 2)
+    assert f2["guests"][0]["tx_Bps"] is None
+
+
+def test_engine_counters_are_used_when_present():
+    cur, prev = snapshot(T0 + 2, 200), snapshot(T0, 100)
+    for snap, k in ((cur, 200), (prev, 100)):
+        snap[1]["stats"]["vq_wakeups"] = [k // 2, k, 0]
+        snap[1]["stats"]["vq_poll_time"] = [0.0, 0.25 * k / 100, 0.0]
+    q = {r["name"]: r for r in build_frame(cur, prev, 2.0, now=T0 + 2)["queues"]}
+    assert q["rx"]["batch"] == 1000 / 50 and q["tx"]["poll_frac"] == 0.125
+
+
+def test_a_silent_host_is_shown():
+    f = build_frame(snapshot(T0, 1), None, 0.0, now=T0 + 10)
+    assert f["guests"][0]["link"] == "host silent 10s"
+
+
+def test_history_and_sparkline():
+    h = History(span=60)
+    for t in range(100):
+        h.add("k", float(t), t % 10)
+    assert len(h.values("k")) == 61
+    assert sparkline([0, 1, 2, 3, 4, 5, 6, 7]) == "▁▂▃▄▅▆▇█"
+    assert sparkline([]) == "" and sparkline([0, 0]) == "▁▁"
+    assert len(sparkline(list(range(100)), 16)) == 16
+
+
+def test_render_for_the_demo_still_takes_raw_snapshots():
+    out = text_of(render(snapshot(T0 + 2, 200), snapshot(T0, 100), 2.0, "/run/x", width=100))
+    assert "my-first-vm" in out and "virtqueues: indices" in out
+
+
+def test_fit_table_drops_least_important_first():
+    cols = [Col("name", lambda r: r["n"], "left", 9), Col("a", lambda r: "1" * 30, keep=1),
+            Col("b", lambda r: "2" * 30, keep=5)]
+    out = text_of(fit_table("t", cols, [{"n": "a-long-guest-name"}], 60, ""), 60)
+    assert "a-long-guest-name" in out and "2" * 30 in out and "1" * 30 not in out
+    assert "1 column hidden at width 60" in out
+
+
+def test_live_loop_runs_and_stops(run_dir, capsys):
+    from shared.stats import stats_dir
+    import os
+    d = stats_dir(run_dir)
+    for rec in snapshot(T0, 1):
+        (d / f"{rec['role']}-x.json").write_text(json.dumps(dict(rec, pid=os.getpid())))
+    assert main(["--run-dir", str(run_dir), "--duration", "0.8", "--no-keys", "--width", "100",
+                 "--view", "conns"]) == 0
+    out = capsys.readouterr().out
+    assert "my-first-vm" in out and "vsock connections" in out

@@ -180,6 +180,9 @@ class VhostVsock(VhostDevice):
                    sockets=len(self.core.connected))
         if self.bridge is not None:
             out["bridge"] = dict(self.bridge.stats)
+        # per-connection credit figures for monitors (the first 64, sorted by local port)
+        socks = sorted(self.core.connected.values(), key=lambda sk: (sk.local_port, sk.remote_port))
+        out["conns"] = [sk.snapshot() for sk in socks[:64]]
         return out
 
     # --- work scheduling ------------------------------------------------------------------------

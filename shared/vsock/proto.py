@@ -161,6 +161,29 @@ class VsockSock:
     rx_dropped_bytes: int = 0      # RW bytes dropped: beyond buf_alloc, or after release
     rx_total: int = 0              # RW payload bytes enqueued
     tx_total: int = 0              # RW payload bytes sent
+    # credit flow counters (for monitors: tools.monitor's connection view)
+    credit_update_tx: int = 0      # CREDIT_UPDATE packets sent
+    credit_update_rx: int = 0      # CREDIT_UPDATE packets received
+    credit_request_tx: int = 0     # CREDIT_REQUEST packets sent
+    credit_request_rx: int = 0     # CREDIT_REQUEST packets received
+    credit_stalls: int = 0         # send() calls that found no credit at all
+
+    def snapshot(self) -> dict:
+        """Read-only figures of this connection for monitors (docs/monitor.md, "connection")."""
+        in_flight = (self.tx_cnt - self.peer_fwd_cnt) & U32
+        peer_free = max(0, self.peer_buf_alloc - in_flight)
+        return {"local": f"{self.local_cid}:{self.local_port}",
+                "remote": f"{self.remote_cid}:{self.remote_port}",
+                "state": self.state.name, "tx_bytes": self.tx_total, "rx_bytes": self.rx_total,
+                "rx_queued": self.rx_bytes, "buf_alloc": self.buf_alloc, "fwd_cnt": self.fwd_cnt,
+                "peer_buf_alloc": self.peer_buf_alloc, "peer_fwd_cnt": self.peer_fwd_cnt,
+                "tx_cnt": self.tx_cnt, "peer_free": peer_free,
+                "credit_update_tx": self.credit_update_tx, "credit_update_rx": self.credit_update_rx,
+                "credit_request_tx": self.credit_request_tx,
+                "credit_request_rx": self.credit_request_rx,
+                "credit_stalls": self.credit_stalls,
+                "stalled": self.state == SockState.ESTABLISHED and peer_free == 0,
+                "rx_dropped_bytes": self.rx_dropped_bytes}
 
     def __repr__(self) -> str:
         return (f"VsockSock({self.state.name} {self.local_cid}:{self.local_port}->"
@@ -315,6 +338,8 @@ class VsockCore:
             raise _oserror(errno.ENOTCONN, "send")
         mv = memoryview(data).cast("B")
         total = min(len(mv), self.has_space(sk))       # virtio_transport_get_credit
+        if not total and len(mv):
+            sk.credit_stalls += 1
         off = 0
         while off < total:
             n = min(total - off, self.max_pkt_len)
@@ -461,6 +486,11 @@ class VsockCore:
             self._reset_no_sock(pkt)
             return
         sk = self._lookup(pkt)
+        if sk is not None:
+            if pkt.op == VIRTIO_VSOCK_OP_CREDIT_UPDATE:
+                sk.credit_update_rx += 1
+            elif pkt.op == VIRTIO_VSOCK_OP_CREDIT_REQUEST:
+                sk.credit_request_rx += 1
         if sk is None:
             if (pkt.op == VIRTIO_VSOCK_OP_REQUEST and self.unbound_request is not None
                     and pkt.dst_cid == self.local_cid):
@@ -654,6 +684,12 @@ class VsockCore:
 
     def _emit(self, pkt: Packet) -> None:
         self.stats["tx"][op_name(pkt.op)] += 1
+        sk = pkt.owner
+        if sk is not None:
+            if pkt.op == VIRTIO_VSOCK_OP_CREDIT_UPDATE:
+                sk.credit_update_tx += 1
+            elif pkt.op == VIRTIO_VSOCK_OP_CREDIT_REQUEST:
+                sk.credit_request_tx += 1
         if pkt.op == VIRTIO_VSOCK_OP_RST:
             self.stats["resets_sent"] += 1
         self._send(pkt)

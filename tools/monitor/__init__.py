@@ -1,0 +1,256 @@
+"""python -m tools.monitor: a live picture of the virtqueues, the vsock credit and the devices of a run.
+
+Data first: every guest and host device process writes a stats snapshot into the run dir
+(shared.stats); `model.build_frame` merges two of them into one JSON-ready frame with rates. The
+ring picture reads each queue from the guest's RAM itself, attached read-only (`ram.ReadOnlyRAM`)
+and decoded by the pure `ring.decode_ring`. Then one pure function per panel (`panels`) turns a
+frame into a rich renderable, and a Live loop of a few lines at the edge (`run_live`) refreshes it
+four times a second, with a small key reader (`keys`) where stdin is a terminal.
+
+    --view queues|ring|conns|net   what to show (keys q r c n switch, g cycles the guest)
+    --guest CID                    one guest (the ring view needs one: default the first)
+    --once [--json]                one frame (rates over --interval) for scripts, then exit
+
+Figures a process does not publish yet are shown as "–" (and null in JSON). Keys documented in
+docs/monitor.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console, Group
+from rich.text import Text
+
+from shared.resources import default_run_dir
+from shared.stats import read_all
+
+from .model import History, build_frame, ring_sources
+from .panels import (VIEWS, conns_panel, decode_all, guests_panel, header, legend, net_panel,
+                     queues_panel, ring_panel)
+from .ram import RamError, ReadOnlyRAM
+
+RATE_PERIOD = 1.0       # rates are taken over at least this many seconds of snapshots
+
+
+def render_view(frame: dict, view: str = "queues", width: int = 100, guest: int | None = None,
+                history: History | None = None, rings: list[dict] | None = None,
+                ring_error: str = "", keys: bool = False) -> Group:
+    """The whole screen for one view: header, the guests table, the view's panel, the legend."""
+    parts: list = [header(frame, view, guest, keys), guests_panel(frame, width, history)]
+    if view == "queues":
+        parts.append(queues_panel(frame, width, guest))
+    elif view == "conns":
+        parts.append(conns_panel(frame, width, guest))
+    elif view == "net":
+        parts.append(net_panel(frame, width, guest))
+    elif view == "ring":
+        name = next((g["name"] for g in frame["guests"] if g["cid"] == guest), f"guest {guest}")
+        parts.append(ring_panel(rings, name, width, ring_error))
+    parts.append(legend(view))
+    return Group(*parts)
+
+
+def render(snapshot: list[dict], prev: list[dict] | None = None, dt: float = 0.0, run_dir: str = "",
+           view: str = "queues", width: int | None = None) -> Group:
+    """Raw snapshots in, the screen out (what tools.demo shows)."""
+    width = width or shutil.get_terminal_size((100, 40)).columns
+    return render_view(build_frame(snapshot, prev, dt, run_dir=run_dir), view, width)
+
+
+class RingReader:
+    """Attachments of guest RAM, kept between frames, dropped when their guest goes away."""
+
+    def __init__(self):
+        self.rams: dict[str, ReadOnlyRAM] = {}
+
+    def pictures(self, raw: list[dict], cid: int | None) -> tuple[list[dict], str]:
+        if cid is None:
+            return [], "no guest to draw"
+        src = ring_sources(raw, cid)
+        if src is None:
+            self.close_except(set())
+            return [], f"guest {cid} publishes no RAM table (yet)"
+        ram = self.rams.get(src["shm"])
+        try:
+            if ram is None:
+                ram = self.rams[src["shm"]] = ReadOnlyRAM(src["shm"], src["table"])
+            self.close_except({src["shm"]})
+            return decode_all(ram.read, src), ""
+        except RamError as e:
+            self.close_except(set())
+            return [], str(e)
+
+    def close_except(self, keep: set[str]) -> None:
+        for name in [n for n in self.rams if n not in keep]:
+            self.rams.pop(name).close()
+
+
+def ring_json(rings: list[dict]) -> list[dict]:
+    out = []
+    for r in rings:
+        p = r["picture"]
+        out.append({"q": r["q"], "title": r["title"], "num": p.num, "avail_idx": p.avail_idx,
+                    "used_idx": p.used_idx, "last_avail": p.last_avail, "last_used": p.last_used,
+                    "used_event": p.used_event, "avail_event": p.avail_event, "counts": p.counts(),
+                    "desc": "".join(p.desc), "ring": "".join(p.ring), "problems": p.problems})
+    return out
+
+
+def once(run_dir: Path, args, width: int) -> int:
+    first = read_all(run_dir)
+    time.sleep(args.interval)
+    raw = read_all(run_dir)
+    frame = build_frame(raw, first, args.interval, run_dir=str(run_dir))
+    reader = RingReader()
+    try:
+        if args.json:
+            frame["rings"] = []
+            for g in frame["guests"]:
+                if args.guest is not None and g["cid"] != args.guest:
+                    continue
+                rings, err = reader.pictures(raw, g["cid"])
+                frame["rings"].append({"cid": g["cid"], "name": g["name"], "error": err,
+                                       "queues": ring_json(rings)})
+            json.dump(frame, sys.stdout, indent=1, default=str)
+            sys.stdout.write("\n")
+            return 0
+        guest = args.guest
+        rings, err = [], ""
+        if args.view == "ring":
+            guest = guest if guest is not None else next((g["cid"] for g in frame["guests"]), None)
+            rings, err = reader.pictures(raw, guest)
+        Console(width=width, soft_wrap=False).print(
+            render_view(frame, args.view, width, guest, None, rings, err))
+        return 0
+    finally:
+        reader.close_except(set())
+
+
+def run_live(run_dir: Path, args, console: Console) -> int:
+    from rich.live import Live
+
+    from .keys import KeyReader
+    view, guest = args.view, args.guest
+    history = History()
+    reader = RingReader()
+    samples: list[tuple[float, list[dict]]] = [(time.monotonic(), read_all(run_dir))]
+    end = None if args.duration is None else time.monotonic() + args.duration
+    use_keys = KeyReader.available() and not args.no_keys
+
+    last_key = [None]
+
+    def stamp(raw):
+        return tuple(sorted((d.get("pid"), d.get("time")) for d in raw))
+
+    def frame_now():
+        nonlocal guest
+        now = time.monotonic()
+        raw = read_all(run_dir)
+        key = (stamp(raw), view, guest)
+        if view != "ring" and key == last_key[0]:
+            return None, None            # no process wrote a new snapshot: nothing to redraw
+        last_key[0] = key
+        samples.append((now, raw))
+        while len(samples) > 2 and samples[1][0] <= now - RATE_PERIOD:
+            samples.pop(0)
+        t0, prev = samples[0]
+        frame = build_frame(raw, prev, now - t0, run_dir=str(run_dir))
+        history.add_frame(frame)
+        cids = [g["cid"] for g in frame["guests"]]
+        if view == "ring" and guest is None and cids:
+            guest = cids[0]
+        rings, err = reader.pictures(raw, guest) if view == "ring" else ([], "")
+        width = args.width or console.width
+        return render_view(frame, view, width, guest, history, rings, err, keys=use_keys), cids
+
+    def loop(keys) -> None:
+        nonlocal view, guest
+        screen, cids = frame_now()
+        # Stats snapshots change every half second; the ring view reads the RAM itself and
+        # refreshes four times a second (unless --interval says otherwise).
+        with Live(screen, console=console, refresh_per_second=8, auto_refresh=False,
+                  screen=args.screen) as live:
+            while end is None or time.monotonic() < end:
+                interval = args.interval or (0.25 if view == "ring" else 0.5)
+                deadline = time.monotonic() + interval
+                if keys is None:
+                    time.sleep(interval)
+                while keys is not None and time.monotonic() < deadline:
+                    k = keys.get()
+                    if k is None:
+                        time.sleep(0.05)
+                        continue
+                    if k in ("x", "\x1b"):
+                        return
+                    pick = {"q": "queues", "r": "ring", "c": "conns", "n": "net"}.get(k)
+                    if pick:
+                        view = pick
+                    elif k == "g" and cids:
+                        guest = cids[(cids.index(guest) + 1) % len(cids)] if guest in cids else cids[0]
+                    elif k == "a":
+                        guest = None if view != "ring" else guest
+                    else:
+                        continue
+                    break
+                new, new_cids = frame_now()
+                if new is not None:
+                    screen, cids = new, new_cids
+                    live.update(screen, refresh=True)
+
+    try:
+        if use_keys:
+            with KeyReader() as keys:
+                loop(keys)
+        else:
+            loop(None)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        reader.close_except(set())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.monitor",
+                                description="Live view of the virtqueues, vsock connections and devices of a run dir.")
+    p.add_argument("--run-dir", type=Path, default=None, help=f"run directory (default {default_run_dir()})")
+    p.add_argument("--view", choices=VIEWS, default="queues", help="what to show (default queues)")
+    p.add_argument("--guest", type=int, default=None, metavar="CID", help="show this guest only")
+    p.add_argument("--interval", type=float, default=None,
+                   help="refresh period in seconds (default 0.5, ring view 0.25); --once measures "
+                        "rates over it (default 1.0)")
+    p.add_argument("--once", action="store_true", help="print one frame and exit")
+    p.add_argument("--json", action="store_true", help="with --once: the frame as JSON (same figures)")
+    p.add_argument("--width", type=int, default=None, help="columns to fit (default: the terminal's, "
+                   "or 160 when output is not a terminal)")
+    p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--screen", action="store_true", help="use the alternate screen")
+    p.add_argument("--no-keys", action="store_true", help="do not read keys from the terminal")
+    args = p.parse_args(argv)
+    run_dir = args.run_dir or default_run_dir()
+    if not Path(run_dir).is_dir():
+        print(f"monitor: no run directory {run_dir}", file=sys.stderr)
+        return 1
+    if args.interval is not None and args.interval <= 0:
+        print("monitor: --interval must be positive", file=sys.stderr)
+        return 2
+    if args.json and not args.once:
+        print("monitor: --json needs --once", file=sys.stderr)
+        return 2
+    if args.width is not None and args.width < 40:
+        print("monitor: --width must be at least 40", file=sys.stderr)
+        return 2
+    if args.once:
+        args.interval = args.interval or 1.0     # two snapshots of every writer (0.5 s period)
+        width = args.width or (shutil.get_terminal_size((160, 40)).columns if sys.stdout.isatty() else 160)
+        try:
+            return once(Path(run_dir), args, width)
+        except KeyboardInterrupt:
+            return 130
+    console = Console(width=args.width) if args.width else Console()
+    return run_live(Path(run_dir), args, console)

@@ -1,0 +1,153 @@
+"""python -m tools.monitor.overhead: what a running monitor costs the data path.
+
+One host and one guest (discard service on port 9). Rounds of a host->guest vsock stream
+(W-byte writes, B bytes, as tools.bench_vsock's host->guest phase) alternate between no monitor,
+a monitor on the queues view and a monitor on the ring view (which also maps the guest RAM and
+decodes every ring four times a second). Each monitor runs live in a pseudo-terminal of 100x50
+(a real terminal: rich refreshes only there) whose output `cat` drains into /dev/null. The same run
+measures all modes, interleaved, so machine noise spreads over all of them; the figures are the
+median MB/s per mode, the difference to "none", and the monitor's own CPU use.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import pty
+import shutil
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import termios
+import time
+from pathlib import Path
+
+from host.vsock.api import VsockHost
+from tools.launch import ROOT, start, stop_all, wait_for_log
+
+MODES = ("none", "queues", "ring")
+
+
+def stream(run_dir: Path, size: int, total: int) -> float:
+    s = VsockHost(run_dir).connect(3, 9, timeout=10)
+    buf = b"y" * size
+    t0 = time.perf_counter()
+    for _ in range(total // size):
+        s.sendall(buf)
+    s.shutdown(socket.SHUT_WR)
+    s.settimeout(120)
+    while s.recv(65536):
+        pass
+    dt = time.perf_counter() - t0
+    s.close()
+    return total / dt / 1e6
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        rest = f.read().rsplit(b")", 1)[1].split()
+    return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Monitor:
+    """`python -m tools.monitor` live in a 100x50 pseudo-terminal, output drained."""
+
+    def __init__(self, run_dir: Path, view: str):
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 100, 0, 0))
+        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                   TERM="xterm-256color", COLUMNS="100", LINES="50")
+        self.p = subprocess.Popen([sys.executable, "-m", "tools.monitor", "--run-dir", str(run_dir),
+                                   "--view", view, "--guest", "3", "--no-keys"],
+                                  stdin=slave, stdout=slave, stderr=slave, env=env, cwd=ROOT,
+                                  start_new_session=True)
+        os.close(slave)
+        # The terminal's output is drained by another process (cat), not a thread of ours: this
+        # process also drives the stream, and a drain thread would compete with it for the GIL.
+        self.drain = subprocess.Popen(["cat"], stdin=master, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL)
+        self.master = master
+        time.sleep(1.0)                   # imported and drawing
+        self.cpu0, self.t0 = cpu_seconds(self.p.pid), time.monotonic()
+
+    def stop(self) -> float:
+        """Stop it; returns its CPU share (cores) while measured."""
+        share = (cpu_seconds(self.p.pid) - self.cpu0) / max(1e-9, time.monotonic() - self.t0)
+        self.p.terminate()
+        try:
+            self.p.wait(10)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            self.p.wait()
+        os.close(self.master)
+        try:
+            self.drain.wait(5)            # EOF (EIO) once the terminal's last user is gone
+        except subprocess.TimeoutExpired:
+            self.drain.kill()
+            self.drain.wait()
+        return share
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.monitor.overhead", description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=4, help="rounds per mode (default 4)")
+    p.add_argument("--write", type=int, default=65536, help="bytes per write (default 65536)")
+    p.add_argument("--bytes", type=int, default=64 << 20, help="bytes per round (default 64 MiB)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
+    args = p.parse_args(argv)
+    if args.rounds < 1 or args.write < 1 or args.bytes < args.write:
+        print("overhead: need --rounds >= 1 and --bytes >= --write >= 1", file=sys.stderr)
+        return 2
+    tmp = Path(tempfile.mkdtemp(prefix="ve-monbench-"))
+    run_dir = tmp / "run"
+    procs = []
+    results: dict[str, list[float]] = {m: [] for m in MODES}
+    cpu: dict[str, list[float]] = {m: [] for m in MODES if m != "none"}
+    try:
+        procs.append(start(["-m", "host", "--run-dir", str(run_dir)], tmp / "host.log"))
+        if not wait_for_log(tmp / "host.log", "host listening", 20):
+            print("overhead: the host did not start", file=sys.stderr)
+            return 1
+        procs.append(start(["-m", "guest", "--run-dir", str(run_dir), "--cid", "3", "--mem", "64M",
+                            "--service", "discard=9"], tmp / "guest.log"))
+        if not wait_for_log(tmp / "guest.log", "vsock device ready", 30):
+            print("overhead: the guest did not boot", file=sys.stderr)
+            return 1
+        stream(run_dir, args.write, args.bytes // 4)          # warm up
+        for r in range(args.rounds):
+            order = MODES if r % 2 == 0 else tuple(reversed(MODES))
+            for mode in order:
+                mon = Monitor(run_dir, mode) if mode != "none" else None
+                try:
+                    results[mode].append(stream(run_dir, args.write, args.bytes))
+                finally:
+                    if mon is not None:
+                        cpu[mode].append(mon.stop())
+                print(f"round {r + 1}/{args.rounds} {mode:6s} {results[mode][-1]:7.1f} MB/s", flush=True)
+    except KeyboardInterrupt:
+        print("overhead: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        stop_all(procs, 20)
+        shutil.rmtree(tmp, ignore_errors=True)
+    base = statistics.median(results["none"])
+    out = []
+    for mode in MODES:
+        med = statistics.median(results[mode])
+        row = {"mode": mode, "median MB/s": round(med, 1), "rounds": [round(x, 1) for x in results[mode]],
+               "vs none %": round(100 * (med - base) / base, 1),
+               "monitor CPU (cores)": round(statistics.mean(cpu[mode]), 3) if mode in cpu else 0.0}
+        out.append(row)
+        print(f"{mode:6s} median {med:7.1f} MB/s  {row['vs none %']:+5.1f} %  rounds {row['rounds']}  "
+              f"monitor CPU {row['monitor CPU (cores)']:.3f} cores")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
