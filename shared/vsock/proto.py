@@ -5,7 +5,8 @@ Theory of operation
 This is Linux's net/vmw_vsock/virtio_transport_common.c plus the slice of af_vsock.c
 bookkeeping it leans on (bind tables, ephemeral ports, accept queues, socket errors), as pure
 code: packets come in through `VsockCore.recv_pkt`, packets go out through the `send_pkt`
-callback handed to the constructor, and nothing here blocks, sleeps, spawns or reads a real
+callback handed to the constructor (an RW packet's payload may be a view of the sender's buffer,
+valid only during that call: the transport copies it once, into guest RAM or its own queue), and nothing here blocks, sleeps, spawns or reads a real
 clock (time comes from the injectable `clock`, and close timeouts only fire from `tick`).
 The guest transport (guest/vsock/transport.py) and the host device (host/vsock/device.py)
 each own one `VsockCore`; the runner that drives it holds one lock around every call and
@@ -344,7 +345,9 @@ class VsockCore:
         while off < total:
             n = min(total - off, self.max_pkt_len)
             sk.tx_cnt = (sk.tx_cnt + n) & U32
-            self._send_pkt_info(sk, VIRTIO_VSOCK_OP_RW, payload=bytes(mv[off:off + n]))
+            # The payload is a view of the caller's buffer: the transport copies it once, into
+            # guest RAM (or into its queue), before this call returns.
+            self._send_pkt_info(sk, VIRTIO_VSOCK_OP_RW, payload=mv[off:off + n])
             off += n
         sk.tx_total += total
         self.stats["tx_bytes"] += total
