@@ -96,10 +96,16 @@ class GuestMemory:
         """The iovec for a guest range, split at region boundaries (vhost translate_desc)."""
         if length < 0 or gpa < 0:
             raise GuestMemoryError(f"bad guest range [{gpa:#x}, +{length:#x})")
+        r = self._last
+        if r is not None and length:            # the common case: inside the last region used
+            off = gpa - r.guest_phys_addr
+            if off >= 0 and off + length <= r.memory_size:
+                return [r.buf[off:off + length]]
         out: list[memoryview] = []
         while length > 0:
             for r in self.regions:
                 if r.guest_phys_addr <= gpa < r.end:
+                    self._last = r
                     n = min(length, r.end - gpa)
                     off = gpa - r.guest_phys_addr
                     out.append(r.buf[off:off + n])
