@@ -46,6 +46,8 @@ class HostOptions:
     dialect: str = "firecracker"
     max_queue_size: int = 1024
     stats_interval: float = 0.5
+    services: list = field(default_factory=list)   # [ServiceSpec]: in-device services per guest
+    run: list = field(default_factory=list)        # ["module:function"]: run in each device process
 
 
 @dataclass

@@ -67,7 +67,8 @@ class KickPollers:
         t.start()
 
     def device_kick(self, i: int) -> None:
-        self.device.kick_received(i)
+        with self.device.lock:          # in-device programs call the core from other threads
+            self.device.kick_received(i)
 
     def _stop(self, i: int) -> None:
         t, stop, _ = self.threads.pop(i)
@@ -93,6 +94,7 @@ class DeviceProcess:
             self.session.decoder = decoder     # bytes the daemon already read stay in order
         self.rest = list(rest)
         self.pollers: KickPollers | None = None
+        self.endpoint = None           # in-device services and --run programs
         self.capture = None
         self._out = bytearray()
 
@@ -112,6 +114,9 @@ class DeviceProcess:
         dev.worker = self.worker
         dev.hello = hello
         self.device = dev
+        if self.opts.services or self.opts.run:
+            from host.vsock.endpoint import HostEndpoint
+            self.endpoint = HostEndpoint(dev, self.opts.services, self.opts.run)
         self.pollers = KickPollers(self.worker, dev)
         return dev
 
@@ -200,6 +205,8 @@ class DeviceProcess:
         return 0
 
     def close(self) -> None:
+        if self.endpoint is not None:
+            self.endpoint.close()          # no services re-listen while the device goes down
         if self.pollers is not None:
             self.pollers.stop_all()        # before the device closes the doorbells they wait on
         try:
