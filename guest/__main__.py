@@ -7,7 +7,7 @@ import re
 import sys
 from pathlib import Path
 
-from shared.cli import add_common, queue_size, setup_logging
+from shared.cli import add_common, add_programs, check_run, queue_size, setup_logging
 from shared.constants import RESERVED_CIDS
 from shared.resources import default_run_dir
 
@@ -34,14 +34,6 @@ def parse_cid(text: str) -> int:
     return cid
 
 
-def parse_service(text: str):
-    from guest.vsock.services import parse_service as parse
-    try:
-        return parse(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m guest",
@@ -53,12 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="guest name shown by the host and monitor (default: guest-CID)")
     p.add_argument("--mem", type=parse_size, default=parse_size("64M"), metavar="SIZE",
                    help="guest RAM size, e.g. 64M (default 64M)")
-    p.add_argument("--service", type=parse_service, action="append", default=[], metavar="KIND=PORT",
-                   help="run a built-in vsock service in the guest: echo=PORT, discard=PORT or "
-                        "chargen=PORT (repeatable)")
-    p.add_argument("--run", action="append", default=[], metavar="MODULE:FUNCTION",
-                   help="run FUNCTION(vsock) from MODULE inside the guest with the vsock socket API "
-                        "(repeatable)")
+    add_programs(p, "inside the guest")
     p.add_argument("--pcap", type=Path, default=None,
                    help="record every vsock packet the guest sends or receives (vsockmon pcap)")
     p.add_argument("--queue-size", type=queue_size, default=128, metavar="N",
@@ -79,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not 64 <= args.rx_buf_size <= 64 * 1024:
         print(f"guest: --rx-buf-size {args.rx_buf_size} is out of range (64..65536)", file=sys.stderr)
+        return 2
+    if check_run("guest", args.run):
         return 2
     setup_logging("guest", args.log_level)
     from guest.vm import VM, BootError, GuestOptions

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from shared.cli import add_common, queue_size, setup_logging
+from shared.cli import add_common, add_programs, check_run, queue_size, setup_logging
 from shared.resources import default_run_dir
 
 
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hybrid vsock Unix-socket dialect of the bridge's CONNECT/OK handshake")
     p.add_argument("--max-queue-size", type=queue_size, default=1024, metavar="N",
                    help="largest virtqueue size a guest may configure (power of 2, <= 32768)")
+    add_programs(p, "in every guest's device process (the in-device host endpoint, CID 2)")
     add_common(p, "when host sockets send CREDIT_UPDATE: after every read (the 2016-17 seeds) or "
                   "only when free space falls below 64 KiB (Linux 2019)")
     return p
@@ -31,12 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if check_run("host", args.run):
+        return 2
     setup_logging("host", args.log_level)
     from host.daemon import Daemon, HostOptions
     opts = HostOptions(run_dir=args.run_dir or default_run_dir(), pcap=args.pcap,
                        credit_policy=args.credit_policy, dialect=args.dialect,
                        max_queue_size=args.max_queue_size, poll_us=args.poll_us,
-                       buf_size=args.buf_size)
+                       buf_size=args.buf_size, services=args.service, run=args.run)
     try:
         d = Daemon(opts)
         d.bind()

@@ -49,6 +49,8 @@ class HostOptions:
     stats_interval: float = 0.5
     poll_us: int = 0
     buf_size: int = 1 << 20
+    services: list = field(default_factory=list)   # [ServiceSpec]: in-device services per guest
+    run: list = field(default_factory=list)        # ["module:function"]: run in each device process
 
 
 @dataclass

@@ -84,6 +84,7 @@ class DeviceProcess:
             self.session.decoder = decoder     # bytes the daemon already read stay in order
         self.rest = list(rest)
         self.pollers: KickPollers | None = None
+        self.endpoint = None           # in-device services and --run programs
         self.capture = None
         self._out = bytearray()
 
@@ -105,6 +106,9 @@ class DeviceProcess:
         dev.lock = self.worker.lock          # one big lock: engine work, kicks, control, programs
         dev.hello = hello
         self.device = dev
+        if self.opts.services or self.opts.run:
+            from host.vsock.endpoint import HostEndpoint
+            self.endpoint = HostEndpoint(dev, self.opts.services, self.opts.run)
         self.pollers = KickPollers(self.worker, dev)
         return dev
 
@@ -193,6 +197,8 @@ class DeviceProcess:
         return 0
 
     def close(self) -> None:
+        if self.endpoint is not None:
+            self.endpoint.close()          # no services re-listen while the device goes down
         if self.pollers is not None:
             self.pollers.stop_all()        # before the device closes the doorbells they wait on
         try:

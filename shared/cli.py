@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 CREDIT_POLICIES = ("every-read", "low-space")
 
@@ -61,3 +62,35 @@ def add_common(p: argparse.ArgumentParser, credit_help: str) -> None:
 def setup_logging(role: str, level: str) -> None:
     logging.basicConfig(level=level,
                         format=f"%(asctime)s {role}[%(process)d] %(levelname)s %(name)s: %(message)s")
+
+
+def service_spec(text: str):
+    """argparse type: a built-in vsock service, KIND=PORT (shared/vsock/services.py)."""
+    from shared.vsock.services import parse_service
+    try:
+        return parse_service(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_programs(p: argparse.ArgumentParser, where: str) -> None:
+    """--service and --run, spelled the same on both sides."""
+    p.add_argument("--service", type=service_spec, action="append", default=[], metavar="KIND=PORT",
+                   help=f"run a built-in vsock service {where}: echo=PORT, discard=PORT, "
+                        "chargen=PORT, sink=PORT (count bytes until EOF, answer the count) or "
+                        "source=PORT (answer a line '<n> <write_size>' with n bytes) (repeatable)")
+    p.add_argument("--run", action="append", default=[], metavar="MODULE:FUNCTION",
+                   help=f"run FUNCTION(vsock) from MODULE {where} with the vsock socket API, in a "
+                        "thread of its own (repeatable)")
+
+
+def check_run(role: str, specs) -> int:
+    """Validate every --run spec (module importable, function exists and is callable) before
+    starting anything: 0, or a one-line error on stderr and 2."""
+    from shared.vsock.services import check_function
+    for spec in specs:
+        why = check_function(spec)
+        if why is not None:
+            print(f"{role}: --run {spec}: {why}", file=sys.stderr)
+            return 2
+    return 0

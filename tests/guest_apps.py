@@ -79,3 +79,49 @@ def hold_conn(vsock) -> None:
         _out({"state": "error", "errno": e.errno})
     finally:
         s.close()
+
+
+def host_services(vsock) -> None:
+    """Use the host's in-device services (CID 2): echo on VE_APP_ECHO, sink on VE_APP_SINK, source
+    on VE_APP_SOURCE, each with VE_APP_BYTES bytes; report SHA-256 digests and counts."""
+    from shared.vsock.services import source_pattern
+    from shared.vsock.socket import SHUT_WR
+    n = int(os.environ["VE_APP_BYTES"])
+    res = {}
+    try:
+        data = os.urandom(n)
+        s = vsock.create_connection((2, int(os.environ["VE_APP_ECHO"])), timeout=30)
+        t = threading.Thread(target=s.sendall, args=(data,))
+        t.start()
+        h, got, buf = hashlib.sha256(), 0, bytearray(1 << 16)
+        while got < n:
+            k = s.recv_into(buf)
+            if not k:
+                break
+            h.update(memoryview(buf)[:k])
+            got += k
+        t.join()
+        s.close()
+        res["echo"] = {"sent": hashlib.sha256(data).hexdigest(), "got": h.hexdigest(), "bytes": got}
+
+        s = vsock.create_connection((2, int(os.environ["VE_APP_SINK"])), timeout=30)
+        s.sendall(data)
+        s.shutdown(SHUT_WR)
+        reply = b""
+        while chunk := s.recv(100):
+            reply += chunk
+        s.close()
+        res["sink"] = {"sent": n, "reply": reply.decode("ascii", "replace")}
+
+        s = vsock.create_connection((2, int(os.environ["VE_APP_SOURCE"])), timeout=30)
+        s.sendall(b"%d %d\n" % (n, 4096))
+        h, got = hashlib.sha256(), 0
+        while chunk := s.recv(1 << 16):
+            h.update(chunk)
+            got += len(chunk)
+        s.close()
+        res["source"] = {"want": hashlib.sha256(source_pattern(n)).hexdigest(), "got": h.hexdigest(),
+                         "bytes": got}
+    except OSError as e:
+        res["errno"], res["error"] = e.errno, str(e)
+    _out(res)

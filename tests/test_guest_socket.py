@@ -454,3 +454,21 @@ def test_run_user_function(g):
         t = run_user_function(spec, g.vs)
         t.join(TIMEOUT)
         assert isinstance(t.error, exc), (spec, t.error)
+
+
+def test_sink_and_source_services_in_the_guest(g):
+    from guest.vsock.services import source_pattern
+    sink, source = start_services(g.vs, ["sink=7003", "source=7004"])
+    try:
+        hsk = g.host.connect(7003)
+        g.host.sendall(hsk, b"q" * 123_457)
+        g.host.call(g.host.core.shutdown, hsk, SHUT_WR)
+        assert g.host.recv_exact(hsk, 20) == b"123457\n"      # then EOF
+        g.host.call(g.host.core.release, hsk)
+        hsk = g.host.connect(7004)
+        g.host.sendall(hsk, b"300000 65536\n")
+        assert g.host.recv_exact(hsk, 300_001) == source_pattern(300_000)
+        g.host.call(g.host.core.release, hsk)
+    finally:
+        sink.stop()
+        source.stop()

@@ -1,410 +1,71 @@
-"""Socket-like AF_VSOCK stream sockets for programs running inside the guest (af_vsock's role).
+"""AF_VSOCK for programs running inside the guest: the guest family of shared/vsock/socket.py.
 
-Theory of operation
--------------------
-`GuestVsock(transport)` is the address family: `socket()` makes a `VsockSocket`, `local_cid` is
-the guest CID. A `VsockSocket` is a thin, blocking-capable wrapper over one `VsockSock` of the
-transport's `VsockCore` (shared/vsock/proto.py), which holds all protocol state and decides
-everything; this layer only waits.
-
-Locking: every call takes the guest kernel's big lock (`kernel.lock`), calls the core, and
-leaves. A call that must wait (connect, accept, send without credit, recv without data) waits on
-the socket's own `threading.Condition(kernel.lock)`, which releases the lock while asleep. The
-core calls the socket's `wake` hook whenever it became readable or writable or changed state
-(always with the lock held: from rx_work/loopback_work/event_work on the kernel's worker, or from
-another program thread's call), and the hook notifies the Condition. Packets the core emits go to
-the transport's `send_pkt`, which queues send_pkt_work: nothing here touches a ring.
-
-Timeouts follow Python's socket module: `settimeout(None)` blocks, `0.0` (setblocking(False))
-never waits (BlockingIOError EAGAIN, or EINPROGRESS from connect), `t > 0` gives up after t
-seconds with TimeoutError (errno ETIMEDOUT). A blocking connect waits the socket timeout, or
-`connect_timeout` (2 s, af_vsock's VSOCK_DEFAULT_CONNECT_TIMEOUT) when none is set; on expiry the
-core's connect_timeout moves the socket to CLOSE and the transport's cancel_pkt drops its queued
-REQUEST (vsock_connect_timeout). close() is release(): the core lingers with SHUTDOWN and a close
-timeout, which a kernel timer (call_later + core.tick) enforces. close() calls the transport's
-cancel_pkt only for a socket still connecting (af_vsock cancels on an abandoned connect): an
-established socket's queued data and SHUTDOWN must still reach the peer.
-
-Errors are OSError with af_vsock's errno (Python maps them to ConnectionRefusedError,
-ConnectionResetError, TimeoutError, BlockingIOError, BrokenPipeError...).
+`GuestVsock(transport)` is the address family over a probed VirtioVsockTransport: its lock is
+the guest kernel's big lock (`kernel.lock`), its timers are kernel timers (`kernel.call_later`,
+run on the kernel's worker with the lock held), its cancel_pkt is the transport's, and it is up
+while the transport is probed. The sockets (`VsockSocket`), their waiting, timeouts and errors
+are the shared layer's, written once for the guest and the host (host/vsock/endpoint.py).
+Packets the core emits go to the transport's `send_pkt`, which puts them on the tx ring (one
+kick per send: `batch`); a waiting call busy-polls the rx ring first when the kernel has poll_us.
 """
 from __future__ import annotations
 
-import errno
-import threading
-import time
-
-from shared.constants import VMADDR_CID_ANY, VMADDR_PORT_ANY, VSOCK_DEFAULT_CONNECT_TIMEOUT
-from shared.vsock.proto import SockState, VsockSock
-
-SHUT_RD, SHUT_WR, SHUT_RDWR = 0, 1, 2
-U32 = 0xFFFFFFFF
-DEFAULT_BACKLOG = 128
+from shared.constants import VMADDR_CID_ANY, VMADDR_PORT_ANY
+from shared.vsock.socket import (DEFAULT_BACKLOG, SHUT_RD, SHUT_RDWR, SHUT_WR, VsockFamily,
+                                 VsockSocket)
 
 
-def _err(code: int, what: str) -> OSError:
-    return OSError(code, f"{what}: {errno.errorcode.get(code, code)}")
-
-
-def _addr(address) -> tuple[int, int]:
-    """Check a (cid, port) address (struct sockaddr_vm)."""
-    if (not isinstance(address, tuple) or len(address) != 2
-            or not all(isinstance(x, int) and not isinstance(x, bool) for x in address)):
-        raise _err(errno.EINVAL, f"address must be a (cid, port) tuple of ints, not {address!r}")
-    cid, port = address
-    if not (0 <= cid <= U32 and 0 <= port <= U32):
-        raise _err(errno.EINVAL, f"address {address!r} out of range")
-    return cid, port
-
-
-class GuestVsock:
+class GuestVsock(VsockFamily):
     """AF_VSOCK inside one guest: a socket factory over a probed VirtioVsockTransport."""
+
+    what = "virtio-vsock device"
 
     def __init__(self, transport):
         self.transport = transport
         self.kernel = transport.kernel
+        self.lock = transport.kernel.lock
 
     @property
-    def core(self):
-        core = self.transport.core
-        if core is None or not self.transport.probed:
-            raise _err(errno.ENODEV, "no virtio-vsock device")
-        return core
+    def current_core(self):
+        return self.transport.core
+
+    @property
+    def up(self) -> bool:
+        return bool(self.transport.probed)
 
     @property
     def local_cid(self) -> int:
         """IOCTL_VM_SOCKETS_GET_LOCAL_CID."""
         return self.transport.get_local_cid()
 
-    def socket(self) -> "VsockSocket":
-        with self.kernel.lock:
-            return VsockSocket(self, self.core.socket())
+    def call_later(self, delay: float, fn):
+        return self.kernel.call_later(delay, fn)      # kernel work: runs with kernel.lock held
 
-    def create_connection(self, address, timeout: float | None = None) -> "VsockSocket":
-        """socket() + connect(), closing the socket if the connect fails."""
-        s = self.socket()
-        s.settimeout(timeout)
-        try:
-            s.connect(address)
-        except BaseException:
-            s.close()
-            raise
-        return s
+    def cancel_pkt(self, sk) -> int:
+        return self.transport.cancel_pkt(sk)
 
-    def create_server(self, port: int, backlog: int = DEFAULT_BACKLOG) -> "VsockSocket":
-        """socket() + bind((ANY, port)) + listen(backlog)."""
-        s = self.socket()
-        try:
-            s.bind((VMADDR_CID_ANY, port))
-            s.listen(backlog)
-        except BaseException:
-            s.close()
-            raise
-        return s
-
-
-class VsockSocket:
-    """One AF_VSOCK SOCK_STREAM socket (struct socket + the waiting af_vsock does)."""
-
-    def __init__(self, family: GuestVsock, sk: VsockSock):
-        self._family = family
-        self._kernel = family.kernel
-        self._core = family.transport.core
-        self._transport = family.transport
-        self._sk = sk
-        self._cv = threading.Condition(self._kernel.lock)
-        self._timeout: float | None = None
-        self._closed = False
-        self._connect_seq = 0                      # numbers connect attempts (stale timers)
-        self._connect_pending = False              # a non-blocking connect awaits its report
-        self.connect_timeout = VSOCK_DEFAULT_CONNECT_TIMEOUT   # SO_VM_SOCKETS_CONNECT_TIMEOUT
-        sk.wake = self._wake
-        sk.data = self
-
-    # --- plumbing -----------------------------------------------------------------------------
-    def _wake(self) -> None:
-        with self._cv:          # RLock: re-entered when the core calls us with it held
-            self._cv.notify_all()
-
-    def _check(self) -> None:
-        if self._closed:
-            raise _err(errno.EBADF, "socket is closed")
-
-    def _deadline(self, timeout: float | None) -> float | None:
-        return None if timeout is None else time.monotonic() + timeout
-
-    def _wait(self, ready, deadline: float | None) -> bool:
-        """Wait (lock held) until ready() or the socket is closed; False on timeout.
-
-        With the kernel's poll_us > 0, first busy-poll the rx ring from this thread for that
-        long (sk_busy_loop): a packet that arrives meanwhile is handled here, with no interrupt
-        and no wake-up of another thread."""
-        poll_us = getattr(self._kernel, "poll_us", 0)
-        if poll_us and not (ready() or self._closed) and self._busy_poll(ready, poll_us, deadline):
-            return True
-        while not (ready() or self._closed):
-            if deadline is None:
-                self._cv.wait()
-            else:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cv.wait(left)
-        return True
-
-    def _busy_poll(self, ready, poll_us: int, deadline: float | None) -> bool:
-        t = self._transport
-        clock = time.perf_counter
-        end = clock() + poll_us / 1e6
-        t.busy_poll_start()
-        try:
-            while True:
-                t.busy_poll()
-                if ready() or self._closed:
-                    return True
-                now = clock()
-                if now >= end or (deadline is not None and now >= deadline):
-                    return False
-        finally:
-            t.busy_poll_stop()
-
-    # --- timeouts -----------------------------------------------------------------------------
-    def settimeout(self, timeout: float | None) -> None:
-        if timeout is not None:
-            timeout = float(timeout)
-            if timeout < 0:
-                raise ValueError("Timeout value out of range")
-        self._timeout = timeout
-
-    def gettimeout(self) -> float | None:
-        return self._timeout
-
-    def setblocking(self, flag: bool) -> None:
-        self._timeout = None if flag else 0.0
-
-    def getblocking(self) -> bool:
-        return self._timeout != 0.0
-
-    # --- addresses ----------------------------------------------------------------------------
-    def bind(self, address) -> None:
-        """vsock_bind: the CID must be VMADDR_CID_ANY or ours; port ANY picks an ephemeral one."""
-        cid, port = _addr(address)
-        with self._kernel.lock:
-            self._check()
-            if cid not in (VMADDR_CID_ANY, self._core.local_cid):
-                raise _err(errno.EADDRNOTAVAIL, f"bind: {cid} is not this guest's CID")
-            self._core.bind(self._sk, port)
-
-    def getsockname(self) -> tuple[int, int]:
-        with self._kernel.lock:
-            self._check()
-            return self._sk.local_cid, self._sk.local_port
-
-    def getpeername(self) -> tuple[int, int]:
-        with self._kernel.lock:
-            self._check()
-            if self._sk.state not in (SockState.ESTABLISHED, SockState.CLOSING):
-                raise _err(errno.ENOTCONN, "getpeername")
-            return self._sk.remote_cid, self._sk.remote_port
+    # --- the fast path: one kick per send, busy polling of the rx ring ---------------------------
+    @property
+    def batch(self):
+        return self.transport.batch
 
     @property
-    def local_cid(self) -> int:
-        return self._family.local_cid
-
-    # --- server side --------------------------------------------------------------------------
-    def listen(self, backlog: int = DEFAULT_BACKLOG) -> None:
-        with self._kernel.lock:
-            self._check()
-            self._core.listen(self._sk, backlog)
-
-    def accept(self) -> tuple["VsockSocket", tuple[int, int]]:
-        """vsock_accept: the oldest connected child, waiting for one if need be."""
-        with self._kernel.lock:
-            self._check()
-            sk = self._sk
-            if sk.state != SockState.LISTEN:
-                raise _err(errno.EINVAL, "accept: socket is not listening")
-            deadline = self._deadline(self._timeout)
-            while True:
-                child = self._core.accept(sk)
-                if child is not None:
-                    return VsockSocket(self._family, child), (child.remote_cid, child.remote_port)
-                if self._timeout == 0.0:
-                    raise _err(errno.EAGAIN, "accept")
-                if not self._wait(lambda: bool(sk.accept_queue) or sk.state != SockState.LISTEN,
-                                  deadline):
-                    raise _err(errno.ETIMEDOUT, "accept timed out")
-                self._check()
-
-    # --- client side --------------------------------------------------------------------------
-    def connect(self, address) -> None:
-        """vsock_connect: REQUEST, then wait for RESPONSE (ESTABLISHED) or RST (ECONNREFUSED)."""
-        cid, port = _addr(address)
-        with self._kernel.lock:
-            self._check()
-            if not self._transport.probed:
-                raise _err(errno.ENODEV, "connect: the virtio-vsock device is gone")
-            sk = self._sk
-            if self._connect_pending and sk.state != SockState.SYN_SENT:
-                # the outcome of an earlier non-blocking connect is reported once
-                self._connect_pending = False
-                if sk.state == SockState.CLOSE and sk.err:
-                    code, sk.err = sk.err, 0
-                    raise _err(code, "connect")
-            self._core.connect(sk, cid, port)      # EISCONN, EALREADY, EINVAL, EADDRINUSE
-            self._connect_seq += 1
-            gen = self._connect_seq
-            timeout = self.connect_timeout if self._timeout is None else self._timeout
-            if self._timeout == 0.0:
-                # the af_vsock connect_work timer still bounds a non-blocking connect
-                self._connect_pending = True
-                self._kernel.call_later(self.connect_timeout, lambda: self._connect_expired(gen))
-                raise _err(errno.EINPROGRESS, "connect")
-            ok = self._wait(lambda: sk.state != SockState.SYN_SENT, self._deadline(timeout))
-            self._check()
-            if not ok:
-                self._connect_expired(gen)
-            if sk.state == SockState.ESTABLISHED:
-                return
-            code = sk.err or errno.ECONNRESET
-            sk.err = 0                 # sock_error(): reported once
-            raise _err(code, "connect")
-
-    def _connect_expired(self, gen: int) -> None:
-        """vsock_connect_timeout: still SYN_SENT -> CLOSE/ETIMEDOUT, drop the queued REQUEST."""
-        if gen != self._connect_seq or self._sk.state != SockState.SYN_SENT:
-            return
-        if self._core.connect_timeout(self._sk):
-            self._transport.cancel_pkt(self._sk)
-
-    def connect_ex(self, address) -> int:
-        try:
-            self.connect(address)
-        except OSError as e:
-            if e.errno is None:
-                raise
-            return e.errno
-        return 0
-
-    # --- data ---------------------------------------------------------------------------------
-    def send(self, data) -> int:
-        """vsock_stream_sendmsg: queue as much as the peer's credit allows; wait for credit."""
-        return self._send(memoryview(data).cast("B"), self._deadline(self._timeout))
-
-    def sendall(self, data) -> None:
-        mv = memoryview(data).cast("B")
-        deadline = self._deadline(self._timeout)     # one deadline for the whole call
-        off = 0
-        while off < len(mv):
-            off += self._send(mv[off:], deadline)
-
-    def _send(self, mv: memoryview, deadline: float | None) -> int:
-        with self._kernel.lock:
-            self._check()
-            sk = self._sk
-            while True:
-                n = self._core.send(sk, mv)     # EPIPE, the socket error, ENOTCONN
-                if n or not len(mv):
-                    return n
-                # No credit: the peer's CREDIT_UPDATE (or any packet of it) wakes us.
-                if self._timeout == 0.0:
-                    raise _err(errno.EAGAIN, "send")
-                if not self._wait(lambda: self._core.writable(sk), deadline):
-                    raise _err(errno.ETIMEDOUT, "send timed out")
-                self._check()
-
-    def recv(self, bufsize: int) -> bytes:
-        """vsock_stream_recvmsg: up to bufsize bytes; b"" at end of stream."""
-        if bufsize < 0:
-            raise ValueError("negative buffersize in recv")
-        with self._kernel.lock:
-            self._check()
-            sk = self._sk
-            if sk.state == SockState.LISTEN:
-                raise _err(errno.ENOTCONN, "recv on a listening socket")
-            deadline = self._deadline(self._timeout)
-            while True:
-                try:
-                    return self._core.recv(sk, bufsize)
-                except BlockingIOError:
-                    if self._timeout == 0.0:
-                        raise
-                if not self._wait(lambda: self._core.readable(sk), deadline):
-                    raise _err(errno.ETIMEDOUT, "recv timed out")
-                self._check()
-
-    def recv_into(self, buffer, nbytes: int = 0) -> int:
-        mv = memoryview(buffer).cast("B")
-        if nbytes < 0:
-            raise ValueError("negative buffersize in recv_into")
-        n = nbytes or len(mv)
-        if n > len(mv):
-            raise ValueError("buffer too small for requested bytes")
-        data = self.recv(n)
-        mv[:len(data)] = data
-        return len(data)
-
-    # --- buffer size (SO_VM_SOCKETS_BUFFER_SIZE) ----------------------------------------------
-    def set_buffer_size(self, n: int) -> int:
-        with self._kernel.lock:
-            self._check()
-            return self._core.set_buffer_size(self._sk, n)
-
-    def get_buffer_size(self) -> int:
-        with self._kernel.lock:
-            return self._sk.buf_alloc
-
-    # --- teardown -----------------------------------------------------------------------------
-    def shutdown(self, how: int) -> None:
-        with self._kernel.lock:
-            self._check()
-            self._core.shutdown(self._sk, how)
-
-    def close(self) -> None:
-        """vsock_release: the core lingers (SHUTDOWN, close timeout) or resets; waiters wake."""
-        with self._kernel.lock:
-            if self._closed:
-                return
-            self._closed = True
-            sk = self._sk
-            connecting = sk.state == SockState.SYN_SENT
-            self._core.release(sk)
-            if connecting:
-                # a connect abandoned by close, like an interrupted vsock_connect: its REQUEST
-                # must not go out after the socket is gone (vsock_transport_cancel_pkt)
-                self._transport.cancel_pkt(sk)
-            if sk.close_deadline is not None:
-                core = self._core
-                # virtio_transport_close's delayed close_work: RST and forget when it expires
-                delay = max(0.0, sk.close_deadline - core.clock()) + 0.001
-                self._kernel.call_later(delay, lambda: core.tick())
-            self._cv.notify_all()
-
-    def detach(self) -> None:
-        raise _err(errno.EOPNOTSUPP, "detach is not supported on guest vsock sockets")
-
-    def fileno(self) -> int:
-        raise _err(errno.EOPNOTSUPP, "guest vsock sockets have no file descriptor")
+    def poll_us(self) -> int:
+        return getattr(self.kernel, "poll_us", 0)
 
     @property
-    def closed(self) -> bool:
-        return self._closed
+    def stats(self) -> dict:
+        return getattr(self.kernel, "stats", {})
 
-    @property
-    def state(self) -> SockState:
-        return self._sk.state
+    def busy_poll_start(self) -> None:
+        self.transport.busy_poll_start()
 
-    def __enter__(self) -> "VsockSocket":
-        return self
+    def busy_poll(self) -> bool:
+        return self.transport.busy_poll()
 
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __repr__(self) -> str:
-        sk = self._sk
-        return (f"<VsockSocket {'closed ' if self._closed else ''}{sk.state.name} "
-                f"{sk.local_cid}:{sk.local_port} -> {sk.remote_cid}:{sk.remote_port}>")
+    def busy_poll_stop(self) -> None:
+        self.transport.busy_poll_stop()
 
 
 __all__ = ["GuestVsock", "VsockSocket", "SHUT_RD", "SHUT_WR", "SHUT_RDWR", "VMADDR_CID_ANY",
-           "VMADDR_PORT_ANY"]
+           "VMADDR_PORT_ANY", "DEFAULT_BACKLOG"]

@@ -135,6 +135,10 @@ class VhostVsock(VhostDevice):
         self._local_work: deque = deque()   # work queued while no worker is attached (tests)
         self.batch = Batch()        # with dev.batch: one rx interrupt decision for many packets
         self._notify_rx = lambda: self.notify(self.vqs[VSOCK_VQ_RX])
+        # In-device programs (host/vsock/endpoint.py): start_hooks run at the end of start()
+        # (DRIVER_OK), stop_hooks(old_core) at the end of stop(), both with self.lock held.
+        self.start_hooks: list = []
+        self.stop_hooks: list = []
         self.stats.update({
             "tx_packets": 0, "tx_bytes": 0,     # guest -> host (taken off the tx ring)
             "rx_packets": 0, "rx_bytes": 0,     # host -> guest (written into rx buffers)
@@ -226,6 +230,8 @@ class VhostVsock(VhostDevice):
             self._queue_work(self.handle_tx_work)
         if self.send_pkt_list:
             self._queue_work(self.do_send_pkt)
+        for hook in list(self.start_hooks):
+            hook()
 
     def stop(self) -> None:
         # The device is going away: what the host's sockets say as they close (SHUTDOWN, RST)
@@ -243,7 +249,9 @@ class VhostVsock(VhostDevice):
         self.queued_replies = 0
         self.reset_pending = False
         self._local_work.clear()
-        self.core = self._new_core()
+        old, self.core = self.core, self._new_core()
+        for hook in list(self.stop_hooks):
+            hook(old)
 
     def close(self) -> None:
         super().close()
@@ -426,6 +434,27 @@ class VhostVsock(VhostDevice):
                                  VIRTIO_VSOCK_OP_RST, 0, 0, 0, b"", True))
 
     # --- host -> guest --------------------------------------------------------------------------
+    def cancel_pkt(self, sk) -> int:
+        """vhost_transport_cancel_pkt: drop a socket's packets not yet (even partly) in rx
+        buffers; returns how many. Replies given back may let tx resume."""
+        keep: deque[list] = deque()
+        removed = replies = 0
+        for entry in self.send_pkt_list:
+            pkt, off = entry
+            if pkt.owner is sk and not off:
+                removed += 1
+                replies += bool(pkt.reply)
+            else:
+                keep.append(entry)
+        self.send_pkt_list = keep
+        if replies:
+            before = self.queued_replies
+            self.queued_replies -= replies
+            tx_num = self.vqs[VSOCK_VQ_TX].num
+            if before >= tx_num > self.queued_replies:
+                self._queue_work(self.handle_tx_work)
+        return removed
+
     def send_pkt(self, pkt: Packet) -> int:
         """vhost_transport_send_pkt: the host core's transmit callback; returns the payload length.
 
