@@ -7,7 +7,7 @@ import re
 import sys
 from pathlib import Path
 
-from shared.cli import add_common, add_programs, check_run, queue_size, setup_logging
+from shared.cli import add_common, add_programs, check_programs, queue_size, setup_logging
 from shared.constants import RESERVED_CIDS
 from shared.resources import default_run_dir
 
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 128 <= args.buf_size <= 0xFFFFFFFF:
         print(f"guest: --buf-size {args.buf_size} is out of range (128..4294967295)", file=sys.stderr)
         return 2
-    if check_run("guest", args.run):
+    if check_programs("guest", args.service, args.run):
         return 2
     setup_logging("guest", args.log_level)
     from guest.vm import VM, BootError, GuestOptions
