@@ -7,7 +7,7 @@ import re
 import sys
 from pathlib import Path
 
-from shared.cli import add_common, add_programs, check_run, queue_size, setup_logging
+from shared.cli import add_common, add_programs, check_programs, queue_size, setup_logging
 from shared.constants import RESERVED_CIDS
 from shared.resources import default_run_dir
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 64 <= args.rx_buf_size <= 64 * 1024:
         print(f"guest: --rx-buf-size {args.rx_buf_size} is out of range (64..65536)", file=sys.stderr)
         return 2
-    if check_run("guest", args.run):
+    if check_programs("guest", args.service, args.run):
         return 2
     setup_logging("guest", args.log_level)
     from guest.vm import VM, BootError, GuestOptions

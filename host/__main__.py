@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from shared.cli import add_common, add_programs, check_run, queue_size, setup_logging
+from shared.cli import add_common, add_programs, check_programs, queue_size, setup_logging
 from shared.resources import default_run_dir
 
 
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if check_run("host", args.run):
+    if check_programs("host", args.service, args.run):
         return 2
     setup_logging("host", args.log_level)
     from host.daemon import Daemon, HostOptions

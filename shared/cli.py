@@ -84,11 +84,18 @@ def add_programs(p: argparse.ArgumentParser, where: str) -> None:
                         "thread of its own (repeatable)")
 
 
-def check_run(role: str, specs) -> int:
-    """Validate every --run spec (module importable, function exists and is callable) before
-    starting anything: 0, or a one-line error on stderr and 2."""
+def check_programs(role: str, services, run) -> int:
+    """Validate --service (no port twice) and every --run spec (module importable, function
+    exists and is callable) before starting anything: 0, or a one-line error on stderr and 2."""
     from shared.vsock.services import check_function
-    for spec in specs:
+    seen: dict[int, str] = {}
+    for spec in services:
+        if spec.port in seen:
+            print(f"{role}: --service {spec.name}={spec.port}: port {spec.port} is already "
+                  f"taken by --service {seen[spec.port]}={spec.port}", file=sys.stderr)
+            return 2
+        seen[spec.port] = spec.name
+    for spec in run:
         why = check_function(spec)
         if why is not None:
             print(f"{role}: --run {spec}: {why}", file=sys.stderr)

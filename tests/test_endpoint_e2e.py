@@ -75,3 +75,13 @@ def test_bad_service_is_an_error(side, spec, needle):
     args = ["-m", side, "--service", spec] + (["--cid", "3"] if side == "guest" else [])
     r = run_cli(*args)
     assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("side", ["host", "guest"])
+def test_same_service_port_twice_is_refused(tmp_path, side):
+    args = ["-m", side, "--run-dir", str(tmp_path / "none"), "--service", "echo=5",
+            "--service", "sink=5"] + (["--cid", "3"] if side == "guest" else [])
+    r = run_cli(*args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == (f"{side}: --service sink=5: port 5 is already taken by "
+                                f"--service echo=5")
