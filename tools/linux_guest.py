@@ -223,3 +223,69 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# --- running one: QEMU with timestamped serial lines ---------------------------------------------
+class QemuGuest:
+    """A QEMU process whose serial console lines are collected with their arrival times."""
+
+    def __init__(self, cmd: list[str], log_path: Path | None = None):
+        import threading
+        import time
+        self.t0 = time.monotonic()
+        self.lines: list[tuple[float, str]] = []
+        self._cond = threading.Condition()
+        self._log = open(log_path, "w") if log_path else None
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        import time
+        for raw in self.proc.stdout:
+            line = raw.decode(errors="replace").rstrip("\r\n")
+            t = time.monotonic() - self.t0
+            if self._log:
+                self._log.write(f"{t:8.3f} {line}\n")
+                self._log.flush()
+            with self._cond:
+                self.lines.append((t, line))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_for(self, prefix: str, timeout: float) -> tuple[float, str]:
+        """The first serial line containing `prefix` (its time since start); TimeoutError if none."""
+        import time
+        end = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for t, line in self.lines:
+                    if prefix in line:
+                        return t, line
+                left = end - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    raise TimeoutError(f"no {prefix!r} on the guest console after {timeout:.0f} s "
+                                       f"(QEMU {'exited ' + str(self.proc.returncode) if self.proc.poll() is not None else 'running'}); "
+                                       f"last lines: {[l for _, l in self.lines[-5:]]}")
+                self._cond.wait(min(left, 0.5))
+
+    def find(self, prefix: str) -> list[str]:
+        with self._cond:
+            return [line for _, line in self.lines if prefix in line]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        self._reader.join(5)
+        if self._log:
+            self._log.close()
+            self._log = None
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._reader.join(5)
