@@ -1,6 +1,6 @@
 """QEMU + a real Linux guest (TCG) against our vhost-user-vsock backend (`python -m host --vhost-user`).
 
-One boot serves several scenarios (a TCG boot costs seconds): the guest's /scenario.sh runs them in
+One boot serves several scenarios (a TCG boot costs seconds; one test runs them all): the guest's /scenario.sh runs them in
 order and prints results on the serial console, while host-side threads here listen on the bridge's
 `<run-dir>/vsock-3.sock_PORT` sockets and CONNECT through `<run-dir>/vsock-3.sock`. Then that QEMU
 is SIGKILLed and a second QEMU boots against the same backend process.
@@ -232,7 +232,7 @@ def _sha_line(guest, prefix: str) -> list[str]:
     return lines[0].split()[1:]
 
 
-def test_guest_to_host_1mib_each_way(session):
+def check_guest_to_host_1mib_each_way(session):
     guest, ls = session["guest"], session["listeners"]
     assert ls[4999].results == [b"first\n"], ls[4999].errors
     assert not ls[5000].errors and len(ls[5000].results) == 1, ls[5000].errors
@@ -242,12 +242,11 @@ def test_guest_to_host_1mib_each_way(session):
     assert hashlib.sha256(r["recv"]).hexdigest() == guest_sent
     guest_got, n = _sha_line(guest, "G2H-RECV")
     assert (guest_got, int(n)) == (r["sent_sha"], MiB)
-    t_boot = guest.lines[0][0] if guest.lines else 0
     session["report"] = {"first_byte_s": ls[4999].first_at - guest.t0,
                          "g2h_recv_s": r["recv_s"], "g2h_host_send_s": r["send_s"]}
 
 
-def test_host_to_guest_1mib_each_way(session):
+def check_host_to_guest_1mib_each_way(session):
     guest = session["guest"]
     assert session["h2g_ok"].startswith(b"OK "), session["h2g_ok"]
     r = session["h2g"]
@@ -259,7 +258,7 @@ def test_host_to_guest_1mib_each_way(session):
     session.setdefault("report", {}).update(h2g_recv_s=r["recv_s"], h2g_host_send_s=r["send_s"])
 
 
-def test_several_connections_at_once(session):
+def check_several_connections_at_once(session):
     guest, lst = session["guest"], session["listeners"][5001]
     sent = sorted(line.split()[2] for line in guest.find("MULTI-SENT"))
     assert len(sent) == 4 and guest.find("MULTI-DONE")
@@ -267,7 +266,7 @@ def test_several_connections_at_once(session):
     assert sorted(lst.results) == sent
 
 
-def test_guest_closes_mid_transfer(session):
+def check_guest_closes_mid_transfer(session):
     guest, ls = session["guest"], session["listeners"]
     assert guest.find("CLOSED-MID")
     deadline = time.monotonic() + 10
@@ -281,7 +280,7 @@ def test_guest_closes_mid_transfer(session):
     assert b"after-close\n" in ls[5003].results
 
 
-def test_qemu_killed_backend_serves_next(session, linux_guest):
+def check_qemu_killed_backend_serves_next(session, linux_guest):
     from tools.linux_guest import QemuGuest, qemu_vsock_cmd, scenario_initrd
     host, base = session["host"], session["base"]
     session["guest"].kill()                          # SIGKILL: no GET_VRING_BASE, no goodbye
@@ -300,3 +299,21 @@ def test_qemu_killed_backend_serves_next(session, linux_guest):
     assert log.count("frontend connected") == 2
     assert "GET_VRING_BASE" in log                   # the clean poweroff stopped the rings
     assert host.p.poll() is None
+
+
+def test_linux_guest_through_vhost_user(session, linux_guest):
+    """One boot, every scenario; then the kill and a second boot. One test, so pytest-xdist
+    never splits the scenarios of one boot over two workers (each would boot its own QEMU).
+    Every check runs; the failures are reported together."""
+    failures = []
+    for check in (check_guest_to_host_1mib_each_way, check_host_to_guest_1mib_each_way,
+                  check_several_connections_at_once, check_guest_closes_mid_transfer):
+        try:
+            check(session)
+        except AssertionError as e:
+            failures.append(f"{check.__name__}: {e}")
+    try:
+        check_qemu_killed_backend_serves_next(session, linux_guest)
+    except (AssertionError, TimeoutError) as e:
+        failures.append(f"check_qemu_killed_backend_serves_next: {e}")
+    assert not failures, "\n".join(failures)

@@ -173,3 +173,19 @@ def test_memory_with_mmap_offset():
 
 def test_protocol_features_offer():
     assert PROTOCOL_FEATURES & (1 << 3) and PROTOCOL_FEATURES & (1 << 9)
+
+
+def test_eventfd_doorbell():
+    import select
+    db = EventFdDoorbell()
+    assert db.wait(0.01) == 0
+    db.ring()
+    db.ring()
+    assert select.select([db], [], [], 0)[0] == [db]       # fileno(): a selector can watch it
+    assert db.wait(1) == 2                                  # the whole counter, eventfd semantics
+    assert db.read() == 0
+    fd = db.fileno()
+    db.close()
+    db.ring()                                               # ringing a closed doorbell is a no-op
+    with pytest.raises(OSError):
+        os.fstat(fd)

@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.command == "fetch":
         print(f"kernel {g.kernel}\ninitrd {g.initrd}")
     else:
-        print(" ".join(qemu_vsock_cmd(g, g.initrd, Path(a.socket))))
+        import shlex
+        print(shlex.join(qemu_vsock_cmd(g, g.initrd, Path(a.socket))))
     return 0
 
 

@@ -10,8 +10,9 @@ but with vhost-user's state machine, which has no virtio status byte (no F_STATU
       enables them; without it the kick fd enables the ring: vhost-user.rst "Ring states");
     - GET_VRING_BASE stops the ring and returns its last_avail_idx ("Starting and stopping rings");
     - SET_VRING_CALL/ERR may replace fds at any time (QEMU does so while the rings run); the kick
-      fd too (the runner re-registers it). A kick that arrives before the ring is started stays in
-      the eventfd and is processed when it starts (`started` lists the rings to poll once).
+      fd too (the runner re-registers it). A kick that arrives before the ring is started is
+      drained and dropped, and every ring is polled once when it starts (`Outcome.started`), so
+      buffers posted before the start are not missed.
     - with REPLY_ACK negotiated, a request with NEED_REPLY gets u64 0 (ok) or 1 (failed).
 
 Any error (ProtocolError from the shared rules, or a refused request) is logged on one line, acked
