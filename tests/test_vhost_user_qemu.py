@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from shared.stats import read_all
+from shared.vsock.pcap import FRAME_OVERHEAD, SNAPLEN, read_pcap
 from tests.procs import Proc
 
 pytestmark = [pytest.mark.qemu, pytest.mark.multiprocess]
@@ -178,7 +180,8 @@ def session(linux_guest, tmp_path_factory):
     run_dir.mkdir(mode=0o700)
     sock = base / "vu.sock"
     host = Proc(["-m", "host", "--vhost-user", str(sock), "--cid", str(CID), "--run-dir",
-                 str(run_dir), "--log-level", "DEBUG"], base / "host.log")
+                 str(run_dir), "--log-level", "DEBUG", "--pcap", str(base / "vsock.pcap")],
+                base / "host.log")
     ctx = {"base": base, "run_dir": run_dir, "sock": sock, "host": host, "listeners": {}}
     try:
         assert host.wait_log("listening on", 20), host.text()
@@ -210,6 +213,8 @@ def session(linux_guest, tmp_path_factory):
         ctx["h2g"] = exchange(c, h2g)
         c.close()
         guest.wait_for("WAITING-FOR-KILL", BOOT_TIMEOUT)
+        time.sleep(1.0)                              # one more stats snapshot (every 0.5 s)
+        ctx["stats"] = [d for d in read_all(run_dir) if d.get("role") == "device"]
         yield ctx
     finally:
         if "guest" in ctx:
@@ -280,6 +285,18 @@ def check_guest_closes_mid_transfer(session):
     assert b"after-close\n" in ls[5003].results
 
 
+def check_pcap_and_stats(session):
+    """The same capture and monitor figures as a native guest."""
+    recs = read_pcap(session["base"] / "vsock.pcap")
+    to_host = [len(p.payload) for _, _, p in recs if p.src_cid == CID and p.dst_port == 5000]
+    # frames longer than the snaplen (65535 + 76) are cut: a 64 KiB payload is captured as 65535
+    cut = sum(1 for n in to_host if n == SNAPLEN - FRAME_OVERHEAD)
+    assert sum(to_host) + cut == MiB, (sum(to_host), cut)
+    assert any(p.src_cid == 2 and p.dst_cid == CID for _, _, p in recs)
+    (st,) = session["stats"]
+    assert st["cid"] == CID and st["stats"]["tx_bytes"] >= 2 * MiB and st["stats"]["rx_bytes"] >= 2 * MiB
+
+
 def check_qemu_killed_backend_serves_next(session, linux_guest):
     from tools.linux_guest import QemuGuest, qemu_vsock_cmd, scenario_initrd
     host, base = session["host"], session["base"]
@@ -307,7 +324,8 @@ def test_linux_guest_through_vhost_user(session, linux_guest):
     Every check runs; the failures are reported together."""
     failures = []
     for check in (check_guest_to_host_1mib_each_way, check_host_to_guest_1mib_each_way,
-                  check_several_connections_at_once, check_guest_closes_mid_transfer):
+                  check_several_connections_at_once, check_guest_closes_mid_transfer,
+                  check_pcap_and_stats):
         try:
             check(session)
         except AssertionError as e:
