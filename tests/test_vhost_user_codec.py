@@ -156,3 +156,14 @@ def test_fds_of_a_malformed_message_are_closed():
     with pytest.raises(VhostUserError, match="should not"):
         Decoder().feed(hdr(2, 1, 8) + bytes(8), fds)
     assert not any(is_open(fd) for fd in fds)
+
+
+def test_net_messages_decode_for_a_future_vhost_net():
+    """Wire level only (the vhost-net device is not here yet): the u64 payloads of net's messages."""
+    mac = bytes.fromhex("525400123456")
+    (r,) = Decoder().feed(hdr(19, 1, 8) + mac + bytes(2))          # SEND_RARP: MAC in the low bytes
+    assert r.op == "SEND_RARP" and r.u64.to_bytes(8, "little")[:6] == mac
+    (r,) = Decoder().feed(hdr(20, 9, 8) + struct.pack("<Q", 1500))
+    assert (r.op, r.u64, r.need_reply) == ("NET_SET_MTU", 1500, True)
+    (r,) = Decoder().feed(hdr(17, 1, 0))
+    assert r.op == "GET_QUEUE_NUM"

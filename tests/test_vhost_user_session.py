@@ -189,3 +189,14 @@ def test_eventfd_doorbell():
     db.ring()                                               # ringing a closed doorbell is a no-op
     with pytest.raises(OSError):
         os.fstat(fd)
+
+
+def test_kick_fd_replaced_while_running(sess):
+    kicks = setup_rings(sess, negotiate(sess))
+    sess.handle(req("SET_VRING_ENABLE", state(1, 1)))
+    old = sess.device.kicks[1]
+    out = sess.handle(req("SET_VRING_KICK", u64(1), [os.eventfd(0)]))
+    assert not out.close and sess.ring_started(1)
+    assert sess.device.kicks[1] is not old and old.fd == -1     # the old fd is closed
+    for k in kicks:
+        os.close(k)
