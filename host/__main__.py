@@ -25,21 +25,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue-size", type=queue_size, default=1024, metavar="N",
                    help="largest virtqueue size a guest may configure (power of 2, <= 32768)")
     add_programs(p, "in every guest's device process (the in-device host endpoint, CID 2)")
+    p.add_argument("--vhost-user", action="append", default=[], metavar="SOCKET[,cid=N]",
+                   help="serve a QEMU vhost-user-vsock frontend on this Unix socket (like "
+                        "vhost-device-vsock); repeatable, one guest each. The CID comes from "
+                        "',cid=N' or from the --cid given in the same position")
+    p.add_argument("--cid", action="append", type=int, default=[], metavar="N",
+                   help="the guest CID of the matching --vhost-user socket (3..0xFFFFFFFE)")
     add_common(p, "when host sockets send CREDIT_UPDATE: after every read (the 2016-17 seeds) or "
                   "only when free space falls below 64 KiB (Linux 2019)")
     return p
 
 
+def vhost_user_pairs(p: argparse.ArgumentParser, sockets: list[str], cids: list[int]) -> list[tuple[Path, int]]:
+    """--vhost-user S --cid N (paired in order) or --vhost-user S,cid=N -> [(path, cid)]."""
+    from shared.constants import RESERVED_CIDS
+    pairs: list[tuple[Path, int]] = []
+    free = list(cids)
+    for spec in sockets:
+        path, _, rest = spec.partition(",")
+        if rest:
+            key, _, val = rest.partition("=")
+            if key != "cid" or not val.isdigit():
+                p.error(f"--vhost-user {spec!r}: expected SOCKET or SOCKET,cid=N")
+            cid = int(val)
+        elif free:
+            cid = free.pop(0)
+        else:
+            p.error(f"--vhost-user {path}: no CID (add --cid N or ',cid=N')")
+        if not path:
+            p.error(f"--vhost-user {spec!r}: empty socket path")
+        if cid in RESERVED_CIDS or not 2 < cid <= 0xFFFFFFFE:
+            p.error(f"CID {cid} is reserved or out of range (a guest CID is 3..0xFFFFFFFE)")
+        if any(c == cid for _, c in pairs):
+            p.error(f"CID {cid} is given twice")
+        if any(q == Path(path) for q, _ in pairs):
+            p.error(f"socket {path} is given twice")
+        pairs.append((Path(path), cid))
+    if free:
+        p.error(f"--cid {free[0]} has no --vhost-user socket")
+    return pairs
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if check_programs("host", args.service, args.run):
         return 2
+    pairs = vhost_user_pairs(parser, args.vhost_user, args.cid)
     setup_logging("host", args.log_level)
     from host.daemon import Daemon, HostOptions
     opts = HostOptions(run_dir=args.run_dir or default_run_dir(), pcap=args.pcap,
                        credit_policy=args.credit_policy, dialect=args.dialect,
                        max_queue_size=args.max_queue_size, poll_us=args.poll_us,
                        buf_size=args.buf_size, services=args.service, run=args.run)
+    if pairs:
+        from host.vhost_user.runner import serve
+        from shared.resources import ensure_run_dir
+        try:
+            ensure_run_dir(opts.run_dir)
+            return serve(pairs, opts)
+        except SystemExit as e:
+            print(e, file=sys.stderr)
+            return 1
     try:
         d = Daemon(opts)
         d.bind()

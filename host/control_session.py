@@ -59,6 +59,37 @@ def _err(code: str, message: str) -> ProtocolError:
     return ProtocolError(message, code)
 
 
+def check_memory_table(regions: list[dict]) -> None:
+    """SET_MEM_TABLE rules shared by both transports: no empty, wrapping or overlapping region."""
+    for r in regions:
+        if r["memory_size"] == 0:
+            raise _err("EINVAL", "memory region of size 0")
+        for base in ("guest_phys_addr", "userspace_addr"):
+            if r[base] + r["memory_size"] > 1 << 64:
+                raise _err("EINVAL", f"memory region {base} {r[base]:#x} + size wraps")
+    for key in ("guest_phys_addr", "userspace_addr"):
+        s = sorted(regions, key=lambda r: r[key])
+        for a, b in zip(s, s[1:]):
+            if a[key] + a["memory_size"] > b[key]:
+                raise _err("EINVAL", f"memory regions overlap at {key} {b[key]:#x}")
+
+
+def ring_gpas(mem: GuestMemory, num: int, desc: int, avail: int, used: int) -> tuple[int, int, int]:
+    """SET_VRING_ADDR: the frontend's ring addresses -> guest-physical (desc, avail, used)."""
+    gpas = []
+    # vhost_vring_set_addr: alignment of each part (virtio 1.x 2.7: 16 / 2 / 4)
+    for part, uva, size, align in (("desc", desc, desc_table_size(num), 16),
+                                   ("avail", avail, avail_size(num), 2),
+                                   ("used", used, used_size(num), 4)):
+        if uva & (align - 1):
+            raise _err("EINVAL", f"SET_VRING_ADDR: {part} address {uva:#x} is not {align}-byte aligned")
+        try:
+            gpas.append(mem.uva_to_gpa(uva, size))   # vhost-user qva_to_va
+        except GuestMemoryError as e:
+            raise _err("EFAULT", f"SET_VRING_ADDR: {part} ring: {e}") from None
+    return gpas[0], gpas[1], gpas[2]
+
+
 class ControlSession:
     def __init__(self, device_factory: Callable[[dict], Any], *,
                  attach_memory: Callable[[list[dict]], GuestMemory],
@@ -292,19 +323,7 @@ class ControlSession:
         if any(vq.enabled for vq in dev.vqs):
             raise _err("EBUSY", "SET_MEM_TABLE while a ring is enabled")
         regions = msg["regions"]
-        spans = []
-        for r in regions:
-            if r["memory_size"] == 0:
-                raise _err("EINVAL", "memory region of size 0")
-            for base in ("guest_phys_addr", "userspace_addr"):
-                if r[base] + r["memory_size"] > 1 << 64:
-                    raise _err("EINVAL", f"memory region {base} {r[base]:#x} + size wraps")
-            spans.append(r)
-        for key in ("guest_phys_addr", "userspace_addr"):
-            s = sorted(spans, key=lambda r: r[key])
-            for a, b in zip(s, s[1:]):
-                if a[key] + a["memory_size"] > b[key]:
-                    raise _err("EINVAL", f"memory regions overlap at {key} {b[key]:#x}")
+        check_memory_table(regions)
         try:
             mem = self.attach_memory(regions)
         except ProtocolError:
@@ -359,19 +378,8 @@ class ControlSession:
             raise _err("EPROTO", "SET_VRING_ADDR before SET_MEM_TABLE")
         if not self._num_set[i]:
             raise _err("EPROTO", "SET_VRING_ADDR before SET_VRING_NUM")
-        num = vq.num
-        gpas = {}
-        # vhost_vring_set_addr: alignment of each part (virtio 1.x 2.7: 16 / 2 / 4)
-        for part, size, align in (("desc", desc_table_size(num), 16), ("avail", avail_size(num), 2),
-                                  ("used", used_size(num), 4)):
-            uva = msg[f"{part}_user_addr"]
-            if uva & (align - 1):
-                raise _err("EINVAL", f"SET_VRING_ADDR: {part} address {uva:#x} is not {align}-byte aligned")
-            try:
-                gpas[part] = dev.mem.uva_to_gpa(uva, size)   # vhost-user qva_to_va
-            except GuestMemoryError as e:
-                raise _err("EFAULT", f"SET_VRING_ADDR: {part} ring: {e}") from None
-        vq.desc, vq.avail, vq.used = gpas["desc"], gpas["avail"], gpas["used"]
+        vq.desc, vq.avail, vq.used = ring_gpas(dev.mem, vq.num, msg["desc_user_addr"],
+                                               msg["avail_user_addr"], msg["used_user_addr"])
         self._addr_set[i] = True
         log.info("%s: queue %d rings desc %#x avail %#x used %#x", self.name, i,
                  vq.desc, vq.avail, vq.used)

@@ -9,11 +9,15 @@ Implementations:
                  "posix_sem" in the control protocol)
   LocalDoorbell  a threading.Condition counter, for single-process tests and in-process peers
 
-An eventfd kind (vhost-user SET_VRING_KICK with SCM_RIGHTS) can be added beside these; device
-logic only ever sees the Doorbell protocol.
+  EventFdDoorbell  an eventfd received over SCM_RIGHTS (vhost-user SET_VRING_KICK/CALL/ERR);
+                 select()able through fileno(), so a worker can watch kicks on its selector
+
+Device logic only ever sees the Doorbell protocol.
 """
 from __future__ import annotations
 
+import os
+import select
 import threading
 from typing import Protocol
 
@@ -132,6 +136,50 @@ class LocalDoorbell:
 
     def close(self) -> None:
         pass
+
+
+class EventFdDoorbell:
+    """An eventfd (Linux eventfd(2)): ring() adds 1, wait() select()s then reads the counter.
+
+    Owns `fd` (closed by close()). The fd is made non-blocking: a read that races another reader
+    returns 0 instead of blocking (QEMU's event notifiers are EFD_NONBLOCK already).
+    """
+
+    kind = "eventfd"
+
+    def __init__(self, fd: int | None = None):
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) if fd is None else fd
+        os.set_blocking(self.fd, False)
+        self.name = f"eventfd:{self.fd}"
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def ring(self) -> None:
+        if self.fd < 0:
+            return
+        try:
+            os.eventfd_write(self.fd, 1)
+        except BlockingIOError:         # the counter is at its maximum: already signalled
+            pass
+
+    def read(self) -> int:
+        """Drain the counter without waiting: how many rings were pending (0 if none)."""
+        try:
+            return os.eventfd_read(self.fd)
+        except BlockingIOError:
+            return 0
+
+    def wait(self, timeout: float | None) -> int:
+        if self.fd < 0:
+            raise DoorbellClosed(self.name)
+        r, _, _ = select.select([self.fd], [], [], timeout)
+        return self.read() if r else 0
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
 
 
 def open_doorbell(spec: dict) -> SemDoorbell:
