@@ -11,6 +11,7 @@ import pytest
 
 from shared.constants import (
     VIRTIO_VSOCK_OP_CREDIT_REQUEST,
+    VIRTIO_VSOCK_OP_CREDIT_UPDATE,
     VIRTIO_VSOCK_OP_INVALID,
     VIRTIO_VSOCK_OP_REQUEST,
     VIRTIO_VSOCK_OP_RESPONSE,
@@ -974,3 +975,26 @@ def test_stats_count_packets_by_op():
     assert g["rx"] == {"RESPONSE": 1, "CREDIT_UPDATE": 1}
     assert g["tx_bytes"] == 3 and h["rx_bytes"] == 3
     assert srv.rx_total == 3 and cli.tx_total == 3
+
+
+def test_low_space_speaks_up_before_a_smaller_peer_window_runs_out():
+    """A sender that caps its in-flight bytes at its own (smaller) buffer, as current Linux
+    does, must get a CREDIT_UPDATE before that smaller window is used up, however large our
+    own buffer is (a Linux guest with 256 KiB against a 1 MiB host stalled without it)."""
+    core = VsockCore(2, lambda p: sent.append(p), credit_policy="low-space", buf_size=1 << 20)
+    sent: list = []
+    lst = core.socket()
+    core.bind(lst, 5000)
+    core.listen(lst, 1)
+    core.recv_pkt(Packet(3, 2, 1024, 5000, VIRTIO_VSOCK_TYPE_STREAM, VIRTIO_VSOCK_OP_REQUEST, 0,
+                         256 * 1024, 0))
+    sk = core.accept(lst)
+    sent.clear()
+    for i in range(4):                                  # the peer's whole 256 KiB window
+        core.recv_pkt(Packet(3, 2, 1024, 5000, VIRTIO_VSOCK_TYPE_STREAM, VIRTIO_VSOCK_OP_RW, 0,
+                             256 * 1024, 0, b"x" * 65536))
+    got = 0
+    while got < 256 * 1024:
+        got += len(core.recv(sk, 65536))
+    updates = [p for p in sent if p.op == VIRTIO_VSOCK_OP_CREDIT_UPDATE]
+    assert updates and updates[-1].fwd_cnt >= 192 * 1024

@@ -55,7 +55,9 @@ the receiver decides whether to send an explicit CREDIT_UPDATE (the h2 "window i
 advertise" shape lives in `_credit_update_due`):
 
     "every-read"  2016-17: after every dequeue that advanced fwd_cnt
-    "low-space"   2019:    fwd_cnt advanced and buf_alloc - (fwd_cnt - last_fwd_cnt) < 64 KiB
+    "low-space"   2019:    fwd_cnt advanced and W - (fwd_cnt - last_fwd_cnt) < 64 KiB,
+                           W = min(buf_alloc, peer_buf_alloc): the window a sender that also
+                           caps at its own buffer (current Linux) can use
     "rcvlowat"    2024:    as low-space, or rx_bytes < SO_RCVLOWAT (the vsock_test
                            "credit update + low rx_bytes" fix)
 
@@ -703,7 +705,12 @@ class VsockCore:
             return False
         if self.credit_policy == "every-read":
             return True
-        free_space = sk.buf_alloc - ((sk.fwd_cnt - sk.last_fwd_cnt) & U32)
+        # The window the peer can actually use: current Linux senders also stop at their own
+        # buf_alloc (virtio_transport_has_space takes the smaller of the two), so a receiver
+        # with the larger buffer must speak up before the *smaller* window runs out, or both
+        # wait forever (a socat in a Linux guest stalled at exactly 256 KiB against a 1 MiB host).
+        window = min(sk.buf_alloc, sk.peer_buf_alloc) if sk.peer_buf_alloc else sk.buf_alloc
+        free_space = window - ((sk.fwd_cnt - sk.last_fwd_cnt) & U32)
         if free_space < VIRTIO_VSOCK_MAX_PKT_BUF_SIZE:
             return True
         return self.credit_policy == "rcvlowat" and sk.rx_bytes < sk.rcvlowat
