@@ -7,7 +7,7 @@ import re
 import sys
 from pathlib import Path
 
-from shared.cli import add_common, queue_size, setup_logging
+from shared.cli import add_common, check_run_spec, prog_name, queue_size, run_dir_arg, seconds, setup_logging
 from shared.constants import RESERVED_CIDS
 from shared.resources import default_run_dir
 
@@ -44,10 +44,10 @@ def parse_service(text: str):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m guest",
+        prog=prog_name("guest"),
         description="virtio-emu guest: a VM whose kernel owns its RAM (shared memory) and drives a "
                     "virtio-vsock device served by `python -m host` over split virtqueues.")
-    p.add_argument("--run-dir", type=Path, default=None,
+    p.add_argument("--run-dir", type=run_dir_arg, default=None,
                    help=f"the host's run directory (default: {default_run_dir()})")
     p.add_argument("--cid", type=parse_cid, required=True, help="the guest's vsock context ID (3 or more)")
     p.add_argument("--name", default=None, help="guest name shown by the host and monitor (default: guest-CID)")
@@ -56,17 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--service", type=parse_service, action="append", default=[], metavar="KIND=PORT",
                    help="run a built-in vsock service in the guest: echo=PORT, discard=PORT or "
                         "chargen=PORT (repeatable)")
-    p.add_argument("--run", action="append", default=[], metavar="MODULE:FUNCTION",
+    p.add_argument("--run", type=check_run_spec, action="append", default=[], metavar="MODULE:FUNCTION",
                    help="run FUNCTION(vsock) from MODULE inside the guest with the vsock socket API "
-                        "(repeatable)")
+                        "(repeatable; MODULE is imported and FUNCTION checked at start)")
     p.add_argument("--pcap", type=Path, default=None,
                    help="record every vsock packet the guest sends or receives (vsockmon pcap)")
     p.add_argument("--queue-size", type=queue_size, default=128, metavar="N",
                    help="rx and tx virtqueue size (power of 2; default 128)")
     p.add_argument("--buf-size", type=int, default=256 * 1024, metavar="BYTES",
                    help="default vsock socket receive buffer (SO_VM_SOCKETS_BUFFER_SIZE; default 262144)")
-    p.add_argument("--connect-timeout", type=float, default=5.0, metavar="SECONDS",
-                   help="how long to wait for the host at boot (default 5)")
+    p.add_argument("--connect-timeout", type=seconds, default=5.0, metavar="SECONDS",
+                   help="how long to wait at boot for a host to serve the run directory, and for "
+                        "each control reply (default 5)")
     add_common(p, "CREDIT_UPDATE after every read (2016-17 seeds) or when free space < 64 KiB")
     return p
 
@@ -94,16 +95,25 @@ def main(argv: list[str] | None = None) -> int:
         vm.boot()
     except BootError as e:
         print(f"guest: {e}", file=sys.stderr)
-        vm.shutdown()
+        _quiet_shutdown(vm)
         return 1
     except KeyboardInterrupt:
-        vm.shutdown()
+        _quiet_shutdown(vm)
         return 130
-    except Exception:
-        logging.getLogger("guest").exception("guest: boot failed")
-        vm.shutdown()
+    except Exception as e:  # noqa: BLE001 - one line for the user, the traceback at DEBUG
+        logging.getLogger("guest").debug("boot failed", exc_info=True)
+        print(f"guest: boot failed: {type(e).__name__}: {e}", file=sys.stderr)
+        _quiet_shutdown(vm)
         return 1
     return vm.run()
+
+
+def _quiet_shutdown(vm) -> None:
+    try:
+        vm.shutdown()
+    except Exception as e:  # noqa: BLE001
+        logging.getLogger("guest").debug("shutdown after a failed boot", exc_info=True)
+        print(f"guest: shutdown incomplete: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 if __name__ == "__main__":
