@@ -97,10 +97,21 @@ def add_common(p: argparse.ArgumentParser, credit_help: str) -> None:
     add_version(p)
 
 
+LOG_LEVEL_ENV = "VIRTIO_EMU_LOG_LEVEL"
+
+
+def default_log_level() -> str:
+    """WARNING, unless $VIRTIO_EMU_LOG_LEVEL names another level (the tools and tests set INFO
+    for the processes they start, whose logs they read)."""
+    import os
+    env = os.environ.get(LOG_LEVEL_ENV, "").upper()
+    return env if env in LOG_LEVELS else DEFAULT_LOG_LEVEL
+
+
 def add_log_level(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--log-level", default=DEFAULT_LOG_LEVEL, choices=LOG_LEVELS, type=str.upper,
-                   help=f"logging level (default {DEFAULT_LOG_LEVEL}; INFO shows boot and "
-                        "connection events, DEBUG everything)")
+    p.add_argument("--log-level", default=default_log_level(), choices=LOG_LEVELS, type=str.upper,
+                   help=f"logging level (default {DEFAULT_LOG_LEVEL}, or ${LOG_LEVEL_ENV}; INFO shows "
+                        "boot and connection events, DEBUG everything)")
 
 
 def setup_logging(role: str, level: str) -> None:

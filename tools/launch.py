@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def start(args: list[str], log: Path, **env_extra: str) -> subprocess.Popen:
     """`python ARGS` with this checkout importable, output to `log`."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **env_extra)
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               VIRTIO_EMU_LOG_LEVEL="INFO", **env_extra)       # the tools wait for INFO lines
     with open(log, "wb") as out:
         return subprocess.Popen([sys.executable, *args], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
