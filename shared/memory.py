@@ -155,6 +155,14 @@ class GuestMemory:
                 return r.guest_phys_addr + (uva - r.userspace_addr)
         raise GuestMemoryError(f"frontend address [{uva:#x}, +{length:#x}) is not in the memory table")
 
+    def mem_ok(self) -> str | None:
+        """None while every region is still backed; else why not (one line).
+
+        A bytearray cannot shrink under us; ShmGuestMemory overrides this to notice a guest that
+        truncated its shared memory (touching the lost pages would be SIGBUS). The data path
+        calls it (through VhostDevice.mem_ok) before it touches guest memory for a batch."""
+        return None
+
     def release(self) -> None:
         for r in self.regions:
             r.release()
