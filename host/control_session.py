@@ -260,7 +260,7 @@ class ControlSession:
             i = vq.index
             if dev.mem is None or not self._num_set[i] or not self._addr_set[i]:
                 raise _err("EINVAL", f"DRIVER_OK: queue {i} is enabled but not set up (num, addr, memory table)")
-            if not vq.access_ok(dev.mem):            # B.5 rule 13, vhost_vq_access_ok
+            if not vq.access_ok(dev.mem):            # ring rule 13, vhost_vq_access_ok
                 raise _err("EFAULT", f"DRIVER_OK: queue {i} ring memory is not accessible")
             if dev.kicks[i] is None or dev.calls[i] is None:
                 raise _err("EINVAL", f"DRIVER_OK: queue {i} has no kick or call doorbell")

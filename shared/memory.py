@@ -10,7 +10,7 @@ Layout of one region (the vhost_memory_region / VhostUserMemoryRegion analogue):
     buf              a writable memoryview of exactly memory_size bytes (shared memory, or a
                      bytearray in single-process tests)
 
-Every access is bounds-checked (virtio-facts B.5 rule 11); a range that leaves every region
+Every access is bounds-checked (ring rule 11); a range that leaves every region
 raises GuestMemoryError. `load16`/`store16` are single aligned 16-bit machine accesses, the
 only way ring indices may be read or published across processes (struct.pack_into tears).
 """
