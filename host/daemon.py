@@ -30,6 +30,7 @@ import msgpack
 from shared import control
 from shared.constants import RESERVED_CIDS
 from shared.errors import ProtocolError
+from shared.ratelimit import RateLimitedLog
 from shared.resources import ensure_run_dir, reap
 
 log = logging.getLogger("host")
@@ -102,6 +103,7 @@ class Daemon:
         self.cids: dict[int, int] = {}          # cid -> device process pid
         self._stop = False
         self.listener: socket.socket | None = None
+        self._refusals = RateLimitedLog()
         self.parent_pid = os.getpid()
 
     # --- setup --------------------------------------------------------------------------------
@@ -171,7 +173,12 @@ class Daemon:
                 raise ProtocolError(f"the first message must be HELLO, not {hello['op']}")
             cid = self._check_hello(hello)
         except ProtocolError as e:
-            log.warning("refused a connection: %s", e)
+            # a client that closes before HELLO (a readiness probe) is not worth a warning;
+            # refusals a hostile client can repeat are rate-limited (the first, then counts)
+            if e.code == "ECONNRESET":
+                log.info("refused a connection: %s", e)
+            else:
+                self._refusals.log(log, f"refused a connection: {e}")
             if getattr(e, "seq", None) is not None:
                 seq = e.seq          # an invalid HELLO whose seq could be read
             send_msg(conn, control.error_reply(seq, e.code, str(e)))
