@@ -43,11 +43,17 @@ def device_pid(host_pid: int) -> int:
 
 def measure(run_dir: Path, seconds: float = 6.0) -> dict:
     out = run_dir.parent / "app.out"
-    os.environ.update(VE_APP_OUT=str(out), VE_APP_PORT=str(PORT))
     c = Cluster(run_dir)
+    saved = {k: os.environ.get(k) for k in ("VE_APP_OUT", "VE_APP_PORT")}
+    os.environ.update(VE_APP_OUT=str(out), VE_APP_PORT=str(PORT))   # read by the guest program
     try:
         host = c.host()
         c.guest(3, "--buf-size", "4294967295", "--run", "tests.guest_apps:hoarder")
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         dev = device_pid(host.pid)
         idle = vm_kib(dev, "VmHWM")
         u = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
