@@ -49,11 +49,6 @@ def measure(run_dir: Path, seconds: float = 6.0) -> dict:
     try:
         host = c.host()
         c.guest(3, "--buf-size", "4294967295", "--run", "tests.guest_apps:hoarder")
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         dev = device_pid(host.pid)
         idle = vm_kib(dev, "VmHWM")
         u = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -82,6 +77,11 @@ def measure(run_dir: Path, seconds: float = 6.0) -> dict:
                 "pumped_mib": sent / (1 << 20), "seconds": seconds, "reply": reply.decode().strip(),
                 "device_alive": alive, "app": out.read_text() if out.exists() else ""}
     finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         c.close()
 
 
