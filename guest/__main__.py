@@ -7,7 +7,8 @@ import re
 import sys
 from pathlib import Path
 
-from shared.cli import add_common, add_programs, check_programs, queue_size, setup_logging
+from shared.cli import (add_common, add_programs, check_programs, prog_name, queue_size, run_dir_arg,
+                        seconds, setup_logging)
 from shared.constants import RESERVED_CIDS
 from shared.resources import default_run_dir
 
@@ -36,10 +37,10 @@ def parse_cid(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m guest",
+        prog=prog_name("guest"),
         description="virtio-emu guest: a VM whose kernel owns its RAM (shared memory) and drives a "
                     "virtio-vsock device served by `python -m host` over split virtqueues.")
-    p.add_argument("--run-dir", type=Path, default=None,
+    p.add_argument("--run-dir", type=run_dir_arg, default=None,
                    help=f"the host's run directory (default: {default_run_dir()})")
     p.add_argument("--cid", type=parse_cid, required=True, help="the guest's vsock context ID (3 or more)")
     p.add_argument("--name", default=None, help="guest name shown by the host and monitor (default: guest-CID)")
@@ -53,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rx-buf-size", type=int, default=64 * 1024, metavar="BYTES",
                    help="payload bytes of each posted rx buffer (default 65536; the 2016-17 seeds "
                         "post 4096)")
-    p.add_argument("--connect-timeout", type=float, default=5.0, metavar="SECONDS",
-                   help="how long to wait for the host at boot (default 5)")
+    p.add_argument("--connect-timeout", type=seconds, default=5.0, metavar="SECONDS",
+                   help="how long to wait at boot for a host to serve the run directory, and for "
+                        "each control reply (default 5)")
     add_common(p, "CREDIT_UPDATE after every read (2016-17 seeds) or when free space < 64 KiB")
     return p
 
@@ -85,16 +87,25 @@ def main(argv: list[str] | None = None) -> int:
         vm.boot()
     except BootError as e:
         print(f"guest: {e}", file=sys.stderr)
-        vm.shutdown()
+        _quiet_shutdown(vm)
         return 1
     except KeyboardInterrupt:
-        vm.shutdown()
+        _quiet_shutdown(vm)
         return 130
-    except Exception:
-        logging.getLogger("guest").exception("guest: boot failed")
-        vm.shutdown()
+    except Exception as e:  # noqa: BLE001 - one line for the user, the traceback at DEBUG
+        logging.getLogger("guest").debug("boot failed", exc_info=True)
+        print(f"guest: boot failed: {type(e).__name__}: {e}", file=sys.stderr)
+        _quiet_shutdown(vm)
         return 1
     return vm.run()
+
+
+def _quiet_shutdown(vm) -> None:
+    try:
+        vm.shutdown()
+    except Exception as e:  # noqa: BLE001
+        logging.getLogger("guest").debug("shutdown after a failed boot", exc_info=True)
+        print(f"guest: shutdown incomplete: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 if __name__ == "__main__":

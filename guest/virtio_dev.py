@@ -194,8 +194,11 @@ class VirtioDevice:
             raise ValueError(f"{len(sizes)} queues requested, the device has {self.num_queues}")
         maxq = self.info.get("max_queue_size", 1 << 15)
         for n in sizes:
-            if n < 1 or n & (n - 1) or n > maxq:
-                raise ValueError(f"queue size {n} is not a power of 2 in 1..{maxq}")
+            if n < 1 or n & (n - 1):
+                raise ValueError(f"queue size {n} is not a power of 2")
+            if n > maxq:
+                raise ValueError(f"queue size {n} is larger than the host's maximum {maxq} "
+                                 f"(see the host's --max-queue-size)")
         try:
             for i, (cb, num) in enumerate(zip(callbacks, sizes)):
                 desc, avail, used = VirtQueue.alloc_rings(self.ram, num)

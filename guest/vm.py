@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.control import ControlError
-from shared.resources import OwnerRecord, ensure_run_dir, reap, resource_base
+from shared.resources import OwnerRecord, RunDirError, ensure_run_dir, reap, resource_base
 from shared.stats import remove_stats, write_stats
 
 from .kernel import Kernel
@@ -37,6 +37,7 @@ log = logging.getLogger("guest")
 WATCH_INTERVAL = 0.2
 RECONNECT_INTERVAL = 0.5
 STATS_INTERVAL = 0.5
+CONNECT_RETRY = 0.1        # boot: how often to look for a host that is not serving yet
 
 
 class BootError(Exception):
@@ -79,13 +80,20 @@ class VM:
     # --- boot -----------------------------------------------------------------------------------
     def boot(self) -> None:
         o = self.opts
-        run_dir = ensure_run_dir(o.run_dir)
+        try:
+            run_dir = ensure_run_dir(o.run_dir)
+        except RunDirError as e:
+            raise BootError(str(e)) from None
         n = reap(run_dir)
         if n:
             log.info("reaped the resources of %d dead process(es)", n)
         control_path = run_dir / "control.sock"
-        if not control_path.exists():
-            raise BootError(f"no host is serving {run_dir} (start one with: python -m host --run-dir {run_dir})")
+        if o.pcap:
+            from shared.vsock.pcap import PcapWriter
+            try:
+                self.capture = PcapWriter(o.pcap)       # header now, packets as they go
+            except OSError as e:
+                raise BootError(f"cannot write the capture {o.pcap}: {e.strerror or e}") from None
         base = resource_base(run_dir)
         self.owner = OwnerRecord(run_dir, "guest")
         self.owner.add(shm=[f"{base}-ram"])
@@ -101,15 +109,7 @@ class VM:
         self.vdev = VirtioDevice(self.ram, run_dir, control_path, "vsock", o.name, {"cid": o.cid},
                                  resource_base=f"{base}-vsock", owner=self.owner,
                                  timeout=o.connect_timeout)
-        try:
-            self.vdev.connect()
-        except ControlError as e:
-            raise BootError(f"the host refused the vsock device: {e}") from None
-        except (ConnectionError, TimeoutError, OSError) as e:
-            raise BootError(str(e)) from None
-        if o.pcap:
-            from shared.vsock.pcap import PcapWriter
-            self.capture = PcapWriter(o.pcap)
+        self._connect_waiting(run_dir)
         self.transport = VirtioVsockTransport(self.kernel, self.vdev, self.ram,
                                               queue_sizes=(o.queue_size, o.queue_size, 8),
                                               credit_policy=o.credit_policy, buf_size=o.buf_size,
@@ -118,7 +118,7 @@ class VM:
         try:
             with self.kernel.lock:
                 self.transport.probe()
-        except (ControlError, ConnectionError, TimeoutError, OSError) as e:
+        except (ControlError, ConnectionError, TimeoutError, OSError, ValueError) as e:
             raise BootError(f"probing the vsock device failed: {e}") from None
         self.vdev.start_irq_threads(self.stop_event, engine=self.kernel, poll=self.transport.poll_ops)
         self.connected.set()
@@ -127,6 +127,26 @@ class VM:
         self._start_services()
         self._thread(self._watch_host, "host-watch")
         self._thread(self._stats_loop, "stats")
+
+    def _connect_waiting(self, run_dir: Path) -> None:
+        """Connect the device's control channel, waiting up to --connect-timeout for a host to
+        serve the run dir (its control socket missing or not yet accepting: try again)."""
+        end = time.monotonic() + self.opts.connect_timeout
+        while True:
+            try:
+                self.vdev.connect()
+                return
+            except ControlError as e:
+                raise BootError(f"the host refused the vsock device: {e}") from None
+            except ConnectionError as e:
+                if self.stop_event.is_set():
+                    raise BootError("stopped while waiting for the host") from None
+                if time.monotonic() >= end:
+                    raise BootError(f"no host is serving {run_dir} after {self.opts.connect_timeout:g} s "
+                                    f"(start one with: python -m host --run-dir {run_dir}): {e}") from None
+                self.stop_event.wait(CONNECT_RETRY)
+            except (TimeoutError, OSError) as e:
+                raise BootError(str(e)) from None
 
     def _thread(self, fn, name: str) -> None:
         t = threading.Thread(target=fn, name=f"{self.opts.name}-{name}", daemon=True)

@@ -5,18 +5,19 @@ import argparse
 import sys
 from pathlib import Path
 
-from shared.cli import add_common, add_programs, check_programs, queue_size, setup_logging
-from shared.resources import default_run_dir
+from shared.cli import add_common, add_programs, check_programs, prog_name, queue_size, run_dir_arg, setup_logging
+from shared.resources import RunDirError, default_run_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m host",
+        prog=prog_name("host"),
         description="virtio-emu host: the vhost backend. Serves any number of guests on a control "
                     "socket in the run directory; each device runs in a process of its own.")
-    p.add_argument("--run-dir", type=Path, default=None,
+    p.add_argument("--run-dir", type=run_dir_arg, default=None,
                    help="directory for the control socket, vsock bridge sockets, owner records and "
-                        f"stats (default: {default_run_dir()}; created 0700)")
+                        f"stats (default: {default_run_dir()}). Created 0700 if missing; an existing "
+                        "one must be ours and not writable by others (it is never chmod-ed)")
     p.add_argument("--pcap", type=Path, default=None,
                    help="record every vsock packet the host sees in this vsockmon pcap file "
                         "(LINKTYPE_VSOCK 271; tshark/Wireshark decode it)")
@@ -87,15 +88,23 @@ def main(argv: list[str] | None = None) -> int:
         except SystemExit as e:
             print(e, file=sys.stderr)
             return 1
+        except RunDirError as e:
+            print(f"host: {e}", file=sys.stderr)
+            return 1
     try:
         d = Daemon(opts)
         d.bind()
     except SystemExit as e:
         print(e, file=sys.stderr)
         return 1
-    except OSError as e:
-        print(f"host: cannot serve {opts.run_dir}: {e.strerror or e}", file=sys.stderr)
+    except RunDirError as e:
+        print(f"host: {e}", file=sys.stderr)
         return 1
+    except (OSError, ValueError) as e:
+        print(f"host: cannot serve {opts.run_dir}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
     return d.serve()
 
 

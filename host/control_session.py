@@ -30,6 +30,7 @@ raises. Every step is logged at INFO.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Callable
 
 from shared.constants import (VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER,
@@ -290,7 +291,7 @@ class ControlSession:
             i = vq.index
             if dev.mem is None or not self._num_set[i] or not self._addr_set[i]:
                 raise _err("EINVAL", f"DRIVER_OK: queue {i} is enabled but not set up (num, addr, memory table)")
-            if not vq.access_ok(dev.mem):            # B.5 rule 13, vhost_vq_access_ok
+            if not vq.access_ok(dev.mem):            # ring rule 13, vhost_vq_access_ok
                 raise _err("EFAULT", f"DRIVER_OK: queue {i} ring memory is not accessible")
             if dev.kicks[i] is None or dev.calls[i] is None:
                 raise _err("EINVAL", f"DRIVER_OK: queue {i} has no kick or call doorbell")
@@ -434,9 +435,24 @@ class ControlSession:
 class ShmGuestMemory(GuestMemory):
     """A GuestMemory over attached shared-memory segments; release() also closes them."""
 
-    def __init__(self, regions: list[MemoryRegion], shms: list):
+    def __init__(self, regions: list[MemoryRegion], shms: list, needed: dict | None = None):
         super().__init__(regions)
         self._shms = shms
+        self._needed = needed or {}        # segment name -> bytes the memory table maps of it
+
+    def mem_ok(self) -> str | None:
+        """The segment's current size (fstat of its fd) must still cover what we mapped: a guest
+        that ftruncate()s its RAM smaller would otherwise SIGBUS us on the next access."""
+        for shm in self._shms:
+            need = self._needed.get(shm.name, 0)
+            try:
+                size = os.fstat(shm._fd).st_size
+            except (OSError, AttributeError, TypeError) as e:
+                return f"guest memory {shm.name} cannot be checked: {e}"
+            if size < need:
+                return (f"guest memory {shm.name} shrank to {size:#x} bytes; the memory table "
+                        f"maps {need:#x}")
+        return None
 
     def release(self) -> None:
         super().release()
@@ -463,7 +479,11 @@ def attach_shm_memory(regions: list[dict]) -> ShmGuestMemory:
             out.append(MemoryRegion(r["guest_phys_addr"], size, base[off:off + size], r["userspace_addr"]))
         for v in views:
             v.release()
-        return ShmGuestMemory(out, list(shms.values()))
+        needed: dict[str, int] = {}
+        for r in regions:
+            name = shms[r["shm"]].name
+            needed[name] = max(needed.get(name, 0), r["mmap_offset"] + r["memory_size"])
+        return ShmGuestMemory(out, list(shms.values()), needed)
     except Exception:
         for region in out:
             region.release()

@@ -30,6 +30,7 @@ import msgpack
 from shared import control
 from shared.constants import RESERVED_CIDS
 from shared.errors import ProtocolError
+from shared.ratelimit import RateLimitedLog
 from shared.resources import ensure_run_dir, reap
 from shared.stats import prune as prune_stats
 
@@ -107,6 +108,7 @@ class Daemon:
         self.cids: dict[int, int] = {}          # cid -> device process pid
         self._stop = False
         self.listener: socket.socket | None = None
+        self._refusals = RateLimitedLog()
         self.parent_pid = os.getpid()
 
     # --- setup --------------------------------------------------------------------------------
@@ -121,6 +123,12 @@ class Daemon:
                 raise SystemExit(f"host: another host is already serving {self.run_dir}")
             finally:
                 probe.close()
+        if self.opts.pcap:
+            from shared.vsock.pcap import PcapWriter
+            try:
+                PcapWriter(self.opts.pcap).close()   # the file header; device processes append records
+            except OSError as e:
+                raise SystemExit(f"host: cannot write the capture {self.opts.pcap}: {e.strerror or e}") from None
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)
         try:
@@ -133,9 +141,6 @@ class Daemon:
         n = reap(self.run_dir)
         if n:
             log.info("reaped %d dead owner(s) in %s", n, self.run_dir)
-        if self.opts.pcap:
-            from shared.vsock.pcap import PcapWriter
-            PcapWriter(self.opts.pcap).close()   # the file header; device processes append records
         log.info("host listening on %s", self.path)
 
     def request_stop(self, *_: object) -> None:
@@ -163,15 +168,25 @@ class Daemon:
         except (BlockingIOError, InterruptedError):
             return
         conn.setblocking(True)
+        seq = 0                  # the request's seq once we have one (PROTOCOL.md "Errors")
         try:
             pid = peer_pid(conn)
             hello, decoder, rest = read_hello(conn)
+            if isinstance(hello.get("seq"), int):
+                seq = hello["seq"]
             if hello["op"] != "HELLO":
                 raise ProtocolError(f"the first message must be HELLO, not {hello['op']}")
             cid = self._check_hello(hello)
         except ProtocolError as e:
-            log.warning("refused a connection: %s", e)
-            send_msg(conn, control.error_reply(0, e.code, str(e)))
+            # a client that closes before HELLO (a readiness probe) is not worth a warning;
+            # refusals a hostile client can repeat are rate-limited (the first, then counts)
+            if e.code == "ECONNRESET":
+                log.info("refused a connection: %s", e)
+            else:
+                self._refusals.log(log, f"refused a connection: {e}")
+            if getattr(e, "seq", None) is not None:
+                seq = e.seq          # an invalid HELLO whose seq could be read
+            send_msg(conn, control.error_reply(seq, e.code, str(e)))
             conn.close()
             return
         except (OSError, ValueError, msgpack.ExtraData) as e:

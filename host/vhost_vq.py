@@ -6,7 +6,7 @@ The control plane writes the ring configuration (num, desc/avail/used guest-phys
 last_avail_idx / last_used_idx from SET_VRING_BASE, features). Every call that touches the ring is
 handed the GuestMemory it works on (the rust-vmm shape); the first call with a new memory table,
 or after the configuration changed, maps the three parts: `access_ok` (vhost_vq_access_ok,
-B.5 rule 13) checks N and the alignments and that each part lies inside one region, then views
+ring rule 13) checks N and the alignments and that each part lies inside one region, then views
 over them are cached so the hot path is plain struct/u16 accesses.
 
     get_vq_desc   vhost_get_vq_desc: read avail.idx (one aligned load, only when the cached copy
@@ -19,7 +19,7 @@ over them are cached so the hot path is plain struct/u16 accesses.
                   avail_event word with EVENT_IDX); enable returns True when buffers raced in.
 
 Everything the guest wrote is hostile: descriptor contents, avail entries and indices are read
-once, checked against the B.5 table (virtio-facts), and chain walks are bounded by N (direct) and
+once, checked against the ring rules (docs/ring-rules.md), and chain walks are bounded by N (direct) and
 the table length (indirect). A violation raises VringError(rule, message-quoting-Linux); the
 device wrapper turns it into NEEDS_RESET (vq_err). The ring is pure code: no locks, no doorbells.
 """
@@ -109,7 +109,7 @@ class VhostVirtqueue:
         self._last_used = v & _U16
         self.signalled_used_valid = False   # vhost_vq_init_access
 
-    # --- mapping: B.5 rule 13 ----------------------------------------------------------------
+    # --- mapping: ring rule 13 ----------------------------------------------------------------
     def _map(self, mem) -> None:
         """vhost_vq_access_ok + map the rings; raises VringError(13) when they are not usable."""
         self.unmap()
@@ -143,7 +143,7 @@ class VhostVirtqueue:
         self._mem = None
 
     def access_ok(self, mem) -> bool:
-        """vhost_vq_access_ok: B.5 rule 13 (valid N, aligned parts, all inside the memory table)."""
+        """vhost_vq_access_ok: ring rule 13 (valid N, aligned parts, all inside the memory table)."""
         try:
             self._map(mem)
             return True
@@ -169,7 +169,7 @@ class VhostVirtqueue:
         idx = self._av[1]
         last = self._last_avail
         if ((idx - last) & _U16) > self._num:
-            # B.5 rule 1 (vhost_get_vq_desc)
+            # ring rule 1 (vhost_get_vq_desc)
             raise VringError(1, f"Guest moved used index from {last} to {idx}")
         self._avail_idx = idx
         return idx
@@ -180,20 +180,20 @@ class VhostVirtqueue:
             self._map(mem)
         last = self._last_avail
         if self._avail_idx == last:
-            # B.5 rule 2: avail.idx == last_avail_idx means empty
+            # ring rule 2: avail.idx == last_avail_idx means empty
             if self._read_avail_idx() == last:
                 return None
         num = self._num
         head = self._av[2 + (last & self._mask)]       # read once
         if head >= num:
-            # B.5 rule 3
+            # ring rule 3
             raise VringError(3, f"Guest says index {head} > {num} is available")
 
         # Pass 1: structure. Each descriptor is copied out once (one unpack) and validated.
         segs: list[tuple[int, int, bool, int]] = []     # (addr, len, writable, where)
         self._walk(mem, self._dv, head, num, segs, 0, False, None)
 
-        # Pass 2: memory. Translate every buffer into guest-memory views (B.5 rule 11).
+        # Pass 2: memory. Translate every buffer into guest-memory views (ring rule 11).
         out: list[memoryview] = []
         in_: list[memoryview] = []
         out_len = in_len = 0
@@ -221,31 +221,31 @@ class VhostVirtqueue:
         found = 0
         while True:
             if i >= bound:
-                # B.5 rule 4 (an indirect table is bounded by its own length)
+                # ring rule 4 (an indirect table is bounded by its own length)
                 raise VringError(4, f"Desc index is {i} > {bound}, head = {head}" if indirect_at is None
                                  else f"Desc index is {i} > {bound} in indirect table, desc {indirect_at}")
             found += 1
             if found > bound:
-                # B.5 rule 5 (ring) / rule 9 (inside an indirect table)
+                # ring rule 5 (ring) / rule 9 (inside an indirect table)
                 if indirect_at is None:
                     raise VringError(5, f"Loop detected: last one at {i} vq size {bound} head {head}")
                 raise VringError(9, f"Loop detected: last one at {i} indirect size {bound}")
             addr, ln, flags, nxt = _unpack_desc(table, i << 4)
             if flags & VRING_DESC_F_INDIRECT:
                 if indirect_at is not None:
-                    # B.5 rule 8
+                    # ring rule 8
                     raise VringError(8, f"Nested indirect descriptor: idx {i}, in table of desc {indirect_at}")
                 total, seen_write = self._get_indirect(mem, i, addr, ln, flags, segs, total, seen_write)
             else:
                 if flags & VRING_DESC_F_WRITE:
                     seen_write = True
                 elif seen_write:
-                    # B.5 rule 10 (spec 2.7.4.2: readable descriptors come first)
+                    # ring rule 10 (spec 2.7.4.2: readable descriptors come first)
                     raise VringError(10, f"Descriptor has out after in: idx {i}")
                 segs.append((addr, ln, bool(flags & VRING_DESC_F_WRITE), i))
                 total += ln
                 if total > _U32:
-                    # B.5 rule 12
+                    # ring rule 12
                     raise VringError(12, f"chain length {total} exceeds 2^32 - 1 bytes, head {head}")
             if not flags & VRING_DESC_F_NEXT:
                 return total, seen_write
@@ -254,17 +254,17 @@ class VhostVirtqueue:
     def _get_indirect(self, mem, i, addr, ln, flags, segs, total, seen_write):
         """get_indirect: walk one indirect table; its own WRITE bit is ignored (spec 2.7.5.3.2)."""
         if not self.indirect:
-            # B.5 rule 8 family: INDIRECT only if negotiated (spec 2.7.5.3.1)
+            # ring rule 8 family: INDIRECT only if negotiated (spec 2.7.5.3.1)
             raise VringError(8, f"Indirect descriptor without VIRTIO_RING_F_INDIRECT_DESC: idx {i}")
         if flags & VRING_DESC_F_NEXT:
             # spec 2.7.5.3.1: the driver MUST NOT set both INDIRECT and NEXT
             raise VringError(8, f"Indirect descriptor with NEXT set: idx {i}")
         if ln % 16 or ln == 0:
-            # B.5 rule 6
+            # ring rule 6
             raise VringError(6, f"Invalid length in indirect descriptor: len {ln:#x} not multiple of 0x10")
         count = ln // 16
         if count > INDIRECT_MAX_DESC:
-            # B.5 rule 7
+            # ring rule 7
             raise VringError(7, f"Indirect buffer length too big: {ln}")
         try:
             # Copy the table out once: the guest cannot change it under the walk.

@@ -1,11 +1,40 @@
-"""Command-line pieces both `python -m host` and `python -m guest` use."""
+"""Command-line pieces both `python -m host` and `python -m guest` (and the tools) use.
+
+Every check here is an argparse `type=` function: bad input becomes argparse's one-line usage
+error and exit status 2, never a traceback.
+"""
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 CREDIT_POLICIES = ("every-read", "low-space")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+DEFAULT_LOG_LEVEL = "WARNING"
+
+
+def version() -> str:
+    """The installed distribution's version, or the source tree's (pyproject) when not installed."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version as dist_version
+        try:
+            return dist_version("virtio-emu")
+        except PackageNotFoundError:
+            pass
+    except ImportError:  # pragma: no cover
+        pass
+    import tomllib
+    try:
+        with open(Path(__file__).resolve().parent.parent / "pyproject.toml", "rb") as f:
+            return tomllib.load(f)["project"]["version"]
+    except (OSError, KeyError, ValueError):
+        return "unknown"
+
+
+def add_version(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--version", action="version", version=f"%(prog)s (virtio-emu) {version()}")
 
 
 def queue_size(text: str) -> int:
@@ -44,8 +73,27 @@ def buf_size(text: str) -> int:
 DEFAULT_BUF_SIZE = 1 << 20
 
 
+def run_dir_arg(text: str) -> Path:
+    """argparse type: a run directory path (not empty: '' would mean the current directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the run directory must not be empty")
+    return Path(text)
+
+
+def seconds(text: str) -> float:
+    """argparse type: a finite, non-negative number of seconds."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of seconds >= 0")
+    return v
+
+
 def add_common(p: argparse.ArgumentParser, credit_help: str) -> None:
-    """--credit-policy, --poll-us and --log-level, spelled the same on both sides."""
+    """--credit-policy, --buf-size, --poll-us, --log-level and --version, spelled the same on
+    both sides."""
     p.add_argument("--credit-policy", choices=CREDIT_POLICIES, default="low-space",
                    help=credit_help + " (default low-space)")
     p.add_argument("--buf-size", type=buf_size, default=DEFAULT_BUF_SIZE, metavar="BYTES",
@@ -55,8 +103,25 @@ def add_common(p: argparse.ArgumentParser, credit_help: str) -> None:
                    help="after work, busy-poll the rings for N microseconds with notifications "
                         "suppressed before sleeping on the doorbell (vhost's busyloop_timeout, "
                         "NAPI); 0 = doorbells only (default 0)")
-    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-                   help="logging level (default INFO)")
+    add_log_level(p)
+    add_version(p)
+
+
+LOG_LEVEL_ENV = "VIRTIO_EMU_LOG_LEVEL"
+
+
+def default_log_level() -> str:
+    """WARNING, unless $VIRTIO_EMU_LOG_LEVEL names another level (the tools and tests set INFO
+    for the processes they start, whose logs they read)."""
+    import os
+    env = os.environ.get(LOG_LEVEL_ENV, "").upper()
+    return env if env in LOG_LEVELS else DEFAULT_LOG_LEVEL
+
+
+def add_log_level(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-level", default=default_log_level(), choices=LOG_LEVELS, type=str.upper,
+                   help=f"logging level (default {DEFAULT_LOG_LEVEL}, or ${LOG_LEVEL_ENV}; INFO shows "
+                        "boot and connection events, DEBUG everything)")
 
 
 def setup_logging(role: str, level: str) -> None:
@@ -81,7 +146,8 @@ def add_programs(p: argparse.ArgumentParser, where: str) -> None:
                         "source=PORT (answer a line '<n> <write_size>' with n bytes) (repeatable)")
     p.add_argument("--run", action="append", default=[], metavar="MODULE:FUNCTION",
                    help=f"run FUNCTION(vsock) from MODULE {where} with the vsock socket API, in a "
-                        "thread of its own (repeatable)")
+                        "thread of its own (repeatable; MODULE is imported and FUNCTION checked "
+                        "at start)")
 
 
 def check_programs(role: str, services, run) -> int:
@@ -101,3 +167,11 @@ def check_programs(role: str, services, run) -> int:
             print(f"{role}: --run {spec}: {why}", file=sys.stderr)
             return 2
     return 0
+
+
+def prog_name(module: str) -> str:
+    """Usage name: the console script's own name (virtio-emu-host), else `python -m MODULE`."""
+    import os
+    import sys
+    base = os.path.basename(sys.argv[0] if sys.argv else "")
+    return base if base.startswith("virtio-emu-") else f"python -m {module}"

@@ -14,7 +14,7 @@ VRING_DESC_ALIGN_SIZE = 16
 VRING_AVAIL_ALIGN_SIZE = 2
 VRING_USED_ALIGN_SIZE = 4
 VIRTQUEUE_MAX_SIZE = 32768     # spec: queue size is a power of 2, at most 32768
-INDIRECT_MAX_DESC = 65536      # B.5 rule 7: an indirect table may hold at most 2^16 descriptors
+INDIRECT_MAX_DESC = 65536      # ring rule 7: an indirect table may hold at most 2^16 descriptors
 
 # --- feature bits (virtio_config.h, virtio_ring.h, vhost.h) ----------------------------------------
 VIRTIO_F_NOTIFY_ON_EMPTY = 24

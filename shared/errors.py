@@ -2,14 +2,14 @@
 
 
 class GuestMemoryError(Exception):
-    """A guest-physical range is outside every region of the memory table (B.5 rule 11)."""
+    """A guest-physical range is outside every region of the memory table (ring rule 11)."""
 
 
 class VringError(Exception):
-    """The guest broke a split-ring rule. `rule` is the row of virtio-facts B.5 it broke."""
+    """The guest broke a split-ring rule. `rule` is the row of docs/ring-rules.md it broke."""
 
     def __init__(self, rule: int, message: str):
-        super().__init__(f"B.5 rule {rule}: {message}")
+        super().__init__(f"ring rule {rule}: {message}")
         self.rule = rule
         self.message = message
 

@@ -10,7 +10,7 @@ Layout of one region (the vhost_memory_region / VhostUserMemoryRegion analogue):
     buf              a writable memoryview of exactly memory_size bytes (shared memory, or a
                      bytearray in single-process tests)
 
-Every access is bounds-checked (virtio-facts B.5 rule 11); a range that leaves every region
+Every access is bounds-checked (ring rule 11); a range that leaves every region
 raises GuestMemoryError. `load16`/`store16` are single aligned 16-bit machine accesses, the
 only way ring indices may be read or published across processes (struct.pack_into tears).
 """
@@ -160,6 +160,14 @@ class GuestMemory:
             if r.userspace_addr <= uva and uva + length <= r.userspace_addr + r.memory_size:
                 return r.guest_phys_addr + (uva - r.userspace_addr)
         raise GuestMemoryError(f"frontend address [{uva:#x}, +{length:#x}) is not in the memory table")
+
+    def mem_ok(self) -> str | None:
+        """None while every region is still backed; else why not (one line).
+
+        A bytearray cannot shrink under us; ShmGuestMemory overrides this to notice a guest that
+        truncated its shared memory (touching the lost pages would be SIGBUS). The data path
+        calls it (through VhostDevice.mem_ok) before it touches guest memory for a batch."""
+        return None
 
     def release(self) -> None:
         for r in self.regions:

@@ -45,11 +45,46 @@ def default_run_dir() -> Path:
     return Path(f"/tmp/virtio-emu-{os.getuid()}")
 
 
+class RunDirError(Exception):
+    """The run directory cannot be used (one line, for the user)."""
+
+
 def ensure_run_dir(path: Path) -> Path:
+    """Make the run directory (0700) or check an existing one; never change one we did not make.
+
+    An existing directory must be a directory owned by us, not writable by group or others
+    (a shared directory like /tmp would let another user replace our sockets and records) and
+    writable by us; otherwise RunDirError says why. Its owners/ subdirectory is created 0700.
+    """
     path = Path(path)
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
-    (path / "owners").mkdir(mode=0o700, exist_ok=True)
+    if not str(path).strip() or str(path) == ".":
+        raise RunDirError("the run directory must not be empty or '.' (give a path of its own)")
+    try:
+        path.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise RunDirError(f"cannot create run directory {path}: {e.strerror or e}") from None
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise RunDirError(f"cannot use run directory {path}: {e.strerror or e}") from None
+    import stat as _stat
+    if not _stat.S_ISDIR(st.st_mode):
+        raise RunDirError(f"run directory {path} exists and is not a directory")
+    if st.st_uid != os.getuid():
+        raise RunDirError(f"run directory {path} belongs to uid {st.st_uid}, not to us; "
+                          f"give a new path (it is created 0700), e.g. {path / 'virtio-emu'}")
+    if st.st_mode & 0o022:
+        raise RunDirError(f"run directory {path} is writable by other users (mode "
+                          f"{_stat.S_IMODE(st.st_mode):04o}); give a new path (it is created 0700), "
+                          f"e.g. {path / 'virtio-emu'}, or a private directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise RunDirError(f"run directory {path} is not writable by us")
+    try:
+        (path / "owners").mkdir(mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(f"cannot create {path / 'owners'}: {e.strerror or e}") from None
     return path
 
 

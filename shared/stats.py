@@ -32,7 +32,7 @@ def write_stats(run_dir, role: str, data: dict) -> None:
 def remove_stats(run_dir, role: str) -> None:
     try:
         (Path(run_dir) / "stats" / f"{role}-{os.getpid()}.json").unlink()
-    except FileNotFoundError:
+    except OSError:            # not there, or the run dir was never usable
         pass
 
 

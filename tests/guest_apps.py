@@ -125,3 +125,16 @@ def host_services(vsock) -> None:
     except OSError as e:
         res["errno"], res["error"] = e.errno, str(e)
     _out(res)
+
+
+def hoarder(vsock) -> None:
+    """A hostile guest (issue 8 item 8): listen on VE_APP_PORT advertising the socket buffer the
+    guest was started with (run it with --buf-size 4294967295), accept one connection, report
+    "accepted", then stop consuming rx for good: no rx completion is taken and no rx buffer is
+    posted again, so everything the host sends it stays with the host."""
+    port = int(os.environ["VE_APP_PORT"])
+    srv = vsock.create_server(port)
+    conn, _ = srv.accept()
+    vsock.transport.rx_run = False          # rx_work returns at once from now on
+    _out({"state": "accepted", "buf_alloc": conn.get_buffer_size()})
+    threading.Event().wait()                # hold everything until the guest is stopped

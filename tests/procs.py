@@ -15,6 +15,7 @@ def _env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("XDG_RUNTIME_DIR", None)
+    env["VIRTIO_EMU_LOG_LEVEL"] = "INFO"       # the tests wait for INFO lines
     return env
 
 

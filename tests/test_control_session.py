@@ -347,7 +347,7 @@ def test_driver_ok_refused_when_access_ok_fails():
     w = World()
     _mem(w)
     w.setup_vring(0)
-    w.dev.vqs[0].access_ok = lambda mem: False      # B.5 rule 13 is the ring's to decide
+    w.dev.vqs[0].access_ok = lambda mem: False      # ring rule 13 is the ring's to decide
     w.bad("SET_STATUS", "EFAULT", status=0x0F)
 
 

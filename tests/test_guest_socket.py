@@ -110,6 +110,15 @@ class HostRunner:
         self._thread.join(2)
 
 
+def wait_blocked(sock, timeout: float = 10.0) -> None:
+    """Wait until a thread is blocked on the socket's wait queue (its Condition has a waiter):
+    synchronise on the state itself instead of sleeping and hoping."""
+    end = time.monotonic() + timeout
+    while not sock._cv._waiters:          # CPython's Condition keeps one lock per waiter
+        assert time.monotonic() < end, "no thread blocked on the socket"
+        time.sleep(0.001)
+
+
 @pytest.fixture
 def g():
     size = 8 << 20
@@ -174,7 +183,7 @@ def test_blocking_accept(g):
     result = {}
     t = threading.Thread(target=lambda: result.update(r=server.accept()))
     t.start()
-    time.sleep(0.05)                                   # accept is now waiting
+    wait_blocked(server)                               # accept is now waiting
     hsk = g.host.connect(5000)
     t.join(TIMEOUT)
     conn, addr = result["r"]
@@ -340,7 +349,7 @@ def test_transport_reset_wakes_blocked_recv(g):
             err["e"] = e
     t = threading.Thread(target=reader)
     t.start()
-    time.sleep(0.05)
+    wait_blocked(s)                                   # the reader is now blocked in recv
     g.host.call(g.host.host.send_event, 0)
     t.join(TIMEOUT)
     assert isinstance(err.get("e"), ConnectionResetError)
@@ -358,7 +367,7 @@ def test_close_from_another_thread_wakes_blocked_recv(g):
             err["e"] = e
     t = threading.Thread(target=reader)
     t.start()
-    time.sleep(0.05)
+    wait_blocked(s)                                   # the reader is now blocked in recv
     s.close()
     t.join(TIMEOUT)
     assert err["e"].errno == errno.EBADF

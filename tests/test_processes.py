@@ -1,4 +1,5 @@
 """The two processes: CLI errors, lifecycle, SIGKILL of either side, nothing left in /dev/shm."""
+import json
 import signal
 import subprocess
 import sys
@@ -85,14 +86,19 @@ def test_sigkill_guest_host_releases_and_serves_others(cluster):
     host = cluster.host()
     a = cluster.guest(3)
     b = cluster.guest(4)
+    rec = cluster.run_dir / "owners"
+    [a_rec] = [p for p in rec.glob(f"{a.pid}-*.json")]
+    a_names = json.loads(a_rec.read_text())
+    a_names = {*a_names["shm"], *("sem." + n.lstrip("/") for n in a_names["sems"])}
+    assert a_names and a_names <= set(ours_in_dev_shm())
     a.signal(signal.SIGKILL)
     a.p.wait(10)
-    assert host.wait_log("guest-3", 10)
-    # the host reaps the dead guest's RAM and doorbells once its device process has ended
-    tag = run_tag(cluster.run_dir)
+    # the device process of guest-3 ends (control EOF) and the host reaps what guest-3 left
+    assert host.wait_log("(vsock of guest 'guest-3') ended", 10), host.text()
     end = time.monotonic() + 10
-    while time.monotonic() < end and len([n for n in ours_in_dev_shm() if tag in n]) > 10:
-        time.sleep(0.1)
+    while time.monotonic() < end and (a_names & set(ours_in_dev_shm()) or a_rec.exists()):
+        time.sleep(0.05)
+    assert not a_names & set(ours_in_dev_shm()) and not a_rec.exists()
     assert host.p.poll() is None
     c = cluster.guest(5)                       # still serving new guests
     assert b.p.poll() is None and c.p.poll() is None

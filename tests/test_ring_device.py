@@ -30,7 +30,7 @@ def pair(ram, num=8, *, event_idx=False, indirect=False, notify_on_empty=False):
     return vq, h
 
 
-# --- access_ok (B.5 rule 13) ------------------------------------------------------------------
+# --- access_ok (ring rule 13, docs/ring-rules.md) ------------------------------------------------------------------
 def test_access_ok_accepts_allocated_rings_and_rejects_bad_config():
     ram = make_ram()
     vq, h = pair(ram, 8)

@@ -1,4 +1,4 @@
-"""One negative test per row 1..13 of virtio-facts B.5: malformed rings built byte by byte.
+"""One negative test per row 1..13 of docs/ring-rules.md: malformed rings built byte by byte.
 
 MockSplitQueue plays a hostile driver (the rust-vmm MockSplitQueue idea): it writes descriptors,
 avail entries and avail.idx straight into guest memory, with no checks of its own.

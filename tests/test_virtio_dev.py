@@ -221,7 +221,7 @@ def test_err_doorbell_reports_needs_reset(guest):
     dev.driver_ok()
     dev.start_irq_threads(stop)
     hdev = host.device
-    dev.ram.mem.store16(avail_idx_addr(dev.rings[0].avail), 100)   # B.5 rule 1
+    dev.ram.mem.store16(avail_idx_addr(dev.rings[0].avail), 100)   # ring rule 1
     dev.notify(vqs[0])
     with hdev.lock:
         assert hdev.kicks[0].wait(2) == 1

@@ -195,8 +195,12 @@ def test_capture_read_back_packet_by_packet(cluster, tmp_path):
     s.sendall(b"ping")
     assert s.recv(10) == b"ping"
     s.close()
-    time.sleep(1.0)
-    recs = list(PcapReader(cap))
+    end = time.monotonic() + 20                    # until both RW records are in the capture
+    while True:
+        recs = list(PcapReader(cap))
+        if len([r for r in recs if r[2].op == 5]) >= 2 or time.monotonic() > end:
+            break
+        time.sleep(0.02)
     ops = [r[2].op for r in recs]
     assert ops[0] == 1 and 2 in ops                # REQUEST, RESPONSE
     payloads = [r[2].payload for r in recs if r[2].op == 5]
@@ -204,3 +208,23 @@ def test_capture_read_back_packet_by_packet(cluster, tmp_path):
     for _ts, mon, pkt in recs:
         assert mon.transport == 2 and mon.len == 44
         assert {pkt.src_cid, pkt.dst_cid} == {2, 3}
+
+
+def test_guest_capture_is_written_as_packets_go_and_survives_sigkill(cluster, tmp_path):
+    """Issue 8 item 6: the guest's --pcap has its header at open and each packet as it goes."""
+    cap = tmp_path / "guest.pcap"
+    cluster.host()
+    g = cluster.guest(3, "--service", "echo=5000", "--pcap", str(cap))
+    assert cap.stat().st_size == 24                # the header, before any packet
+    s = VsockHost(cluster.run_dir).connect(3, 5000, timeout=10)
+    s.sendall(b"ping")
+    assert s.recv(10) == b"ping"
+    end = time.monotonic() + 20                    # the guest writes its tx record after sending
+    while len([r for r in PcapReader(cap) if r[2].op == 5]) < 2 and time.monotonic() < end:
+        time.sleep(0.02)
+    g.signal(signal.SIGKILL)
+    g.p.wait(10)
+    s.close()
+    recs = list(PcapReader(cap))                   # whole records only, readable after SIGKILL
+    assert [r[2].payload for r in recs if r[2].op == 5] == [b"ping", b"ping"]
+    assert recs[0][2].op == 1                      # the host's REQUEST, as the guest received it

@@ -368,6 +368,23 @@ def test_has_space_arithmetic():
     assert VsockCore.has_space(sk) == 0
 
 
+def test_peer_window_is_clamped_to_our_own_buffer():
+    """Issue 8 item 8: a peer advertising 4 GiB gets at most our buf_alloc in flight
+    (virtio_transport_has_space in current Linux takes the min of both buffers)."""
+    sk = VsockSock(peer_buf_alloc=0xFFFFFFFF, buf_alloc=BUF)
+    assert VsockCore.has_space(sk) == BUF
+    sk.tx_cnt = BUF - 100
+    assert VsockCore.has_space(sk) == 100
+    link = Link()
+    _, cli, srv = connected_pair(link)
+    cli.buf_alloc = 0xFFFFFFFF                          # a hostile guest advertises 4 GiB
+    link.guest.send(cli, b"!")
+    link.g2h()
+    assert srv.peer_buf_alloc == 0xFFFFFFFF
+    assert link.host.send(srv, b"z" * (4 * BUF)) == BUF   # only our own buffer's worth
+    assert link.host.has_space(srv) == 0
+
+
 def test_drop_beyond_buf_alloc():
     link = Link()
     _, cli, srv = connected_pair(link)

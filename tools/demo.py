@@ -12,21 +12,24 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from rich.console import Console, Group
+from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 from host.vsock.api import VsockHost
 from shared.resources import ours_in_dev_shm, run_tag
 from shared.stats import read_all
-from tools.launch import start, stop_all, wait_for_log
+from shared.cli import add_version
+from tools.launch import last_lines, start, stop_all, wait_ready
 from tools.monitor import render
 
 
@@ -91,63 +94,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guests", type=int, default=3, help="number of guests (default 3)")
     p.add_argument("--seconds", type=float, default=8.0, help="how long traffic runs (default 8)")
     p.add_argument("--streams", type=int, default=2, help="echo streams per guest (default 2)")
-    p.add_argument("--keep", action="store_true", help="keep the run directory and logs")
+    p.add_argument("--keep", action="store_true", help="keep the run directory and logs (they are "
+                   "always kept when the demo fails)")
+    p.add_argument("--guest-flags", default="", metavar="FLAGS",
+                   help="extra flags for every `python -m guest`, e.g. \"--queue-size 256\"")
+    add_version(p)
     args = p.parse_args(argv)
     if not 1 <= args.guests <= 50 or args.seconds <= 0 or not 1 <= args.streams <= 32:
         print("demo: --guests must be 1..50, --streams 1..32, --seconds positive", file=sys.stderr)
+        return 2
+    try:
+        guest_flags = shlex.split(args.guest_flags)
+    except ValueError as e:
+        print(f"demo: --guest-flags: {e}", file=sys.stderr)
         return 2
     console = Console()
     run_dir = Path(tempfile.mkdtemp(prefix="ve-demo-")) / "run"
     logs = run_dir.parent
     procs: list = []
     traffic = Traffic()
-    ok = False
+    stop = threading.Event()
+    ok, interrupted, failure = False, False, ""
     try:
-        console.print(f"[bold]virtio-emu demo[/]: run dir {run_dir}")
-        host = start(["-m", "host", "--run-dir", str(run_dir)], logs / "host.log")
-        procs.append(host)
-        if not wait_for_log(logs / "host.log", "host listening", 20):
-            console.print("[red]host did not start[/]; see", logs / "host.log")
-            return 1
-        cids = list(range(3, 3 + args.guests))
-        for cid in cids:
-            procs.append(start(["-m", "guest", "--run-dir", str(run_dir), "--cid", str(cid), "--mem", "32M",
-                                "--service", "echo=7", "--service", "discard=9", "--service", "chargen=19"],
-                               logs / f"guest-{cid}.log"))
-        for cid in cids:
-            if not wait_for_log(logs / f"guest-{cid}.log", "vsock device ready", 30):
-                console.print(f"[red]guest {cid} did not boot[/]; see", logs / f"guest-{cid}.log")
-                return 1
-        console.print(f"host and {len(cids)} guests up; traffic for {args.seconds:.0f} s")
-        stop = threading.Event()
-        workers = [threading.Thread(target=echo_loop, args=(run_dir, cid, stop, traffic, 256 * 1024))
-                   for cid in cids for _ in range(args.streams)]
-        workers += [threading.Thread(target=chargen_check, args=(run_dir, cid, traffic)) for cid in cids]
-        for t in workers:
-            t.start()
-        prev, t_prev = read_all(run_dir), time.monotonic()
-        end = time.monotonic() + args.seconds
-        with Live(render(prev, None, 0, str(run_dir)), console=console, refresh_per_second=4) as live:
-            while time.monotonic() < end:
-                time.sleep(0.5)
-                cur, now = read_all(run_dir), time.monotonic()
-                live.update(render(cur, prev, now - t_prev, str(run_dir)))
-                prev, t_prev = cur, now
-        stop.set()
-        for t in workers:
-            t.join(60)
-        table = Table(title="traffic through the virtqueues (host program -> bridge -> guest echo -> back)")
-        table.add_column("guest cid", justify="right")
-        table.add_column("bytes echoed and SHA-256 verified", justify="right")
-        table.add_column("MB/s", justify="right")
-        for cid in cids:
-            n = traffic.echoed.get(cid, 0)
-            table.add_row(str(cid), f"{n:,}", f"{n / args.seconds / 1e6:.1f}")
-        console.print(Group(table))
-        for e in traffic.errors:
-            console.print(f"[red]error[/]: {e}")
-        ok = not traffic.errors and all(traffic.echoed.get(c, 0) > 0 for c in cids)
+        ok, failure = run_demo(console, args, guest_flags, run_dir, logs, procs, traffic, stop)
+    except KeyboardInterrupt:
+        interrupted, failure = True, "interrupted"
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)     # a second Ctrl-C must not stop the cleanup
+        stop.set()
         stop_all(procs)
         leaked = [n for n in ours_in_dev_shm() if run_tag(run_dir) in n]
         if leaked:
@@ -155,12 +129,85 @@ def main(argv: list[str] | None = None) -> int:
             ok = False
         else:
             console.print("all processes stopped; nothing of this run is left in /dev/shm")
-        if args.keep:
+        if args.keep or not ok:
             console.print(f"logs kept in {logs}")
         else:
             shutil.rmtree(logs, ignore_errors=True)
-    console.print("[bold green]demo OK[/]" if ok else "[bold red]demo FAILED[/]")
+    if interrupted:
+        console.print("[bold red]demo interrupted[/]")
+        return 130
+    console.print("[bold green]demo OK[/]" if ok else f"[bold red]demo FAILED[/]{': ' + failure if failure else ''}")
     return 0 if ok else 1
+
+
+def _failed(console: Console, what: str, why: str, log: Path) -> str:
+    console.print(f"[red]{what} {why}[/]; its log: {log}")
+    tail = last_lines(log)
+    if tail:
+        console.print(tail, markup=False, highlight=False)
+    return f"{what} {why}"
+
+
+def run_demo(console, args, guest_flags, run_dir, logs, procs, traffic, stop) -> tuple[bool, str]:
+    console.print(f"[bold]virtio-emu demo[/]: run dir {run_dir}")
+    host = start(["-m", "host", "--run-dir", str(run_dir)], logs / "host.log")
+    procs.append(host)
+    why = wait_ready(host, logs / "host.log", "host listening", 20)
+    if why:
+        return False, _failed(console, "the host", why, logs / "host.log")
+    cids = list(range(3, 3 + args.guests))
+    guests = {}
+    for cid in cids:
+        guests[cid] = start(["-m", "guest", "--run-dir", str(run_dir), "--cid", str(cid), "--mem", "32M",
+                             "--service", "echo=7", "--service", "discard=9", "--service", "chargen=19",
+                             *guest_flags], logs / f"guest-{cid}.log")
+        procs.append(guests[cid])
+    for cid in cids:
+        why = wait_ready(guests[cid], logs / f"guest-{cid}.log", "vsock device ready", 30)
+        if why:
+            return False, _failed(console, f"guest {cid}", why, logs / f"guest-{cid}.log")
+    console.print(f"host and {len(cids)} guests up; traffic for {args.seconds:g} s")
+    workers = [threading.Thread(target=echo_loop, args=(run_dir, cid, stop, traffic, 256 * 1024), daemon=True)
+               for cid in cids for _ in range(args.streams)]
+    workers += [threading.Thread(target=chargen_check, args=(run_dir, cid, traffic), daemon=True) for cid in cids]
+    for t in workers:
+        t.start()
+    prev, t_prev = read_all(run_dir), time.monotonic()
+    end = time.monotonic() + args.seconds
+    with Live(render(prev, None, 0, str(run_dir)), console=console, refresh_per_second=4) as live:
+        while time.monotonic() < end:
+            time.sleep(0.5)
+            cur, now = read_all(run_dir), time.monotonic()
+            live.update(render(cur, prev, now - t_prev, str(run_dir)))
+            prev, t_prev = cur, now
+            dead = [f"guest {c}" for c, g in guests.items() if g.poll() is not None]
+            if host.poll() is not None:
+                dead.insert(0, "the host")
+            if dead:
+                traffic.errors.append(f"{', '.join(dead)} exited during the traffic (logs in {logs})")
+                break
+    stop.set()
+    for t in workers:
+        t.join(60)
+    console.print(traffic_table(cids, traffic, args.seconds))
+    for e in traffic.errors:
+        console.print(f"[red]error[/]: {e}", markup=True, highlight=False)
+    ok = not traffic.errors and all(traffic.echoed.get(c, 0) > 0 for c in cids)
+    return ok, "" if ok else (traffic.errors[0] if traffic.errors else "a guest echoed nothing")
+
+
+def traffic_table(cids, traffic: Traffic, seconds: float) -> Table:
+    """Names and numbers are never cut: columns fold, the title wraps (80 columns, or a file)."""
+    table = Table(title="traffic through the virtqueues: host program -> bridge -> guest echo -> back",
+                  title_justify="left")
+    rows = [(str(c), f"{traffic.echoed.get(c, 0):,}", f"{traffic.echoed.get(c, 0) / seconds / 1e6:.1f}")
+            for c in cids]
+    for i, head in enumerate(("guest cid", "bytes echoed, SHA-256 verified", "MB/s")):
+        widest = max((len(r[i]) for r in rows), default=1)
+        table.add_column(head, justify="right", no_wrap=False, overflow="fold", min_width=max(widest, 4))
+    for r in rows:
+        table.add_row(*r)
+    return table
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def start(args: list[str], log: Path, **env_extra: str) -> subprocess.Popen:
     """`python ARGS` with this checkout importable, output to `log`."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **env_extra)
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               VIRTIO_EMU_LOG_LEVEL="INFO", **env_extra)       # the tools wait for INFO lines
     with open(log, "wb") as out:
         return subprocess.Popen([sys.executable, *args], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
@@ -28,9 +29,33 @@ def wait_for_log(path: Path, needle: str, timeout: float) -> bool:
     return False
 
 
+def wait_ready(proc: subprocess.Popen, path: Path, needle: str, timeout: float) -> str | None:
+    """Wait for `needle` in the log at `path`; None when it came, else why not (one line):
+    the process exited (fail fast, with its exit status) or the time ran out."""
+    end = time.monotonic() + timeout
+    while True:
+        if path.exists() and needle in path.read_text(errors="replace"):
+            return None
+        code = proc.poll()
+        if code is not None:
+            return f"exited with status {code}"
+        if time.monotonic() >= end:
+            return f"not ready after {timeout:g} s"
+        time.sleep(0.05)
+
+
+def last_lines(path: Path, n: int = 3) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").strip().splitlines()[-n:])
+    except OSError:
+        return ""
+
+
 def stop_all(procs: list[subprocess.Popen], timeout: float = 15.0) -> None:
     """SIGTERM in reverse start order (guests before their host), SIGKILL what does not exit."""
     for p in reversed(procs):
+        if p.poll() is not None:
+            continue
         p.send_signal(signal.SIGTERM)
         try:
             p.wait(timeout)

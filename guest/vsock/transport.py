@@ -223,6 +223,8 @@ class VirtioVsockTransport:
             self._cancel_retries()
             try:
                 self.vdev.reset()
+            except (ConnectionError, TimeoutError, OSError) as e:   # the host is gone: expected
+                log.info("virtio-vsock: device reset without a host: %s", e)
             except Exception:  # a gone host must not keep us from freeing our own memory
                 log.exception("virtio-vsock: device reset failed")
             for vq in self.vqs:

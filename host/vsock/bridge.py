@@ -54,6 +54,8 @@ HANDSHAKE_TIMEOUT = 10.0        # a host program that never sends its CONNECT li
 HOST_PORT_FIRST = 1 << 30       # Firecracker: host-side ports for host-initiated connections
 HOST_PORT_END = 1 << 31
 ACCEPT_BATCH = 64
+RX_BACKLOG_PKTS = 128           # device's send_pkt_list at or above this: stop reading Unix sockets
+BACKLOG_RETRY = 0.01            # then look again this often (seconds)
 
 _R, _W = selectors.EVENT_READ, selectors.EVENT_WRITE
 
@@ -87,7 +89,7 @@ class BridgeConn:
 
     __slots__ = ("bridge", "unix", "sk", "state", "inbound", "line", "to_guest", "to_unix",
                  "unix_eof", "shut_sent", "guest_eof", "events", "timer", "guest_port",
-                 "host_port", "pump", "on_ready", "wake", "rbuf")
+                 "host_port", "pump", "on_ready", "wake", "rbuf", "backoff")
 
     def __init__(self, bridge: "VsockBridge", unix: socket.socket, inbound: bool):
         self.bridge = bridge
@@ -106,6 +108,7 @@ class BridgeConn:
         self.timer = None
         self.guest_port = 0
         self.host_port = 0
+        self.backoff = None               # timer while the device's rx backlog is full
         # One callable each, created once: queue_work deduplicates by identity/equality.
         self.pump = lambda: bridge._pump(self)
         self.on_ready = lambda mask: bridge._on_unix(self, mask)
@@ -359,9 +362,26 @@ class VsockBridge:
             log.info("vsock bridge %s: guest port %d refused the connection", self.path, c.guest_port)
             self._close(c, release=True)
 
+    def _guest_can_take(self, c: BridgeConn) -> bool:
+        """Read a Unix socket only while its guest can take more: the core socket has credit
+        (the core's wake brings us back when credit opens) and the device's rx backlog
+        (send_pkt_list, packets the guest has not given rx buffers for) is short (we look again
+        after BACKLOG_RETRY). So a guest that never drains rx bounds what the host holds."""
+        if c.sk is None or self.core.has_space(c.sk) <= 0:
+            return False
+        if len(getattr(self.device, "send_pkt_list", ())) >= RX_BACKLOG_PKTS:
+            if c.backoff is None:
+                def retry(c=c):
+                    c.backoff = None
+                    if c.state == OPEN:
+                        self.worker.queue_work(c.pump)
+                c.backoff = self.worker.call_later(BACKLOG_RETRY, retry)
+            return False
+        return True
+
     def _read_unix(self, c: BridgeConn) -> bool:
         """Read one chunk from the Unix side; True if it filled the buffer (more may wait)."""
-        if c.to_guest or c.unix_eof:
+        if c.to_guest or c.unix_eof or not self._guest_can_take(c):
             return False
         if c.rbuf is None:
             c.rbuf = bytearray(CHUNK)
@@ -444,7 +464,7 @@ class VsockBridge:
     def _update_events(self, c: BridgeConn) -> None:
         ev = 0
         if c.state == OPEN:
-            if not c.to_guest and not c.unix_eof:
+            if not c.to_guest and not c.unix_eof and self._guest_can_take(c):
                 ev |= _R
             if c.to_unix:
                 ev |= _W
@@ -471,6 +491,9 @@ class VsockBridge:
         if c.timer is not None:
             c.timer.cancel()
             c.timer = None
+        if c.backoff is not None:
+            c.backoff.cancel()
+            c.backoff = None
         self._set_events(c, 0)
         try:
             c.unix.close()

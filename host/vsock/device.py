@@ -18,7 +18,7 @@ empty (then re-enable, and loop again if buffers raced in: the lost-wakeup fix),
 budget is spent (VHOST_VSOCK_WEIGHT bytes / VHOST_VSOCK_PKT_WEIGHT packets: the work requeues
 itself and yields the worker), or the host owes the guest as many replies as the tx ring holds
 (`queued_replies`; tx stays stopped, notifications off, until do_send_pkt drains them). Each chain
-must be device-readable only (B.5 row 14, "Expected 0 input buffers") and begin with a 44-byte
+must be device-readable only (ring rule 14, "Expected 0 input buffers") and begin with a 44-byte
 header, copied out of guest memory once before any field is trusted; only STREAM packets carry a
 payload, of at most 64 KiB and no more than the chain holds. A packet whose src_cid is not the
 guest's is dropped (counted); dst_cid 2 goes to the host core, any other CID gets an RST. Every
@@ -389,7 +389,7 @@ class VhostVsock(VhostDevice):
             self.handle_tx_kick()
 
     def _alloc_pkt(self, chain) -> Packet:
-        """vhost_vsock_alloc_pkt: the device-specific chain rules (B.5 row 14), header copied once."""
+        """vhost_vsock_alloc_pkt: the device-specific chain rules (ring rule 14), header copied once."""
         if chain.in_:
             raise VringError(14, f"Expected 0 input buffers, got {len(chain.in_)}")
         if chain.out_len < HDR_SIZE:

@@ -121,7 +121,9 @@ class PcapWriter:
             self._owned = True
             return
         if isinstance(dest, (str, os.PathLike)):
-            self._f: BinaryIO = open(dest, "wb")
+            # unbuffered: the header now and each record as one os.write, so the capture is
+            # readable while we run and complete up to the last packet after a SIGKILL
+            self._f: BinaryIO = open(dest, "wb", buffering=0)
             self._owned = True
         else:
             self._f = dest

@@ -458,9 +458,13 @@ class VsockCore:
 
     @staticmethod
     def has_space(sk: VsockSock) -> int:
-        """Bytes of credit: peer_buf_alloc - (tx_cnt - peer_fwd_cnt), u32, never below 0."""
+        """Bytes of credit: min(peer_buf_alloc, buf_alloc) - (tx_cnt - peer_fwd_cnt), u32, >= 0.
+
+        The peer's window is clamped to our own buffer, as current Linux's
+        virtio_transport_has_space does: a peer advertising a 4 GiB buf_alloc it never drains
+        can make us queue at most buf_alloc bytes for it, not 4 GiB."""
         in_flight = (sk.tx_cnt - sk.peer_fwd_cnt) & U32
-        return max(0, sk.peer_buf_alloc - in_flight)
+        return max(0, min(sk.peer_buf_alloc, sk.buf_alloc) - in_flight)
 
     def readable(self, sk: VsockSock) -> bool:
         """poll(POLLIN): data, EOF, an error, or (listener) a child to accept."""

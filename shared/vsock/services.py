@@ -317,7 +317,7 @@ def resolve_function(target_spec: str):
     TypeError or ValueError says what is wrong)."""
     mod_name, sep, fn_name = str(target_spec).partition(":")
     if not sep or not mod_name or not fn_name:
-        raise ValueError(f"user function {target_spec!r} must look like 'pkg.module:function'")
+        raise ValueError(f"user function {target_spec!r} must look like 'pkg.module:function' (MODULE:FUNCTION)")
     module = importlib.import_module(mod_name)
     obj = module
     for part in fn_name.split("."):

@@ -20,6 +20,7 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 def _env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("VIRTIO_EMU_LOG_LEVEL", "INFO")     # the orchestrator waits for INFO lines
     return env
 
 
