@@ -107,10 +107,11 @@ class VhostNet(VhostDevice):
         self._choose_hlen()
 
     def _choose_hlen(self) -> None:
-        # The seed: hdr_size = VIRTIO_NET_HDR ? sizeof(hdr) : 0. A backend that cannot carry the
-        # header (everything but a vnet_hdr tap) always gets it stripped.
+        # The seed: hdr_size = VHOST_NET_F_VIRTIO_NET_HDR ? sizeof(hdr) : 0, a choice its VMM makes
+        # from the tap's abilities. Here the device makes it per backend: a backend that carries
+        # the header (a tap with IFF_VNET_HDR) gets it passed through, every other one stripped.
         be = self.backends[NET_VQ_TX] or self.backends[NET_VQ_RX]
-        if has(self.acked_features, VHOST_NET_F_VIRTIO_NET_HDR) or not getattr(be, "vnet_hdr", False):
+        if not getattr(be, "vnet_hdr", False):
             self.vhost_hlen, self.sock_hlen = self.guest_hlen, 0
         else:
             self.vhost_hlen, self.sock_hlen = 0, self.guest_hlen
@@ -292,11 +293,10 @@ class VhostNet(VhostDevice):
                         raise VringError(RULE_NET, f"Unexpected descriptor format for TX: out "
                                          f"{len(chain.out)}, int {len(chain.in_)}")
                     ln = chain.out_len - hlen
-                    if hlen:
-                        if chain.out_len < hlen:
-                            raise VringError(RULE_NET, f"Unexpected header len for TX: {chain.out_len}"
-                                             f" < {hlen}")
-                        _check_tx_hdr(iov_read(chain.out, 0, NET_HDR.size))
+                    if chain.out_len < self.guest_hlen:
+                        raise VringError(RULE_NET, f"Unexpected header len for TX: {chain.out_len}"
+                                         f" < {self.guest_hlen}")
+                    _check_tx_hdr(iov_read(chain.out, 0, NET_HDR.size))   # copied out, then checked
                     if ln <= 0 or ln - self.sock_hlen < ETH_MIN_FRAME or ln - self.sock_hlen > ETH_MAX_FRAME:
                         raise VringError(RULE_NET, f"Unexpected TX frame length {ln - self.sock_hlen}")
                     frame = iov_read(chain.out, hlen, ln)     # the one copy out of guest RAM
