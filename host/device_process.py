@@ -98,16 +98,11 @@ class DeviceProcess:
 
     # --- device construction (ControlSession's device_factory) -------------------------------------
     def _make_device(self, hello: dict):
-        if hello["device"] == "vsock":
-            from host.vsock.device import VhostVsock
-            if self.opts.pcap:
-                from shared.vsock.pcap import PcapWriter
-                self.capture = PcapWriter(self.opts.pcap, append=True)
-            dev = VhostVsock(hello["params"]["cid"], run_dir=self.opts.run_dir,
-                             credit_policy=self.opts.credit_policy, capture=self.capture,
-                             dialect=self.opts.dialect, reconnect=bool(hello.get("reconnect")))
-        else:
+        from host.devices import DEVICE_KINDS
+        kind = DEVICE_KINDS.get(hello["device"])
+        if kind is None:
             raise ProtocolError(f"unknown device type {hello['device']!r}", "ENODEV")
+        dev = kind.make(hello, self.opts, self.worker, self)
         dev.max_queue_size = self.opts.max_queue_size
         dev.worker = self.worker
         dev.hello = hello

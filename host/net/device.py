@@ -80,6 +80,8 @@ class VhostNet(VhostDevice):
         self.dirty_log: DirtyLog | None = None
         self.log_all = False
         self._local_work: list = []
+        self.on_tx_poll = None              # runner hook: tx polling state changed
+        self.on_close = None                # runner hook: the device is closing
         self.stats.update({"rx_frames": 0, "rx_bytes": 0, "tx_frames": 0, "tx_bytes": 0,
                            "rx_dropped": 0, "tx_dropped": 0, "tx_full": 0, "tx_requeued": 0,
                            "rx_requeued": 0, "backend_swaps": 0})
@@ -165,6 +167,17 @@ class VhostNet(VhostDevice):
             self.reset()
         return old
 
+    def close(self) -> None:
+        """The connection is gone: detach and close the backends (nothing left behind)."""
+        if self.on_close is not None:
+            self.on_close()
+            self.on_close = None
+        for b in self.reset_owner():
+            try:
+                b.close()
+            except OSError:
+                pass
+
     # --- scheduling -------------------------------------------------------------------------------
     def _queue_work(self, fn) -> None:
         if self.worker is not None:
@@ -205,10 +218,14 @@ class VhostNet(VhostDevice):
         if self.tx_poll_state != VHOST_NET_POLL_STARTED:
             self.tx_poll_state = VHOST_NET_POLL_STARTED
             self.stats["tx_full"] += 1
+            if self.on_tx_poll is not None:
+                self.on_tx_poll()
 
     def tx_poll_stop(self) -> None:
         if self.tx_poll_state == VHOST_NET_POLL_STARTED:
             self.tx_poll_state = VHOST_NET_POLL_STOPPED
+            if self.on_tx_poll is not None:
+                self.on_tx_poll()
 
     @property
     def tx_polling(self) -> bool:

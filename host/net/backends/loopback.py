@@ -18,12 +18,15 @@ class Loopback:
         self.queue: deque[bytes] = deque()
         self.paused = False
         self.sent = 0
+        self.wakeup = None          # set by the runner: the device's backend_readable
 
     def send(self, frame) -> bool:
         if len(self.queue) >= self.capacity:
             return False
         self.queue.append(bytes(frame))
         self.sent += 1
+        if self.wakeup is not None:
+            self.wakeup()
         return True
 
     def recv(self):
