@@ -58,6 +58,8 @@ def _packet(args, spec, ctx):
     return PacketSocket(args[0])
 
 
+USAGE = {"loopback": (0, "loopback"), "udp": (2, "udp:LPORT:RPORT"), "segment": (1, "segment:NAME"),
+         "tap": (1, "tap:IFNAME[,vnet_hdr=on]"), "packet": (1, "packet:IFNAME")}
 BACKENDS = {"loopback": _loopback, "udp": _udp, "segment": _segment, "tap": _tap, "packet": _packet}
 
 
@@ -70,6 +72,18 @@ def check_spec(spec) -> tuple[str, list[str]]:
         raise ValueError(f"unknown net backend {kind!r} in {spec!r} (one of {', '.join(BACKENDS)})")
     if any(not a for a in args):
         raise ValueError(f"malformed net backend spec {spec!r}")
+    want, usage = USAGE[kind]
+    if len(args) != want:
+        raise ValueError(f"net backend {spec!r}: " + ("loopback takes no arguments" if kind == "loopback"
+                                                       else f"want {usage}"))
+    if kind == "udp":
+        _port(args[0], spec), _port(args[1], spec)
+    if kind == "tap":
+        for o in args[0].split(",")[1:]:
+            if o not in ("vnet_hdr=on", "vnet_hdr=off"):
+                raise ValueError(f"net backend {spec!r}: unknown tap option {o!r}")
+    if kind == "segment" and not args[0].replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"segment backend: bad segment name {args[0]!r} (letters, digits, - and _)")
     return kind, args
 
 

@@ -1,0 +1,94 @@
+"""virtio-net across processes: host daemon, guests with --net, the L2 segment; bad input."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from shared.resources import ours_in_dev_shm, run_tag
+
+from .procs import ROOT, Cluster, Proc, _env
+
+pytestmark = pytest.mark.multiprocess
+
+
+@pytest.fixture
+def cluster(shm_guard):
+    c = Cluster(shm_guard)
+    yield c
+    c.close()
+
+
+def net_guest(c: Cluster, name: str, *extra: str, env: dict | None = None, wait: bool = True) -> Proc:
+    if env:
+        os.environ.update(env)
+    try:
+        p = Proc(["-m", "guest", "--run-dir", str(c.run_dir), "--name", name, "--mem", "16M", *extra],
+                 c._log(name))
+    finally:
+        for k in env or {}:
+            os.environ.pop(k, None)
+    c.procs.append(p)
+    if wait:
+        assert p.wait_log("virtio-net:", 30) and "up" in p.text(), p.text()
+    return p
+
+
+def wait_file(path, timeout=30):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if path.exists() and path.read_text().strip():
+            return [json.loads(x) for x in path.read_text().splitlines()]
+        time.sleep(0.05)
+    return []
+
+
+def test_two_guests_ping_and_udp_echo_over_the_segment(cluster, tmp_path):
+    cluster.host()
+    net_guest(cluster, "a", "--net", "segment:lan", "--ip", "169.254.10.1/24", "--mac", "52:54:00:00:10:01")
+    out = tmp_path / "b.json"
+    b = net_guest(cluster, "b", "--net", "segment:lan", "--ip", "169.254.10.2/24",
+                  "--mac", "52:54:00:00:10:02", "--net-run", "tests.net_apps:ping_peer",
+                  env={"VE_APP_OUT": str(out), "VE_APP_PEER": "169.254.10.1", "VE_APP_COUNT": "5"})
+    res = wait_file(out)
+    assert res and res[0]["replies"] == 5 and res[0]["udp_echo_ok"], (res, b.text())
+
+
+def test_guest_with_vsock_and_net(cluster, tmp_path):
+    cluster.host()
+    g = net_guest(cluster, "both", "--cid", "7", "--net", "loopback", "--ip", "169.254.11.1/24")
+    assert g.wait_log("vsock device ready", 10)
+
+
+def run_cli(*args, timeout=30):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
+                          env=_env(), cwd=ROOT)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--net", "tap:"], "malformed"),
+    (["--net", "udp:1"], "want udp:LPORT:RPORT"),
+    (["--net", "loopback", "--mac", "01:02:03:04:05:06"], "multicast"),
+    (["--net", "loopback", "--ip", "169.254.1.300/24"], "bad IPv4"),
+    (["--ip", "169.254.1.3/24"], "need --net"),
+])
+def test_bad_net_flags_one_line_error(args, needle):
+    r = run_cli("-m", "guest", *args)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and needle in r.stderr, r.stderr
+
+
+def test_host_refuses_missing_tap_and_duplicate_mac(cluster):
+    cluster.host()
+    r = run_cli("-m", "guest", "--run-dir", str(cluster.run_dir), "--mem", "8M", "--net", "tap:nosuchtap9")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]            # (INFO logging goes to stderr too)
+    assert last.startswith("guest: the host refused the net device") and "no interface 'nosuchtap9'" in last
+    net_guest(cluster, "a", "--net", "segment:lan", "--mac", "52:54:00:00:20:01")
+    r = run_cli("-m", "guest", "--run-dir", str(cluster.run_dir), "--mem", "8M", "--net", "loopback",
+                "--mac", "52:54:00:00:20:01")
+    assert r.returncode == 1 and "already in use" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    time.sleep(0.3)
+    names = [n for n in ours_in_dev_shm() if run_tag(cluster.run_dir) in n]
+    assert len(names) <= 7        # only guest a's RAM and doorbells (1 + 2 queues x 3)
