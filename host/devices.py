@@ -68,14 +68,14 @@ def _net_claims(params: dict) -> list:
 def _net_make(hello: dict, opts, worker, proc):
     from host.net.backends.spec import open_backend
     from host.net.device import VhostNet
-    from host.net.runner import attach_backend
+    from host.net.runner import NetBackends
     spec, mac = _net_params(hello["params"])
     try:
         backend = open_backend(spec, run_dir=opts.run_dir, mac=mac)
     except (ValueError, OSError) as e:
         raise ProtocolError(str(e), "EINVAL") from None
     dev = VhostNet(mac, name=f"net-{hello['guest']}", backend_name=spec)
-    attach_backend(dev, backend, worker)
+    NetBackends(dev, worker, opts.run_dir).attach(backend)
     return dev
 
 

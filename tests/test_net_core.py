@@ -373,3 +373,35 @@ def test_driver_drops_bad_used_lengths():
     hvq.add_used(mem, c.head, 100)
     assert rig.drv.receive() == []
     assert rig.drv.stats["rx_errors"] == 2
+
+
+# --- SET_BACKEND over the control plane ------------------------------------------------------------
+def test_set_backend_message_needs_the_owner_and_swaps():
+    from host.control_session import ControlSession
+    from shared.control import PROTOCOL_VERSION
+    opened = []
+
+    def make(hello):
+        dev = VhostNet(MAC)
+        dev.backend_opener = lambda spec: opened.append(Sink(name=spec)) or opened[-1]
+        return dev
+    s = ControlSession(make, attach_memory=lambda regions: None)
+    seq = iter(range(1, 100))
+
+    def call(op, **f):
+        return s.handle({"op": op, "seq": next(seq), **f})
+
+    rep, close = call("HELLO", version=PROTOCOL_VERSION, device="net", guest="g", reconnect=False,
+                      params={})
+    assert not close
+    rep, close = call("SET_BACKEND", index=1, backend="loopback")
+    assert close and rep["error"] == "EPERM"               # the owner check (vhost_dev_check_owner)
+    s = ControlSession(make, attach_memory=lambda regions: None)
+    call("HELLO", version=PROTOCOL_VERSION, device="net", guest="g", reconnect=False, params={})
+    call("SET_OWNER")
+    rep, close = call("SET_BACKEND", index=1, backend="a")
+    assert not close and s.device.backends[NET_VQ_TX] is opened[-1]
+    rep, close = call("SET_BACKEND", index=1, backend="")   # detach: fd -1
+    assert not close and s.device.backends[NET_VQ_TX] is None
+    rep, close = call("SET_BACKEND", index=2, backend="b")
+    assert close and rep["error"] == "EINVAL"

@@ -81,7 +81,8 @@ class VhostNet(VhostDevice):
         self.log_all = False
         self._local_work: list = []
         self.on_tx_poll = None              # runner hook: tx polling state changed
-        self.on_close = None                # runner hook: the device is closing
+        self.backend_opener = None          # runner hook: spec -> backend (SET_BACKEND)
+        self.backend_closer = None          # runner hook: close a backend no queue uses
         self.stats.update({"rx_frames": 0, "rx_bytes": 0, "tx_frames": 0, "tx_bytes": 0,
                            "rx_dropped": 0, "tx_dropped": 0, "tx_full": 0, "tx_requeued": 0,
                            "rx_requeued": 0, "backend_swaps": 0})
@@ -167,16 +168,29 @@ class VhostNet(VhostDevice):
             self.reset()
         return old
 
+    def set_backend_spec(self, index: int, spec: str) -> None:
+        """SET_BACKEND from the control plane: open `spec` ("" = detach, the seed's fd -1), swap it
+        in, close the old backend when no queue uses it. ValueError: one line for the reply."""
+        if self.backend_opener is None:
+            raise ValueError("this device cannot open backends")
+        if index not in (NET_VQ_RX, NET_VQ_TX):
+            raise ValueError(f"no queue {index} (vhost_net_set_backend: -ENOBUFS)")
+        new = self.backend_opener(spec) if spec else None
+        old = self.set_backend(index, new)
+        self.backend_name = spec if spec else self.backend_name
+        if old is not None:
+            self._close_backend(old)
+
+    def _close_backend(self, b) -> None:
+        try:
+            (self.backend_closer or (lambda x: x.close()))(b)
+        except OSError:
+            log.debug("%s: closing backend failed", self.name, exc_info=True)
+
     def close(self) -> None:
         """The connection is gone: detach and close the backends (nothing left behind)."""
-        if self.on_close is not None:
-            self.on_close()
-            self.on_close = None
         for b in self.reset_owner():
-            try:
-                b.close()
-            except OSError:
-                pass
+            self._close_backend(b)
 
     # --- scheduling -------------------------------------------------------------------------------
     def _queue_work(self, fn) -> None:
