@@ -21,3 +21,53 @@ def sender(vsock) -> None:
             s.sendall(buf)
         s.close()
         time.sleep(0.3)
+
+
+def net_bench(net) -> None:
+    """Run the phases of VE_BENCH_PLAN ([kind, size, count] with kind "tx" or "rx"); phase i starts
+    when the file VE_BENCH_DIR/go-i appears and reports one JSON object in VE_BENCH_DIR/done-i.
+    tx: send `count` broadcast frames of `size` bytes as fast as the ring takes them.
+    rx: count frames the driver receives until `count` or 1 s without one; first-to-last time."""
+    d = os.environ["VE_BENCH_DIR"]
+    plan = json.loads(os.environ["VE_BENCH_PLAN"])
+    for i, (kind, size, count) in enumerate(plan):
+        go = os.path.join(d, f"go-{i}")
+        while not os.path.exists(go):
+            time.sleep(0.01)
+        k0, i0 = net.drv.stats["kicks"], net.interrupts
+        if kind == "tx":
+            dst = bytes.fromhex(os.environ.get("VE_BENCH_DST", "ff" * 6))
+            frame = dst + net.drv.mac + b"\x88\xb5" + b"b" * (size - 14)
+            t0 = time.perf_counter()
+            for _ in range(count):
+                while len(net.pending_tx) > 256:
+                    net.poll()              # reclaim; the ring is full (netif_stop_queue)
+                    time.sleep(0)
+                net.send_frame(frame)
+            while net.pending_tx:
+                net.poll()
+                time.sleep(0.001)
+            res = {"elapsed": time.perf_counter() - t0}
+        else:
+            # announce ourselves (a broadcast) so a learning switch knows where our MAC lives
+            net.send_frame(b"\xff" * 6 + net.drv.mac + b"\x88\xb6" + bytes(46))
+            n0 = net.drv.stats["rx_frames"]
+            first = last = None
+            seen = n0
+            idle_since = time.perf_counter()
+            while True:
+                n = net.drv.stats["rx_frames"]
+                now = time.perf_counter()
+                if n != seen:
+                    if first is None:
+                        first = now
+                    last, seen, idle_since = now, n, now
+                if n - n0 >= count or (first is not None and now - idle_since > 1.0) \
+                        or now - idle_since > 20:
+                    break
+                time.sleep(0.0005)
+            res = {"count": seen - n0, "elapsed": (last - first) if first else 0.0}
+        res.update(kicks=net.drv.stats["kicks"] - k0, interrupts=net.interrupts - i0)
+        with open(os.path.join(d, f"done-{i}.tmp"), "w") as f:
+            json.dump(res, f)
+        os.rename(os.path.join(d, f"done-{i}.tmp"), os.path.join(d, f"done-{i}"))

@@ -50,6 +50,7 @@ class VirtioNetDevice:
                  f", {self.ifc}" if self.ifc else "")
 
     def _irq(self, vq) -> None:
+        self.netdev.interrupts += 1
         self.kernel.queue_work(self.netdev.poll)
 
     def remove(self) -> None:

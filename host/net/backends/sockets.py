@@ -18,6 +18,7 @@ import errno
 import os
 import select
 import socket
+import time
 from pathlib import Path
 
 from shared.net.hdr import format_mac
@@ -25,6 +26,7 @@ from shared.net.hdr import format_mac
 PACKET_OUTGOING = 4
 ETH_P_ALL = 0x0003
 MAX_FRAME = 65536
+PORTS_TTL = 0.2            # seconds a segment's port list is reused for flooding
 
 
 class DatagramBackend:
@@ -136,10 +138,17 @@ class Segment(DatagramBackend):
         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
         super().__init__(s, f"segment:{segment}")
         self.fdb: dict[bytes, str] = {}       # MAC -> port socket path (learned)
+        self._port_list: list[str] = []
+        self._ports_at = -1.0
 
     def _ports(self) -> list[str]:
-        me = str(self.path)
-        return [str(p) for p in self.dir.glob("*.sock") if str(p) != me]
+        """The other ports (re-listed at most every PORTS_TTL seconds: a flood must not glob)."""
+        now = time.monotonic()
+        if now - self._ports_at > PORTS_TTL:
+            me = str(self.path)
+            self._port_list = [str(p) for p in self.dir.glob("*.sock") if str(p) != me]
+            self._ports_at = now
+        return self._port_list
 
     def send(self, frame) -> bool:
         dst = bytes(frame[:6])
