@@ -71,3 +71,15 @@ def net_bench(net) -> None:
         with open(os.path.join(d, f"done-{i}.tmp"), "w") as f:
             json.dump(res, f)
         os.rename(os.path.join(d, f"done-{i}.tmp"), os.path.join(d, f"done-{i}"))
+
+
+def ping_peer(net) -> None:
+    """Ping VE_APP_PEER VE_APP_COUNT times, then one UDP echo round trip to it; one JSON line to
+    VE_APP_OUT (the demo and the end-to-end tests read it)."""
+    peer, count = os.environ["VE_APP_PEER"], int(os.environ.get("VE_APP_COUNT", "3"))
+    rtts = net.ping(peer, count=count, timeout=3.0)
+    payload = os.urandom(200)
+    echoed = net.udp_echo(peer, payload, timeout=3.0)
+    with open(os.environ["VE_APP_OUT"], "a") as f:
+        f.write(json.dumps({"replies": len(rtts), "count": count, "udp_echo_ok": echoed == payload,
+                            "rtt_ms": [round(r * 1000, 3) for r in rtts]}) + "\n")

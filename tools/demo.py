@@ -10,6 +10,7 @@ Exit status 0 only if every byte came back intact and nothing leaked.
 from __future__ import annotations
 
 import argparse
+import json
 import hashlib
 import os
 import shutil
@@ -118,7 +119,18 @@ def main(argv: list[str] | None = None) -> int:
             if not wait_for_log(logs / f"guest-{cid}.log", "vsock device ready", 30):
                 console.print(f"[red]guest {cid} did not boot[/]; see", logs / f"guest-{cid}.log")
                 return 1
-        console.print(f"host and {len(cids)} guests up; traffic for {args.seconds:.0f} s")
+        # two more guests with a virtio-net device each, on one L2 segment: b pings a, then UDP echo
+        ping_out = logs / "ping.json"
+        procs.append(start(["-m", "guest", "--run-dir", str(run_dir), "--name", "net-a", "--mem", "16M",
+                            "--net", "segment:demo", "--ip", "169.254.10.1/24"], logs / "net-a.log"))
+        if not wait_for_log(logs / "net-a.log", "virtio-net:", 30):
+            console.print("[red]guest net-a did not boot[/]; see", logs / "net-a.log")
+            return 1
+        procs.append(start(["-m", "guest", "--run-dir", str(run_dir), "--name", "net-b", "--mem", "16M",
+                            "--net", "segment:demo", "--ip", "169.254.10.2/24",
+                            "--net-run", "tools.bench_apps:ping_peer"], logs / "net-b.log",
+                           VE_APP_OUT=str(ping_out), VE_APP_PEER="169.254.10.1", VE_APP_COUNT="5"))
+        console.print(f"host, {len(cids)} vsock guests and 2 net guests up; traffic for {args.seconds:.0f} s")
         stop = threading.Event()
         workers = [threading.Thread(target=echo_loop, args=(run_dir, cid, stop, traffic, 256 * 1024))
                    for cid in cids for _ in range(args.streams)]
@@ -144,9 +156,14 @@ def main(argv: list[str] | None = None) -> int:
             n = traffic.echoed.get(cid, 0)
             table.add_row(str(cid), f"{n:,}", f"{n / args.seconds / 1e6:.1f}")
         console.print(Group(table))
+        ping = json.loads(ping_out.read_text().splitlines()[0]) if ping_out.exists() else {}
+        console.print(f"net-b -> net-a over segment 'demo': ping {ping.get('replies', 0)}/"
+                      f"{ping.get('count', 5)} replies, rtt ms {ping.get('rtt_ms', [])}, "
+                      f"UDP echo {'ok' if ping.get('udp_echo_ok') else 'FAILED'}")
         for e in traffic.errors:
             console.print(f"[red]error[/]: {e}")
-        ok = not traffic.errors and all(traffic.echoed.get(c, 0) > 0 for c in cids)
+        ok = (not traffic.errors and all(traffic.echoed.get(c, 0) > 0 for c in cids)
+              and ping.get("replies") == ping.get("count") and ping.get("udp_echo_ok"))
     finally:
         stop_all(procs)
         leaked = [n for n in ours_in_dev_shm() if run_tag(run_dir) in n]
