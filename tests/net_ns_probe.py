@@ -4,6 +4,7 @@ the other side of it, and let Linux's ping(8) reach the guest. Used by test_net_
     tap        ip tuntap tap0; the guest on tap:tap0; Linux at 169.254.20.1 on tap0
     tap-vnet   the same with IFF_VNET_HDR (the header passes through to the tap)
     packet     a veth pair; the guest on packet:veth1; Linux at 169.254.20.1 on veth0
+    process    like tap, but a real host daemon and guest process (python -m host / -m guest)
 Also checks that a second guest on the same tap is refused. Exit 0 and ping's output on success.
 """
 from __future__ import annotations
@@ -22,7 +23,44 @@ def sh(*cmd: str) -> None:
     subprocess.run(cmd, check=True)
 
 
+def process_mode() -> int:
+    import tempfile
+    import time
+    from tests.procs import Cluster, Proc
+    sh("ip", "link", "set", "lo", "up")
+    sh("ip", "tuntap", "add", "tap0", "mode", "tap")
+    sh("ip", "addr", "add", "169.254.20.1/24", "dev", "tap0")
+    sh("ip", "link", "set", "tap0", "up")
+    from pathlib import Path
+    base = Path(tempfile.mkdtemp(prefix="ve-ns-"))
+    c = Cluster(base / "run")
+    try:
+        c.host()
+        g = Proc(["-m", "guest", "--run-dir", str(c.run_dir), "--name", "ns", "--mem", "16M",
+                  "--net", "tap:tap0", "--ip", "169.254.20.2/24"], c._log("guest"))
+        c.procs.append(g)
+        if not g.wait_log("virtio-net:", 30):
+            print(g.text())
+            return 1
+        second = subprocess.run([sys.executable, "-m", "guest", "--run-dir", str(c.run_dir), "--mem", "8M",
+                                 "--net", "tap:tap0"], capture_output=True, text=True, timeout=30)
+        print("second guest:", second.returncode, second.stderr.strip().splitlines()[-1])
+        if second.returncode == 0 or "already in use" not in second.stderr:
+            return 1
+        time.sleep(0.2)
+        r = subprocess.run(["ping", "-c", "3", "-i", "0.2", "-W", "2", "169.254.20.2"],
+                           capture_output=True, text=True)
+        print(r.stdout, r.stderr)
+        return r.returncode
+    finally:
+        c.close()
+        import shutil
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def main(kind: str) -> int:
+    if kind == "process":
+        return process_mode()
     sh("ip", "link", "set", "lo", "up")
     if kind.startswith("tap"):
         sh("ip", "tuntap", "add", "tap0", "mode", "tap")

@@ -138,7 +138,8 @@ def _netns_ok() -> str | None:
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("kind", ["tap", "tap-vnet", "packet"])
+@pytest.mark.parametrize("kind", ["tap", "tap-vnet", "packet",
+                                  pytest.param("process", marks=pytest.mark.slow)])
 def test_linux_ping_reaches_the_guest(kind):
     why = _netns_ok()
     if why:
