@@ -92,3 +92,27 @@ def test_host_refuses_missing_tap_and_duplicate_mac(cluster):
     time.sleep(0.3)
     names = [n for n in ours_in_dev_shm() if run_tag(cluster.run_dir) in n]
     assert len(names) <= 7        # only guest a's RAM and doorbells (1 + 2 queues x 3)
+
+
+@pytest.mark.slow
+def test_a_flooding_guest_starves_nobody(cluster, tmp_path):
+    """Guest f floods broadcast frames onto the segment; meanwhile b pings c and UDP-echoes
+    through it, and f itself answers pings (its own rx is not starved by its tx)."""
+    cluster.host()
+    net_guest(cluster, "c", "--net", "segment:lan", "--ip", "169.254.10.3/24", "--mac", "52:54:00:00:30:03")
+    fout = tmp_path / "f.json"
+    net_guest(cluster, "f", "--net", "segment:lan", "--ip", "169.254.10.9/24", "--mac", "52:54:00:00:30:09",
+              "--net-run", "tests.net_apps:flood", env={"VE_APP_OUT": str(fout), "VE_APP_SECONDS": "6"})
+    time.sleep(1.0)                                  # the flood is on
+    out_c, out_f = tmp_path / "bc.json", tmp_path / "bf.json"
+    net_guest(cluster, "b", "--net", "segment:lan", "--ip", "169.254.10.2/24", "--mac", "52:54:00:00:30:02",
+              "--net-run", "tests.net_apps:ping_peer",
+              env={"VE_APP_OUT": str(out_c), "VE_APP_PEER": "169.254.10.3", "VE_APP_COUNT": "5"})
+    net_guest(cluster, "d", "--net", "segment:lan", "--ip", "169.254.10.4/24", "--mac", "52:54:00:00:30:04",
+              "--net-run", "tests.net_apps:ping_peer",
+              env={"VE_APP_OUT": str(out_f), "VE_APP_PEER": "169.254.10.9", "VE_APP_COUNT": "5"})
+    rc, rf = wait_file(out_c), wait_file(out_f)
+    flooded = wait_file(fout)
+    assert flooded and flooded[0]["flooded"] > 1000, flooded
+    assert rc and rc[0]["replies"] == 5 and rc[0]["udp_echo_ok"], rc
+    assert rf and rf[0]["replies"] == 5, rf

@@ -83,3 +83,20 @@ def ping_peer(net) -> None:
     with open(os.environ["VE_APP_OUT"], "a") as f:
         f.write(json.dumps({"replies": len(rtts), "count": count, "udp_echo_ok": echoed == payload,
                             "rtt_ms": [round(r * 1000, 3) for r in rtts]}) + "\n")
+
+
+def flood(net) -> None:
+    """Send broadcast frames as fast as the ring takes them for VE_APP_SECONDS; one JSON line
+    with the count to VE_APP_OUT."""
+    end = time.monotonic() + float(os.environ.get("VE_APP_SECONDS", "3"))
+    frame = b"\xff" * 6 + net.drv.mac + b"\x88\xb5" + b"f" * 1000
+    n = 0
+    while time.monotonic() < end:
+        if len(net.pending_tx) > 64:
+            net.poll()
+            time.sleep(0)
+            continue
+        net.send_frame(frame)
+        n += 1
+    with open(os.environ["VE_APP_OUT"], "a") as f:
+        f.write(json.dumps({"flooded": n}) + "\n")
