@@ -116,3 +116,46 @@ def test_a_flooding_guest_starves_nobody(cluster, tmp_path):
     assert flooded and flooded[0]["flooded"] > 1000, flooded
     assert rc and rc[0]["replies"] == 5 and rc[0]["udp_echo_ok"], rc
     assert rf and rf[0]["replies"] == 5, rf
+
+
+def test_backend_that_stops_reading_pauses_tx_and_loses_nothing(cluster, tmp_path):
+    """Guest b sends 3000 unicast frames to a segment port this test owns and does not read for a
+    while: the host must stop taking tx (tx polling, counted as tx_full), then deliver every frame."""
+    import socket as so
+    from shared.stats import read_all
+    cluster.host()
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    net_guest(cluster, "b", "--net", "segment:slow", "--mac", "52:54:00:00:40:02",
+              "--net-run", "tools.bench_apps:net_bench",
+              env={"VE_BENCH_DIR": str(bench), "VE_BENCH_PLAN": '[["tx", 200, 3000]]',
+                   "VE_BENCH_DST": "525400004009"})
+    seg = cluster.run_dir / "net-slow"
+    me = so.socket(so.AF_UNIX, so.SOCK_DGRAM)
+    me.setsockopt(so.SOL_SOCKET, so.SO_RCVBUF, 8192)
+    me.bind(str(seg / "525400004009.sock"))
+    try:
+        # announce our MAC so b's port learns where it lives
+        me.sendto(b"\xff" * 6 + bytes.fromhex("525400004009") + b"\x88\xb6" + bytes(46),
+                  str(seg / "525400004002.sock"))
+        time.sleep(0.3)
+        (bench / "go-0").touch()
+        time.sleep(1.5)                                   # not reading: b's sends hit a full port
+        me.settimeout(3)
+        got = 0
+        while got < 3000:
+            try:
+                f = me.recv(65536)
+            except TimeoutError:
+                break
+            assert f[:6] == bytes.fromhex("525400004009") and len(f) == 200
+            got += 1
+        assert got == 3000
+        devs = [d for d in read_all(cluster.run_dir) if d.get("role") == "device"]
+        time.sleep(0.6)
+        devs = [d for d in read_all(cluster.run_dir) if d.get("role") == "device"]
+        st = devs[0]["stats"]
+        assert st["tx_full"] > 0 and st["tx_frames"] >= 3000 and st["tx_dropped"] == 0, st
+    finally:
+        me.close()
+        (seg / "525400004009.sock").unlink(missing_ok=True)
