@@ -10,6 +10,8 @@ import selectors
 
 from shared.net.hdr import NET_VQ_RX, NET_VQ_TX
 
+TX_RETRY = 0.0005          # s between tries on a backend whose POLLOUT is blind (segment)
+
 
 class NetBackends:
     def __init__(self, dev, worker, run_dir):
@@ -56,6 +58,15 @@ class NetBackends:
         """Watch the tx backend for POLLOUT exactly while tx polling is on."""
         b = self.dev.backends[NET_VQ_TX]
         if b is None or id(b) not in self.watched:
+            return
+        if getattr(b, "pollout_blind", False):
+            # POLLOUT of an unconnected datagram socket says nothing about the full peer: retry on a
+            # short timer instead of spinning on an always-writable fd
+            if self.dev.tx_polling and not getattr(self, "_retry", None):
+                def retry() -> None:
+                    self._retry = None
+                    self.dev.backend_writable()
+                self._retry = self.worker.call_later(TX_RETRY, retry)
             return
         want = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.dev.tx_polling else 0)
         if self.watched[id(b)] != want:

@@ -115,6 +115,7 @@ class PacketSocket(DatagramBackend):
 
 class Segment(DatagramBackend):
     kind = "segment"
+    pollout_blind = True        # a full peer does not show in our POLLOUT (unconnected socket)
 
     def __init__(self, run_dir, segment: str, mac: bytes):
         if not segment or not segment.replace("-", "").replace("_", "").isalnum():
