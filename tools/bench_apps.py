@@ -100,3 +100,38 @@ def flood(net) -> None:
         n += 1
     with open(os.environ["VE_APP_OUT"], "a") as f:
         f.write(json.dumps({"flooded": n}) + "\n")
+
+
+def swap_under_traffic(net) -> None:
+    """Send VE_APP_N numbered frames on tx; after each third, change the tx backend with
+    SET_BACKEND: to VE_APP_SPEC2, then detach ("": frames wait on the ring), then VE_APP_SPEC2
+    again. One JSON line to VE_APP_OUT."""
+    n = int(os.environ.get("VE_APP_N", "300"))
+    spec2 = os.environ["VE_APP_SPEC2"]
+
+    def send(i):
+        net.send_frame(b"\xff" * 6 + net.drv.mac + b"\x88\xb5" + i.to_bytes(4, "big") + bytes(60))
+        net.poll()
+
+    steps = []
+    for i in range(n):
+        if i == n // 3:
+            net.set_backend(1, spec2)
+            steps.append("swapped")
+        if i == 2 * n // 3:
+            net.set_backend(1, "")
+            steps.append("detached")
+        send(i)
+        time.sleep(0.0005)
+    time.sleep(0.3)
+    waiting = net.drv.txq.in_flight()
+    net.set_backend(1, spec2)           # re-attach: a fresh socket on the same ports
+    steps.append("reattached")
+    for _ in range(200):
+        net.poll()
+        if net.drv.txq.in_flight() == 0:
+            break
+        time.sleep(0.01)
+    with open(os.environ["VE_APP_OUT"], "a") as f:
+        f.write(json.dumps({"steps": steps, "waiting_while_detached": waiting,
+                            "left": net.drv.txq.in_flight()}) + "\n")

@@ -43,6 +43,8 @@ class VirtioNetDevice:
         self.driver = VirtioNet(self.ram.mem, self.ram.alloc, rxq, txq, features, self.mac,
                                 kick=self.vdev.notify)
         self.netdev = NetDev(self.driver, self.ifc)
+        # VHOST_NET_SET_BACKEND from inside the guest's VMM (tests, demos): swap a queue's backend
+        self.netdev.set_backend = lambda index, spec: self.vdev._req("SET_BACKEND", index=index, backend=spec)
         self.driver.try_fill_recv()
         self.vdev.driver_ok()
         self.driver.kick(rxq)

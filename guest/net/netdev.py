@@ -33,6 +33,7 @@ class NetDev:
         total = 0
         while True:
             with self.lock:
+                self.drv.free_old_xmit()          # tx completions (virtnet_poll_tx)
                 self._flush_tx()
                 got = self.drv.receive(POLL_BUDGET)
                 for f in got:
