@@ -199,3 +199,27 @@ def test_set_backend_swapped_and_detached_under_traffic(cluster, tmp_path):
     for s in peers:
         s.close()
     assert a == list(range(100)) and b == list(range(100, 300)), (a[-3:], b[:3], len(a), len(b))
+
+
+def test_malformed_tx_chain_needs_reset_others_undisturbed(cluster, tmp_path):
+    from shared.constants import VIRTIO_CONFIG_S_NEEDS_RESET
+    from shared.stats import read_all
+    cluster.host()
+    net_guest(cluster, "a", "--net", "segment:lan", "--ip", "169.254.10.1/24", "--mac", "52:54:00:00:50:01")
+    bad_out = tmp_path / "bad.json"
+    bad = net_guest(cluster, "evil", "--net", "segment:lan", "--ip", "169.254.10.6/24",
+                    "--mac", "52:54:00:00:50:06", "--net-run", "tests.net_apps:bad_tx_chain",
+                    env={"VE_APP_OUT": str(bad_out)})
+    assert wait_file(bad_out)
+    assert bad.wait_log("NEEDS_RESET", 10), bad.text()
+    out = tmp_path / "b.json"
+    net_guest(cluster, "b", "--net", "segment:lan", "--ip", "169.254.10.2/24", "--mac", "52:54:00:00:50:02",
+              "--net-run", "tests.net_apps:ping_peer",
+              env={"VE_APP_OUT": str(out), "VE_APP_PEER": "169.254.10.1", "VE_APP_COUNT": "3"})
+    res = wait_file(out)
+    assert res and res[0]["replies"] == 3 and res[0]["udp_echo_ok"], res
+    time.sleep(0.6)
+    devs = {d["guest"]: d for d in read_all(cluster.run_dir) if d.get("role") == "device"}
+    assert devs["evil"]["status"] & VIRTIO_CONFIG_S_NEEDS_RESET and devs["evil"]["stats"]["errors"] == 1
+    assert "Unexpected descriptor format for TX" in devs["evil"]["stats"]["last_error"]
+    assert not devs["a"]["stats"]["broken"] and not devs["b"]["stats"]["broken"]

@@ -135,3 +135,15 @@ def swap_under_traffic(net) -> None:
     with open(os.environ["VE_APP_OUT"], "a") as f:
         f.write(json.dumps({"steps": steps, "waiting_while_detached": waiting,
                             "left": net.drv.txq.in_flight()}) + "\n")
+
+
+def bad_tx_chain(net) -> None:
+    """A hostile driver: put a tx chain with a device-writable buffer on the ring and kick."""
+    drv = net.drv
+    with net.lock:
+        g = drv.alloc.alloc(256)
+        drv.mem.write(g, bytes(12) + b"\xff" * 6 + drv.mac + b"\x88\xb5" + bytes(50))
+        drv.txq.add_sgs([(g, 76)], [(g + 128, 64)], g)
+        drv.kick(drv.txq)
+    with open(os.environ["VE_APP_OUT"], "a") as f:
+        f.write(json.dumps({"sent_bad_chain": True}) + "\n")
