@@ -8,83 +8,21 @@ from __future__ import annotations
 
 import pytest
 
-from guest.net.driver import VirtioNet
-from guest.ram import GuestRAM
-from guest.virtqueue import VirtQueue
 from host.dirty_log import VHOST_PAGE_SIZE, DirtyLog
 from host.net.backends.loopback import Loopback, Sink
 from host.net.device import VHOST_NET_POLL_STARTED, VhostNet
-from shared.constants import (VHOST_F_LOG_ALL, VHOST_NET_PKT_WEIGHT, VIRTIO_CONFIG_S_ACKNOWLEDGE,
-                              VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
-                              VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
-                              VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, bit)
-from shared.memory import GuestMemory, MemoryRegion
+from shared.constants import (VHOST_F_LOG_ALL, VHOST_NET_PKT_WEIGHT, VIRTIO_CONFIG_S_NEEDS_RESET,
+                              VIRTIO_F_VERSION_1, bit)
 from shared.net.hdr import (NET_CONFIG, NET_HDR, NET_HDR_MRG, NET_VQ_RX, NET_VQ_TX,
-                            VHOST_NET_F_VIRTIO_NET_HDR, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
+                            VIRTIO_NET_F_MRG_RXBUF,
                             hdr_len, parse_ip, parse_mac)
-
-RAM_SIZE = 1 << 22
-MAC = bytes.fromhex("525400000002")
-DRIVER_OK = (VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK
-             | VIRTIO_CONFIG_S_DRIVER_OK)
-V1 = (bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_RING_F_EVENT_IDX) | bit(VIRTIO_NET_F_MAC)
-      | bit(VHOST_NET_F_VIRTIO_NET_HDR))
+from tests.net_rig import MAC, V1, Rig
 
 
 def frame(i: int, size: int = 64) -> bytes:
     """A broadcast Ethernet frame numbered i, `size` bytes."""
     body = i.to_bytes(4, "big") * ((size - 14) // 4 + 1)
     return b"\xff" * 6 + MAC + b"\x88\xb5" + body[:size - 14]
-
-
-class Rig:
-    def __init__(self, features: int = V1, backend=None, sizes=(256, 256), rx_buf_size=None,
-                 log: bool = False, direct_kick: bool = True, fill: bool = True):
-        self.buf = bytearray(RAM_SIZE)
-        self.ram = GuestRAM("t", RAM_SIZE, buf=self.buf)
-        self.mem = self.ram.mem
-        self.dev = dev = VhostNet(MAC)
-        if log:
-            end = max(r["guest_phys_addr"] + r["memory_size"] for r in self.ram.table)
-            self.bitmap = bytearray(end // VHOST_PAGE_SIZE // 8 + 1)
-            dev.set_log_base(self.bitmap)
-        self.vqs = []
-        for i, num in enumerate(sizes):
-            d, a, u = VirtQueue.alloc_rings(self.ram, num)
-            self.vqs.append(VirtQueue(self.mem, i, num, d, a, u,
-                                      event_idx=bool(features & bit(VIRTIO_RING_F_EVENT_IDX))))
-            hvq = dev.vqs[i]
-            hvq.num, hvq.desc, hvq.avail, hvq.used = num, d, a, u
-            hvq.enabled = True
-        dev.set_features(features)
-        base = memoryview(self.buf)
-        dev.set_mem(GuestMemory([MemoryRegion(r["guest_phys_addr"], r["memory_size"],
-                                              base[r["mmap_offset"]:r["mmap_offset"] + r["memory_size"]],
-                                              r["userspace_addr"]) for r in self.ram.table]))
-        dev.status = DRIVER_OK
-        dev.start()
-        self.kicks: list[int] = []
-        kick = (lambda vq: dev.kick_received(vq.index)) if direct_kick else (lambda vq: self.kicks.append(vq.index))
-        self.drv = VirtioNet(self.mem, self.ram.alloc, self.vqs[0], self.vqs[1], features, MAC,
-                             kick=kick, rx_buf_size=rx_buf_size)
-        if backend is not None:
-            dev.set_backend(NET_VQ_RX, backend)
-            dev.set_backend(NET_VQ_TX, backend)
-        if fill:
-            self.drv.refill_and_kick()
-        dev.run_local_work()
-
-    def run(self) -> int:
-        return self.dev.run_local_work()
-
-    def rx(self) -> list[bytes]:
-        self.dev.backend_readable()
-        self.run()
-        out = []
-        while got := self.drv.receive():
-            out += got
-            self.run()
-        return out
 
 
 # --- headers and config ----------------------------------------------------------------------------

@@ -15,7 +15,6 @@ and starts tx polling on fileno() for POLLOUT.
 from __future__ import annotations
 
 import errno
-import os
 import select
 import socket
 import time
