@@ -343,3 +343,19 @@ def test_set_backend_message_needs_the_owner_and_swaps():
     assert not close and s.device.backends[NET_VQ_TX] is None
     rep, close = call("SET_BACKEND", index=2, backend="b")
     assert close and rep["error"] == "EINVAL"
+
+
+def test_backend_errors_are_not_the_guests():
+    class Broken(Sink):
+        def recv(self):
+            raise OSError(100, "Network is down")
+
+        def send(self, frame):
+            raise OSError(100, "Network is down")
+    rig = Rig(V1, Broken())
+    assert rig.drv.start_xmit(frame(0))
+    rig.dev.backend_readable()
+    rig.run()
+    assert not rig.dev.broken and rig.dev.stats["tx_dropped"] == 1 and rig.dev.stats["rx_dropped"] >= 1
+    rig.drv.free_old_xmit()
+    assert rig.vqs[NET_VQ_TX].in_flight() == 0            # the chain went back all the same

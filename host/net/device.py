@@ -38,7 +38,7 @@ from host.device import VhostDevice
 from host.dirty_log import DirtyLog
 from host.iov import iov_read, iov_write
 from shared.constants import (VHOST_F_LOG_ALL, VHOST_NET_PKT_WEIGHT, VHOST_NET_WEIGHT,
-                              VIRTIO_ID_NET, bit, has)
+                              VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_ID_NET, bit, has)
 from shared.errors import GuestMemoryError, VringError
 from shared.net.hdr import (ETH_MAX_FRAME, ETH_MIN_FRAME, NET_CONFIG, NET_HDR, NET_HDR_MRG, NET_VQ_RX,
                             NET_VQ_TX, VHOST_NET_F_VIRTIO_NET_HDR, VIRTIO_NET_F_MAC,
@@ -208,7 +208,7 @@ class VhostNet(VhostDevice):
 
     def _ready(self) -> bool:
         return (self.running and not self.broken and self.mem is not None
-                and not self.status & 0x40)
+                and not self.status & VIRTIO_CONFIG_S_NEEDS_RESET)
 
     def handle_kick(self, qidx: int) -> None:
         """handle_tx_kick / handle_rx_kick."""
@@ -375,7 +375,12 @@ class VhostNet(VhostDevice):
                 while True:
                     frame = self.rx_pending
                     if frame is None:
-                        frame = sock.recv()
+                        try:
+                            frame = sock.recv()
+                        except OSError as e:        # the backend's trouble, not the guest's
+                            log.debug("%s: rx recv failed: %s", self.name, e)
+                            self.stats["rx_dropped"] += 1
+                            break
                         if frame is None:
                             break                   # sk_receive_queue empty
                         self.rx_pending = frame
