@@ -1,8 +1,9 @@
-"""python -m guest: boot a VM with a virtio-vsock device against a running host."""
+"""python -m guest: boot a VM with a virtio-vsock and/or a virtio-net device against a running host."""
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -35,6 +36,31 @@ def parse_cid(text: str) -> int:
     return cid
 
 
+def parse_net(text: str) -> str:
+    from host.net.backends.spec import check_spec
+    try:
+        check_spec(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def parse_ip_arg(text: str):
+    from shared.net.hdr import parse_ip
+    try:
+        return parse_ip(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def parse_mac_arg(text: str) -> bytes:
+    from shared.net.hdr import parse_mac
+    try:
+        return parse_mac(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog_name("guest"),
@@ -42,7 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "virtio-vsock device served by `python -m host` over split virtqueues.")
     p.add_argument("--run-dir", type=run_dir_arg, default=None,
                    help=f"the host's run directory (default: {default_run_dir()})")
-    p.add_argument("--cid", type=parse_cid, required=True, help="the guest's vsock context ID (3 or more)")
+    p.add_argument("--cid", type=parse_cid, default=None,
+                   help="the guest's vsock context ID (3 or more): gives the guest a virtio-vsock device")
+    p.add_argument("--net", type=parse_net, default=None, metavar="SPEC",
+                   help="give the guest a virtio-net device on this host backend: loopback, "
+                        "udp:LPORT:RPORT, segment:NAME, tap:IFNAME[,vnet_hdr=on], packet:IFNAME")
+    p.add_argument("--ip", type=parse_ip_arg, default=None, metavar="A.B.C.D/N",
+                   help="the net device's link-local IPv4 address (ARP, ping and UDP echo answered)")
+    p.add_argument("--mac", type=parse_mac_arg, default=None, metavar="XX:XX:XX:XX:XX:XX",
+                   help="the net device's MAC address (default: 52:54:00 and the guest's pid)")
+    p.add_argument("--net-run", action="append", default=[], metavar="MODULE:FUNCTION",
+                   help="run FUNCTION(netdev) from MODULE inside the guest (frame API, ping, udp_echo)")
     p.add_argument("--name", default=None, help="guest name shown by the host and monitor (default: guest-CID)")
     p.add_argument("--mem", type=parse_size, default=parse_size("64M"), metavar="SIZE",
                    help="guest RAM size, e.g. 64M (default 64M)")
@@ -62,7 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.net is None and (args.ip or args.mac or args.net_run):
+        parser.error("--ip, --mac and --net-run need --net")
+    if args.cid is None and args.net is None:
+        parser.error("give the guest a device: --cid N (vsock) and/or --net SPEC")
+    if args.cid is None and (args.service or args.run or args.pcap):
+        parser.error("--service, --run and --pcap need a vsock device (--cid)")
     if args.queue_size < 2:
         print("guest: --queue-size must be at least 2 (an rx buffer takes two descriptors)", file=sys.stderr)
         return 2
@@ -74,11 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("guest", args.log_level)
     from guest.vm import VM, BootError, GuestOptions
     opts = GuestOptions(run_dir=args.run_dir or default_run_dir(), cid=args.cid,
-                        name=args.name or f"guest-{args.cid}", mem=args.mem, services=args.service,
+                        name=args.name or (f"guest-{args.cid}" if args.cid is not None else f"guest-net-{os.getpid()}"), mem=args.mem, services=args.service,
                         run=args.run, pcap=args.pcap, queue_size=args.queue_size,
                         credit_policy=args.credit_policy, buf_size=args.buf_size,
                         rx_buf_size=args.rx_buf_size, poll_us=args.poll_us,
-                        connect_timeout=args.connect_timeout)
+                        connect_timeout=args.connect_timeout, net=args.net, ip=args.ip, mac=args.mac,
+                        net_run=args.net_run)
     vm = VM(opts)
     import signal
     for sig in (signal.SIGINT, signal.SIGTERM):   # a signal during boot still shuts down cleanly

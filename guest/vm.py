@@ -47,7 +47,7 @@ class BootError(Exception):
 @dataclass
 class GuestOptions:
     run_dir: Path
-    cid: int
+    cid: int | None                 # None: no vsock device
     name: str = ""
     mem: int = 64 << 20
     services: list = field(default_factory=list)      # [ServiceSpec]
@@ -59,6 +59,10 @@ class GuestOptions:
     rx_buf_size: int = 64 * 1024
     poll_us: int = 0
     connect_timeout: float = 5.0
+    net: str | None = None          # a vhost-net backend spec (host/net/backends/spec.py)
+    ip: object = None               # IPv4Interface of the net device
+    mac: bytes | None = None
+    net_run: list = field(default_factory=list)       # ["module:function"] run with the NetDev
 
 
 class VM:
@@ -76,6 +80,8 @@ class VM:
         self.services: list = []
         self.threads: list[threading.Thread] = []
         self.reconnects = 0
+        self.devices: list = []      # devices besides vsock (each: remove(), stats(), vdev)
+        self.net = None              # the NetDev of the net device, for programs in the guest
 
     # --- boot -----------------------------------------------------------------------------------
     def boot(self) -> None:
@@ -103,6 +109,17 @@ class VM:
         self.kernel = Kernel(o.name, poll_us=o.poll_us)
         self.kernel.start()
 
+        if o.cid is not None:
+            self._boot_vsock(run_dir, control_path, base)
+        if o.net is not None:
+            self._boot_net(run_dir, control_path, base)
+        self._start_services()
+        if self.vdev is not None:
+            self._thread(self._watch_host, "host-watch")
+        self._thread(self._stats_loop, "stats")
+
+    def _boot_vsock(self, run_dir, control_path, base) -> None:
+        o = self.opts
         from guest.virtio_dev import VirtioDevice
         from guest.vsock.socket import GuestVsock
         from guest.vsock.transport import VirtioVsockTransport
@@ -124,9 +141,32 @@ class VM:
         self.connected.set()
         log.info("guest %s: vsock device ready, cid %d, features %#x", o.name, o.cid, self.vdev.features)
         self.vsock = GuestVsock(self.transport)
-        self._start_services()
-        self._thread(self._watch_host, "host-watch")
-        self._thread(self._stats_loop, "stats")
+
+    def _boot_net(self, run_dir, control_path, base) -> None:
+        """The virtio-net device: its own control connection, rings and doorbells."""
+        from guest.net.device import VirtioNetDevice
+        from guest.virtio_dev import VirtioDevice
+        from shared.net.hdr import default_mac, format_mac
+        o = self.opts
+        import os
+        mac = o.mac or default_mac(os.getpid())
+        vdev = VirtioDevice(self.ram, run_dir, control_path, "net", o.name,
+                            {"backend": o.net, "mac": format_mac(mac)},
+                            resource_base=f"{base}-net", owner=self.owner, timeout=o.connect_timeout)
+        try:
+            vdev.connect()
+        except ControlError as e:
+            raise BootError(f"the host refused the net device: {e}") from None
+        except (ConnectionError, TimeoutError, OSError) as e:
+            raise BootError(str(e)) from None
+        dev = VirtioNetDevice(self.kernel, vdev, self.ram, o.ip, queue_size=max(o.queue_size, 64))
+        self.devices.append(dev)
+        try:
+            dev.probe()
+        except (ControlError, ConnectionError, TimeoutError, OSError) as e:
+            raise BootError(f"probing the net device failed: {e}") from None
+        vdev.start_irq_threads(self.stop_event)
+        self.net = dev.netdev
 
     def _connect_waiting(self, run_dir: Path) -> None:
         """Connect the device's control channel, waiting up to --connect-timeout for a host to
@@ -161,6 +201,9 @@ class VM:
         for spec in self.opts.run:
             self.services.append(services.run_user_function(spec, self.vsock))
             log.info("running %s in the guest", spec)
+        for spec in self.opts.net_run:
+            self.services.append(services.run_user_function(spec, self.net))
+            log.info("running %s in the guest with its net device", spec)
 
     # --- the host link ----------------------------------------------------------------------------
     def _host_gone(self) -> bool:
@@ -204,6 +247,7 @@ class VM:
     def write_stats(self) -> None:
         t = self.transport
         if t is None:
+            self._write_net_stats()
             return
         stats = dict(t.stats)
         stats.update(rx_buf_nr=getattr(t, "rx_buf_nr", None), queued_replies=getattr(t, "queued_replies", None),
@@ -241,6 +285,20 @@ class VM:
         except OSError:
             pass
 
+    def _write_net_stats(self) -> None:
+        if not self.devices:
+            return
+        stats = {}
+        for dev in self.devices:
+            stats.update(dev.stats())
+            stats.update(kicks=sum(dev.vdev.kicks), interrupts=sum(dev.vdev.interrupts))
+        try:
+            write_stats(self.opts.run_dir, "guest", {
+                "name": self.opts.name, "cid": None, "connected": True, "reconnects": 0,
+                "stats": stats, "mem_in_use": self.ram.alloc.in_use, "mem_total": self.ram.alloc.total})
+        except OSError:
+            pass
+
     # --- run and shut down ------------------------------------------------------------------------
     def run(self) -> int:
         while not self.stop_event.wait(0.5):
@@ -257,6 +315,13 @@ class VM:
             except Exception:
                 log.exception("stopping a service failed")
         self.services.clear()
+        for dev in self.devices:
+            try:
+                dev.remove()
+            except Exception:
+                log.exception("removing a device failed")
+            dev.vdev.join_irq_threads()
+            dev.vdev.close()
         if self.transport is not None and self.kernel is not None:
             try:
                 with self.kernel.lock:

@@ -216,6 +216,17 @@ class ControlSession:
         self._num_set = [False] * self.device.num_queues
         self._addr_set = [False] * self.device.num_queues
 
+    def _op_set_backend(self, msg: dict) -> None:
+        """VHOST_NET_SET_BACKEND (owner only, like every setup message): swap a queue's backend."""
+        setter = getattr(self.device, "set_backend_spec", None)
+        if setter is None:
+            raise _err("EOPNOTSUPP", f"a {self.device.device_type} device has no backends")
+        try:
+            setter(msg["index"], msg["backend"])
+        except (ValueError, OSError) as e:
+            raise _err("EINVAL", str(e)) from None
+        log.info("%s: SET_BACKEND queue %d -> %r", self.name, msg["index"], msg["backend"] or "(detached)")
+
     # --- queries -------------------------------------------------------------------------------
     def _op_get_features(self, msg: dict) -> dict:
         return {"features": self.device.features}

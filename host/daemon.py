@@ -2,7 +2,8 @@
 
     parent (this module's Daemon.serve)
       listens on <run-dir>/control.sock; for each connection reads the first message (HELLO),
-      checks it (version, device type, and for vsock the CID: not reserved, not in use), then
+      checks it (version, device type, and the resources the device claims from host/devices.py:
+      a vsock CID, a tap, a MAC: valid and not in use), then
       forks a device process and forgets the socket. It reaps children, frees their CIDs, reaps
       the resources of dead guests (shared.resources.reap), and on SIGINT/SIGTERM stops them all.
     device process (run_device)
@@ -28,16 +29,17 @@ from pathlib import Path
 import msgpack
 
 from shared import control
-from shared.constants import RESERVED_CIDS
 from shared.errors import ProtocolError
 from shared.ratelimit import RateLimitedLog
 from shared.resources import ensure_run_dir, reap
 from shared.stats import prune as prune_stats
 
+from host.devices import DEVICE_KINDS
+
 log = logging.getLogger("host")
 
 HELLO_TIMEOUT = 5.0
-SUPPORTED_DEVICES = ("vsock",)
+SUPPORTED_DEVICES = tuple(DEVICE_KINDS)
 
 
 @dataclass
@@ -60,6 +62,7 @@ class Child:
     device: str
     guest: str
     cid: int | None
+    claims: list = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
 
 
@@ -105,7 +108,7 @@ class Daemon:
         self.run_dir = ensure_run_dir(opts.run_dir)
         self.path = self.run_dir / "control.sock"
         self.children: dict[int, Child] = {}
-        self.cids: dict[int, int] = {}          # cid -> device process pid
+        self.claims: dict[str, int] = {}        # "cid:3", "tap:tap0", "mac:..." -> device process pid
         self._stop = False
         self.listener: socket.socket | None = None
         self._refusals = RateLimitedLog()
@@ -176,7 +179,7 @@ class Daemon:
                 seq = hello["seq"]
             if hello["op"] != "HELLO":
                 raise ProtocolError(f"the first message must be HELLO, not {hello['op']}")
-            cid = self._check_hello(hello)
+            claims = self._check_hello(hello)
         except ProtocolError as e:
             # a client that closes before HELLO (a readiness probe) is not worth a warning;
             # refusals a hostile client can repeat are rate-limited (the first, then counts)
@@ -193,34 +196,38 @@ class Daemon:
             log.warning("refused a connection: %s", e)
             conn.close()
             return
+        cid = next((int(k[4:]) for k in claims if k.startswith("cid:")), None)
         child = self._spawn(conn, hello, pid, cid, decoder, rest)
         conn.close()
         if child is not None:
+            child.claims = claims
             self.children[child.pid] = child
-            if cid is not None:
-                self.cids[cid] = child.pid
+            for key in claims:
+                self.claims[key] = child.pid
             log.info("guest %r (pid %d): %s device in process %d%s", hello["guest"], pid,
                      hello["device"], child.pid, f", cid {cid}" if cid is not None else "")
 
-    def _check_hello(self, hello: dict) -> int | None:
+    @property
+    def cids(self) -> dict[int, int]:
+        """vsock CIDs in use -> device process pid."""
+        return {int(k[4:]): p for k, p in self.claims.items() if k.startswith("cid:")}
+
+    def _check_hello(self, hello: dict) -> list:
         if hello["version"] != control.PROTOCOL_VERSION:
             raise ProtocolError(f"protocol version {hello['version']} is not supported "
                                 f"(this host speaks {control.PROTOCOL_VERSION})", "ENOTSUP")
         if hello["device"] not in SUPPORTED_DEVICES:
             raise ProtocolError(f"unknown device type {hello['device']!r}", "ENODEV")
-        if hello["device"] != "vsock":
-            return None
-        cid = hello["params"].get("cid")
-        if not isinstance(cid, int) or isinstance(cid, bool) or cid < 0 or cid > 0xFFFFFFFFFFFFFFFF:
-            raise ProtocolError(f"vsock needs params.cid, an unsigned integer, not {cid!r}", "EINVAL")
-        if cid in RESERVED_CIDS or cid > 0xFFFFFFFF:
-            raise ProtocolError(f"CID {cid} is reserved (0, 1, 2 and -1 are not guest CIDs; "
-                                f"the upper 32 bits must be 0)", "EINVAL")
-        if cid in self.cids:
-            other = self.children.get(self.cids[cid])
-            raise ProtocolError(f"CID {cid} is already in use by guest "
-                                f"{other.guest if other else '?'!r}", "EADDRINUSE")
-        return cid
+        kind = DEVICE_KINDS[hello["device"]]
+        params = hello["params"] if isinstance(hello.get("params"), dict) else {}
+        claims = kind.claims(params)
+        for key in claims:
+            if key in self.claims:
+                other = self.children.get(self.claims[key])
+                what = f"CID {key[4:]}" if key.startswith("cid:") else key
+                raise ProtocolError(f"{what} is already in use by guest "
+                                    f"{other.guest if other else '?'!r}", "EADDRINUSE")
+        return claims
 
     def _spawn(self, conn: socket.socket, hello: dict, peer: int, cid: int | None,
                decoder: control.Decoder, rest: list) -> Child | None:
@@ -259,8 +266,9 @@ class Daemon:
             if child is None:
                 continue
             reaped = True
-            if child.cid is not None and self.cids.get(child.cid) == pid:
-                del self.cids[child.cid]
+            for key in child.claims:
+                if self.claims.get(key) == pid:
+                    del self.claims[key]
             log.info("device process %d (%s of guest %r) ended, %s", pid, child.device, child.guest,
                      _status(status))
         if reaped:

@@ -90,23 +90,17 @@ class DeviceProcess:
 
     # --- device construction (ControlSession's device_factory) -------------------------------------
     def _make_device(self, hello: dict):
-        if hello["device"] == "vsock":
-            from host.vsock.device import VhostVsock
-            if self.opts.pcap:
-                from shared.vsock.pcap import PcapWriter
-                self.capture = PcapWriter(self.opts.pcap, append=True)
-            dev = VhostVsock(hello["params"]["cid"], run_dir=self.opts.run_dir,
-                             credit_policy=self.opts.credit_policy, capture=self.capture,
-                             dialect=self.opts.dialect, reconnect=bool(hello.get("reconnect")),
-                             buf_size=getattr(self.opts, "buf_size", None))
-        else:
+        from host.devices import DEVICE_KINDS
+        kind = DEVICE_KINDS.get(hello["device"])
+        if kind is None:
             raise ProtocolError(f"unknown device type {hello['device']!r}", "ENODEV")
+        dev = kind.make(hello, self.opts, self.worker, self)
         dev.max_queue_size = self.opts.max_queue_size
         dev.worker = self.worker
         dev.lock = self.worker.lock          # one big lock: engine work, kicks, control, programs
         dev.hello = hello
         self.device = dev
-        if self.opts.services or self.opts.run:
+        if (self.opts.services or self.opts.run) and hasattr(dev, "start_hooks"):
             from host.vsock.endpoint import HostEndpoint
             self.endpoint = HostEndpoint(dev, self.opts.services, self.opts.run)
         self.pollers = KickPollers(self.worker, dev)

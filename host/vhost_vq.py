@@ -47,6 +47,7 @@ class DescChain:
     in_: list[memoryview]   # device-writable buffers, in order
     out_len: int
     in_len: int
+    in_addrs: list | None = None   # (gpa, len) of each device-writable buffer (dirty logging)
 
 
 class VhostVirtqueue:
@@ -197,6 +198,7 @@ class VhostVirtqueue:
         out: list[memoryview] = []
         in_: list[memoryview] = []
         out_len = in_len = 0
+        in_addrs: list[tuple[int, int]] = []
         translate = mem.translate
         for addr, ln, w, where in segs:
             try:
@@ -206,11 +208,12 @@ class VhostVirtqueue:
             if w:
                 in_ += iov
                 in_len += ln
+                in_addrs.append((addr, ln))
             else:
                 out += iov
                 out_len += ln
         self._last_avail = (last + 1) & _U16
-        return DescChain(head, out, in_, out_len, in_len)
+        return DescChain(head, out, in_, out_len, in_len, in_addrs)
 
     def _walk(self, mem, table, i: int, bound: int, segs: list, total: int, seen_write: bool,
               indirect_at: int | None) -> tuple[int, bool]:

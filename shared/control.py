@@ -162,6 +162,7 @@ SCHEMA: dict[str, dict[str, Callable]] = {
     "GET_STATUS": {},
     "GET_QUEUE_NUM": {},
     "GET_STATS": {},
+    "SET_BACKEND": {"index": U32, "backend": STR},     # VHOST_NET_SET_BACKEND; "" detaches (fd -1)
 }
 OPS = frozenset(SCHEMA)
 REPLY = "REPLY"

@@ -29,6 +29,7 @@ EXAMPLES = {
     "SET_VRING_ENABLE": {"index": 0, "enable": True},
     "GET_CONFIG": {"offset": 0, "size": 8}, "SET_STATUS": {"status": 0x0F},
     "GET_STATUS": {}, "GET_QUEUE_NUM": {}, "GET_STATS": {},
+    "SET_BACKEND": {"index": 1, "backend": "loopback"},
 }
 
 

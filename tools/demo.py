@@ -10,6 +10,7 @@ Exit status 0 only if every byte came back intact and nothing leaked.
 from __future__ import annotations
 
 import argparse
+import json
 import hashlib
 import os
 import shlex
@@ -166,7 +167,20 @@ def run_demo(console, args, guest_flags, run_dir, logs, procs, traffic, stop) ->
         why = wait_ready(guests[cid], logs / f"guest-{cid}.log", "vsock device ready", 30)
         if why:
             return False, _failed(console, f"guest {cid}", why, logs / f"guest-{cid}.log")
-    console.print(f"host and {len(cids)} guests up; traffic for {args.seconds:g} s")
+    # two more guests with a virtio-net device each, on one L2 segment: b pings a, then UDP echo
+    ping_out = logs / "ping.json"
+    for name, ip, extra, env in (
+            ("net-a", "169.254.10.1/24", [], {}),
+            ("net-b", "169.254.10.2/24", ["--net-run", "tools.bench_apps:ping_peer"],
+             {"VE_APP_OUT": str(ping_out), "VE_APP_PEER": "169.254.10.1", "VE_APP_COUNT": "5"})):
+        g = start(["-m", "guest", "--run-dir", str(run_dir), "--name", name, "--mem", "16M",
+                   "--net", "segment:demo", "--ip", ip, *extra], logs / f"{name}.log", **env)
+        procs.append(g)
+        guests[name] = g
+        why = wait_ready(g, logs / f"{name}.log", "virtio-net:", 30)
+        if why:
+            return False, _failed(console, f"guest {name}", why, logs / f"{name}.log")
+    console.print(f"host, {len(cids)} vsock guests and 2 net guests up; traffic for {args.seconds:g} s")
     workers = [threading.Thread(target=echo_loop, args=(run_dir, cid, stop, traffic, 256 * 1024), daemon=True)
                for cid in cids for _ in range(args.streams)]
     workers += [threading.Thread(target=chargen_check, args=(run_dir, cid, traffic), daemon=True) for cid in cids]
@@ -192,8 +206,22 @@ def run_demo(console, args, guest_flags, run_dir, logs, procs, traffic, stop) ->
     console.print(traffic_table(cids, traffic, args.seconds))
     for e in traffic.errors:
         console.print(f"[red]error[/]: {e}", markup=True, highlight=False)
+    ping = {}
+    end = time.monotonic() + 10
+    while time.monotonic() < end and not ping:
+        try:
+            ping = json.loads(ping_out.read_text().splitlines()[0])
+        except (OSError, ValueError, IndexError):
+            time.sleep(0.2)
+    console.print(f"net-b -> net-a over segment 'demo': ping {ping.get('replies', 0)}/"
+                  f"{ping.get('count', 5)} replies, rtt ms {ping.get('rtt_ms', [])}, "
+                  f"UDP echo {'ok' if ping.get('udp_echo_ok') else 'FAILED'}", highlight=False)
     ok = not traffic.errors and all(traffic.echoed.get(c, 0) > 0 for c in cids)
-    return ok, "" if ok else (traffic.errors[0] if traffic.errors else "a guest echoed nothing")
+    if not ok:
+        return False, traffic.errors[0] if traffic.errors else "a guest echoed nothing"
+    if not (ping and ping.get("replies") == ping.get("count") and ping.get("udp_echo_ok")):
+        return False, f"the net guests' ping/UDP echo over the segment failed: {ping or 'no result'}"
+    return True, ""
 
 
 def traffic_table(cids, traffic: Traffic, seconds: float) -> Table:

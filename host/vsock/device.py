@@ -47,6 +47,7 @@ import time
 from collections import deque
 
 from host.device import VhostDevice
+from host.iov import iov_read, iov_write  # noqa: F401 - re-exported for callers and tests
 from shared.constants import (RESERVED_CIDS, VHOST_VSOCK_PKT_WEIGHT, VHOST_VSOCK_WEIGHT,
                               VIRTIO_ID_VSOCK, VIRTIO_VSOCK_EVENT_TRANSPORT_RESET,
                               VIRTIO_VSOCK_MAX_PKT_BUF_SIZE, VIRTIO_VSOCK_OP_RST, VIRTIO_VSOCK_OP_RW,
@@ -63,45 +64,6 @@ VSOCK_EVENT = struct.Struct("<I")           # struct virtio_vsock_event { le32 i
 TICK_INTERVAL = 0.5                         # how often the core's close timeouts are run (s)
 DIALECTS = ("firecracker", "vhost-device-vsock")
 GUEST_ERRORS = (VringError, GuestMemoryError)
-
-
-# --- iovec helpers: a chain's buffers are a list of memoryviews over guest memory ---------------
-def iov_read(iov: list[memoryview], offset: int, n: int) -> bytes:
-    """Copy n bytes starting `offset` bytes into the iovec (the caller checked the total length)."""
-    parts = []
-    for v in iov:
-        ln = v.nbytes
-        if offset >= ln:
-            offset -= ln
-            continue
-        take = min(ln - offset, n)
-        parts.append(v[offset:offset + take])
-        n -= take
-        offset = 0
-        if not n:
-            break
-    if n:
-        raise VringError(14, "descriptor chain shorter than the packet")
-    return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
-
-
-def iov_write(iov: list[memoryview], offset: int, data) -> None:
-    """Scatter `data` into the iovec starting `offset` bytes in (the caller checked the room)."""
-    src = memoryview(data).cast("B")
-    pos, n = 0, src.nbytes
-    for v in iov:
-        if pos >= n:
-            break
-        ln = v.nbytes
-        if offset >= ln:
-            offset -= ln
-            continue
-        take = min(ln - offset, n - pos)
-        v[offset:offset + take] = src[pos:pos + take]
-        pos += take
-        offset = 0
-    if pos < n:
-        raise VringError(14, "descriptor chain shorter than the packet")
 
 
 class VhostVsock(VhostDevice):

@@ -1,0 +1,1 @@
+"""vhost-net: the host end of a guest's virtio-net device, and the backends behind it."""

@@ -1,0 +1,194 @@
+"""Socket backends: one Ethernet frame per datagram, non-blocking (the seed's MSG_DONTWAIT).
+
+    UdpPair     QEMU's `-netdev socket,udp=`: a UDP socket on 127.0.0.1:LPORT sending to RPORT
+    Segment     a Unix-datagram L2 segment in the host that links several guests as one switch:
+                every port binds <run-dir>/net-<name>/<mac>.sock; each port learns which socket a
+                source MAC sent from (a learning switch spread over its ports), sends known
+                unicast there and floods broadcast, multicast and unknown destinations to every
+                other port. No central process: a port that died is forgotten when sending fails.
+    PacketSocket  the seed's get_raw_socket: AF_PACKET/SOCK_RAW bound to an interface (ETH_P_ALL),
+                frames this host sent on the interface (PACKET_OUTGOING) are skipped.
+
+send(frame) -> False means the socket buffer is full (EAGAIN): the device discards the chain back
+and starts tx polling on fileno() for POLLOUT.
+"""
+from __future__ import annotations
+
+import errno
+import select
+import socket
+import time
+from pathlib import Path
+
+from shared.net.hdr import format_mac
+
+PACKET_OUTGOING = 4
+ETH_P_ALL = 0x0003
+MAX_FRAME = 65536
+PORTS_TTL = 0.2            # seconds a segment's port list is reused for flooding
+
+
+class DatagramBackend:
+    vnet_hdr = False
+    kind = "dgram"
+
+    def __init__(self, sock: socket.socket, name: str):
+        sock.setblocking(False)
+        self.sock = sock
+        self.name = name
+        self.drops = 0
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send(self, frame) -> bool:
+        try:
+            self.sock.send(frame)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError as e:
+            if e.errno in (errno.ECONNREFUSED, errno.ENOBUFS):   # nobody listening: dropped
+                self.drops += 1
+                return True
+            raise
+        return True
+
+    def recv(self):
+        while True:
+            try:
+                return self.sock.recv(MAX_FRAME)
+            except (BlockingIOError, InterruptedError):
+                return None
+            except ConnectionRefusedError:      # an ICMP error of an earlier send (UDP)
+                continue
+
+    def writable(self) -> bool:
+        return bool(select.select([], [self.sock], [], 0)[1])
+
+    def readable(self) -> bool:
+        return bool(select.select([self.sock], [], [], 0)[0])
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class UdpPair(DatagramBackend):
+    kind = "udp"
+
+    def __init__(self, lport: int, rport: int, host: str = "127.0.0.1"):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s.bind((host, lport))
+            s.connect((host, rport))
+        except OSError as e:
+            s.close()
+            raise ValueError(f"udp backend: cannot bind {host}:{lport}: {e.strerror or e}") from None
+        super().__init__(s, f"udp:{lport}:{rport}")
+
+
+class PacketSocket(DatagramBackend):
+    kind = "packet"
+
+    def __init__(self, ifname: str):
+        try:
+            socket.if_nametoindex(ifname)
+        except OSError:
+            raise ValueError(f"packet backend: no interface {ifname!r}") from None
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        try:
+            s.bind((ifname, 0))
+        except OSError as e:
+            s.close()
+            raise ValueError(f"packet backend: cannot bind {ifname!r}: {e.strerror or e}") from None
+        super().__init__(s, f"packet:{ifname}")
+
+    def recv(self):
+        while True:
+            try:
+                data, addr = self.sock.recvfrom(MAX_FRAME)
+            except (BlockingIOError, InterruptedError):
+                return None
+            if addr[2] != PACKET_OUTGOING:
+                return data
+
+
+class Segment(DatagramBackend):
+    kind = "segment"
+    pollout_blind = True        # a full peer does not show in our POLLOUT (unconnected socket)
+
+    def __init__(self, run_dir, segment: str, mac: bytes):
+        if not segment or not segment.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"segment backend: bad segment name {segment!r} (letters, digits, - and _)")
+        self.dir = Path(run_dir) / f"net-{segment}"
+        self.dir.mkdir(mode=0o700, exist_ok=True)
+        self.path = self.dir / (format_mac(mac).replace(":", "") + ".sock")
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        if self.path.exists():
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            try:
+                probe.connect(str(self.path))
+            except OSError:
+                self.path.unlink()          # a dead port's socket
+            else:
+                probe.close()
+                s.close()
+                raise ValueError(f"segment backend: MAC {format_mac(mac)} is already on segment {segment!r}")
+            probe.close()
+        s.bind(str(self.path))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        super().__init__(s, f"segment:{segment}")
+        self.fdb: dict[bytes, str] = {}       # MAC -> port socket path (learned)
+        self._port_list: list[str] = []
+        self._ports_at = -1.0
+
+    def _ports(self) -> list[str]:
+        """The other ports (re-listed at most every PORTS_TTL seconds: a flood must not glob)."""
+        now = time.monotonic()
+        if now - self._ports_at > PORTS_TTL:
+            me = str(self.path)
+            self._port_list = [str(p) for p in self.dir.glob("*.sock") if str(p) != me]
+            self._ports_at = now
+        return self._port_list
+
+    def send(self, frame) -> bool:
+        dst = bytes(frame[:6])
+        port = None if dst[0] & 1 else self.fdb.get(dst)
+        if port is not None:
+            try:
+                self.sock.sendto(frame, port)
+                return True
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError:
+                self.fdb.pop(dst, None)       # the port went away: flood instead
+        for p in self._ports():               # flood (broadcast, multicast, unknown unicast)
+            try:
+                self.sock.sendto(frame, p)
+            except (BlockingIOError, InterruptedError):
+                self.drops += 1               # a full port misses a flooded frame, as a switch does
+            except OSError:
+                pass
+        return True
+
+    def recv(self):
+        while True:
+            try:
+                data, addr = self.sock.recvfrom(MAX_FRAME)
+            except (BlockingIOError, InterruptedError):
+                return None
+            if len(data) >= 12 and addr:
+                src = data[6:12]
+                if not src[0] & 1:
+                    self.fdb[src] = addr      # learn where this MAC lives
+            return data
+
+    def close(self) -> None:
+        super().close()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+        try:
+            self.dir.rmdir()                  # the last port out removes the segment
+        except OSError:
+            pass
