@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 
 from tools.bench import plot as plotting
 from tools.bench.model import figure, value
-from tools.bench.report import num, rat, render, targets
+from tools.bench.report import num, render, targets
 from tools.bench.scenarios import NA, PAIRS, Options, Plan
 from tools.launch import ROOT
 

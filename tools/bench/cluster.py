@@ -150,7 +150,7 @@ class Cluster:
         return self.tmp / f"{what}.log"
 
     def start(self) -> None:
-        host = ["-m", "host", "--run-dir", str(self.run_dir), "--log-level", "WARNING", *self.cfg.host_args]
+        host = ["-m", "host", "--run-dir", str(self.run_dir), *self.cfg.host_args]
         if self.feats.host_services:
             host += [a for k, p in HOST_PORTS.items() for a in ("--service", f"{k}={p}")]
         self.procs.append(start(host, self.log("host"), new_session=True))
