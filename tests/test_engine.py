@@ -26,15 +26,14 @@ def test_work_runs_once_with_the_lock_held_on_the_engine_thread():
 
     def work():
         seen.append((threading.current_thread().name, eng.lock._is_owned()))
+    # a pending item is not queued twice (queue_work semantics): nothing runs it yet
+    assert eng.queue_work(work)
+    assert not eng.queue_work(work)
     eng.start()
     try:
-        assert eng.queue_work(work)
         assert eng.flush()
-        assert seen == [("t-kworker", True)]
-        # a pending item is not queued twice (queue_work semantics)
-        with eng.lock:                      # hold the engine: nothing runs meanwhile
-            assert eng.queue_work(work)
-            assert not eng.queue_work(work)
+        assert seen == [("t-kworker", True)]          # once, on the engine thread, lock held
+        assert eng.queue_work(work)                   # no longer pending: queued again
         assert eng.flush()
         assert len(seen) == 2
     finally:

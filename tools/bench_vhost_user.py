@@ -25,7 +25,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from tools.bench_vsock import guest_to_host_listener, host_to_guest, socketpair_mbps
+import multiprocessing as mp
+import socket
+import threading
+
+from host.vsock.api import VsockHost
 from tools.linux_guest import QemuGuest, ensure_guest, qemu_vsock_cmd, scenario_initrd
 
 SCENARIO = r"""
@@ -39,6 +43,75 @@ head -c {total} /dev/zero > /tmp/z
 socat -b 65536 -u OPEN:/tmp/z VSOCK-CONNECT:2:5000
 echo G2H-DONE
 """
+
+
+
+# --- measuring helpers (a socketpair baseline, a bridged stream each way) -----------------
+def _sp_writer(sock: socket.socket, size: int, total: int) -> None:
+    buf = b"x" * size
+    for _ in range(total // size):
+        sock.sendall(buf)
+    sock.close()
+
+
+def socketpair_mbps(size: int, total: int) -> float:
+    a, b = socket.socketpair()
+    p = mp.get_context("fork").Process(target=_sp_writer, args=(a, size, total))
+    t0 = time.perf_counter()
+    p.start()
+    a.close()
+    got, buf = 0, bytearray(1 << 20)
+    while got < total:
+        n = b.recv_into(buf)
+        if not n:
+            break
+        got += n
+    dt = time.perf_counter() - t0
+    p.join()
+    b.close()
+    return got / dt / 1e6
+
+def host_to_guest(run_dir: Path, cid: int, size: int, total: int) -> float:
+    s = VsockHost(run_dir).connect(cid, 9, timeout=10)
+    buf = b"y" * size
+    t0 = time.perf_counter()
+    for _ in range(total // size):
+        s.sendall(buf)
+    s.shutdown(socket.SHUT_WR)
+    s.settimeout(120)
+    while s.recv(65536):
+        pass
+    dt = time.perf_counter() - t0
+    s.close()
+    return total / dt / 1e6
+
+
+def guest_to_host_listener(path: Path, results: list, count: int) -> socket.socket:
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(path))
+    srv.listen(4)
+
+    def loop() -> None:
+        buf = bytearray(1 << 20)
+        for _ in range(count):
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            got, t0 = 0, None
+            while True:
+                n = c.recv_into(buf)
+                if t0 is None:
+                    t0 = time.perf_counter()
+                if not n:
+                    break
+                got += n
+            results.append((got, time.perf_counter() - t0))
+            c.close()
+    threading.Thread(target=loop, daemon=True).start()
+    return srv
+
+
 
 
 def main(argv: list[str] | None = None) -> int:

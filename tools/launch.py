@@ -11,12 +11,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def start(args: list[str], log: Path, **env_extra: str) -> subprocess.Popen:
-    """`python ARGS` with this checkout importable, output to `log`."""
+def start(args: list[str], log: Path, new_session: bool = False, **env_extra: str) -> subprocess.Popen:
+    """`python ARGS` with this checkout importable, output to `log`; `new_session` keeps a terminal's
+    Ctrl-C from reaching it (the caller stops it in order). The processes log at INFO: the tools
+    wait for INFO lines."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               VIRTIO_EMU_LOG_LEVEL="INFO", **env_extra)       # the tools wait for INFO lines
+               VIRTIO_EMU_LOG_LEVEL="INFO", **env_extra)
     with open(log, "wb") as out:
-        return subprocess.Popen([sys.executable, *args], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        return subprocess.Popen([sys.executable, *args], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                start_new_session=new_session)
 
 
 def wait_for_log(path: Path, needle: str, timeout: float) -> bool:

@@ -1,7 +1,7 @@
 """python -m tools.monitor.overhead: what a running monitor costs the data path.
 
 One host and one guest (discard service on port 9). Rounds of a host->guest vsock stream
-(W-byte writes, B bytes, as tools.bench_vsock's host->guest phase) alternate between no monitor,
+(W-byte writes, B bytes, as the host->guest phase of tools.bench) alternate between no monitor,
 a monitor on the queues view and a monitor on the ring view (which also maps the guest RAM and
 decodes every ring four times a second). Each monitor runs live in a pseudo-terminal of 100x50
 (a real terminal: rich refreshes only there) whose output `cat` drains into /dev/null. The same run
