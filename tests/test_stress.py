@@ -121,3 +121,43 @@ def test_short_stress_run_with_faults_keeps_every_invariant(tmp_path):
     assert rows["transfers verified end to end (SHA-256, every byte)"]["count"] > 0
     assert rows["faults injected"]["count"] > 0
     assert all(row["ok"] for row in doc["invariants"])
+
+
+class FakeVsock:
+    """The guest socket API over socketpairs, with in-device-like echo and sink services on the
+    host ports (python -m host --service echo=P --service sink=Q), to test the agent alone."""
+
+    def __init__(self, sink_answer=None):
+        self.sink_answer = sink_answer
+
+    def create_connection(self, addr, timeout=None):
+        import socket
+        import threading
+        from tools.stress.schedule import INDEV_ECHO_PORT
+        a, b = socket.socketpair()
+        a.settimeout(timeout)
+
+        def echo():
+            while data := b.recv(65536):
+                b.sendall(data)
+            b.close()
+
+        def sink():
+            n = 0
+            while data := b.recv(65536):
+                n += len(data)
+            b.sendall(b"%d\n" % n if self.sink_answer is None else self.sink_answer)
+            b.close()
+
+        threading.Thread(target=echo if addr[1] == INDEV_ECHO_PORT else sink, daemon=True).start()
+        return a
+
+
+@pytest.mark.parametrize("size", [0, 1, 70_000, 300_000])
+def test_agent_in_device_streams_are_checked(size):
+    from tools.stress.agent import cmd_indev
+    from tools.stress.schedule import INDEV_ECHO_PORT, INDEV_SINK_PORT
+    assert cmd_indev(FakeVsock(), "echo", 5, size, INDEV_ECHO_PORT)["result"] == "ok"
+    assert cmd_indev(FakeVsock(), "sink", 5, size, INDEV_SINK_PORT) == {"result": "ok", "bytes": size}
+    assert cmd_indev(FakeVsock(b"12345678\n"), "sink", 5, size, INDEV_SINK_PORT)["result"] == "corrupt"
+    assert cmd_indev(FakeVsock(b""), "sink", 5, size, INDEV_SINK_PORT)["result"] == "reset"
