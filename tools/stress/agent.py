@@ -89,7 +89,13 @@ def cmd_indev(vsock, kind: str, sid: int, size: int, port: int) -> dict:
             if chk.corrupt:
                 return {"result": "corrupt", "corrupt": chk.corrupt, "bytes": chk.got}
             return {"result": "ok" if chk.verified() else "reset", "bytes": chk.got}
-        line = _recv_exact(s, 24).split(b"\n")[0]
+        line = b""
+        while b"\n" not in line and len(line) < 24:      # "<decimal count>\n", then EOF or not
+            b = s.recv(24)
+            if not b:
+                break
+            line += b
+        line = line.split(b"\n")[0]
         sender.join(TIMEOUT)
         if not line.isdigit():
             return {"result": "reset", "why": f"sink answered {line!r}"}

@@ -10,7 +10,7 @@ def progress(groups, elapsed: float, rss_now: dict[str, int]) -> Table:
     for col in ("grp", "rounds", "ok", "reset", "corrupt", "hung", "MB ok", "faults",
                 "stalls", "procs", "RSS MiB"):
         t.add_column(col, justify="right" if col not in ("faults",) else "left",
-                     no_wrap=col == "faults")
+                     overflow="fold" if col == "faults" else "ellipsis")
     for g in groups:
         with g.lock:
             outs = list(g.outcomes)
