@@ -102,10 +102,26 @@ def decode_ring(read, num: int, desc: int, avail: int, used: int, *, last_avail:
     # The two indices that are not in RAM come from snapshots up to half a second old; under
     # traffic they can lag the live ring. Use them only where they fit it, else estimate.
     la = used_idx if last_avail is None else last_avail & U16
-    if ((la - used_idx) & U16) > min(ahead, num):
-        notes.append(f"last_avail {la} (snapshot) is behind the live ring; shown as used.idx")
-        la = used_idx
+    span = min(ahead, num)
+    if ((la - used_idx) & U16) > span:
+        # With EVENT_IDX the device writes avail_event = last_avail each time it re-arms kicks:
+        # live, if it lies in the window.
+        if event_idx and ((avail_event - used_idx) & U16) <= span:
+            notes.append(f"last_avail {la} (snapshot) is behind the live ring; shown as avail_event")
+            la = avail_event
+        else:
+            notes.append(f"last_avail {la} (snapshot) is behind the live ring; shown as used.idx")
+            la = used_idx
+    elif event_idx and last_avail is not None and 0 < ((avail_event - la) & U16) <= ((avail_idx - la) & U16):
+        notes.append(f"last_avail {la} (snapshot) is older than avail_event; shown as avail_event")
+        la = avail_event
     lu = used_idx if last_used is None else last_used & U16
+    if event_idx and last_used is not None and lu != used_event \
+            and 0 < ((used_event - lu) & U16) <= ((used_idx - lu) & U16):
+        # With EVENT_IDX the driver writes used_event = last_used after every get_buf while its
+        # callbacks are on: a live figure, newer than the snapshot's.
+        notes.append(f"last_used {lu} (snapshot) is older than used_event; shown as used_event")
+        lu = used_event
     if ((used_idx - lu) & U16) > num - min(ahead, num):
         est = used_event if event_idx and ((used_idx - used_event) & U16) <= num - min(ahead, num) \
             else used_idx
@@ -115,22 +131,29 @@ def decode_ring(read, num: int, desc: int, avail: int, used: int, *, last_avail:
     states = [FREE] * num
     ring = [FREE] * num
     owner: dict[int, int] = {}          # descriptor -> head of the chain that claimed it
+    owner_state: dict[int, str] = {}    # descriptor -> the state of that chain
 
     def mark(head: int, state: str) -> None:
+        # A used chain may already be reclaimed and its descriptors reused when last_used comes
+        # from an older snapshot: what looks wrong about it is a note, not the guest's fault.
+        report = problems if state != USED else notes
         if head >= num:
-            problems.append(f"head {head} out of range (N={num})")
+            report.append(f"head {head} out of range (N={num})")
             return
         chain, why = _walk(descs, num, head)
-        st = BROKEN if why else state
+        bad = BROKEN if state != USED else state
+        st = bad if why else state
         if why:
-            problems.append(why)
+            report.append(why if state != USED else f"used {why} (reclaimed since the snapshot?)")
         for d in chain:
             if d in owner and owner[d] != head:
-                problems.append(f"descriptor {d} is on the chains of heads {owner[d]} and {head}")
-                st2 = BROKEN
+                msg = f"descriptor {d} is on the chains of heads {owner[d]} and {head}"
+                (problems if state != USED and owner_state[d] != USED else notes).append(msg)
+                st2 = bad if owner_state[d] != USED else st
             else:
                 st2 = st
             owner.setdefault(d, head)
+            owner_state.setdefault(d, state)
             if _RANK[st2] > _RANK[states[d]]:
                 states[d] = st2
 
@@ -157,7 +180,8 @@ def decode_ring(read, num: int, desc: int, avail: int, used: int, *, last_avail:
         ring[pos] = AVAIL
         mark(avail_ring[pos], AVAIL)
     return RingPicture(num, avail_idx, used_idx, la, lu, avail_flags, used_flags, event_idx,
-                       used_event, avail_event, states, ring, list(dict.fromkeys(problems)), notes)
+                       used_event, avail_event, states, ring, list(dict.fromkeys(problems)),
+                       list(dict.fromkeys(notes)))
 
 
 # --- drawing ---------------------------------------------------------------------------------------
@@ -224,7 +248,7 @@ def ring_text(p: RingPicture, title: str, width: int = 100) -> Text:
         sup = (f"  flags: avail {'NO_INTERRUPT' if p.avail_flags & VRING_AVAIL_F_NO_INTERRUPT else '0'}"
                f", used {'NO_NOTIFY' if p.used_flags & VRING_USED_F_NO_NOTIFY else '0'}")
     lines.append(Text(sup))
-    for why in p.notes:
+    for why in p.notes[:3]:
         lines.append(Text(f"  ~ {why}", "dim"))
     for why in p.problems[:4]:
         lines.append(Text(f"  ! {why}", "bold red"))
