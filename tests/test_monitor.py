@@ -156,7 +156,7 @@ q1 tx  N=16  avail.idx 8  last_avail 4  used.idx 0  last_used 0
   desc DDDDAAAA........
   ring DDDDAAAA........
        *   * e a       
-  EVENT_IDX  used_event 6 (irq when used.idx passes)  avail_event 4 (kick when avail.idx passes)
+  EVENT_IDX  used_event 6 (irq once used.idx passes it)  avail_event 4 (kick once avail.idx does)
 cells: . free  A posted (avail)  D in the device  U used, not reclaimed  ! broken chain  
 marks under the ring strip: a avail.idx  l last_avail (device)  u used.idx  r last_used (driver)  e 
 used_event  v avail_event  * several

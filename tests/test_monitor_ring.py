@@ -140,7 +140,7 @@ event_idx  N=16  avail.idx 8  last_avail 4  used.idx 0  last_used 0
   desc DDDDAAAA........
   ring DDDDAAAA........
        *   * e a       
-  EVENT_IDX  used_event 6 (irq when used.idx passes)  avail_event 4 (kick when avail.idx passes)
+  EVENT_IDX  used_event 6 (irq once used.idx passes it)  avail_event 4 (kick once avail.idx does)
 """,
     "full": """\
 full  N=16  avail.idx 16  last_avail 0  used.idx 0  last_used 0

@@ -242,8 +242,8 @@ def ring_text(p: RingPicture, title: str, width: int = 100) -> Text:
     lines += _strip(_group(p.desc, k), per_row, "  desc ")
     lines += _strip(_group(p.ring, k), per_row, "  ring ", ring_marks(p, k))
     if p.event_idx:
-        sup = (f"  EVENT_IDX  used_event {p.used_event} (irq when used.idx passes)  "
-               f"avail_event {p.avail_event} (kick when avail.idx passes)")
+        sup = (f"  EVENT_IDX  used_event {p.used_event} (irq once used.idx passes it)  "
+               f"avail_event {p.avail_event} (kick once avail.idx does)")
     else:
         sup = (f"  flags: avail {'NO_INTERRUPT' if p.avail_flags & VRING_AVAIL_F_NO_INTERRUPT else '0'}"
                f", used {'NO_NOTIFY' if p.used_flags & VRING_USED_F_NO_NOTIFY else '0'}")
