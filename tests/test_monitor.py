@@ -2,6 +2,8 @@
 import io
 import json
 
+import pytest
+
 from rich.console import Console
 
 from tools.monitor import main, render, render_view
@@ -349,3 +351,49 @@ def test_live_loop_runs_and_stops(run_dir, capsys):
                  "--view", "conns"]) == 0
     out = capsys.readouterr().out
     assert "my-first-vm" in out and "vsock connections" in out
+
+
+@pytest.mark.multiprocess
+def test_keys_switch_views_in_a_terminal(run_dir):
+    """In a pseudo-terminal the live monitor reads keys: c shows the connections, x quits."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+    import time
+
+    from shared.stats import stats_dir
+    from tests.procs import ROOT, _env
+    d = stats_dir(run_dir)
+    for rec in snapshot(T0, 1):
+        (d / f"{rec['role']}-x.json").write_text(json.dumps(dict(rec, pid=os.getpid())))
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "tools.monitor", "--run-dir", str(run_dir), "--width", "100",
+                          "--duration", "20"], stdin=slave, stdout=slave, stderr=slave, env=_env(), cwd=ROOT)
+    os.close(slave)
+    out = b""
+
+    def read_until(needle: bytes, timeout: float) -> bool:
+        nonlocal out
+        end = time.monotonic() + timeout
+        while needle not in out and time.monotonic() < end:
+            r, _, _ = select.select([master], [], [], 0.1)
+            if r:
+                try:
+                    out += os.read(master, 65536)
+                except OSError:
+                    break
+        return needle in out
+    try:
+        assert read_until(b"virtqueues: indices", 15), out[-2000:]
+        os.write(master, b"c")
+        assert read_until(b"vsock connections", 5), out[-2000:]
+        os.write(master, b"x")
+        p.wait(5)
+        assert p.returncode == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        os.close(master)

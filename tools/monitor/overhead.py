@@ -2,8 +2,9 @@
 
 One host and one guest (discard service on port 9). Rounds of a host->guest vsock stream
 (W-byte writes, B bytes, as tools.bench_vsock's host->guest phase) alternate between no monitor,
-a monitor on the queues view and a monitor on the ring view (which also maps the guest RAM and
-decodes every ring four times a second). Each monitor runs live in a pseudo-terminal of 100x50
+a monitor on the queues view, one on the ring view (which also maps the guest RAM and decodes
+every ring four times a second), and one on the queues view at normal priority ("queues-nice0";
+the monitor lowers its own priority by 10 by default). Each monitor runs live in a pseudo-terminal of 100x50
 (a real terminal: rich refreshes only there) whose output `cat` drains into /dev/null. The same run
 measures all modes, interleaved, so machine noise spreads over all of them; the figures are the
 median MB/s per mode, the difference to "none", and the monitor's own CPU use.
@@ -29,7 +30,7 @@ from pathlib import Path
 from host.vsock.api import VsockHost
 from tools.launch import ROOT, start, stop_all, wait_for_log
 
-MODES = ("none", "queues", "ring")
+MODES = ("none", "queues", "ring", "queues-nice0")
 
 
 def stream(run_dir: Path, size: int, total: int) -> float:
@@ -56,13 +57,15 @@ def cpu_seconds(pid: int) -> float:
 class Monitor:
     """`python -m tools.monitor` live in a 100x50 pseudo-terminal, output drained."""
 
-    def __init__(self, run_dir: Path, view: str):
+    def __init__(self, run_dir: Path, mode: str):
+        view, _, nice = mode.partition("-nice")
         master, slave = pty.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 100, 0, 0))
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                    TERM="xterm-256color", COLUMNS="100", LINES="50")
         self.p = subprocess.Popen([sys.executable, "-m", "tools.monitor", "--run-dir", str(run_dir),
-                                   "--view", view, "--guest", "3", "--no-keys"],
+                                   "--view", view, "--guest", "3", "--no-keys",
+                                   *(["--nice", nice] if nice else [])],
                                   stdin=slave, stdout=slave, stderr=slave, env=env, cwd=ROOT,
                                   start_new_session=True)
         os.close(slave)
