@@ -397,3 +397,20 @@ def test_keys_switch_views_in_a_terminal(run_dir):
             p.kill()
             p.wait()
         os.close(master)
+
+
+def test_overhead_tool_refuses_bad_arguments(capsys):
+    from tools.monitor.overhead import main as overhead_main
+    assert overhead_main(["--rounds", "0"]) == 2
+    assert overhead_main(["--bytes", "10", "--write", "100"]) == 2
+    assert capsys.readouterr().err.count("overhead: ") == 2
+
+
+def test_cached_parts_render_the_same_text():
+    from tools.monitor import SegmentMemo
+    f = dict(frame(), stamp=(1,))
+    memo = SegmentMemo(Console(file=io.StringIO(), width=100, color_system=None))
+    plain = text_of(render_view(f, "ring", 100, guest=3, rings=ring_rows()))
+    for _ in range(2):                 # the second time from the cache
+        assert text_of(render_view(f, "ring", 100, guest=3, rings=ring_rows(), memo=memo)) == plain
+    assert len(memo.cache) == 2
