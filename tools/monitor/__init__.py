@@ -194,7 +194,9 @@ def run_live(run_dir: Path, args, console: Console) -> int:
             samples.pop(0)
         t0, prev = samples[0]
         frame = build_frame(raw, prev, now - t0, run_dir=str(run_dir))
-        frame["stamp"] = key[0]
+        # The tables change when a snapshot does; in the ring view, which redraws four times a
+        # second, they are redrawn at most once a second (rates are over a second anyway).
+        frame["stamp"] = key[0] if view != "ring" else int(now / RATE_PERIOD)
         if frame["stamp"] != last_stamp[0]:
             history.add_frame(frame)
             last_stamp[0] = frame["stamp"]

@@ -197,8 +197,14 @@ def _strip(cells: list[str], per_row: int, label: str, marks: dict[int, str] | N
     pad = " " * len(label)
     for r in range(0, len(cells), per_row):
         t = Text(label if r == 0 else pad)
-        for c in cells[r:r + per_row]:
-            t.append(c, STYLES[c])
+        row = "".join(cells[r:r + per_row])
+        i = 0
+        while i < len(row):                       # one span per run of equal cells (cheap to draw)
+            j = i + 1
+            while j < len(row) and row[j] == row[i]:
+                j += 1
+            t.append(row[i:j], STYLES[row[i]])
+            i = j
         lines.append(t)
         if marks is not None:
             m = [" "] * min(per_row, len(cells) - r)
