@@ -177,8 +177,13 @@ def main(argv: list[str] | None = None) -> int:
                "host+guest CPU (cores)": round(statistics.mean(path_cpu[mode]), 3)}
         row["monitor CPU / host+guest CPU %"] = round(100 * row["monitor CPU (cores)"]
                                                       / max(1e-9, row["host+guest CPU (cores)"]), 1)
+        # each round measured every mode back to back: the median of the per-round ratios
+        # cancels slow drifts of the machine's load better than a ratio of medians
+        row["paired vs none %"] = round(100 * (statistics.median(
+            x / n for x, n in zip(results[mode], results["none"])) - 1), 1)
         out.append(row)
-        print(f"{mode:12s} median {med:6.1f} MB/s {row['vs none %']:+6.1f} %  rounds {row['rounds']}  "
+        print(f"{mode:12s} median {med:6.1f} MB/s {row['vs none %']:+6.1f} % (paired {row['paired vs none %']:+6.1f} %)"
+              f"  rounds {row['rounds']}  "
               f"monitor {row['monitor CPU (cores)']:.3f} cores = {row['monitor CPU / host+guest CPU %']:.1f} % "
               f"of host+guest ({row['host+guest CPU (cores)']:.2f} cores)")
     if args.json:
