@@ -6,7 +6,9 @@ a monitor on the queues view, one on the ring view (which also maps the guest RA
 every ring four times a second), and one on the queues view at normal priority ("queues-nice0";
 the monitor lowers its own priority by 10 by default). Each monitor runs live in a pseudo-terminal of 100x50
 (a real terminal: rich refreshes only there) whose output `cat` drains into /dev/null. The same run
-measures all modes, interleaved, so machine noise spreads over all of them; the figures are the
+measures all modes, interleaved, so machine noise spreads over all of them. The monitors start
+once, before the rounds, and are stopped (SIGSTOP) outside their own rounds, so start-up is not
+measured; the figures are the
 median MB/s per mode, the difference to "none", the monitor's own CPU use and that use as a share
 of the CPU the host and guest processes spend on the stream (a figure machine noise moves less).
 """
@@ -17,6 +19,7 @@ import fcntl
 import json
 import os
 import pty
+import signal
 import shutil
 import socket
 import statistics
@@ -101,12 +104,27 @@ class Monitor:
         self.drain = subprocess.Popen(["cat"], stdin=master, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL)
         self.master = master
-        time.sleep(1.0)                   # imported and drawing
+        self.cpu = 0.0                    # CPU seconds and wall seconds while measured
+        self.wall = 0.0
+        # Let it import and draw, then stop it until its rounds: a monitor that is already
+        # running pays no start-up, so the rounds must not either.
+        time.sleep(3.0)
+        os.kill(self.p.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
         self.cpu0, self.t0 = cpu_seconds(self.p.pid), time.monotonic()
+        os.kill(self.p.pid, signal.SIGCONT)
+        time.sleep(0.5)                   # back in its loop before the stream starts
+
+    def pause(self) -> None:
+        os.kill(self.p.pid, signal.SIGSTOP)
+        self.cpu += cpu_seconds(self.p.pid) - self.cpu0
+        self.wall += time.monotonic() - self.t0
 
     def stop(self) -> float:
-        """Stop it; returns its CPU share (cores) while measured."""
-        share = (cpu_seconds(self.p.pid) - self.cpu0) / max(1e-9, time.monotonic() - self.t0)
+        """Stop it; returns its CPU share (cores) while it was running."""
+        share = self.cpu / max(1e-9, self.wall)
+        os.kill(self.p.pid, signal.SIGCONT)
         self.p.terminate()
         try:
             self.p.wait(10)
@@ -149,18 +167,25 @@ def main(argv: list[str] | None = None) -> int:
             print("overhead: the guest did not boot", file=sys.stderr)
             return 1
         stream(run_dir, args.write, args.bytes // 4)          # warm up
-        for r in range(args.rounds):
-            order = MODES if r % 2 == 0 else tuple(reversed(MODES))
-            for mode in order:
-                mon = Monitor(run_dir, mode) if mode != "none" else None
-                try:
-                    c0, t0 = tree_cpu([p.pid for p in procs]), time.monotonic()
-                    results[mode].append(stream(run_dir, args.write, args.bytes))
-                    path_cpu[mode].append((tree_cpu([p.pid for p in procs]) - c0) / (time.monotonic() - t0))
-                finally:
+        monitors = {m: Monitor(run_dir, m) for m in MODES if m != "none"}
+        try:
+            for r in range(args.rounds):
+                order = MODES if r % 2 == 0 else tuple(reversed(MODES))
+                for mode in order:
+                    mon = monitors.get(mode)
                     if mon is not None:
-                        cpu[mode].append(mon.stop())
-                print(f"round {r + 1}/{args.rounds} {mode:6s} {results[mode][-1]:7.1f} MB/s", flush=True)
+                        mon.resume()
+                    try:
+                        c0, t0 = tree_cpu([p.pid for p in procs]), time.monotonic()
+                        results[mode].append(stream(run_dir, args.write, args.bytes))
+                        path_cpu[mode].append((tree_cpu([p.pid for p in procs]) - c0) / (time.monotonic() - t0))
+                    finally:
+                        if mon is not None:
+                            mon.pause()
+                    print(f"round {r + 1}/{args.rounds} {mode:12s} {results[mode][-1]:7.1f} MB/s", flush=True)
+        finally:
+            for mode, mon in monitors.items():
+                cpu[mode].append(mon.stop())
     except KeyboardInterrupt:
         print("overhead: interrupted", file=sys.stderr)
         return 130
