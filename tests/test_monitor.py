@@ -414,3 +414,24 @@ def test_cached_parts_render_the_same_text():
     for _ in range(2):                 # the second time from the cache
         assert text_of(render_view(f, "ring", 100, guest=3, rings=ring_rows(), memo=memo)) == plain
     assert len(memo.cache) == 2
+
+
+def test_socket_snapshot_counts_credit_packets_and_stalls():
+    """shared/vsock/proto.py's per-socket counters, on two cores joined by the test link."""
+    from tests.test_vsock_proto import Link, connected_pair
+    link = Link()
+    _, cli, srv = connected_pair(link)
+    link.host.set_buffer_size(srv, 1000)
+    link.h2g()                                       # CREDIT_UPDATE host -> guest
+    assert link.guest.send(cli, b"a" * 1500) == 1000
+    assert link.guest.send(cli, b"b") == 0           # no credit: a stall
+    link.g2h()
+    g = cli.snapshot()
+    assert g["stalled"] and g["peer_free"] == 0 and g["credit_stalls"] == 1
+    assert g["credit_update_rx"] == 1 and g["tx_bytes"] == 1000
+    link.host.recv(srv, 400)                         # every-read: another CREDIT_UPDATE
+    link.h2g()
+    h, g = srv.snapshot(), cli.snapshot()
+    assert h["credit_update_tx"] == 2 and g["credit_update_rx"] == 2 and h["fwd_cnt"] == 400
+    assert not g["stalled"] and g["peer_free"] == 400
+    assert g["local"] == "3:1024" and h["remote"] == "3:1024" and h["state"] == "ESTABLISHED"

@@ -4,13 +4,13 @@ One host and one guest (discard service on port 9). Rounds of a host->guest vsoc
 (W-byte writes, B bytes, as tools.bench_vsock's host->guest phase) alternate between no monitor,
 a monitor on the queues view, one on the ring view (which also maps the guest RAM and decodes
 every ring four times a second), and one on the queues view at normal priority ("queues-nice0";
-the monitor lowers its own priority by 10 by default). Each monitor runs live in a pseudo-terminal of 100x50
-(a real terminal: rich refreshes only there) whose output `cat` drains into /dev/null. The same run
-measures all modes, interleaved, so machine noise spreads over all of them. The monitors start
-once, before the rounds, and are stopped (SIGSTOP) outside their own rounds, so start-up is not
-measured; the figures are the
-median MB/s per mode, the difference to "none", the monitor's own CPU use and that use as a share
-of the CPU the host and guest processes spend on the stream (a figure machine noise moves less).
+the monitor lowers its own priority by 10 by default). Each monitor runs live in a 100x50
+pseudo-terminal (a real terminal: rich refreshes only there) whose output `cat` drains into
+/dev/null. The same run measures all modes, interleaved, so machine noise spreads over all of
+them. The monitors start once, before the rounds, and are stopped (SIGSTOP) outside their own
+rounds, so start-up is not measured. Figures: the median MB/s per mode, the difference to "none"
+(of medians, and the median of per-round ratios), the monitor's own CPU use and that use as a
+share of the CPU the host and guest processes spend on the stream (machine noise moves it less).
 """
 from __future__ import annotations
 
