@@ -435,3 +435,13 @@ def test_socket_snapshot_counts_credit_packets_and_stalls():
     assert h["credit_update_tx"] == 2 and g["credit_update_rx"] == 2 and h["fwd_cnt"] == 400
     assert not g["stalled"] and g["peer_free"] == 400
     assert g["local"] == "3:1024" and h["remote"] == "3:1024" and h["state"] == "ESTABLISHED"
+
+
+def test_live_history_draws_a_sparkline_table_that_fits():
+    from tools.monitor.panels import guests_panel
+    h = History()
+    for i, d in enumerate((50, 100, 150, 200)):      # kicks/s 750, 1500, 2250, 3000
+        f = build_frame(snapshot(T0 + 2 * i + 2, 1000 + d), snapshot(T0 + 2 * i, 1000), 2.0, now=T0 + 2 * i + 2)
+        h.add_frame(f)
+    out = text_of(guests_panel(f, 100, h))
+    assert "the last minute" in out and "▂▄▆█ 3.0K" in out

@@ -40,13 +40,12 @@ def num(n) -> str:
 
 
 def sparkline(values: list[float], width: int = 16) -> str:
-    """The last `width` buckets of `values` as ▁..█ (scaled to their maximum); '' when empty."""
+    """The values as ▁..█ (scaled to their maximum), averaged into at most `width` buckets."""
     if not values:
         return ""
-    if len(values) > width:                    # average into `width` buckets, oldest first
-        k = len(values) / width
-        values = [sum(values[int(i * k):int((i + 1) * k)] or [0]) / max(1, len(values[int(i * k):int((i + 1) * k)]))
-                  for i in range(width)]
+    if len(values) > width:                    # oldest first, each bucket the mean of its values
+        edges = [round(i * len(values) / width) for i in range(width + 1)]
+        values = [sum(values[a:b]) / (b - a) for a, b in zip(edges, edges[1:])]
     top = max(values)
     if top <= 0:
         return SPARKS[0] * len(values)
@@ -158,14 +157,17 @@ def guests_panel(frame: dict, width: int, history=None) -> Group:
         rule = f" (B.5 rule {g['last_rule']})" if g.get("last_rule") is not None else ""
         parts.append(Text(f"  {g['name']}: last error: {g['last_error']}{rule}", "bold red"))
     if hist is not None and frame["guests"]:
-        for g in frame["guests"]:
-            line = Text(f"  {g['name']} last minute  ")
-            for key, label in (("tx_Bps", "tx"), ("rx_Bps", "rx"), ("kicks_ps", "kicks"), ("irqs_ps", "irqs")):
+        def spark(key: str, unit: str = ""):
+            def cell(g):
                 vals = hist.values(f"{g['cid']}.{key}")
-                line.append(f"{label} ")
-                line.append(sparkline(vals) or DASH, "cyan")
-                line.append(f" {human(max(vals) if vals else None)} max  ")
-            parts.append(line)
+                t = Text(sparkline(vals, 12) or DASH, "cyan")
+                t.append(f" {human(vals[-1] if vals else None, unit)}")
+                return t
+            return cell
+        cols = [Col("guest", lambda g: g["name"], "left", 9),
+                Col("tx B/s g→h", spark("tx_Bps", "B"), "left", 8), Col("rx B/s h→g", spark("rx_Bps", "B"), "left", 8),
+                Col("kicks/s", spark("kicks_ps"), "left", 7), Col("irqs/s", spark("irqs_ps"), "left", 7)]
+        parts.append(fit_table("the last minute", cols, frame["guests"], width, ""))
     return Group(*parts)
 
 
