@@ -2,6 +2,8 @@
 import io
 import json
 
+import pytest
+
 from rich.console import Console
 
 from tools.monitor import main, render, render_view
@@ -156,7 +158,7 @@ q1 tx  N=16  avail.idx 8  last_avail 4  used.idx 0  last_used 0
   desc DDDDAAAA........
   ring DDDDAAAA........
        *   * e a       
-  EVENT_IDX  used_event 6 (irq when used.idx passes)  avail_event 4 (kick when avail.idx passes)
+  EVENT_IDX  used_event 6 (irq once used.idx passes it)  avail_event 4 (kick once avail.idx does)
 cells: . free  A posted (avail)  D in the device  U used, not reclaimed  ! broken chain  
 marks under the ring strip: a avail.idx  l last_avail (device)  u used.idx  r last_used (driver)  e 
 used_event  v avail_event  * several
@@ -349,3 +351,97 @@ def test_live_loop_runs_and_stops(run_dir, capsys):
                  "--view", "conns"]) == 0
     out = capsys.readouterr().out
     assert "my-first-vm" in out and "vsock connections" in out
+
+
+@pytest.mark.multiprocess
+def test_keys_switch_views_in_a_terminal(run_dir):
+    """In a pseudo-terminal the live monitor reads keys: c shows the connections, x quits."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+    import time
+
+    from shared.stats import stats_dir
+    from tests.procs import ROOT, _env
+    d = stats_dir(run_dir)
+    for rec in snapshot(T0, 1):
+        (d / f"{rec['role']}-x.json").write_text(json.dumps(dict(rec, pid=os.getpid())))
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "tools.monitor", "--run-dir", str(run_dir), "--width", "100",
+                          "--duration", "20"], stdin=slave, stdout=slave, stderr=slave, env=_env(), cwd=ROOT)
+    os.close(slave)
+    out = b""
+
+    def read_until(needle: bytes, timeout: float) -> bool:
+        nonlocal out
+        end = time.monotonic() + timeout
+        while needle not in out and time.monotonic() < end:
+            r, _, _ = select.select([master], [], [], 0.1)
+            if r:
+                try:
+                    out += os.read(master, 65536)
+                except OSError:
+                    break
+        return needle in out
+    try:
+        assert read_until(b"virtqueues: indices", 15), out[-2000:]
+        os.write(master, b"c")
+        assert read_until(b"vsock connections", 5), out[-2000:]
+        os.write(master, b"x")
+        p.wait(5)
+        assert p.returncode == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        os.close(master)
+
+
+def test_overhead_tool_refuses_bad_arguments(capsys):
+    from tools.monitor.overhead import main as overhead_main
+    assert overhead_main(["--rounds", "0"]) == 2
+    assert overhead_main(["--bytes", "10", "--write", "100"]) == 2
+    assert capsys.readouterr().err.count("overhead: ") == 2
+
+
+def test_cached_parts_render_the_same_text():
+    from tools.monitor import SegmentMemo
+    f = dict(frame(), stamp=(1,))
+    memo = SegmentMemo(Console(file=io.StringIO(), width=100, color_system=None))
+    plain = text_of(render_view(f, "ring", 100, guest=3, rings=ring_rows()))
+    for _ in range(2):                 # the second time from the cache
+        assert text_of(render_view(f, "ring", 100, guest=3, rings=ring_rows(), memo=memo)) == plain
+    assert len(memo.cache) == 2
+
+
+def test_socket_snapshot_counts_credit_packets_and_stalls():
+    """shared/vsock/proto.py's per-socket counters, on two cores joined by the test link."""
+    from tests.test_vsock_proto import Link, connected_pair
+    link = Link()
+    _, cli, srv = connected_pair(link)
+    link.host.set_buffer_size(srv, 1000)
+    link.h2g()                                       # CREDIT_UPDATE host -> guest
+    assert link.guest.send(cli, b"a" * 1500) == 1000
+    assert link.guest.send(cli, b"b") == 0           # no credit: a stall
+    link.g2h()
+    g = cli.snapshot()
+    assert g["stalled"] and g["peer_free"] == 0 and g["credit_stalls"] == 1
+    assert g["credit_update_rx"] == 1 and g["tx_bytes"] == 1000
+    link.host.recv(srv, 400)                         # every-read: another CREDIT_UPDATE
+    link.h2g()
+    h, g = srv.snapshot(), cli.snapshot()
+    assert h["credit_update_tx"] == 2 and g["credit_update_rx"] == 2 and h["fwd_cnt"] == 400
+    assert not g["stalled"] and g["peer_free"] == 400
+    assert g["local"] == "3:1024" and h["remote"] == "3:1024" and h["state"] == "ESTABLISHED"
+
+
+def test_live_history_draws_a_sparkline_table_that_fits():
+    from tools.monitor.panels import guests_panel
+    h = History()
+    for i, d in enumerate((50, 100, 150, 200)):      # kicks/s 750, 1500, 2250, 3000
+        f = build_frame(snapshot(T0 + 2 * i + 2, 1000 + d), snapshot(T0 + 2 * i, 1000), 2.0, now=T0 + 2 * i + 2)
+        h.add_frame(f)
+    out = text_of(guests_panel(f, 100, h))
+    assert "the last minute" in out and "▂▄▆█ 3.0K" in out

@@ -67,3 +67,24 @@ def test_once_json_against_a_live_pair(shm_guard):
     for r in rings["queues"]:
         assert not r["problems"] and len(r["desc"]) == r["num"]
     assert set(rings["queues"][0]["desc"]) <= set(".ADU")
+
+
+def test_a_hostile_guests_broken_ring_is_shown(shm_guard):
+    c = Cluster(shm_guard)
+    try:
+        c.host()
+        c.guest(5, "--name", "hostile", "--run", "tests.monitor_apps:break_tx_ring")
+        data = wait_stats(shm_guard, lambda d: d["guests"] and d["guests"][0]["errors"])
+        r = subprocess.run([sys.executable, "-m", "tools.monitor", "--run-dir", str(shm_guard), "--once",
+                            "--view", "ring", "--guest", "5", "--width", "100", "--interval", "0.6"],
+                           capture_output=True, text=True, timeout=60, env=_env(), cwd=ROOT)
+    finally:
+        c.close()
+    g = data["guests"][0]
+    assert g["status"] == "NEEDS_RESET" and g["errors"] == 1 and g["last_rule"] == 5
+    tx = [q for q in data["queues"] if q["name"] == "tx"][0]
+    assert tx["errors"] == 1 and tx["broken"] and tx["rule"] == 5
+    ring = data["rings"][0]["queues"][1]
+    assert "!!" in ring["desc"] and any("loops back" in p for p in ring["problems"])
+    assert r.returncode == 0, r.stderr
+    assert "NEEDS_RESET" in r.stdout and "loops back" in r.stdout and "ring rule 5" in r.stdout

@@ -140,7 +140,7 @@ event_idx  N=16  avail.idx 8  last_avail 4  used.idx 0  last_used 0
   desc DDDDAAAA........
   ring DDDDAAAA........
        *   * e a       
-  EVENT_IDX  used_event 6 (irq when used.idx passes)  avail_event 4 (kick when avail.idx passes)
+  EVENT_IDX  used_event 6 (irq once used.idx passes it)  avail_event 4 (kick once avail.idx does)
 """,
     "full": """\
 full  N=16  avail.idx 16  last_avail 0  used.idx 0  last_used 0
@@ -251,3 +251,32 @@ def test_read_only_attachment(run_dir):
         unlink_shm(name)
     with pytest.raises(RamError):
         ReadOnlyRAM(name, table)
+
+
+def test_event_idx_words_stand_in_for_stale_snapshots():
+    """The driver's used_event and the device's avail_event are live: newer than a snapshot."""
+    ram, vq, h = pair(event_idx=True)
+    post(vq, 6)
+    chains = take(ram, h, 6)
+    for c in chains[:4]:
+        h.add_used(ram.mem, c.head, 0)
+    vq.get_buf()
+    vq.get_buf()                       # last_used 2, and used_event follows it (callbacks on)
+    h.disable_notify(ram.mem)
+    h.enable_notify(ram.mem)           # avail_event = last_avail = 6
+    p = decode_ring(ram.mem.read, 16, vq.desc, vq.avail, vq.used, last_avail=1, last_used=0,
+                    event_idx=True)    # snapshots from before all that
+    assert (p.last_avail, p.last_used) == (6, 2)
+    assert p.counts() == {".": 12, "A": 0, "D": 2, "U": 2, "!": 0} and not p.problems
+
+
+def test_a_stale_used_chain_is_not_blamed_on_the_guest():
+    ram, vq, h = pair()
+    post(vq, 4)
+    for c in take(ram, h, 4):
+        h.add_used(ram.mem, c.head, 0)
+    for _ in range(4):
+        vq.get_buf()
+    post(vq, 4, descs=2)               # the reclaimed descriptors are reused for new chains
+    p = decode_ring(ram.mem.read, 16, vq.desc, vq.avail, vq.used, last_avail=4, last_used=0)
+    assert not p.problems and p.counts()["!"] == 0

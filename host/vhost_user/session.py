@@ -292,7 +292,7 @@ class VhostUserSession:
             return                                   # kicked/enabled before configured: wait
         if not dev.status & VIRTIO_CONFIG_S_FEATURES_OK:
             return
-        if not vq.access_ok(dev.mem):                # B.5 rule 13, vhost_vq_access_ok
+        if not vq.access_ok(dev.mem):                # ring rule 13, vhost_vq_access_ok
             raise _err("EFAULT", f"queue {i}: ring memory is not accessible")
         try:
             vq.last_used_idx = vq.used_idx(dev.mem)  # vhost_vq_init_access

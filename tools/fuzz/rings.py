@@ -32,7 +32,7 @@ class RingCase:
         for i in range(self.num):
             self._desc(DESC_AT, i, *self._random_desc(i, self.num, top=True))
         if rng.random() < 0.1:
-            n_avail = rng.randint(self.num + 1, 0xFFFF)      # B.5 rule 1
+            n_avail = rng.randint(self.num + 1, 0xFFFF)      # ring rule 1 (docs/ring-rules.md)
         else:
             n_avail = rng.randint(0, self.num)
         self.n_avail = n_avail

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
 from rich.console import Console, Group
+from rich.segment import Segments
 from rich.text import Text
 
 from shared.resources import default_run_dir
@@ -39,9 +41,14 @@ RATE_PERIOD = 1.0       # rates are taken over at least this many seconds of sna
 
 def render_view(frame: dict, view: str = "queues", width: int = 100, guest: int | None = None,
                 history: History | None = None, rings: list[dict] | None = None,
-                ring_error: str = "", keys: bool = False) -> Group:
-    """The whole screen for one view: header, the guests table, the view's panel, the legend."""
-    parts: list = [header(frame, view, guest, keys), guests_panel(frame, width, history)]
+                ring_error: str = "", keys: bool = False, memo=None) -> Group:
+    """The whole screen for one view: header, the guests table, the view's panel, the legend.
+
+    `memo(key, make)` may return a cached rendering of `make()` for an unchanged key (the live
+    loop's ring view redraws four times a second while the snapshots change twice)."""
+    memo = memo or (lambda key, make: make())
+    parts: list = [header(frame, view, guest, keys),
+                   memo(("guests", frame.get("stamp"), width), lambda: guests_panel(frame, width, history))]
     if view == "queues":
         parts.append(queues_panel(frame, width, guest))
     elif view == "conns":
@@ -51,8 +58,26 @@ def render_view(frame: dict, view: str = "queues", width: int = 100, guest: int 
     elif view == "ring":
         name = next((g["name"] for g in frame["guests"] if g["cid"] == guest), f"guest {guest}")
         parts.append(ring_panel(rings, name, width, ring_error))
-    parts.append(legend(view))
+    parts.append(memo(("legend", view, width), lambda: legend(view)))
     return Group(*parts)
+
+
+class SegmentMemo:
+    """Rendered segments of the parts of a screen that did not change (see render_view)."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.cache: dict = {}
+
+    def __call__(self, key, make):
+        """key = (part, what it shows, width); the rendering is cached while the key holds."""
+        got = self.cache.get(key)
+        if got is None:
+            got = Segments(list(self.console.render(make(), self.console.options.update(width=key[-1]))))
+            if len(self.cache) > 16:
+                self.cache.clear()
+            self.cache[key] = got
+        return got
 
 
 def render(snapshot: list[dict], prev: list[dict] | None = None, dt: float = 0.0, run_dir: str = "",
@@ -135,6 +160,13 @@ def run_live(run_dir: Path, args, console: Console) -> int:
     from rich.live import Live
 
     from .keys import KeyReader
+    if args.nice:
+        # An observer yields to what it observes: on a machine with few cores the data path's
+        # wake-ups must not wait behind a redraw (measured: docs/monitor.md, "Cost").
+        try:
+            os.nice(args.nice)
+        except OSError:
+            pass
     view, guest = args.view, args.guest
     history = History()
     reader = RingReader()
@@ -143,6 +175,8 @@ def run_live(run_dir: Path, args, console: Console) -> int:
     use_keys = KeyReader.available() and not args.no_keys
 
     last_key = [None]
+    last_stamp = [None]
+    memo = SegmentMemo(console)
 
     def stamp(raw):
         return tuple(sorted((d.get("pid"), d.get("time")) for d in raw))
@@ -160,23 +194,28 @@ def run_live(run_dir: Path, args, console: Console) -> int:
             samples.pop(0)
         t0, prev = samples[0]
         frame = build_frame(raw, prev, now - t0, run_dir=str(run_dir))
-        history.add_frame(frame)
+        # The tables change when a snapshot does; in the ring view, which redraws four times a
+        # second, they are redrawn at most once a second (rates are over a second anyway).
+        frame["stamp"] = key[0] if view != "ring" else int(now / RATE_PERIOD)
+        if frame["stamp"] != last_stamp[0]:
+            history.add_frame(frame)
+            last_stamp[0] = frame["stamp"]
         cids = [g["cid"] for g in frame["guests"]]
         if view == "ring" and guest is None and cids:
             guest = cids[0]
         rings, err = reader.pictures(raw, guest) if view == "ring" else ([], "")
         width = args.width or console.width
-        return render_view(frame, view, width, guest, history, rings, err, keys=use_keys), cids
+        return render_view(frame, view, width, guest, history, rings, err, keys=use_keys, memo=memo), cids
 
     def loop(keys) -> None:
         nonlocal view, guest
         screen, cids = frame_now()
-        # Stats snapshots change every half second; the ring view reads the RAM itself and
-        # refreshes four times a second (unless --interval says otherwise).
+        # Tables redraw once a second (and only when a snapshot changed); the ring view reads the
+        # RAM itself and redraws four times a second (unless --interval says otherwise).
         with Live(screen, console=console, refresh_per_second=8, auto_refresh=False,
                   screen=args.screen) as live:
             while end is None or time.monotonic() < end:
-                interval = args.interval or (0.25 if view == "ring" else 0.5)
+                interval = args.interval or (0.25 if view == "ring" else 1.0)
                 deadline = time.monotonic() + interval
                 if keys is None:
                     time.sleep(interval)
@@ -222,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--view", choices=VIEWS, default="queues", help="what to show (default queues)")
     p.add_argument("--guest", type=int, default=None, metavar="CID", help="show this guest only")
     p.add_argument("--interval", type=float, default=None,
-                   help="refresh period in seconds (default 0.5, ring view 0.25); --once measures "
+                   help="refresh period in seconds (default 1, ring view 0.25); --once measures "
                         "rates over it (default 1.0)")
     p.add_argument("--once", action="store_true", help="print one frame and exit")
     p.add_argument("--json", action="store_true", help="with --once: the frame as JSON (same figures)")
@@ -231,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
     p.add_argument("--screen", action="store_true", help="use the alternate screen")
     p.add_argument("--no-keys", action="store_true", help="do not read keys from the terminal")
+    p.add_argument("--nice", type=int, default=10, metavar="N",
+                   help="lower the live monitor's CPU priority by N (default 10; 0 keeps it)")
     args = p.parse_args(argv)
     run_dir = args.run_dir or default_run_dir()
     if not Path(run_dir).is_dir():
@@ -241,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.json and not args.once:
         print("monitor: --json needs --once", file=sys.stderr)
+        return 2
+    if not 0 <= args.nice <= 19:
+        print("monitor: --nice must be in 0..19", file=sys.stderr)
         return 2
     if args.width is not None and args.width < 40:
         print("monitor: --width must be at least 40", file=sys.stderr)

@@ -24,6 +24,13 @@ SHORT_STATE = {"ESTABLISHED": "ESTAB", "SYN_SENT": "SYN_SENT", "CLOSE": "CLOSE",
                "CLOSING": "CLOSING"}
 
 
+
+def _rule_note(rule, text: str) -> str:
+    """" (ring rule N)" (docs/ring-rules.md) unless the message already names it."""
+    if rule is None or f"ring rule {rule}" in text:
+        return ""
+    return f" (ring rule {rule})"
+
 def human(n, unit: str = "") -> str:
     if n is None:
         return DASH
@@ -40,13 +47,12 @@ def num(n) -> str:
 
 
 def sparkline(values: list[float], width: int = 16) -> str:
-    """The last `width` buckets of `values` as ▁..█ (scaled to their maximum); '' when empty."""
+    """The values as ▁..█ (scaled to their maximum), averaged into at most `width` buckets."""
     if not values:
         return ""
-    if len(values) > width:                    # average into `width` buckets, oldest first
-        k = len(values) / width
-        values = [sum(values[int(i * k):int((i + 1) * k)] or [0]) / max(1, len(values[int(i * k):int((i + 1) * k)]))
-                  for i in range(width)]
+    if len(values) > width:                    # oldest first, each bucket the mean of its values
+        edges = [round(i * len(values) / width) for i in range(width + 1)]
+        values = [sum(values[a:b]) / (b - a) for a, b in zip(edges, edges[1:])]
     top = max(values)
     if top <= 0:
         return SPARKS[0] * len(values)
@@ -155,17 +161,20 @@ def guests_panel(frame: dict, width: int, history=None) -> Group:
         parts.append(fit_table("links, resets, bridge", life, frame["guests"], width, ""))
     errs = [g for g in frame["guests"] if g.get("last_error")]
     for g in errs:
-        rule = f" (B.5 rule {g['last_rule']})" if g.get("last_rule") is not None else ""
-        parts.append(Text(f"  {g['name']}: last error: {g['last_error']}{rule}", "bold red"))
+        parts.append(Text(f"  {g['name']}: last error: {g['last_error']}"
+                          f"{_rule_note(g.get('last_rule'), g['last_error'])}", "bold red"))
     if hist is not None and frame["guests"]:
-        for g in frame["guests"]:
-            line = Text(f"  {g['name']} last minute  ")
-            for key, label in (("tx_Bps", "tx"), ("rx_Bps", "rx"), ("kicks_ps", "kicks"), ("irqs_ps", "irqs")):
+        def spark(key: str, unit: str = ""):
+            def cell(g):
                 vals = hist.values(f"{g['cid']}.{key}")
-                line.append(f"{label} ")
-                line.append(sparkline(vals) or DASH, "cyan")
-                line.append(f" {human(max(vals) if vals else None)} max  ")
-            parts.append(line)
+                t = Text(sparkline(vals, 12) or DASH, "cyan")
+                t.append(f" {human(vals[-1] if vals else None, unit)}")
+                return t
+            return cell
+        cols = [Col("guest", lambda g: g["name"], "left", 9),
+                Col("tx B/s g→h", spark("tx_Bps", "B"), "left", 8), Col("rx B/s h→g", spark("rx_Bps", "B"), "left", 8),
+                Col("kicks/s", spark("kicks_ps"), "left", 7), Col("irqs/s", spark("irqs_ps"), "left", 7)]
+        parts.append(fit_table("the last minute", cols, frame["guests"], width, ""))
     return Group(*parts)
 
 
@@ -213,8 +222,9 @@ def queues_panel(frame: dict, width: int, guest: int | None = None) -> Group:
              fit_table("virtqueues: notifications", rate_cols, rows, width, "no queues")]
     for q in rows:
         if q["broken"]:
-            rule = f" (B.5 rule {q['rule']})" if q.get("rule") is not None else ""
-            parts.append(Text(f"  {q['guest']} {q['name']}: {q['why'] or 'broken'}{rule}", "bold red"))
+            why = q["why"] or "broken"
+            parts.append(Text(f"  {q['guest']} {q['name']}: {why}{_rule_note(q.get('rule'), why)}",
+                              "bold red"))
     return Group(*parts)
 
 

@@ -97,15 +97,31 @@ def decode_ring(read, num: int, desc: int, avail: int, used: int, *, last_avail:
     notes: list[str] = []
     ahead = (avail_idx - used_idx) & U16
     if ahead > num:
-        # B.5 rule 1 as the device sees it: more buffers posted than the ring holds
+        # ring rule 1 as the device sees it: more buffers posted than the ring holds
         problems.append(f"avail.idx is {ahead} entries ahead of used.idx, more than N={num}")
     # The two indices that are not in RAM come from snapshots up to half a second old; under
     # traffic they can lag the live ring. Use them only where they fit it, else estimate.
     la = used_idx if last_avail is None else last_avail & U16
-    if ((la - used_idx) & U16) > min(ahead, num):
-        notes.append(f"last_avail {la} (snapshot) is behind the live ring; shown as used.idx")
-        la = used_idx
+    span = min(ahead, num)
+    if ((la - used_idx) & U16) > span:
+        # With EVENT_IDX the device writes avail_event = last_avail each time it re-arms kicks:
+        # live, if it lies in the window.
+        if event_idx and ((avail_event - used_idx) & U16) <= span:
+            notes.append(f"last_avail {la} (snapshot) is behind the live ring; shown as avail_event")
+            la = avail_event
+        else:
+            notes.append(f"last_avail {la} (snapshot) is behind the live ring; shown as used.idx")
+            la = used_idx
+    elif event_idx and last_avail is not None and 0 < ((avail_event - la) & U16) <= ((avail_idx - la) & U16):
+        notes.append(f"last_avail {la} (snapshot) is older than avail_event; shown as avail_event")
+        la = avail_event
     lu = used_idx if last_used is None else last_used & U16
+    if event_idx and last_used is not None and lu != used_event \
+            and 0 < ((used_event - lu) & U16) <= ((used_idx - lu) & U16):
+        # With EVENT_IDX the driver writes used_event = last_used after every get_buf while its
+        # callbacks are on: a live figure, newer than the snapshot's.
+        notes.append(f"last_used {lu} (snapshot) is older than used_event; shown as used_event")
+        lu = used_event
     if ((used_idx - lu) & U16) > num - min(ahead, num):
         est = used_event if event_idx and ((used_idx - used_event) & U16) <= num - min(ahead, num) \
             else used_idx
@@ -115,22 +131,29 @@ def decode_ring(read, num: int, desc: int, avail: int, used: int, *, last_avail:
     states = [FREE] * num
     ring = [FREE] * num
     owner: dict[int, int] = {}          # descriptor -> head of the chain that claimed it
+    owner_state: dict[int, str] = {}    # descriptor -> the state of that chain
 
     def mark(head: int, state: str) -> None:
+        # A used chain may already be reclaimed and its descriptors reused when last_used comes
+        # from an older snapshot: what looks wrong about it is a note, not the guest's fault.
+        report = problems if state != USED else notes
         if head >= num:
-            problems.append(f"head {head} out of range (N={num})")
+            report.append(f"head {head} out of range (N={num})")
             return
         chain, why = _walk(descs, num, head)
-        st = BROKEN if why else state
+        bad = BROKEN if state != USED else state
+        st = bad if why else state
         if why:
-            problems.append(why)
+            report.append(why if state != USED else f"used {why} (reclaimed since the snapshot?)")
         for d in chain:
             if d in owner and owner[d] != head:
-                problems.append(f"descriptor {d} is on the chains of heads {owner[d]} and {head}")
-                st2 = BROKEN
+                msg = f"descriptor {d} is on the chains of heads {owner[d]} and {head}"
+                (problems if state != USED and owner_state[d] != USED else notes).append(msg)
+                st2 = bad if owner_state[d] != USED else st
             else:
                 st2 = st
             owner.setdefault(d, head)
+            owner_state.setdefault(d, state)
             if _RANK[st2] > _RANK[states[d]]:
                 states[d] = st2
 
@@ -157,7 +180,8 @@ def decode_ring(read, num: int, desc: int, avail: int, used: int, *, last_avail:
         ring[pos] = AVAIL
         mark(avail_ring[pos], AVAIL)
     return RingPicture(num, avail_idx, used_idx, la, lu, avail_flags, used_flags, event_idx,
-                       used_event, avail_event, states, ring, list(dict.fromkeys(problems)), notes)
+                       used_event, avail_event, states, ring, list(dict.fromkeys(problems)),
+                       list(dict.fromkeys(notes)))
 
 
 # --- drawing ---------------------------------------------------------------------------------------
@@ -173,8 +197,14 @@ def _strip(cells: list[str], per_row: int, label: str, marks: dict[int, str] | N
     pad = " " * len(label)
     for r in range(0, len(cells), per_row):
         t = Text(label if r == 0 else pad)
-        for c in cells[r:r + per_row]:
-            t.append(c, STYLES[c])
+        row = "".join(cells[r:r + per_row])
+        i = 0
+        while i < len(row):                       # one span per run of equal cells (cheap to draw)
+            j = i + 1
+            while j < len(row) and row[j] == row[i]:
+                j += 1
+            t.append(row[i:j], STYLES[row[i]])
+            i = j
         lines.append(t)
         if marks is not None:
             m = [" "] * min(per_row, len(cells) - r)
@@ -218,13 +248,13 @@ def ring_text(p: RingPicture, title: str, width: int = 100) -> Text:
     lines += _strip(_group(p.desc, k), per_row, "  desc ")
     lines += _strip(_group(p.ring, k), per_row, "  ring ", ring_marks(p, k))
     if p.event_idx:
-        sup = (f"  EVENT_IDX  used_event {p.used_event} (irq when used.idx passes)  "
-               f"avail_event {p.avail_event} (kick when avail.idx passes)")
+        sup = (f"  EVENT_IDX  used_event {p.used_event} (irq once used.idx passes it)  "
+               f"avail_event {p.avail_event} (kick once avail.idx does)")
     else:
         sup = (f"  flags: avail {'NO_INTERRUPT' if p.avail_flags & VRING_AVAIL_F_NO_INTERRUPT else '0'}"
                f", used {'NO_NOTIFY' if p.used_flags & VRING_USED_F_NO_NOTIFY else '0'}")
     lines.append(Text(sup))
-    for why in p.notes:
+    for why in p.notes[:3]:
         lines.append(Text(f"  ~ {why}", "dim"))
     for why in p.problems[:4]:
         lines.append(Text(f"  ! {why}", "bold red"))
