@@ -1,6 +1,6 @@
 """iovec helpers shared by every vhost device: a chain's buffers are a list of memoryviews over
 guest memory (DescChain.out / DescChain.in_). One copy each way; a chain shorter than the data is
-the guest's error (B.5 row 14), raised as VringError so the device wrapper turns it into NEEDS_RESET.
+the guest's error (ring rule 14), raised as VringError so the device wrapper turns it into NEEDS_RESET.
 """
 from __future__ import annotations
 

@@ -54,7 +54,7 @@ VHOST_NET_POLL_STOPPED = 2
 VHOST_NET_BATCH = 64        # used entries written per add_used_n (modern vhost-net)
 UIO_MAXIOV = 1024           # bound on chains one mergeable frame may take (get_rx_bufs)
 GUEST_ERRORS = (VringError, GuestMemoryError)
-RULE_NET = 14               # B.5 row 14: the chain's format does not fit the queue
+RULE_NET = 14               # ring rule 14: the chain's format does not fit the queue
 
 
 class VhostNet(VhostDevice):

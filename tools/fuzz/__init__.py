@@ -2,7 +2,7 @@
 
 Structure-aware generators build a case from a seed (a `random.Random`), one process, guest RAM
 on a bytearray (GuestMemory.from_buffer); the host code runs directly on it; an oracle written
-from the spec's rules (virtio 1.x 2.7, virtio-facts B.5) says what must happen:
+from the spec's rules (virtio 1.x 2.7, docs/ring-rules.md) says what must happen:
 
     rings.py    descriptor tables, avail rings (indices around the 16-bit wrap), indirect tables
                 -> VhostVirtqueue.get_vq_desc/add_used: valid chains are consumed with exactly

@@ -100,7 +100,7 @@ class RingCase:
             ln = 16 * (INDIRECT_MAX_DESC + 1)
         return (at if rng.random() < 0.95 else self._addr(ln)), ln
 
-    # --- the oracle (virtio 2.7.5 / 2.7.4.2, virtio-facts B.5) ----------------------------------
+    # --- the oracle (virtio 2.7.5 / 2.7.4.2, docs/ring-rules.md) ----------------------------------
     def in_ram(self, gpa: int, ln: int) -> bool:
         return ln == 0 or (BASE <= gpa and gpa + ln <= BASE + SIZE)
 

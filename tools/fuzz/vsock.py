@@ -1,5 +1,5 @@
 """Fuzz target: the vhost-vsock device (host/vsock/device.py) fed generated tx packets and rx/event
-buffers through real rings on a bytearray, checked against the vsock rules (virtio-facts B.5 row 14).
+buffers through real rings on a bytearray, checked against the vsock rules (ring rule 14, docs/ring-rules.md).
 
 Oracle for tx: packets are taken in ring order; a chain is malformed when it has a device-writable
 buffer, holds fewer than 44 bytes, or (STREAM) its header's len exceeds 64 KiB or what the chain
@@ -162,7 +162,7 @@ def run_case(rng: random.Random) -> dict:
 
 
 def _well_formed(data: bytes) -> bool:
-    """The rule, from the bytes as the device will see them (B.5 row 14)."""
+    """The rule, from the bytes as the device will see them (ring rule 14)."""
     if len(data) < HDR_SIZE:
         return False
     f = HDR.unpack(data[:HDR_SIZE])
