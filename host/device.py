@@ -263,7 +263,7 @@ class VhostDevice:
                 self.vq_err(vq, e)
                 return False
         def polled() -> None:                   # work found by polling: not a kick
-            if usable() and getattr(vq, "enabled", True):
+            if usable() and getattr(vq, "enabled", True) and self.mem_ok(vq):
                 try:
                     self.handle_kick(qidx)
                 except (VringError, GuestMemoryError) as e:

@@ -18,7 +18,7 @@ from tests.procs import ROOT, _env
 
 pytestmark = pytest.mark.multiprocess
 
-DEFAULT_SOURCE = ROOT / "docs" / "readme-fixes.md"      # README.md once the section is merged
+DEFAULT_SOURCE = ROOT / "README.md"
 SECTION = "## Running it by hand"
 
 

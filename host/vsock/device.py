@@ -482,6 +482,8 @@ class VhostVsock(VhostDevice):
         if not self._ready():
             return
         vq, mem = self.vqs[VSOCK_VQ_RX], self.mem
+        if not self.mem_ok(vq):          # a guest that shrank its RAM: NEEDS_RESET, not SIGBUS
+            return
         tx_num = self.vqs[VSOCK_VQ_TX].num
         used: list[tuple[int, int]] = []
         restart_tx = False
