@@ -27,7 +27,6 @@ u16 view (each publish is a single aligned store).
 """
 from __future__ import annotations
 
-import struct
 
 from shared.constants import (VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT,
                               VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY)

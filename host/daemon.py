@@ -31,6 +31,7 @@ import msgpack
 from shared import control
 from shared.errors import ProtocolError
 from shared.ratelimit import RateLimitedLog
+from shared import unixsock
 from shared.resources import ensure_run_dir, reap
 from shared.stats import prune as prune_stats
 
@@ -116,31 +117,14 @@ class Daemon:
 
     # --- setup --------------------------------------------------------------------------------
     def bind(self) -> None:
-        if self.path.exists():
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(str(self.path))
-            except OSError:
-                self.path.unlink()          # stale socket from a dead host
-            else:
-                raise SystemExit(f"host: another host is already serving {self.run_dir}")
-            finally:
-                probe.close()
+        unixsock.claim(self.path, f"host: another host is already serving {self.run_dir}")
         if self.opts.pcap:
             from shared.vsock.pcap import PcapWriter
             try:
                 PcapWriter(self.opts.pcap).close()   # the file header; device processes append records
             except OSError as e:
                 raise SystemExit(f"host: cannot write the capture {self.opts.pcap}: {e.strerror or e}") from None
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            s.bind(str(self.path))
-        finally:
-            os.umask(old)
-        s.listen(64)
-        s.setblocking(False)
-        self.listener = s
+        self.listener = unixsock.listen(self.path, 64)
         n = reap(self.run_dir)
         if n:
             log.info("reaped %d dead owner(s) in %s", n, self.run_dir)

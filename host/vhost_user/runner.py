@@ -26,6 +26,7 @@ from shared.doorbell import EventFdDoorbell
 from shared.stats import remove_stats, write_stats
 
 from host.worker import VhostWorker
+from shared import unixsock
 
 from . import codec
 from .memfd import map_memory_table
@@ -54,25 +55,8 @@ class VhostUserBackend:
 
     # --- setup ----------------------------------------------------------------------------------
     def bind(self) -> None:
-        if self.path.exists() or self.path.is_symlink():
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(str(self.path))
-            except OSError:
-                self.path.unlink()               # stale socket of a dead backend
-            else:
-                raise SystemExit(f"host: {self.path} is already served by another backend")
-            finally:
-                probe.close()
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            s.bind(str(self.path))
-        finally:
-            os.umask(old)
-        s.listen(4)
-        s.setblocking(False)
-        self.listener = s
+        unixsock.claim(self.path, f"host: {self.path} is already served by another backend")
+        self.listener = unixsock.listen(self.path, 4)
         log.info("vhost-user-vsock backend for CID %d listening on %s", self.cid, self.path)
 
     def _new_device(self):
@@ -280,10 +264,7 @@ class VhostUserBackend:
         if self.listener is not None:
             self.listener.close()
             self.listener = None
-            try:
-                self.path.unlink()
-            except FileNotFoundError:
-                pass
+            unixsock.unlink(self.path)
         if self.capture is not None:
             self.capture.close()
             self.capture = None

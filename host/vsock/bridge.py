@@ -37,11 +37,11 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import selectors
 import socket
 from pathlib import Path
 
+from shared import unixsock
 from shared.constants import VSOCK_DEFAULT_CONNECT_TIMEOUT
 from shared.vsock.proto import SHUT_WR, SockState
 
@@ -144,23 +144,8 @@ class VsockBridge:
     # --- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
         """Listen on <run-dir>/vsock-<cid>.sock (stale file removed, mode 0600)."""
-        try:
-            self.path.unlink()          # a stale socket of a previous host: the CID is ours now
-        except FileNotFoundError:
-            pass
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            s.bind(str(self.path))
-        except OSError:
-            s.close()
-            raise
-        finally:
-            os.umask(old)
-        os.chmod(self.path, 0o600)
-        s.listen(64)
-        s.setblocking(False)
-        self.listener = s
+        unixsock.unlink(self.path)      # a stale socket of a previous host: the CID is ours now
+        s = self.listener = unixsock.listen(self.path, 64)
         self.worker.register(s, _R, self._on_accept)
         self.core.unbound_request = self.unbound_request
         log.info("vsock bridge for CID %d on %s (%s dialect)", self.guest_cid, self.path, self.dialect)
@@ -172,10 +157,7 @@ class VsockBridge:
             self.worker.unregister(self.listener)
             self.listener.close()
             self.listener = None
-            try:
-                self.path.unlink()
-            except FileNotFoundError:
-                pass
+            unixsock.unlink(self.path)
         if self.core.unbound_request == self.unbound_request:
             self.core.unbound_request = None
 

@@ -26,7 +26,6 @@ from pathlib import Path
 
 from rich.console import Console, Group
 from rich.segment import Segments
-from rich.text import Text
 
 from shared.resources import default_run_dir
 from shared.stats import read_all
