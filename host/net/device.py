@@ -460,7 +460,9 @@ class VhostNet(VhostDevice):
         out = super().get_stats()
         out.update(backend=self.backend_name or _bname(self.backends[NET_VQ_TX]),
                    mac=format_mac(self.mac), tx_polling=self.tx_polling,
-                   drops=self.stats["rx_dropped"] + self.stats["tx_dropped"])
+                   drops=self.stats["rx_dropped"] + self.stats["tx_dropped"],
+                   # the monitor's names (docs/monitor.md): tx = guest -> host, rx = host -> guest
+                   tx_packets=self.stats["tx_frames"], rx_packets=self.stats["rx_frames"])
         return out
 
 

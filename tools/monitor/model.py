@@ -217,6 +217,17 @@ NET_KEYS = ("backend", "mac", "tx_packets", "tx_bytes", "rx_packets", "rx_bytes"
             "rx_dropped", "tx_polling")
 
 
+def split_net(raw: list[dict]) -> dict[str, dict]:
+    """Net device snapshots by guest name (a net device has no CID; a guest may also have vsock)."""
+    nets: dict[str, dict] = {}
+    for d in raw:
+        if d.get("role") == "device" and (d.get("device") or (d.get("stats") or {}).get("device")) == "net":
+            name = str(d.get("guest") or d.get("pid"))
+            if name not in nets or d.get("time", 0) >= nets[name].get("time", 0):
+                nets[name] = d
+    return nets
+
+
 def net_rows(devices: dict, pdevices: dict, dt: float) -> list[dict]:
     rows = []
     for cid, d in sorted(devices.items()):
@@ -226,7 +237,8 @@ def net_rows(devices: dict, pdevices: dict, dt: float) -> list[dict]:
         pd = pdevices.get(cid) or {}
         pds = (pd.get("stats") or {}) if pd.get("pid") == d.get("pid") else {}
         dt_ = _dt(d, pd, dt)
-        row = {"guest": d.get("guest") or f"cid{cid}", "cid": cid, "status": status_name(d.get("status"))}
+        row = {"guest": d.get("guest") or f"cid{cid}", "cid": d.get("cid"),
+               "status": status_name(d.get("status"))}
         row.update({k: ds.get(k) for k in NET_KEYS})
         row["tx_Bps"] = _rate(ds.get("tx_bytes"), pds.get("tx_bytes"), dt_)
         row["rx_Bps"] = _rate(ds.get("rx_bytes"), pds.get("rx_bytes"), dt_)
@@ -244,7 +256,7 @@ def build_frame(raw: list[dict], prev: list[dict] | None = None, dt: float = 0.0
         "guests": guest_rows(guests, devices, pguests, pdevices, dt, now),
         "queues": queue_rows(guests, devices, pguests, pdevices, dt),
         "conns": conn_rows(guests, devices),
-        "nets": net_rows(devices, pdevices, dt),
+        "nets": net_rows(split_net(raw), split_net(prev or []), dt),
     }
 
 
