@@ -207,6 +207,14 @@ class ControlSession:
         log.info("%s: SET_OWNER", self.name)
 
     def _op_reset_owner(self, msg: dict) -> None:
+        # vhost_net_reset_owner also stops the backends (vhost_net_stop): a device that has them
+        # detaches and closes them here; then the device forgets everything as on status 0.
+        reset_owner = getattr(self.device, "reset_owner", None)
+        if callable(reset_owner):
+            closer = getattr(self.device, "_close_backend", None)
+            for b in reset_owner():
+                if closer is not None:
+                    closer(b)
         self._reset_device()
         self.owner = False
         log.info("%s: RESET_OWNER: device reset, ownership dropped", self.name)

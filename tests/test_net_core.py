@@ -345,6 +345,35 @@ def test_set_backend_message_needs_the_owner_and_swaps():
     assert close and rep["error"] == "EINVAL"
 
 
+def test_reset_owner_message_detaches_and_closes_the_backends():
+    """RESET_OWNER over the control plane is vhost_net_reset_owner: the backends are stopped
+    (vhost_net_stop) and closed, the device forgets its rings, and ownership is dropped."""
+    from host.control_session import ControlSession
+    from shared.control import PROTOCOL_VERSION
+    closed = []
+
+    def make(hello):
+        dev = VhostNet(MAC)
+        dev.backend_opener = lambda spec: Sink(name=spec)
+        dev.backend_closer = closed.append
+        return dev
+    s = ControlSession(make, attach_memory=lambda regions: None)
+    seq = iter(range(1, 100))
+
+    def call(op, **f):
+        return s.handle({"op": op, "seq": next(seq), **f})
+    call("HELLO", version=PROTOCOL_VERSION, device="net", guest="g", reconnect=False, params={})
+    call("SET_OWNER")
+    call("SET_BACKEND", index=0, backend="a")
+    call("SET_BACKEND", index=1, backend="b")
+    b0, b1 = s.device.backends
+    rep, close = call("RESET_OWNER")
+    assert rep["ok"] and not close
+    assert s.device.backends == [None, None] and closed == [b0, b1]
+    rep, close = call("SET_BACKEND", index=1, backend="c")
+    assert close and rep["error"] == "EPERM"               # no longer the owner
+
+
 def test_backend_errors_are_not_the_guests():
     class Broken(Sink):
         def recv(self):
