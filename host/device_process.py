@@ -37,6 +37,7 @@ class KickPollers:
         self.worker = worker
         self.device = device
         self.threads: dict[int, tuple[object, object]] = {}      # queue -> (DoorbellThread, doorbell)
+        self._done: dict[int, tuple[int, int]] = {}   # counters of stopped threads, per queue
 
     def sync(self) -> None:
         """Match the pollers to the device's current kick doorbells (after every control message).
@@ -60,6 +61,20 @@ class KickPollers:
     def _stop(self, i: int) -> None:
         t, _ = self.threads.pop(i)
         self.worker.remove_doorbell(t)
+        w, p = self._done.get(i, (0, 0))
+        self._done[i] = (w + t.wakeups, p + t.polled_ns)
+
+    def queue_stats(self) -> dict:
+        """Per queue, for monitors: kick wake-ups of its doorbell thread, seconds spent polling."""
+        n = self.device.num_queues
+        wake, poll = [0] * n, [0.0] * n
+        for i in range(n):
+            w, p = self._done.get(i, (0, 0))
+            cur = self.threads.get(i)
+            if cur is not None:
+                w, p = w + cur[0].wakeups, p + cur[0].polled_ns
+            wake[i], poll[i] = w, p / 1e9
+        return {"vq_wakeups": wake, "vq_poll_time": poll}
 
     def stop_all(self) -> None:
         threads = [t for t, _ in self.threads.values()]
@@ -161,7 +176,8 @@ class DeviceProcess:
                 "guest": self.hello["guest"], "device": self.hello["device"],
                 "cid": self.hello.get("params", {}).get("cid"), "guest_pid": self.peer_pid,
                 "status": dev.status if dev else 0, "pid": os.getpid(),
-                "stats": dict(dev.get_stats() if dev else {}, **self.worker.stats)})
+                "stats": dict(dev.get_stats() if dev else {}, **self.worker.stats,
+                              **(self.pollers.queue_stats() if self.pollers else {}))})
         except OSError as e:
             log.debug("cannot write stats: %s", e)
         if not self.worker.stopping:

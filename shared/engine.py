@@ -87,6 +87,8 @@ class DoorbellThread:
         self.poll = poll
         self.poll_ns = max(0, int(poll_us)) * 1000
         self.stopped = False
+        self.wakeups = 0                  # this doorbell's share of the engine's counters
+        self.polled_ns = 0
         self.thread = threading.Thread(target=self._loop, name=f"{engine.name}-{name}", daemon=True)
 
     def stop(self) -> None:
@@ -123,6 +125,7 @@ class DoorbellThread:
                     return
                 if n:
                     stats["wakeups"] += 1
+                    self.wakeups += 1
                 elif poll is not None and poll.pending():
                     stats["missed_wakeups"] += 1      # work waited for a doorbell that never rang
                 else:
@@ -163,7 +166,9 @@ class DoorbellThread:
                         self._run_handler(polled=True)
                     break
             time.sleep(0)                     # let the other threads of this process run
-        stats["poll_ns"] += clock() - t0
+        spent = clock() - t0
+        stats["poll_ns"] += spent
+        self.polled_ns += spent
 
 
 class Engine:

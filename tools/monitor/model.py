@@ -3,7 +3,7 @@
 `build_frame(raw, prev, dt)` merges what each guest and each host device process wrote
 (shared.stats) into rows per guest, per queue, per vsock connection and per net device, with
 rates over the `dt` seconds since `prev`. Figures a process does not (yet) publish are None and
-are drawn as "–": the data-path engine adds some counters later (vq_wakeups, vq_poll_time).
+are drawn as "–" (e.g. vq_wakeups and vq_poll_time before a device process's first kick).
 `History` keeps the last minute of a few rates per guest for the sparklines.
 
 Direction words, everywhere: tx = guest -> host (what the device takes off the tx ring),
