@@ -110,10 +110,16 @@ def test_cli_refuses_bad_arguments_with_one_line(tmp_path):
 
 @pytest.mark.multiprocess
 def test_short_stress_run_with_faults_keeps_every_invariant(tmp_path):
+    import shutil
+    import tempfile
     out = tmp_path / "summary.json"
-    r = _cli("--pairs", "2", "--guests-per-host", "1", "--seconds", "18", "--faults", "all",
-             "--fault-rate", "0.7", "--seed", "84", "--plain", "--json", str(out), "--dir", str(tmp_path / "stress"),
-             timeout=400)
+    short = Path(tempfile.mkdtemp(prefix="ves-", dir="/tmp"))   # segment port sockets: AF_UNIX paths are short
+    try:
+        r = _cli("--pairs", "2", "--guests-per-host", "1", "--seconds", "18", "--faults", "all",
+                 "--fault-rate", "0.7", "--seed", "84", "--plain", "--json", str(out), "--dir", str(short / "s"),
+                 timeout=400)
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     doc = json.loads(out.read_text())
     assert doc["ok"] and doc["seed"] == 84 and doc["rounds"] >= 4

@@ -91,7 +91,7 @@ class Group:
             return "loopback"
         if role == "udp":
             return f"udp:{self.udp_lport}:{self.udp.getsockname()[1]}"
-        return f"segment:stress-g{self.idx}"
+        return "segment:s"        # one segment per host run dir; a short name (AF_UNIX paths are short)
 
     def _start_net(self) -> None:
         self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
