@@ -313,7 +313,7 @@ def _udp_send(ctx, sid: int, n: int) -> dict:
     for seq in range(n):
         ctx.udp.sendto(netframes.build(dst, b"\x02\x00\x00\x00\x00\x01", sid, seq),
                        ("127.0.0.1", ctx.udp_lport))
-        if seq % 16 == 15:
+        if seq % 4 == 3:
             time.sleep(0.001)            # paced: a datagram socket drops what overflows it
     return {"sent": n}
 
