@@ -110,10 +110,16 @@ def test_cli_refuses_bad_arguments_with_one_line(tmp_path):
 
 @pytest.mark.multiprocess
 def test_short_stress_run_with_faults_keeps_every_invariant(tmp_path):
+    import shutil
+    import tempfile
     out = tmp_path / "summary.json"
-    r = _cli("--pairs", "2", "--guests-per-host", "1", "--seconds", "18", "--faults", "all",
-             "--fault-rate", "0.7", "--seed", "84", "--plain", "--json", str(out), "--dir", str(tmp_path / "stress"),
-             timeout=400)
+    short = Path(tempfile.mkdtemp(prefix="ves-", dir="/tmp"))   # segment port sockets: AF_UNIX paths are short
+    try:
+        r = _cli("--pairs", "2", "--guests-per-host", "1", "--seconds", "18", "--faults", "all",
+                 "--fault-rate", "0.7", "--seed", "84", "--plain", "--json", str(out), "--dir", str(short / "s"),
+                 timeout=400)
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     doc = json.loads(out.read_text())
     assert doc["ok"] and doc["seed"] == 84 and doc["rounds"] >= 4
@@ -125,6 +131,13 @@ def test_short_stress_run_with_faults_keeps_every_invariant(tmp_path):
     assert rows["transfers verified end to end (SHA-256, every byte)"]["count"] > 0
     assert rows["faults injected"]["count"] > 0
     assert all(row["ok"] for row in doc["invariants"])
+    # net frames flowed through every backend and were checked (a host kill restarts the net guests)
+    net = rows["net frames sent and received (loopback, udp, l2: sent/received)"]
+    assert net["count"] > 0, net
+    backends = {o["backend"] for o in doc["outcomes"] if o["kind"].startswith("net-") and o["frames_recv"]}
+    assert backends == {"loopback", "udp", "l2"}, backends
+    assert rows["net frames corrupted, duplicated or stray (CRC32, payload, sequence)"]["count"] == 0
+    assert rows["net frames lost on loopback and l2 segment"]["count"] == 0
 
 
 class FakeVsock:
@@ -165,3 +178,72 @@ def test_agent_in_device_streams_are_checked(size):
     assert cmd_indev(FakeVsock(), "sink", 5, size, INDEV_SINK_PORT) == {"result": "ok", "bytes": size}
     assert cmd_indev(FakeVsock(b"12345678\n"), "sink", 5, size, INDEV_SINK_PORT)["result"] == "corrupt"
     assert cmd_indev(FakeVsock(b""), "sink", 5, size, INDEV_SINK_PORT)["result"] == "reset"
+
+
+# --- net frames (pure) ---------------------------------------------------------------------------
+def test_net_workloads_are_seeded_and_skip_host_kill_rounds():
+    from tools.stress.schedule import NET_WORKLOADS
+    cfg = Config(seed=7, pairs=2, guests_per_host=2)
+    plans = [round_plan(cfg, g, r) for g in range(2) for r in range(40)]
+    assert [p.as_dict() for p in plans] == [round_plan(cfg, p.group, p.rnd).as_dict() for p in plans]
+    kinds = {t.kind for p in plans for t in p.transfers}
+    assert set(NET_WORKLOADS) <= kinds
+    for p in plans:
+        net = [t for t in p.transfers if t.kind.startswith("net-")]
+        if p.fault is not None and p.fault.kind == "host-kill":
+            assert not net
+        else:
+            assert [t.kind for t in net].count("net-loopback") == 1
+        assert all(t.cid in (0, 1) and 1 <= t.size <= 200 for t in net)
+    # the vsock part of a seed's plan and its faults are what they were before net existed
+    off = Config(seed=7, pairs=2, guests_per_host=2, net=False)
+    for p in plans:
+        q = round_plan(off, p.group, p.rnd)
+        assert [t for t in p.transfers if not t.kind.startswith("net-")] == q.transfers
+        assert p.fault == q.fault
+
+
+def test_net_frames_carry_sequence_and_checksum():
+    from tools.stress import netframes as nf
+    dst, src = b"\x52\x54\x00\x00\x00\x02", b"\x52\x54\x00\x00\x00\x01"
+    sizes = set()
+    for seq in range(50):
+        f = nf.build(dst, src, 99, seq)
+        sizes.add(len(f))
+        assert nf.MIN_FRAME <= len(f) <= nf.MAX_FRAME and nf.parse(f) == (99, seq, True)
+        bad = bytearray(f)
+        bad[-1] ^= 1
+        assert nf.parse(bad)[2] is False                 # CRC32 catches a flipped payload bit
+    assert len(sizes) > 10
+    assert nf.parse(b"\xff" * 12 + b"\x08\x06" + bytes(46)) == (None, 0, True)   # other traffic
+    t = nf.Tally()
+    for seq in (0, 1, 1, 3, 7):                           # 2 and 4..5 lost, 1 twice, 7 out of range
+        t.feed(nf.build(dst, src, 5, seq))
+    bad = bytearray(nf.build(dst, src, 5, 6))
+    bad[40] ^= 0xFF
+    t.feed(bad)
+    r = t.collect(5, 6, timeout=0.2, idle=0.1)
+    assert (r["got"], r["lost"], r["dup"], r["stray"], r["corrupt"]) == (4, 3, 1, 1, 1), r
+    assert nf.verdict(6, r, loss_ok=True) == "corrupt"
+    assert nf.verdict(3, {"got": 2, "lost": 1}, loss_ok=False) == "lossy"
+    assert nf.verdict(3, {"got": 2, "lost": 1}, loss_ok=True) == "ok"
+    assert t.collect(6, 3, timeout=0.1)["lost"] == 3     # nothing at all came: all lost, no hang
+
+
+def _net_o(kind, result="ok", sent=10, recv=10, lost=0, corrupt=0, **kw):
+    o = _o(result, cid=0)
+    o.update(kind=kind, backend=kind[4:], frames_sent=sent, frames_recv=recv, frames_lost=lost,
+             frames_dup=0, frames_stray=0, frames_corrupt=corrupt, **kw)
+    return o
+
+
+def test_net_invariants():
+    rows = _run([_net_o("net-loopback"), _net_o("net-l2"), _net_o("net-udp", recv=8, lost=2)])
+    assert rows["net frames sent and received (loopback, udp, l2: sent/received)"]["count"] == 28
+    assert rows["net frames lost on udp (127.0.0.1 datagrams: counted, allowed)"]["count"] == 2
+    assert all(r["ok"] for r in rows.values())
+    rows = _run([_net_o("net-l2", "lossy", recv=9, lost=1)])
+    assert not rows["net frames lost on loopback and l2 segment"]["ok"]
+    rows = _run([_net_o("net-udp", "corrupt", corrupt=1)])
+    assert not rows["net frames corrupted, duplicated or stray (CRC32, payload, sequence)"]["ok"]
+    assert "net frames lost on loopback and l2 segment" not in _run([_o()])     # no net: no rows

@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     if not indevice:
         notes.append("in-device host endpoint: `python -m host --help` has no --service; its workloads "
                       "(indev-echo, indev-sink) were skipped")
-    notes.append("net workloads: vhost-net has not landed; none run (schedule.WORKLOADS is the extension point)")
+    notes.append("net workloads: three net guests per group (loopback, udp, two on an l2 segment) carry "
+                 "numbered CRC32 frames; they are not fault targets (a host kill restarts them)")
     base = args.dir or Path(tempfile.mkdtemp(prefix="ve-stress-"))
     base.mkdir(parents=True, exist_ok=True)
     console.print(f"[bold]virtio-emu stress[/]: seed {seed}, {args.pairs} group(s) x {args.guests_per_host} "

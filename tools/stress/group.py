@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
 
 from host.vsock.api import VsockHost
 
-from . import workloads
+from . import netframes, workloads
 from .procs import Proc, children, rss
 from .schedule import AGENT_PORT, ECHO_PORT, Config, RoundPlan, round_plan
 
 READY_TIMEOUT = 40.0
 JOIN_GRACE = workloads.TIMEOUT * 4
+
+
+NET_ROLES = ("loop", "a", "b", "udp")
 
 
 class GroupError(Exception):
@@ -45,6 +49,13 @@ class Group:
         self.rounds = 0
         self.lock = threading.Lock()
         self.busy_until_stop = threading.Event()
+        # net guests (not fault targets): "loop" on loopback, "a" and "b" on an L2 segment of
+        # this host, "udp" on udp:LPORT:RPORT with the group's UDP socket on RPORT
+        self.net: dict[str, Proc] = {}
+        self.net_macs: dict[str, bytes] = {}
+        self.udp: socket.socket | None = None
+        self.udp_lport = 0
+        self.udp_tally = netframes.Tally()
 
     # --- processes -----------------------------------------------------------------------------
     def _host_args(self) -> list[str]:
@@ -68,6 +79,85 @@ class Group:
             self.listeners[cid] = workloads.G2HListeners(self.run_dir, cid)
             if not self._guest_ready(cid):
                 raise GroupError(f"group {self.idx}: guest {cid} did not boot; see {self.guests[cid].log}")
+        if self.cfg.net:
+            self._start_net()
+
+    # --- net guests ----------------------------------------------------------------------------
+    def net_dir(self, role: str) -> Path:
+        return self.dir / f"net-{role}"
+
+    def _net_spec(self, role: str) -> str:
+        if role == "loop":
+            return "loopback"
+        if role == "udp":
+            return f"udp:{self.udp_lport}:{self.udp.getsockname()[1]}"
+        return "segment:s"        # one segment per host run dir; a short name (AF_UNIX paths are short)
+
+    def _start_net(self) -> None:
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+        self.udp.bind(("127.0.0.1", 0))
+        self.udp.settimeout(0.2)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as t:
+            t.bind(("127.0.0.1", 0))
+            self.udp_lport = t.getsockname()[1]
+        threading.Thread(target=self._udp_receive, daemon=True, name=f"g{self.idx}-udp-rx").start()
+        for role in NET_ROLES:
+            self.net_dir(role).mkdir()
+            self.net[role] = self._net_proc(role)
+        for role in self.net:
+            if not self._net_ready(role):
+                raise GroupError(f"group {self.idx}: net guest {role} did not boot; see {self.net[role].log}")
+        self._announce_net()
+
+    def _announce_net(self) -> bool:
+        """Every net guest sends a broadcast, so the segment's ports know each other's MACs (an
+        unknown unicast is flooded, and a full port drops a flooded frame)."""
+        return all("error" not in workloads.net_cmd(self.net_dir(role), {"op": "announce", "sid": 0}, 10.0)
+                   for role in self.net)
+
+    def _net_proc(self, role: str) -> Proc:
+        d = self.net_dir(role)
+        return Proc(f"net-{role}", ["-m", "guest", "--run-dir", str(self.run_dir), "--name",
+                                    f"stress-g{self.idx}-{role}", "--mem", "8M", "--net", self._net_spec(role),
+                                    # a fixed MAC: after a host SIGKILL the restarted guest's segment
+                                    # port takes over (and removes) its dead port's socket file
+                                    "--mac", f"52:54:00:5e:{self.idx & 0xff:02x}:{NET_ROLES.index(role):02x}",
+                                    "--net-run", "tools.stress.netagent:main"], self.dir,
+                    env={"VE_STRESS_NET_DIR": str(d)})
+
+    def _net_ready(self, role: str, timeout: float = READY_TIMEOUT) -> bool:
+        p, ready = self.net[role], self.net_dir(role) / "ready"
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if ready.exists():
+                self.net_macs[role] = bytes.fromhex(ready.read_text())
+                return True
+            if not p.alive():
+                return False
+            time.sleep(0.05)
+        return False
+
+    def _restart_net(self, role: str, announce: bool = True) -> bool:
+        p = self.net[role]
+        for _ in range(3):
+            p.kill_group()
+            for f in self.net_dir(role).iterdir():     # no stale commands, answers or ready file
+                f.unlink()
+            p.restart()
+            if self._net_ready(role):
+                return self._announce_net() if announce else True
+        return False
+
+    def _udp_receive(self) -> None:
+        while True:
+            try:
+                data, _ = self.udp.recvfrom(65536)
+            except (socket.timeout, TimeoutError):
+                continue
+            except OSError:
+                return
+            self.udp_tally.feed(data)
 
     def _guest_ready(self, cid: int, timeout: float = READY_TIMEOUT) -> bool:
         """Booted, and both the echo service and the agent answer through the bridge."""
@@ -98,6 +188,7 @@ class Group:
             out += [("device", c) for c in children(self.host.pid)]
         out += [(f"guest{cid}", g.pid) for cid, g in self.guests.items() if g.alive()]
         out += [("hostile", h.pid) for h in self.hostiles if h.alive()]
+        out += [(f"net-{role}", p.pid) for role, p in self.net.items() if p.alive()]
         return out
 
     def rss_sample(self) -> list[tuple[str, int]]:
@@ -172,6 +263,11 @@ class Group:
                 self.errors.append(f"group {self.idx}: guest {cid} exited on its own ({g.p.returncode}); "
                                    f"see {g.log}")
                 self._restart_guest(cid)
+        for role, p in self.net.items():
+            if not p.alive():
+                self.errors.append(f"group {self.idx}: net guest {role} exited on its own ({p.p.returncode}); "
+                                   f"see {p.log}")
+                self._restart_net(role)
 
     # --- faults -------------------------------------------------------------------------------
     def _fault(self, plan: RoundPlan) -> None:
@@ -230,6 +326,10 @@ class Group:
         for cid, g in self.guests.items():
             ok &= g.wait_log("reconnected to the host", READY_TIMEOUT, count=before[cid] + 1)
             ok &= self._ports_answer(cid, time.monotonic() + READY_TIMEOUT)
+        for role in self.net:             # their devices died with the host: boot them again
+            ok &= self._restart_net(role, announce=False)
+        if self.net:
+            ok &= self._announce_net()
         return ok
 
     def _fault_guest_stop(self, f, rec) -> None:
@@ -273,6 +373,11 @@ class Group:
         for cid, g in self.guests.items():
             if not g.stop(timeout):
                 self.hung_procs.append(f"group {self.idx}: guest {cid} did not exit on SIGTERM")
+        for role, p in self.net.items():
+            if not p.stop(timeout):
+                self.hung_procs.append(f"group {self.idx}: net guest {role} did not exit on SIGTERM")
+        if self.udp is not None:
+            self.udp.close()
         for h in self.hostiles:
             if not h.stop(timeout):
                 self.hung_procs.append(f"group {self.idx}: hostile guest did not exit")
@@ -285,6 +390,8 @@ class Group:
         out = [("host", p) for p in (self.host.logs if self.host else [])]
         for g in self.guests.values():
             out += [("guest", p) for p in g.logs]
+        for p in self.net.values():
+            out += [("guest", lg) for lg in p.logs]
         for h in self.hostiles:
             out += [("hostile", p) for p in h.logs]
         return out

@@ -97,6 +97,7 @@ def evaluate(run: dict) -> list[dict]:
     hs = [f for f in faults if f["kind"] == "hostile"]
     row("hostile guests run (malformed rings, packets, control messages)", len(hs), True,
         _hostile_detail(hs))
+    _net_rows(outs, row)
     leaks = run["leaks"]
     row("leaked shm segments and semaphores", len(leaks["shm"]), not leaks["shm"], ", ".join(leaks["shm"][:4]))
     row("leaked run-dir files", len(leaks["files"]), not leaks["files"], ", ".join(leaks["files"][:4]))
@@ -109,6 +110,32 @@ def evaluate(run: dict) -> list[dict]:
     row("orchestrator errors (processes exiting on their own, ...)", len(run["errors"]), not run["errors"],
         "; ".join(run["errors"][:3]))
     return rows
+
+
+def _net_rows(outs: list[dict], row) -> None:
+    """Net frames (loopback, UDP, L2 segment): sent, received, lost, corrupted. Net guests are not
+    fault targets and net frames never run in a host-kill round, so loss on loopback and the
+    segment is a violation; UDP (datagrams on 127.0.0.1) may lose: counted, not a violation."""
+    net = [o for o in outs if o["kind"].startswith("net-")]
+    if not net:
+        return
+
+    def tot(key: str, backend: str | None = None) -> int:
+        return sum(o.get(key, 0) for o in net if backend is None or o.get("backend") == backend)
+    per = ", ".join(f"{b} {tot('frames_sent', b):,}/{tot('frames_recv', b):,}"
+                    for b in ("loopback", "udp", "l2"))
+    row("net frames sent and received (loopback, udp, l2: sent/received)", tot("frames_recv"),
+        tot("frames_recv") > 0, per)
+    bad = [o for o in net if o.get("frames_corrupt") or o.get("frames_dup") or o.get("frames_stray")]
+    row("net frames corrupted, duplicated or stray (CRC32, payload, sequence)",
+        tot("frames_corrupt") + tot("frames_dup") + tot("frames_stray"), not bad,
+        "; ".join(f"g{o['group']} {o['kind']}: {o['why']}" for o in bad[:3]))
+    lost = tot("frames_lost", "loopback") + tot("frames_lost", "l2")
+    row("net frames lost on loopback and l2 segment", lost, lost == 0,
+        "; ".join(f"g{o['group']} {o['kind']}: {o['why']}" for o in net
+                  if o["backend"] != "udp" and o.get("frames_lost"))[:300])
+    row("net frames lost on udp (127.0.0.1 datagrams: counted, allowed)", tot("frames_lost", "udp"), True,
+        f"{tot('frames_sent', 'udp'):,} sent")
 
 
 def _count(items) -> dict:

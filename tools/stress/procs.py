@@ -27,8 +27,9 @@ def _env() -> dict:
 class Proc:
     """One started process; `restart()` starts the same command again with a new log file."""
 
-    def __init__(self, role: str, args: list[str], log_dir: Path):
+    def __init__(self, role: str, args: list[str], log_dir: Path, env: dict | None = None):
         self.role = role
+        self.env = env or {}
         self.args = args
         self.log_dir = log_dir
         self.generation = 0
@@ -42,7 +43,7 @@ class Proc:
         self.logs.append(log)
         with open(log, "wb") as out:
             self.p = subprocess.Popen([sys.executable, *self.args], stdout=out, stderr=subprocess.STDOUT,
-                                      env=_env(), cwd=ROOT, start_new_session=True)
+                                      env={**_env(), **self.env}, cwd=ROOT, start_new_session=True)
 
     @property
     def pid(self) -> int:

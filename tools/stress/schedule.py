@@ -17,9 +17,15 @@ FAULTS = ("guest-kill", "host-kill", "guest-stop", "host-stop", "rx-stall", "hos
 # Faults that may legitimately break the streams of their target (kills reset connections)
 BREAKING = ("guest-kill", "host-kill")
 
-# Workload kinds. Extension point: vhost-net frames ("net-loopback", "net-udp", "net-l2") go here
-# with an executor in workloads.EXECUTORS once the vhost-net device has landed.
-WORKLOADS = ("h2g", "g2h", "fanout", "storm-h2g", "storm-g2h", "indev-echo", "indev-sink")
+# Workload kinds, each with an executor in workloads.EXECUTORS. The net kinds send numbered,
+# checksummed frames (netframes) through a vhost-net backend between the group's net guests
+# (not fault targets); their Transfer.cid is the direction (NET_DIRS), size the frame count.
+NET_WORKLOADS = ("net-loopback", "net-udp", "net-l2")
+WORKLOADS = ("h2g", "g2h", "fanout", "storm-h2g", "storm-g2h", "indev-echo", "indev-sink") + NET_WORKLOADS
+# net-loopback: guest to itself. net-l2: 0 = guest A -> guest B on the segment, 1 = B -> A.
+# net-udp: 0 = guest -> host UDP socket, 1 = host UDP socket -> guest.
+NET_DIRS = (0, 1)
+NET_MAX_FRAMES = 200
 
 ECHO_PORT = 7           # guest echo service (host -> guest streams through the bridge)
 AGENT_PORT = 100        # the guest agent's command port
@@ -40,6 +46,7 @@ class Config:
     max_streams: int = 3
     fault_rate: float = 0.5
     indevice: bool = False        # the host supports --service (in-device endpoint)
+    net: bool = True              # net workloads (three net guests per group)
 
     def cids(self) -> list[int]:
         return list(range(3, 3 + self.guests_per_host))
@@ -122,6 +129,16 @@ def round_plan(cfg: Config, group: int, rnd: int) -> RoundPlan:
             big = max(8 * cfg.max_size, 2 << 20)
             add("h2g", victim, big)
             add("g2h", victim, big)
+    if cfg.net and not (plan.fault is not None and plan.fault.kind == "host-kill"):
+        # Their own generator, so the vsock plan and faults of a seed stay what they were. Not in
+        # a host-kill round: the kill takes the net devices (restarted with the host) with it.
+        rn = random.Random(f"stress/{cfg.seed}/{group}/{rnd}/net")
+        add("net-loopback", 0, rn.randint(1, NET_MAX_FRAMES))
+        for d in NET_DIRS:
+            if rn.random() < 0.7:
+                add("net-l2", d, rn.randint(1, NET_MAX_FRAMES))
+            if rn.random() < 0.7:
+                add("net-udp", d, rn.randint(1, NET_MAX_FRAMES))
     return plan
 
 

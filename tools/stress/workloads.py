@@ -285,5 +285,82 @@ def rx_stall(ctx, cid: int, seconds: float) -> dict:
                    why="" if blocked else f"{sent} bytes accepted by a guest that never reads")
 
 
+# --- net frames (vhost-net backends; the net guests run tools.stress.netagent) ---------------------
+NET_TIMEOUT = 20.0
+
+
+def net_cmd(d: Path, cmd: dict, timeout: float) -> dict:
+    """Hand one command to a net guest's agent; its answer, or {"error"} after `timeout`."""
+    rid = f"{cmd['op']}-{cmd['sid']:x}-{threading.get_ident():x}"
+    tmp = d / f".cmd-{rid}"
+    tmp.write_text(json.dumps(cmd))
+    tmp.rename(d / f"cmd-{rid}.json")
+    res = d / f"res-{rid}.json"
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if res.exists():
+            try:
+                return json.loads(res.read_text())
+            finally:
+                res.unlink()
+        time.sleep(0.02)
+    return {"error": f"no answer to {cmd['op']} in {timeout:g} s"}
+
+
+def _udp_send(ctx, sid: int, n: int) -> dict:
+    from . import netframes
+    dst = ctx.net_macs["udp"]
+    for seq in range(n):
+        ctx.udp.sendto(netframes.build(dst, b"\x02\x00\x00\x00\x00\x01", sid, seq),
+                       ("127.0.0.1", ctx.udp_lport))
+        if seq % 4 == 3:
+            time.sleep(0.001)            # paced: a datagram socket drops what overflows it
+    return {"sent": n}
+
+
+def net(ctx, kind: str, direction: int, sid: int, n: int) -> dict:
+    """n numbered, checksummed frames through one backend; the receiver counts every frame:
+    received, lost, duplicated, corrupted (CRC32 or payload). Outcome result: ok, lossy, corrupt,
+    hung (a guest did not answer); loss is allowed on UDP only (datagrams, reported)."""
+    from . import netframes
+    t0 = time.time()
+    box: dict = {}
+    if kind == "net-loopback":
+        sender, receiver, dst = "loop", "loop", "self"
+    elif kind == "net-l2":
+        sender, receiver = ("a", "b") if direction == 0 else ("b", "a")
+        dst = ctx.net_macs[receiver].hex()
+    else:
+        sender, receiver = ("udp", None) if direction == 0 else (None, "udp")
+        dst = "ff" * 6
+
+    def collect() -> None:
+        if receiver is None:
+            box["rx"] = ctx.udp_tally.collect(sid, n, NET_TIMEOUT)
+        else:
+            box["rx"] = net_cmd(ctx.net_dir(receiver), {"op": "collect", "sid": sid, "n": n,
+                                                        "timeout": NET_TIMEOUT}, NET_TIMEOUT + 10)
+
+    th = threading.Thread(target=collect, daemon=True)
+    th.start()
+    if sender is None:
+        tx = _udp_send(ctx, sid, n)
+    else:
+        tx = net_cmd(ctx.net_dir(sender), {"op": "send", "sid": sid, "n": n, "dst": dst}, NET_TIMEOUT)
+    th.join(NET_TIMEOUT + 15)
+    rx = box.get("rx") or {"error": "the receiver did not answer"}
+    fields = {"backend": kind[4:], "frames_sent": tx.get("sent", 0), "frames_recv": rx.get("got", 0),
+              "frames_lost": rx.get("lost", n), "frames_dup": rx.get("dup", 0),
+              "frames_stray": rx.get("stray", 0), "frames_corrupt": rx.get("corrupt", 0)}
+    if "error" in tx or "error" in rx:
+        why = "; ".join(x["error"] for x in (tx, rx) if "error" in x)
+        return outcome(kind, direction, sid, n, t0, "hung", why=why, **fields)
+    result = netframes.verdict(n, rx, loss_ok=(kind == "net-udp"))
+    why = "" if result == "ok" else ", ".join(f"{k} {v}" for k, v in fields.items() if k != "backend" and v)
+    return outcome(kind, direction, sid, n, t0, result, bytes=rx.get("bytes", 0),
+                   corrupt=rx.get("corrupt_bytes", 0), why=why, **fields)
+
+
 EXECUTORS = {"h2g": h2g, "g2h": g2h, "fanout": fanout, "storm-h2g": storm_h2g,
-             "storm-g2h": storm_g2h, "indev-echo": indev, "indev-sink": indev}
+             "storm-g2h": storm_g2h, "indev-echo": indev, "indev-sink": indev,
+             "net-loopback": net, "net-udp": net, "net-l2": net}
