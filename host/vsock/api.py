@@ -16,10 +16,11 @@ makefile...); closing one closes the vsock stream.
 from __future__ import annotations
 
 import errno
-import os
 import socket
 import time
 from pathlib import Path
+
+from shared import unixsock
 
 MAX_REPLY_LINE = 64
 
@@ -76,21 +77,9 @@ class VsockHost:
         """A Unix listener the bridge connects to when guest `cid` connects to CID 2 `port`."""
         _check_port(port)
         path = self.listen_path(cid, port)
-        try:
-            path.unlink()                # a stale socket file of an earlier listener
-        except FileNotFoundError:
-            pass
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            s.bind(str(path))
-        except BaseException:
-            s.close()
-            raise
-        finally:
-            os.umask(old)
-        os.chmod(path, 0o600)
-        s.listen(backlog)
+        unixsock.unlink(path)            # a stale socket file of an earlier listener
+        s = unixsock.listen(path, backlog)
+        s.setblocking(True)              # a host program's listener blocks in accept()
         old_s = self._listeners.pop(path, None)
         if old_s is not None:
             old_s.close()
