@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from typing import Any, Callable
 
 from shared.constants import (VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
@@ -84,6 +85,7 @@ class VhostDevice:
         self.hello: dict = {}
         self.worker = None           # set by the runner (queue_work); None in tests
         self.lock = threading.RLock()
+        self._local_work: deque = deque()   # work queued while no worker is attached (tests)
         self._error_log = RateLimitedLog()      # NEEDS_RESET lines: the first, then counts
         self.stats: dict[str, Any] = {
             "kicks": 0, "interrupts": 0, "errors": 0, "resets": 0,
@@ -220,6 +222,23 @@ class VhostDevice:
         except Exception as e:  # pragma: no cover - a device bug must not kill the worker
             log.exception("%s: handle_kick(%d) failed", self.name, qidx)
             self.vq_err(self.vqs[qidx], e)
+
+    # --- work scheduling ------------------------------------------------------------------------
+    def _queue_work(self, fn) -> None:
+        """vhost_work_queue: on the worker; without one (single-threaded tests), kept for
+        run_local_work. A pending fn is not queued twice."""
+        if self.worker is not None:
+            self.worker.queue_work(fn)
+        elif fn not in self._local_work:
+            self._local_work.append(fn)
+
+    def run_local_work(self, limit: int = 10_000) -> int:
+        """Run work queued while no worker was attached (single-threaded tests); returns count."""
+        n = 0
+        while self._local_work and n < limit:
+            self._local_work.popleft()()
+            n += 1
+        return n
 
     # --- adaptive polling (shared/engine.py PollOps) ------------------------------------------
     def queue_has_work(self, qidx: int) -> bool:

@@ -79,7 +79,6 @@ class VhostNet(VhostDevice):
         self.rx_pending = None              # a frame taken from the backend, waiting for buffers
         self.dirty_log: DirtyLog | None = None
         self.log_all = False
-        self._local_work: list = []
         self.on_tx_poll = None              # runner hook: tx polling state changed
         self.backend_opener = None          # runner hook: spec -> backend (SET_BACKEND)
         self.backend_closer = None          # runner hook: close a backend no queue uses
@@ -191,20 +190,6 @@ class VhostNet(VhostDevice):
         """The connection is gone: detach and close the backends (nothing left behind)."""
         for b in self.reset_owner():
             self._close_backend(b)
-
-    # --- scheduling -------------------------------------------------------------------------------
-    def _queue_work(self, fn) -> None:
-        if self.worker is not None:
-            self.worker.queue_work(fn)
-        elif fn not in self._local_work:
-            self._local_work.append(fn)
-
-    def run_local_work(self, limit: int = 10_000) -> int:
-        n = 0
-        while self._local_work and n < limit:
-            self._local_work.pop(0)()
-            n += 1
-        return n
 
     def _ready(self) -> bool:
         return (self.running and not self.broken and self.mem is not None

@@ -94,7 +94,6 @@ class VhostVsock(VhostDevice):
         self._reset_on_start = reconnect
         self.bridge = None
         self._tick_handle = None
-        self._local_work: deque = deque()   # work queued while no worker is attached (tests)
         self.batch = Batch()        # with dev.batch: one rx interrupt decision for many packets
         self._notify_rx = lambda: self.notify(self.vqs[VSOCK_VQ_RX])
         # In-device programs (host/vsock/endpoint.py): start_hooks run at the end of start()
@@ -150,21 +149,6 @@ class VhostVsock(VhostDevice):
         socks = sorted(self.core.connected.values(), key=lambda sk: (sk.local_port, sk.remote_port))
         out["conns"] = [sk.snapshot() for sk in socks[:64]]
         return out
-
-    # --- work scheduling ------------------------------------------------------------------------
-    def _queue_work(self, fn) -> None:
-        if self.worker is not None:
-            self.worker.queue_work(fn)
-        elif fn not in self._local_work:
-            self._local_work.append(fn)
-
-    def run_local_work(self, limit: int = 10_000) -> int:
-        """Run work queued while no worker was attached (single-threaded tests); returns count."""
-        n = 0
-        while self._local_work and n < limit:
-            self._local_work.popleft()()
-            n += 1
-        return n
 
     def _ready(self) -> bool:
         return self.running and not self.broken and self.mem is not None
