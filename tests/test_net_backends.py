@@ -105,6 +105,24 @@ def test_segment_floods_unknown_and_refuses_a_duplicate_mac(tmp_path):
             p.close()
 
 
+def test_segment_in_a_run_dir_deeper_than_sun_path(tmp_path):
+    """sun_path holds 107 bytes; a deep run dir still gets a working segment (ports are named
+    through a descriptor of the segment's directory) and learning still finds the peer."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    a = NetRig(MAC_A, Segment(deep, "lan", MAC_A), parse_ip("169.254.10.1/24")).start()
+    b = NetRig(MAC_B, Segment(deep, "lan", MAC_B), parse_ip("169.254.10.2/24")).start()
+    try:
+        assert len(str(a.backend.path)) > 108
+        assert len(a.net.ping("169.254.10.2", count=2)) == 2
+        assert a.net.udp_echo("169.254.10.2", b"deep") == b"deep"
+        assert a.backend.fdb[MAC_B].endswith(b.backend.path.name)
+    finally:
+        a.close()
+        b.close()
+    assert not (deep / "net-lan").exists()
+
+
 @pytest.mark.parametrize("spec,msg", [
     ("", "empty"), ("wire:x", "unknown net backend"), ("udp:1", "want udp:LPORT:RPORT"),
     ("udp:x:2", "bad port"), ("udp:0:2", "bad port"), ("tap:", "malformed"),

@@ -481,6 +481,13 @@ class VsockBridge:
             c.unix.close()
         except OSError:
             pass
+        # Drop the buffers and the callables that refer back to c: a closed connection is a
+        # reference cycle, and the cyclic GC counts objects, not bytes, so a 256 KiB buffer
+        # held by cyclic garbage can wait for a full collection (a stress run grew by 80 MiB).
+        c.rbuf = None
+        c.to_guest = b""
+        c.to_unix = memoryview(b"")
+        c.pump = c.on_ready = c.wake = _noop
         sk, c.sk = c.sk, None
         if sk is not None:
             sk.wake = _noop

@@ -15,6 +15,7 @@ and starts tx polling on fileno() for POLLOUT.
 from __future__ import annotations
 
 import errno
+import os
 import select
 import socket
 import time
@@ -25,6 +26,7 @@ from shared.net.hdr import format_mac
 PACKET_OUTGOING = 4
 ETH_P_ALL = 0x0003
 MAX_FRAME = 65536
+SUN_PATH_MAX = 108          # sizeof(sockaddr_un.sun_path), the NUL included
 PORTS_TTL = 0.2            # seconds a segment's port list is reused for flooding
 
 
@@ -121,20 +123,27 @@ class Segment(DatagramBackend):
             raise ValueError(f"segment backend: bad segment name {segment!r} (letters, digits, - and _)")
         self.dir = Path(run_dir) / f"net-{segment}"
         self.dir.mkdir(mode=0o700, exist_ok=True)
-        self.path = self.dir / (format_mac(mac).replace(":", "") + ".sock")
+        name = format_mac(mac).replace(":", "") + ".sock"
+        self.path = self.dir / name
+        # sun_path holds 107 bytes: a port in a deeper run dir is named through a descriptor of the
+        # segment's directory (/proc/self/fd/N/<mac>.sock resolves like the full path)
+        self._dirfd = os.open(self.dir, os.O_PATH | os.O_DIRECTORY)
+        self._base = str(self.dir) if len(os.fsencode(self.path)) < SUN_PATH_MAX else f"/proc/self/fd/{self._dirfd}"
+        addr = f"{self._base}/{name}"
         s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         if self.path.exists():
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             try:
-                probe.connect(str(self.path))
+                probe.connect(addr)
             except OSError:
                 self.path.unlink()          # a dead port's socket
             else:
                 probe.close()
                 s.close()
+                os.close(self._dirfd)
                 raise ValueError(f"segment backend: MAC {format_mac(mac)} is already on segment {segment!r}")
             probe.close()
-        s.bind(str(self.path))
+        s.bind(addr)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
         super().__init__(s, f"segment:{segment}")
         self.fdb: dict[bytes, str] = {}       # MAC -> port socket path (learned)
@@ -145,8 +154,9 @@ class Segment(DatagramBackend):
         """The other ports (re-listed at most every PORTS_TTL seconds: a flood must not glob)."""
         now = time.monotonic()
         if now - self._ports_at > PORTS_TTL:
-            me = str(self.path)
-            self._port_list = [str(p) for p in self.dir.glob("*.sock") if str(p) != me]
+            me = self.path.name
+            self._port_list = [f"{self._base}/{n}" for n in os.listdir(self.dir)
+                               if n.endswith(".sock") and n != me]
             self._ports_at = now
         return self._port_list
 
@@ -179,11 +189,16 @@ class Segment(DatagramBackend):
             if len(data) >= 12 and addr:
                 src = data[6:12]
                 if not src[0] & 1:
-                    self.fdb[src] = addr      # learn where this MAC lives
+                    # learn where this MAC lives (by port name: the sender may have bound
+                    # through its own /proc/self/fd path)
+                    self.fdb[src] = f"{self._base}/{addr.rsplit('/', 1)[-1]}"
             return data
 
     def close(self) -> None:
         super().close()
+        if self._dirfd >= 0:
+            os.close(self._dirfd)
+            self._dirfd = -1
         try:
             self.path.unlink()
         except FileNotFoundError:
