@@ -305,6 +305,7 @@ class Engine:
                             pass
                         continue
                     self._call(key.data, mask)
+                key = None              # no callback (and what it holds) is kept alive while we sleep
                 self._run_queue()
         finally:
             self._shutdown()
