@@ -105,6 +105,22 @@ def test_segment_floods_unknown_and_refuses_a_duplicate_mac(tmp_path):
             p.close()
 
 
+def test_segment_sends_to_a_registered_port_it_has_not_learned(tmp_path):
+    """Each port is named by its guest's MAC (a static entry): unicast to a guest that has not
+    sent yet goes to its port alone, with backpressure, not flooded (where a full port drops)."""
+    ports = [Segment(tmp_path, "s", bytes.fromhex(f"5254000000{i:02x}")) for i in range(1, 4)]
+    try:
+        f = bytes.fromhex("525400000002") + bytes.fromhex("525400000001") + b"\x88\xb5" + bytes(50)
+        assert ports[0].send(f)
+        assert wait_for(lambda: ports[1].readable()) and ports[1].recv() == f
+        time.sleep(0.05)
+        assert not ports[2].readable()                        # not flooded
+        assert ports[0].fdb[bytes.fromhex("525400000002")].endswith("525400000002.sock")
+    finally:
+        for p in ports:
+            p.close()
+
+
 def test_segment_in_a_run_dir_deeper_than_sun_path(tmp_path):
     """sun_path holds 107 bytes; a deep run dir still gets a working segment (ports are named
     through a descriptor of the segment's directory) and learning still finds the peer."""

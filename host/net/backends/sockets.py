@@ -3,9 +3,9 @@
     UdpPair     QEMU's `-netdev socket,udp=`: a UDP socket on 127.0.0.1:LPORT sending to RPORT
     Segment     a Unix-datagram L2 segment in the host that links several guests as one switch:
                 every port binds <run-dir>/net-<name>/<mac>.sock; each port learns which socket a
-                source MAC sent from (a learning switch spread over its ports), sends known
-                unicast there and floods broadcast, multicast and unknown destinations to every
-                other port. No central process: a port that died is forgotten when sending fails.
+                source MAC sent from (a learning switch spread over its ports; a port's own
+                MAC, its file name, is a static entry), sends known unicast there and floods
+                broadcast, multicast and unknown destinations to every other port. No central process: a port that died is forgotten when sending fails.
     PacketSocket  the seed's get_raw_socket: AF_PACKET/SOCK_RAW bound to an interface (ETH_P_ALL),
                 frames this host sent on the interface (PACKET_OUTGOING) are skipped.
 
@@ -104,6 +104,16 @@ class PacketSocket(DatagramBackend):
             raise ValueError(f"packet backend: cannot bind {ifname!r}: {e.strerror or e}") from None
         super().__init__(s, f"packet:{ifname}")
 
+    def _registered(self, mac: bytes) -> str | None:
+        """A unicast MAC not learned yet, but whose port is on the segment (every port is named
+        by its guest's MAC, a static entry): sent there with backpressure rather than flooded,
+        where a full port would miss it."""
+        name = mac.hex() + ".sock"
+        if not (self.dir / name).exists():
+            return None
+        port = self.fdb[mac] = f"{self._base}/{name}"
+        return port
+
     def recv(self):
         while True:
             try:
@@ -162,7 +172,7 @@ class Segment(DatagramBackend):
 
     def send(self, frame) -> bool:
         dst = bytes(frame[:6])
-        port = None if dst[0] & 1 else self.fdb.get(dst)
+        port = None if dst[0] & 1 else self.fdb.get(dst) or self._registered(dst)
         if port is not None:
             try:
                 self.sock.sendto(frame, port)
@@ -179,6 +189,16 @@ class Segment(DatagramBackend):
             except OSError:
                 pass
         return True
+
+    def _registered(self, mac: bytes) -> str | None:
+        """A unicast MAC not learned yet, but whose port is on the segment (every port is named
+        by its guest's MAC, a static entry): sent there with backpressure rather than flooded,
+        where a full port would miss it."""
+        name = mac.hex() + ".sock"
+        if not (self.dir / name).exists():
+            return None
+        port = self.fdb[mac] = f"{self._base}/{name}"
+        return port
 
     def recv(self):
         while True:
