@@ -99,6 +99,27 @@ def _cli(*args, timeout=60):
                           text=True, timeout=timeout)
 
 
+def test_rss_sample_counts_private_memory_not_touched_shared_memory():
+    """Touching guest RAM (shared memory) is bounded by --mem, not a leak: the sampled RSS is
+    RssAnon, which shm pages do not change, while private allocations do."""
+    import os
+    import uuid
+    from multiprocessing import shared_memory
+
+    from tools.stress.procs import rss
+    before = rss(os.getpid())
+    shm = shared_memory.SharedMemory(name=f"ve-test-{uuid.uuid4().hex[:12]}", create=True, size=32 << 20)
+    try:
+        shm.buf[::4096] = b"\x01" * len(range(0, 32 << 20, 4096))      # touch every page
+        assert rss(os.getpid()) - before < 8 << 20
+        private = bytearray(b"\x01" * (32 << 20))
+        assert rss(os.getpid()) - before > 24 << 20
+        del private
+    finally:
+        shm.close()
+        shm.unlink()
+
+
 def test_cli_refuses_bad_arguments_with_one_line(tmp_path):
     r = _cli("--faults", "meteor")
     assert r.returncode == 2 and "unknown fault" in r.stderr and "Traceback" not in r.stderr

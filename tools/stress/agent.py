@@ -41,6 +41,16 @@ def _send_stream(s, data: bytes) -> None:
         s.sendall(mv[off:off + CHUNK])
 
 
+def _send_then_shut(s, data: bytes) -> None:
+    """The sending half of an in-device stream, on a thread of its own: a reset (a host kill)
+    ends it quietly; the receiving half reports the stream as reset."""
+    try:
+        _send_stream(s, data)
+        s.shutdown(1)
+    except OSError:
+        pass
+
+
 def cmd_send(vsock, sid: int, size: int, port: int) -> dict:
     data = stream_bytes(sid, size)
     s = vsock.create_connection((2, port), timeout=TIMEOUT)
@@ -76,7 +86,7 @@ def cmd_indev(vsock, kind: str, sid: int, size: int, port: int) -> dict:
     data = stream_bytes(sid, size)
     s = vsock.create_connection((2, port), timeout=TIMEOUT)
     try:
-        sender = threading.Thread(target=lambda: (_send_stream(s, data), s.shutdown(1)), daemon=True)
+        sender = threading.Thread(target=_send_then_shut, args=(s, data), daemon=True)
         sender.start()
         if kind == "echo":
             chk = PrefixChecker(data)

@@ -8,7 +8,7 @@ def progress(groups, elapsed: float, rss_now: dict[str, int]) -> Table:
     t = Table(title=f"virtio-emu stress: {elapsed:5.0f} s   (faults: gK/hK guest/host SIGKILL, "
                     f"gS/hS SIGSTOP, rx stall, ho hostile)", title_justify="left")
     for col in ("grp", "rounds", "ok", "reset", "corrupt", "hung", "MB ok", "faults",
-                "stalls", "procs", "RSS MiB"):
+                "stalls", "procs", "anon MiB"):
         t.add_column(col, justify="right" if col not in ("faults",) else "left",
                      overflow="fold" if col == "faults" else "ellipsis")
     for g in groups:

@@ -104,7 +104,7 @@ def evaluate(run: dict) -> list[dict]:
     row("leaked processes", len(leaks["procs"]), not leaks["procs"], ", ".join(map(str, leaks["procs"][:8])))
     bad = rss_growth(run["rss"])
     peak = max((v for pts in run["rss"].values() for _, v in pts), default=0)
-    row("processes whose RSS grew after warm-up", len(bad), not bad,
+    row("processes whose private RSS (RssAnon) grew after warm-up", len(bad), not bad,
         "; ".join(f"{k}: {w >> 20} -> {f >> 20} MiB" for k, w, f in bad[:3])
         or f"{sum(1 for p in run['rss'].values() if len(p) >= 10)} processes sampled, peak {peak >> 20} MiB")
     row("orchestrator errors (processes exiting on their own, ...)", len(run["errors"]), not run["errors"],

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from tools.launch import ROOT
 
-PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def _env() -> dict:
@@ -123,12 +122,19 @@ def children(pid: int) -> list[int]:
 
 
 def rss(pid: int) -> int | None:
-    """Resident set size in bytes, None if the process is gone."""
+    """Private resident memory (RssAnon) in bytes, None if the process is gone.
+
+    Not VmRSS: that also counts the pages of guest RAM (shared memory) a guest or its device
+    process has touched so far, which grow towards --mem as buffers move around the RAM and are
+    bounded by it; a leak is private memory."""
     try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * PAGE
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
     except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
         return None
+    return None
 
 
 def state(pid: int) -> str:
