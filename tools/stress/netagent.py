@@ -4,7 +4,8 @@ Commands come as files VE_STRESS_NET_DIR/cmd-<id>.json; each runs on a thread of
 answer is written (atomically) to res-<id>.json:
 
     {"op": "send", "sid", "n", "dst": "self" | MAC hex}   send frames 0..n-1 of stream sid
-    {"op": "collect", "sid", "n", "timeout"}              wait for stream sid's frames; the tally
+    {"op": "collect", "sid", "n", "timeout", "idle"}      wait for stream sid's frames (until n came,
+                                                          timeout, or idle s without one); the tally
     {"op": "announce", "sid"}                             one broadcast (switches learn our MAC)
 
 A thread receives every frame all the time (the tally in netframes), so nothing waits on a ring.
@@ -56,7 +57,7 @@ def _run(net, tally, d: str, name: str) -> None:
             res = {"announced": True}
         else:
             announce(net)
-            res = tally.collect(c["sid"], c["n"], c.get("timeout", 15.0))
+            res = tally.collect(c["sid"], c["n"], c.get("timeout", 15.0), idle=c.get("idle", 2.0))
     except Exception as e:  # answered, never a hang
         res = {"error": f"{type(e).__name__}: {e}"}
     rid = name[len("cmd-"):-len(".json")]

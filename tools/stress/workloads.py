@@ -287,6 +287,7 @@ def rx_stall(ctx, cid: int, seconds: float) -> dict:
 
 # --- net frames (vhost-net backends; the net guests run tools.stress.netagent) ---------------------
 NET_TIMEOUT = 20.0
+LOSSY_IDLE = 2.0            # s without a frame after which a UDP receiver stops counting
 
 
 def net_cmd(d: Path, cmd: dict, timeout: float) -> dict:
@@ -336,9 +337,13 @@ def net(ctx, kind: str, direction: int, sid: int, n: int) -> dict:
 
     def collect() -> None:
         if receiver is None:
-            box["rx"] = ctx.udp_tally.collect(sid, n, NET_TIMEOUT)
+            box["rx"] = ctx.udp_tally.collect(sid, n, NET_TIMEOUT, idle=LOSSY_IDLE)
         else:
-            box["rx"] = net_cmd(ctx.net_dir(receiver), {"op": "collect", "sid": sid, "n": n,
+            # A lossless backend's receiver waits for every frame (up to NET_TIMEOUT): frames held
+            # up by a SIGSTOPped host (up to 2 s, longer under load) are late, not lost. UDP may
+            # lose, so its receiver stops after LOSSY_IDLE without a frame.
+            idle = LOSSY_IDLE if kind == "net-udp" else NET_TIMEOUT
+            box["rx"] = net_cmd(ctx.net_dir(receiver), {"op": "collect", "sid": sid, "n": n, "idle": idle,
                                                         "timeout": NET_TIMEOUT}, NET_TIMEOUT + 10)
 
     th = threading.Thread(target=collect, daemon=True)
