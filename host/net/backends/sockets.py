@@ -104,16 +104,6 @@ class PacketSocket(DatagramBackend):
             raise ValueError(f"packet backend: cannot bind {ifname!r}: {e.strerror or e}") from None
         super().__init__(s, f"packet:{ifname}")
 
-    def _registered(self, mac: bytes) -> str | None:
-        """A unicast MAC not learned yet, but whose port is on the segment (every port is named
-        by its guest's MAC, a static entry): sent there with backpressure rather than flooded,
-        where a full port would miss it."""
-        name = mac.hex() + ".sock"
-        if not (self.dir / name).exists():
-            return None
-        port = self.fdb[mac] = f"{self._base}/{name}"
-        return port
-
     def recv(self):
         while True:
             try:
