@@ -236,7 +236,7 @@ class Service:
                                      name=f"vsock-{self.name}-{peer[0]}:{peer[1]}")
                 self._threads = [x for x in self._threads if x.is_alive()]
                 self._threads.append(t)
-            t.start()
+                t.start()       # under the lock: stop() never sees (and joins) a thread not started
 
     def _serve(self, conn, peer) -> None:
         try:

@@ -226,6 +226,7 @@ def _finish(console, args, groups, base, seed, cfg, notes, rss_series, errors, t
         "hung": [h for g in groups for h in g.hung_procs],
         "exceptions": scan_tracebacks(groups),
         "errors": errors + [e for g in groups for e in g.errors],
+        "connect_retries": sum(g.connect_retries for g in groups),
     }
     rows = invariants.evaluate(run)
     elapsed = time.monotonic() - t_start

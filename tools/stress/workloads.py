@@ -24,6 +24,7 @@ from .schedule import AGENT_PORT, ECHO_PORT, G2H_PORT, HOLD_PORT, INDEV_ECHO_POR
 
 TIMEOUT = 30.0
 STALL_CAP = 16 << 20        # rx-stall: how much the host offers a guest that never reads
+STALL_FILL_TIME = 30.0      # rx-stall: s it may take to fill the guest's window (a loaded machine)
 
 
 def outcome(kind: str, cid: int, sid: int, size: int, t0: float, result: str, **kw) -> dict:
@@ -109,8 +110,25 @@ class G2HListeners:
         self.vh.close()
 
 
-def _connect(run_dir: Path, cid: int, port: int):
-    s = VsockHost(run_dir).connect(cid, port, timeout=TIMEOUT)
+CONNECT_TRIES = 3           # bridge CONNECTs per stream before it counts as refused
+
+
+def _connect(ctx, cid: int, port: int):
+    """A bridge connection to a guest port. The bridge answers a CONNECT the guest has not
+    accepted within its 2 s connect timeout (af_vsock's) by closing, as it does for an RST; on a
+    machine loaded far past its cores (8 groups on 2 cores: load 30) a busy guest can miss it.
+    Such a refusal is tried again, up to CONNECT_TRIES, and every retry is counted in the summary;
+    a port that really has no listener is refused every time and the stream reports it."""
+    for attempt in range(CONNECT_TRIES):
+        try:
+            s = VsockHost(ctx.run_dir).connect(cid, port, timeout=TIMEOUT)
+            break
+        except ConnectionRefusedError:
+            if attempt == CONNECT_TRIES - 1:
+                raise
+            with ctx.lock:
+                ctx.connect_retries += 1
+            time.sleep(0.2)
     s.settimeout(TIMEOUT)
     return s
 
@@ -121,7 +139,7 @@ def h2g(ctx, kind: str, cid: int, sid: int, size: int) -> dict:
     data = stream_bytes(sid, size)
     chk = PrefixChecker(data)
     try:
-        s = _connect(ctx.run_dir, cid, ECHO_PORT)
+        s = _connect(ctx, cid, ECHO_PORT)
     except OSError as e:
         return outcome(kind, cid, sid, size, t0, _classify(e), why=f"connect: {e}")
     err: list = []
@@ -188,7 +206,7 @@ def storm_h2g(ctx, kind: str, cid: int, sid: int, n: int) -> dict:
     errors, last = 0, ""
     for i in range(n):
         try:
-            s = _connect(ctx.run_dir, cid, ECHO_PORT)
+            s = _connect(ctx, cid, ECHO_PORT)
             if i % 2:
                 s.sendall(b"z")
                 if s.recv(1) != b"z":
@@ -203,7 +221,7 @@ def storm_h2g(ctx, kind: str, cid: int, sid: int, n: int) -> dict:
 def agent_cmd(ctx, cid: int, line: str) -> dict:
     """One command to the guest agent; its JSON answer (or a reset outcome's fields)."""
     try:
-        s = _connect(ctx.run_dir, cid, AGENT_PORT)
+        s = _connect(ctx, cid, AGENT_PORT)
     except OSError as e:
         return {"result": _classify(e), "why": f"agent connect: {e}"}
     try:
@@ -264,15 +282,23 @@ def rx_stall(ctx, cid: int, seconds: float) -> dict:
     bounded number of bytes; nothing may pile up in the host."""
     t0 = time.time()
     try:
-        s = _connect(ctx.run_dir, cid, HOLD_PORT)
+        s = _connect(ctx, cid, HOLD_PORT)
     except OSError as e:
         return outcome("rx-stall", cid, 0, 0, t0, _classify(e), why=f"connect: {e}")
     s.settimeout(0.5)
     sent, blocked = 0, False
     chunk = b"\xa5" * CHUNK
-    end = time.monotonic() + seconds
+    # Send until the credit holds us back, then go on trying for `seconds` (it must stay shut).
+    # Filling the window (the guest's buf_alloc) may take longer than `seconds` on a loaded
+    # machine, so the limit there is STALL_FILL_TIME: "never held back" means the cap was
+    # reached, or that much time passed with every send taken.
+    now = time.monotonic()
+    end, fill_end = now + seconds, now + seconds + STALL_FILL_TIME
     try:
-        while sent < STALL_CAP and time.monotonic() < end:
+        while sent < STALL_CAP:
+            now = time.monotonic()
+            if now >= fill_end or (blocked and now >= end):
+                break
             try:
                 sent += s.send(chunk)
             except (socket.timeout, TimeoutError):
