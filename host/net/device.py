@@ -80,6 +80,7 @@ class VhostNet(VhostDevice):
         self.dirty_log: DirtyLog | None = None
         self.log_all = False
         self.on_tx_poll = None              # runner hook: tx polling state changed
+        self.on_rx_wait = None              # runner hook: rx_pending set or cleared
         self.backend_opener = None          # runner hook: spec -> backend (SET_BACKEND)
         self.backend_closer = None          # runner hook: close a backend no queue uses
         self.stats.update({"rx_frames": 0, "rx_bytes": 0, "tx_frames": 0, "tx_bytes": 0,
@@ -143,7 +144,7 @@ class VhostNet(VhostDevice):
             if index == NET_VQ_TX:
                 self.tx_poll_stop()
             else:
-                self.rx_pending = None      # a frame of the old backend's is not the new one's
+                self._clear_rx_pending()    # a frame of the old backend's is not the new one's
             self.backends[index] = backend
             self.stats["backend_swaps"] += 1
             self._choose_hlen()
@@ -155,8 +156,14 @@ class VhostNet(VhostDevice):
     def reset(self) -> None:
         """Status 0: forget the rings; the backends stay attached (the daemon configured them)."""
         self.tx_poll_state = VHOST_NET_POLL_DISABLED
-        self.rx_pending = None
+        self._clear_rx_pending()
         super().reset()
+
+    def _clear_rx_pending(self) -> None:
+        if self.rx_pending is not None:
+            self.rx_pending = None
+            if self.on_rx_wait is not None:
+                self.on_rx_wait()
 
     def reset_owner(self) -> list:
         """vhost_net_reset_owner: stop, detach both backends (vhost_net_stop), reset the device.
@@ -273,10 +280,14 @@ class VhostNet(VhostDevice):
 
     def handle_rx(self) -> None:
         """The seed's handle_rx: backend -> guest rx ring. A guest error becomes vq_err."""
+        waiting = self.rx_pending is not None
         try:
             self._handle_rx()
         except GUEST_ERRORS as e:
             self.vq_err(self.vqs[NET_VQ_RX], e)
+        finally:
+            if (self.rx_pending is not None) != waiting and self.on_rx_wait is not None:
+                self.on_rx_wait()           # the runner stops / resumes watching the backend
 
     def _handle_tx(self) -> None:
         with self.lock:
