@@ -297,3 +297,40 @@ def test_cli_errors_are_one_line(tmp_path, argv, needle, code):
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=30)
     assert p.returncode == code and needle in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert not (tmp_path / "s.sock").exists()
+
+
+def test_one_ring_started_the_other_unconfigured_is_left_alone():
+    """QEMU enables both rings before configuring them; when rx starts, the backend is attached
+    and the tx work it queues must not touch the unconfigured tx ring (ring rule 13 otherwise)."""
+    from host.net.device import VhostNet
+    from host.vhost_user.memfd import map_memory_table
+    from host.vhost_user.session import VhostUserSession
+    from shared.doorbell import EventFdDoorbell
+
+    dev = VhostNet(MAC)
+    s = VhostUserSession(dev, attach_memory=map_memory_table, open_doorbell=EventFdDoorbell)
+
+    def req(op, payload=b"", fds=()):
+        (r,) = codec.Decoder().feed(codec.encode_request(op, payload), list(fds))
+        return s.handle(r)
+    fd = os.memfd_create("ve-vunet-test-ram")
+    os.ftruncate(fd, 1 << 20)
+    try:
+        req("SET_PROTOCOL_FEATURES", u64(0x8))
+        for q in (0, 1):
+            req("SET_VRING_ENABLE", state(q, 1))
+        req("SET_FEATURES", u64(bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_NET_F_MRG_RXBUF) | F_PROTOCOL))
+        req("SET_MEM_TABLE", codec.mem_table_payload([MemRegion(0, 1 << 20, 0x7F0000000000, 0)]), [os.dup(fd)])
+        req("SET_VRING_NUM", state(0, 64))
+        req("SET_VRING_ADDR", struct.pack("<IIQQQQ", 0, 0, 0x7F0000001000, 0x7F0000003000, 0x7F0000002000, 0))
+        out = req("SET_VRING_KICK", u64(0), [os.eventfd(0)])
+        assert out.started == [0] and dev.running and not out.close
+        lo = Loopback()
+        dev.set_backend(0, lo)
+        dev.set_backend(1, lo)                       # what NetKind.sync does at the start
+        dev.run_local_work()
+        assert not dev.broken and dev.stats["errors"] == 0
+        assert dev.vqs[0].enabled and not dev.vqs[1].enabled
+    finally:
+        s.close()
+        os.close(fd)

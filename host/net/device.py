@@ -292,9 +292,9 @@ class VhostNet(VhostDevice):
     def _handle_tx(self) -> None:
         with self.lock:
             sock = self.backends[NET_VQ_TX]
-            if sock is None or not self._ready():
-                return
             vq = self.vqs[NET_VQ_TX]
+            if sock is None or not self._ready() or not vq.enabled:
+                return                          # (vhost-user: a ring not started yet)
             mem = self.mem
             if self.tx_poll_state == VHOST_NET_POLL_STARTED:
                 if not sock.writable():
@@ -359,9 +359,9 @@ class VhostNet(VhostDevice):
     def _handle_rx(self) -> None:
         with self.lock:
             sock = self.backends[NET_VQ_RX]
-            if sock is None or not self._ready():
-                return
             vq = self.vqs[NET_VQ_RX]
+            if sock is None or not self._ready() or not vq.enabled:
+                return
             mem = self.mem
             total = pkts = 0
             hlen = self.vhost_hlen
