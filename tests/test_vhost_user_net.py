@@ -188,6 +188,8 @@ def test_frames_loop_through_the_backend_and_the_next_frontend_is_served(served,
         time.sleep(0.2)
         (st,) = [d for d in read_all(tmp_path / "run") if d.get("role") == "device"]
         assert st["device"] == "net" and st["stats"]["tx_packets"] == 50 and st["connections"] == 1
+        from tools.monitor.model import split_net               # the monitor's net view finds it
+        assert split_net(read_all(tmp_path / "run"))["vhost-user:n.sock"]["stats"]["rx_packets"] == 50
         tx_base = fe.stop()[1]
         assert tx_base == 50 and dev.backends == [None, None]           # detached at the stop
     finally:
@@ -334,3 +336,24 @@ def test_one_ring_started_the_other_unconfigured_is_left_alone():
     finally:
         s.close()
         os.close(fd)
+
+
+def test_malformed_message_closes_the_connection_backend_serves_on(served, tmp_path, caplog):
+    lo = Loopback()
+    b = served(lo)
+    fe = Frontend(tmp_path / "n.sock")
+    try:
+        fe.setup()
+        fe.sock.sendall(struct.pack("<III", 5, 1, 8) + bytes(8))        # SET_MEM_TABLE, no regions
+        assert fe.sock.recv(1) == b""
+    finally:
+        fe.close()
+    fe = Frontend(tmp_path / "n.sock")
+    try:
+        fe.setup()
+        fe.drv.refill_and_kick()
+        assert fe.drv.start_xmit(frame(3))
+        assert fe.receive(1) == [frame(3)]
+        assert b.kind.backend is lo and b.connections == 2
+    finally:
+        fe.close()
