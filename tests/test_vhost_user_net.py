@@ -196,7 +196,7 @@ def test_frames_loop_through_the_backend_and_the_next_frontend_is_served(served,
         fe.close()
     # the backend stays open for the next frontend (QEMU rebooted)
     deadline = time.monotonic() + 5
-    while b.conn is not None and time.monotonic() < deadline:
+    while (b.conn is not None or b.device is not None) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert b.device is None and b.kind.backend is lo
     fe = Frontend(tmp_path / "n.sock")
@@ -357,3 +357,38 @@ def test_malformed_message_closes_the_connection_backend_serves_on(served, tmp_p
         assert b.kind.backend is lo and b.connections == 2
     finally:
         fe.close()
+
+
+def test_broken_device_does_not_spin_on_a_readable_backend(served, tmp_path):
+    """A device stopped by a guest error (NEEDS_RESET) takes no frames: its backend's POLLIN is
+    not watched (it would be readable forever), until the next frontend."""
+    from host.net.backends.sockets import UdpPair
+    from shared.errors import VringError
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind(("127.0.0.1", 0))
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    lp = s.getsockname()[1]
+    s.close()
+    udp = UdpPair(lp, peer.getsockname()[1])
+    b = served(udp)
+    fe = Frontend(tmp_path / "n.sock")
+    try:
+        fe.setup()
+        fe.drv.refill_and_kick()
+        dev = b.device
+        b.worker.queue_work(lambda: dev.vq_err(dev.vqs[1], VringError(14, "a test's ring error")))
+        deadline = time.monotonic() + 5
+        while not dev.broken and time.monotonic() < deadline:
+            time.sleep(0.01)
+        calls = []
+        real = dev.handle_rx
+        dev.handle_rx = lambda: (calls.append(1), real())[1]
+        for i in range(3):
+            peer.sendto(frame(i), ("127.0.0.1", lp))
+        time.sleep(0.3)
+        assert dev.broken and len(calls) < 5, len(calls)
+        assert b.kind.glue.watched[id(udp)] == 0
+    finally:
+        fe.close()
+        peer.close()

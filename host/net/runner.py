@@ -2,9 +2,10 @@
 each backend's fd is watched for POLLIN (handle_rx_net) and, while tx polling is on, for POLLOUT
 (handle_tx_net). Backends without an fd (loopback) wake the device through `wakeup`.
 
-POLLIN is not watched while the device holds a frame it has no rx buffers for (`rx_pending`,
-handle_rx's "no buffers: wait for the guest's rx kick"): the fd stays readable, and a level-
-triggered select would spin; the device's `on_rx_wait` hook re-syncs when the frame went in.
+POLLIN of the rx backend is watched only while the device would take a frame (`rx_wanted`): not
+while it holds one it has no rx buffers for (`rx_pending`, handle_rx's "no buffers: wait for the
+guest's rx kick"), nor while it or its rx ring is not running: the fd stays readable, and a level-
+triggered select would spin. The device's `on_rx_wait` hook re-syncs when that changes.
 
 `NetBackends` also opens backends from specs for SET_BACKEND (the device's backend_opener) and
 closes what a swap or the device's end leaves unused (the seed's fput). `bind(dev)` points the glue
@@ -81,8 +82,10 @@ class NetBackends:
         dev = self.dev
         for key, b in list(self.objs.items()):
             want = selectors.EVENT_READ
-            if dev is not None and b is dev.backends[NET_VQ_RX] and dev.rx_pending is not None:
-                want = 0
+            if dev is not None and b is dev.backends[NET_VQ_RX]:
+                dev.rx_watch = dev.rx_wanted()
+                if not dev.rx_watch:
+                    want = 0
             if dev is not None and b is dev.backends[NET_VQ_TX] and dev.tx_polling:
                 if getattr(b, "pollout_blind", False):
                     # POLLOUT of an unconnected datagram socket says nothing about the full peer:
