@@ -26,7 +26,7 @@ import pytest
 from shared.stats import read_all
 from tests.procs import Proc
 
-pytestmark = [pytest.mark.multiprocess, pytest.mark.qemu]
+pytestmark = [pytest.mark.multiprocess, pytest.mark.dpdk]
 
 TESTPMD = shutil.which("dpdk-testpmd")
 PROBE = 1 << 30                     # probe frames' numbers
