@@ -392,3 +392,39 @@ def test_broken_device_does_not_spin_on_a_readable_backend(served, tmp_path):
     finally:
         fe.close()
         peer.close()
+
+
+@pytest.mark.multiprocess
+def test_several_sockets_in_one_host_process(tmp_path):
+    """Two vhost-user-net sockets and a vhost-user-vsock one, one host command, a process each:
+    each serves its own device (frames through loopback on both nets); SIGTERM stops them all."""
+    from tests.procs import Proc
+    a, b, v = tmp_path / "a.sock", tmp_path / "b.sock", tmp_path / "v.sock"
+    host = Proc(["-m", "host", "--vhost-user-net", str(a), "--vhost-user-net", str(b),
+                 "--net-backend", "loopback", "--net-backend", "loopback",
+                 "--vhost-user", str(v), "--cid", "3", "--run-dir", str(tmp_path / "run")],
+                tmp_path / "host.log")
+    try:
+        for path in (a, b, v):
+            assert host.wait_log(f"listening on {path}", 20), host.text()
+        for k, path in enumerate((a, b)):
+            fe = Frontend(path)
+            try:
+                fe.setup()
+                fe.drv.refill_and_kick()
+                assert fe.drv.start_xmit(frame(k))
+                assert fe.receive(1) == [frame(k)]
+                mac = fe.call("GET_CONFIG", struct.pack("<III", 0, 6, 0) + bytes(6))[12:]
+                assert mac == bytes.fromhex("525400ee00") + bytes([k + 1])
+            finally:
+                fe.close()
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(str(v))
+        socket.send_fds(s, [codec.encode_request("GET_CONFIG", struct.pack("<III", 0, 8, 0) + bytes(8))], [])
+        assert s.recv(64)[-8:] == u64(3)
+        s.close()
+    finally:
+        assert host.stop() == 0
+    assert not a.exists() and not b.exists() and not v.exists()
+    assert "Traceback" not in host.text()
