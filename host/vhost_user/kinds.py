@@ -20,11 +20,7 @@ A third device kind is one more class here; the runner does not change.
 """
 from __future__ import annotations
 
-import logging
-
 from shared.constants import VHOST_F_LOG_ALL, bit
-
-log = logging.getLogger("host.vhost_user")
 
 DEFAULT_MAC = bytes.fromhex("525400ee0000")     # + the socket's position in the last byte
 

@@ -3,8 +3,9 @@
     VhostUserBackend(socket_path, kind, opts).run()
 
 serves one device kind (kinds.py: VsockKind(cid) or NetKind(spec); the runner itself is
-device-neutral: the kind makes a device per frontend and attaches what it owns), listens on `socket_path` (QEMU's `-chardev socket,path=...` connects to it), accepts one frontend
-(a second one is refused while the first is connected), reads with recvmsg (socket.recv_fds: the
+device-neutral: the kind makes a device per frontend and attaches what it owns). It listens on
+`socket_path` (QEMU's `-chardev socket,path=...` connects to it), accepts one frontend (a second
+one is refused while the first is connected), reads with recvmsg (socket.recv_fds: the
 memory table's and the rings' fds arrive by SCM_RIGHTS), feeds the codec and the session and sends
 the replies. Kick eventfds are registered on the worker's selector directly (no poller threads):
 when one is readable the runner drains it and calls device.kick_received. On EOF or a malformed
