@@ -206,6 +206,19 @@ def test_frames_loop_through_the_backend_and_the_next_frontend_is_served(served,
         assert fe.drv.start_xmit(frame(7))
         assert fe.receive(1) == [frame(7)]
         assert b.connections == 2
+        dev2 = b.device
+    finally:
+        fe.close()                   # gone without GET_VRING_BASE (QEMU killed)
+    deadline = time.monotonic() + 5
+    while b.device is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert b.device is None and dev2.backends == [None, None] and not dev2.running
+    fe = Frontend(tmp_path / "n.sock")
+    try:
+        fe.setup()
+        fe.drv.refill_and_kick()
+        assert fe.drv.start_xmit(frame(8))
+        assert fe.receive(1) == [frame(8)] and b.connections == 3
     finally:
         fe.close()
 
