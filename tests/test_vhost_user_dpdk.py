@@ -12,92 +12,17 @@ dpdk-dev) or when it cannot start here.
 from __future__ import annotations
 
 import os
-import re
-import shutil
-import signal
 import socket
-import subprocess
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
 from shared.stats import read_all
 from tests.procs import Proc
+from tools.testpmd import LATE_PROBES, TESTPMD, Testpmd, free_udp_port, send_and_collect
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.dpdk]
-
-TESTPMD = shutil.which("dpdk-testpmd")
-PROBE = 1 << 30                     # probe frames' numbers
-FRAME = bytes.fromhex("ffffffffffff525400ee0001") + b"\x88\xb5"
-
-
-def frame(i: int, size: int = 64) -> bytes:
-    return FRAME + i.to_bytes(4, "big") + bytes(size - len(FRAME) - 4)
-
-
-def free_udp_port() -> int:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
-
-
-class Testpmd:
-    __test__ = False
-    """dpdk-testpmd with a virtio_user port on SOCK; stopped by pid, its runtime dir removed."""
-
-    def __init__(self, sock: Path, log: Path):
-        self.prefix = f"ve{uuid.uuid4().hex[:10]}"
-        self.log = log
-        self._f = open(log, "wb")
-        cmd = [*(["stdbuf", "-oL"] if shutil.which("stdbuf") else []), TESTPMD, "--no-huge", "-m", "256", "--no-pci", "--no-shconf", f"--file-prefix={self.prefix}",
-               "--vdev", f"net_virtio_user0,path={sock},queues=1", "--",
-               "--forward-mode=io", "--auto-start", "--port-topology=loop", "--total-num-mbufs=4096"]
-        # stdin stays open: without -i, testpmd runs until enter (or a signal)
-        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=self._f, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_forwarding(self, peer, lport: int, timeout: float = 60) -> tuple[int, int] | None:
-        """Probe frames until one comes back: frames that reach testpmd's rx ring before its port
-        started are dropped (the virtio PMD flushes used rx entries at the start). Returns
-        (probes sent, probes back) once every probe sent has had its chance, None on timeout."""
-        end = time.monotonic() + timeout
-        sent = back = 0
-        peer.settimeout(0.2)
-        while time.monotonic() < end and self.p.poll() is None:
-            peer.sendto(frame(PROBE + sent), ("127.0.0.1", lport))
-            sent += 1
-            try:
-                while True:
-                    if int.from_bytes(peer.recv(2048)[14:18], "big") >= PROBE:
-                        back += 1
-            except TimeoutError:
-                pass
-            if back:
-                return sent, back
-        return None
-
-    def stop(self) -> dict:
-        """SIGINT (testpmd prints its forward statistics), then SIGKILL if it hangs."""
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGINT)
-            try:
-                self.p.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.p.pid, signal.SIGKILL)
-                self.p.wait(10)
-        if self.p.stdin:
-            self.p.stdin.close()
-        self._f.close()
-        shutil.rmtree(f"/var/run/dpdk/{self.prefix}", ignore_errors=True)
-        m = re.search(r"Accumulated forward statistics.*?RX-packets: (\d+).*?TX-packets: (\d+)", self.text(), re.S)
-        return {"rx": int(m.group(1)), "tx": int(m.group(2))} if m else {}
 
 
 @pytest.fixture
@@ -121,31 +46,6 @@ def udp_backend(tmp_path):
     finally:
         host.stop()
         peer.close()
-
-
-LATE_PROBES: list[int] = []
-
-
-def send_and_collect(peer, lport: int, ids, timeout: float = 10.0, burst: int = 64) -> tuple[list[int], float]:
-    """Send frames `ids` with at most `burst` in flight; return what came back (late probes are
-    set aside in LATE_PROBES) and the time it took."""
-    got: list[int] = []
-    ids = list(ids)
-    peer.settimeout(0.05)
-    t0 = time.monotonic()
-    end = t0 + timeout
-    sent = 0
-    while (len(got) < len(ids)) and time.monotonic() < end:
-        while sent < len(ids) and sent - len(got) < burst:
-            peer.sendto(frame(ids[sent]), ("127.0.0.1", lport))
-            sent += 1
-        try:
-            data = peer.recv(2048)
-        except TimeoutError:
-            continue
-        i = int.from_bytes(data[14:18], "big")
-        (LATE_PROBES if i >= PROBE else got).append(i)
-    return got, time.monotonic() - t0
 
 
 def device_stats(run: Path) -> dict:

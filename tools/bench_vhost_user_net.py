@@ -1,7 +1,7 @@
 """QEMU (TCG) + a real Linux guest's virtio-net through our vhost-user-net backend, next to the
 same guest on QEMU's own virtio-net (`-netdev tap`), in the same run, on the same kind of tap.
 
-    python -m tools.bench_vhost_user_net [--pings 10] [--mib 1] [--json FILE]
+    python -m tools.bench_vhost_user_net [--pings 10] [--mib 1] [--testpmd-frames 20000] [--json FILE]
 
 Each mode boots the guest once with a tap `tap0` (169.254.10.1/16) in a fresh network namespace:
   qemu-tap        QEMU in the namespace, `-netdev tap,ifname=tap0` (QEMU's userspace virtio-net)
@@ -12,6 +12,10 @@ the namespace's `ping -c N -i 0.2` to the guest (avg RTT); N MiB over TCP each w
 (guest -> namespace, namespace -> guest; MiB/s from the namespace side). Needs root, iproute2,
 socat, ping and QEMU (see .ci/run); the network namespaces and taps are deleted afterwards.
 TCG emulates the guest's CPU: the figures are the guest's, the ratio is what our backend costs.
+
+Then, with dpdk-testpmd installed (and --testpmd-frames not 0): numbered 64-byte frames through
+our backend (`udp:` spec) and testpmd's io loop, 64 and 256 in flight, next to a Python UDP
+reflector process in the same run (tools/testpmd.py `measure`).
 """
 from __future__ import annotations
 
@@ -129,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.bench_vhost_user_net")
     p.add_argument("--pings", type=int, default=10)
     p.add_argument("--mib", type=int, default=1)
+    p.add_argument("--testpmd-frames", type=int, default=20000, metavar="N",
+                   help="frames through DPDK testpmd (0: skip; skipped without dpdk-testpmd)")
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args(argv)
     if os.geteuid() != 0:
@@ -157,6 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"guest ping ms: qemu-tap {out['qemu-tap']['guest_ping_ms']}, "
           f"vhost-user-net {out['vhost-user-net']['guest_ping_ms']}; load average "
           f"{out['load_avg_start']:.1f} -> {out['load_avg_end']:.1f}")
+    from tools.testpmd import TESTPMD, measure
+    if a.testpmd_frames and TESTPMD:
+        out["testpmd"] = measure(a.testpmd_frames)
+        for k, v in out["testpmd"].items():
+            print(f"{k:38} {v.get('frames_per_s', '-')!s:>8} frames/s  back {v.get('frames_back')} "
+                  f"in order {v.get('in_order')}" + (f"  testpmd {v['testpmd_forwarded']}"
+                                                     if "testpmd_forwarded" in v else ""))
     if a.json:
         a.json.write_text(json.dumps(out, indent=1))
     ok = all(out[m].get(k) for m in ("qemu-tap", "vhost-user-net")
