@@ -7,7 +7,7 @@ Each mode boots the guest once with a tap `tap0` (169.254.10.1/16) in a fresh ne
   qemu-tap        QEMU in the namespace, `-netdev tap,ifname=tap0` (QEMU's userspace virtio-net)
   vhost-user-net  `python -m host --vhost-user-net SOCK --net-backend tap:tap0` in the namespace,
                   QEMU outside it with `-netdev vhost-user` (vectors=0)
-and measures: boot to the guest's first ping reply; the guest's `ping -c 3` to the namespace;
+and measures: QEMU start to the end of the guest's `ping -c 3` to the namespace (boot included);
 the namespace's `ping -c N -i 0.2` to the guest (avg RTT); N MiB over TCP each way with socat
 (guest -> namespace, namespace -> guest; MiB/s from the namespace side). Needs root, iproute2,
 socat, ping and QEMU (see .ci/run); the network namespaces and taps are deleted afterwards.
