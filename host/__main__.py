@@ -32,6 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "',cid=N' or from the --cid given in the same position")
     p.add_argument("--cid", action="append", type=int, default=[], metavar="N",
                    help="the guest CID of the matching --vhost-user socket (3..0xFFFFFFFE)")
+    p.add_argument("--vhost-user-net", action="append", default=[], metavar="SOCKET",
+                   help="serve a vhost-user-net frontend (QEMU's -netdev vhost-user, DPDK's "
+                        "virtio_user) on this Unix socket with our vhost-net; repeatable, one "
+                        "frontend each, paired in order with --net-backend")
+    p.add_argument("--net-backend", action="append", default=[], metavar="SPEC",
+                   help="where the matching --vhost-user-net socket's frames go: loopback, "
+                        "udp:LPORT:RPORT, segment:NAME, tap:IFNAME[,vnet_hdr=on] or packet:IFNAME "
+                        "(opened once, kept across frontends)")
     add_common(p, "when host sockets send CREDIT_UPDATE: after every read (the 2016-17 seeds) or "
                   "only when free space falls below 64 KiB (Linux 2019)")
     return p
@@ -67,24 +75,56 @@ def vhost_user_pairs(p: argparse.ArgumentParser, sockets: list[str], cids: list[
     return pairs
 
 
+def vhost_user_net_pairs(p: argparse.ArgumentParser, sockets: list[str], specs: list[str],
+                         taken: list[Path]) -> list[tuple[Path, str]]:
+    """--vhost-user-net S --net-backend SPEC, paired in order -> [(path, spec)]."""
+    from host.net.backends.spec import check_spec, claim_key
+    if len(specs) != len(sockets):
+        if len(specs) < len(sockets):
+            p.error(f"--vhost-user-net {sockets[len(specs)]}: no --net-backend (one per socket, in order)")
+        p.error(f"--net-backend {specs[len(sockets)]} has no --vhost-user-net socket")
+    pairs: list[tuple[Path, str]] = []
+    keys: set[str] = set()
+    for path, spec in zip(sockets, specs):
+        if not path:
+            p.error("--vhost-user-net: empty socket path")
+        try:
+            check_spec(spec)
+            key = claim_key(spec)
+        except ValueError as e:
+            p.error(str(e))
+        if key and key in keys:
+            p.error(f"net backend {key} is given twice")
+        keys.add(key)
+        if Path(path) in taken or any(q == Path(path) for q, _ in pairs):
+            p.error(f"socket {path} is given twice")
+        pairs.append((Path(path), spec))
+    return pairs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if check_programs("host", args.service, args.run):
         return 2
     pairs = vhost_user_pairs(parser, args.vhost_user, args.cid)
+    net_pairs = vhost_user_net_pairs(parser, args.vhost_user_net, args.net_backend,
+                                     [q for q, _ in pairs])
     setup_logging("host", args.log_level)
     from host.daemon import Daemon, HostOptions
     opts = HostOptions(run_dir=args.run_dir or default_run_dir(), pcap=args.pcap,
                        credit_policy=args.credit_policy, dialect=args.dialect,
                        max_queue_size=args.max_queue_size, poll_us=args.poll_us,
                        buf_size=args.buf_size, services=args.service, run=args.run)
-    if pairs:
+    if pairs or net_pairs:
+        from host.vhost_user.kinds import DEFAULT_MAC, NetKind
         from host.vhost_user.runner import serve
         from shared.resources import ensure_run_dir
+        kinds = list(pairs) + [(path, NetKind(spec, opts, DEFAULT_MAC[:5] + bytes([i + 1])))
+                               for i, (path, spec) in enumerate(net_pairs)]
         try:
             ensure_run_dir(opts.run_dir)
-            return serve(pairs, opts)
+            return serve(kinds, opts)
         except SystemExit as e:
             print(e, file=sys.stderr)
             return 1

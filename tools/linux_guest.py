@@ -3,6 +3,7 @@
     python -m tools.linux_guest fetch [--cache DIR]     download + unpack the kernel, build the base
                                                         initramfs (what .ci/run does before the tests)
     python -m tools.linux_guest boot-cmd SOCKET         print a QEMU command line for vhost-user-vsock
+    python -m tools.linux_guest net-boot-cmd SOCKET     the same for vhost-user-net (virtio-net-pci)
 
 Nothing is installed on the system: the kernel package is fetched with `apt-get download`, unpacked
 with `dpkg-deb -x` into the cache and `depmod -b`-ed there (docs/readme-vhostuser.md,
@@ -203,9 +204,23 @@ def qemu_vsock_cmd(guest: LinuxGuest, initrd: Path, socket_path: Path, mem_mb: i
             "-device", "vhost-user-vsock-pci,chardev=c0"]
 
 
+def qemu_net_cmd(guest: LinuxGuest, initrd: Path, socket_path: Path, mem_mb: int = 256,
+                 mac: str = "52:54:00:12:34:56") -> list[str]:
+    """QEMU with a virtio-net-pci on a vhost-user-net backend (real-peers.md: `vectors=0`, or
+    QEMU 7.2 crashes when the guest driver negotiates; shared memfd RAM for the backend)."""
+    return ["qemu-system-x86_64", "-nographic", "-no-reboot", "-m", str(mem_mb), "-accel", "tcg",
+            "-kernel", str(guest.kernel), "-initrd", str(initrd),
+            "-append", "console=ttyS0 panic=-1 quiet loglevel=3",
+            "-object", f"memory-backend-memfd,id=mem,size={mem_mb}M,share=on",
+            "-numa", "node,memdev=mem",
+            "-nic", "none", "-chardev", f"socket,id=c0,path={socket_path}",
+            "-netdev", "vhost-user,id=n0,chardev=c0",
+            "-device", f"virtio-net-pci,netdev=n0,vectors=0,mac={mac}"]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.linux_guest")
-    p.add_argument("command", choices=("fetch", "boot-cmd"))
+    p.add_argument("command", choices=("fetch", "boot-cmd", "net-boot-cmd"))
     p.add_argument("socket", nargs="?", default="/tmp/vhost-vsock.sock")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     a = p.parse_args(argv)
@@ -218,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kernel {g.kernel}\ninitrd {g.initrd}")
     else:
         import shlex
-        print(shlex.join(qemu_vsock_cmd(g, g.initrd, Path(a.socket))))
+        make = qemu_net_cmd if a.command == "net-boot-cmd" else qemu_vsock_cmd
+        print(shlex.join(make(g, g.initrd, Path(a.socket))))
     return 0
 
 

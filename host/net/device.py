@@ -80,6 +80,8 @@ class VhostNet(VhostDevice):
         self.dirty_log: DirtyLog | None = None
         self.log_all = False
         self.on_tx_poll = None              # runner hook: tx polling state changed
+        self.on_rx_wait = None              # runner hook: rx_wanted() changed from rx_watch
+        self.rx_watch = None                # whether the runner watches the rx backend now
         self.backend_opener = None          # runner hook: spec -> backend (SET_BACKEND)
         self.backend_closer = None          # runner hook: close a backend no queue uses
         self.stats.update({"rx_frames": 0, "rx_bytes": 0, "tx_frames": 0, "tx_bytes": 0,
@@ -143,7 +145,7 @@ class VhostNet(VhostDevice):
             if index == NET_VQ_TX:
                 self.tx_poll_stop()
             else:
-                self.rx_pending = None      # a frame of the old backend's is not the new one's
+                self._clear_rx_pending()    # a frame of the old backend's is not the new one's
             self.backends[index] = backend
             self.stats["backend_swaps"] += 1
             self._choose_hlen()
@@ -155,8 +157,37 @@ class VhostNet(VhostDevice):
     def reset(self) -> None:
         """Status 0: forget the rings; the backends stay attached (the daemon configured them)."""
         self.tx_poll_state = VHOST_NET_POLL_DISABLED
-        self.rx_pending = None
+        self._clear_rx_pending()
         super().reset()
+
+    def _clear_rx_pending(self) -> None:
+        if self.rx_pending is not None:
+            self.rx_pending = None
+            self._rx_watch_check()
+
+    # --- when the runner should watch the rx backend ----------------------------------------------
+    def rx_wanted(self) -> bool:
+        """Would handle_rx take a frame now? Not while one waits for rx buffers (rx_pending), nor
+        while the device or its rx ring is not running: then a readable backend fd would only
+        make a level-triggered poller spin. The runner watches POLLIN exactly while this holds."""
+        return (self.rx_pending is None and self._ready()
+                and getattr(self.vqs[NET_VQ_RX], "enabled", True))
+
+    def _rx_watch_check(self) -> None:
+        if self.on_rx_wait is not None and self.rx_watch is not None and self.rx_wanted() != self.rx_watch:
+            self.on_rx_wait()
+
+    def start(self) -> None:
+        super().start()
+        self._rx_watch_check()
+
+    def stop(self) -> None:
+        super().stop()
+        self._rx_watch_check()
+
+    def vq_err(self, vq, exc: BaseException) -> None:
+        super().vq_err(vq, exc)
+        self._rx_watch_check()
 
     def reset_owner(self) -> list:
         """vhost_net_reset_owner: stop, detach both backends (vhost_net_stop), reset the device.
@@ -277,13 +308,15 @@ class VhostNet(VhostDevice):
             self._handle_rx()
         except GUEST_ERRORS as e:
             self.vq_err(self.vqs[NET_VQ_RX], e)
+        finally:
+            self._rx_watch_check()          # the runner stops / resumes watching the backend
 
     def _handle_tx(self) -> None:
         with self.lock:
             sock = self.backends[NET_VQ_TX]
-            if sock is None or not self._ready():
-                return
             vq = self.vqs[NET_VQ_TX]
+            if sock is None or not self._ready() or not vq.enabled:
+                return                          # (vhost-user: a ring not started yet)
             mem = self.mem
             if self.tx_poll_state == VHOST_NET_POLL_STARTED:
                 if not sock.writable():
@@ -348,9 +381,9 @@ class VhostNet(VhostDevice):
     def _handle_rx(self) -> None:
         with self.lock:
             sock = self.backends[NET_VQ_RX]
-            if sock is None or not self._ready():
-                return
             vq = self.vqs[NET_VQ_RX]
+            if sock is None or not self._ready() or not vq.enabled:
+                return
             mem = self.mem
             total = pkts = 0
             hlen = self.vhost_hlen

@@ -2,8 +2,16 @@
 each backend's fd is watched for POLLIN (handle_rx_net) and, while tx polling is on, for POLLOUT
 (handle_tx_net). Backends without an fd (loopback) wake the device through `wakeup`.
 
+POLLIN of the rx backend is watched only while the device would take a frame (`rx_wanted`): not
+while it holds one it has no rx buffers for (`rx_pending`, handle_rx's "no buffers: wait for the
+guest's rx kick"), nor while it or its rx ring is not running: the fd stays readable, and a level-
+triggered select would spin. The device's `on_rx_wait` hook re-syncs when that changes.
+
 `NetBackends` also opens backends from specs for SET_BACKEND (the device's backend_opener) and
-closes what a swap or the device's end leaves unused (the seed's fput)."""
+closes what a swap or the device's end leaves unused (the seed's fput). `bind(dev)` points the glue
+at another device (vhost-user: one backend, a new device per frontend); with none bound, a
+readable backend is drained (no device: the frames have nowhere to go).
+"""
 from __future__ import annotations
 
 import selectors
@@ -15,14 +23,23 @@ TX_RETRY = 0.0005          # s between tries on a backend whose POLLOUT is blind
 
 class NetBackends:
     def __init__(self, dev, worker, run_dir):
-        self.dev = dev
+        self.dev = None
         self.worker = worker
         self.run_dir = run_dir
-        self.watched: dict[int, int] = {}        # id(backend) -> events
-        dev.worker = worker
+        self.watched: dict[int, int] = {}        # id(backend) -> events (0: not registered)
+        self.objs: dict[int, object] = {}        # id(backend) -> backend
+        self._retry = None
+        self.bind(dev)
+
+    def bind(self, dev) -> None:
+        self.dev = dev
+        if dev is None:
+            return
+        dev.worker = self.worker
         dev.backend_opener = self.open
         dev.backend_closer = self.close
-        dev.on_tx_poll = lambda: worker.queue_work(self.sync)
+        dev.on_tx_poll = lambda: self.worker.queue_work(self.sync)
+        dev.on_rx_wait = dev.on_tx_poll
 
     def open(self, spec: str):
         from host.net.backends.spec import open_backend
@@ -37,43 +54,63 @@ class NetBackends:
 
     def watch(self, backend) -> None:
         if not hasattr(backend, "fileno"):
-            backend.wakeup = self.dev.backend_readable
+            backend.wakeup = self._wakeup
             return
-        dev = self.dev
 
         def on_event(mask: int) -> None:
+            dev = self.dev
             if mask & selectors.EVENT_READ:
-                if backend is dev.backends[NET_VQ_RX]:
+                if dev is not None and backend is dev.backends[NET_VQ_RX]:
                     dev.handle_rx()
                 else:
                     backend.recv()          # nobody's rx backend: drain, do not spin
-            if mask & selectors.EVENT_WRITE:
+            if mask & selectors.EVENT_WRITE and dev is not None:
                 dev.backend_writable()
             self.sync()
         backend.on_event = on_event
         self.worker.register(backend, selectors.EVENT_READ, on_event)
         self.watched[id(backend)] = selectors.EVENT_READ
+        self.objs[id(backend)] = backend
+
+    def _wakeup(self) -> None:
+        if self.dev is not None:
+            self.dev.backend_readable()
 
     def sync(self) -> None:
-        """Watch the tx backend for POLLOUT exactly while tx polling is on."""
-        b = self.dev.backends[NET_VQ_TX]
-        if b is None or id(b) not in self.watched:
-            return
-        if getattr(b, "pollout_blind", False):
-            # POLLOUT of an unconnected datagram socket says nothing about the full peer: retry on a
-            # short timer instead of spinning on an always-writable fd
-            if self.dev.tx_polling and not getattr(self, "_retry", None):
-                def retry() -> None:
-                    self._retry = None
-                    self.dev.backend_writable()
-                self._retry = self.worker.call_later(TX_RETRY, retry)
-            return
-        want = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.dev.tx_polling else 0)
-        if self.watched[id(b)] != want:
-            self.watched[id(b)] = want
-            self.worker.modify(b, want, b.on_event)
+        """Watch each backend for POLLIN unless its frame waits for rx buffers, and the tx backend
+        for POLLOUT exactly while tx polling is on."""
+        dev = self.dev
+        for key, b in list(self.objs.items()):
+            want = selectors.EVENT_READ
+            if dev is not None and b is dev.backends[NET_VQ_RX]:
+                dev.rx_watch = dev.rx_wanted()
+                if not dev.rx_watch:
+                    want = 0
+            if dev is not None and b is dev.backends[NET_VQ_TX] and dev.tx_polling:
+                if getattr(b, "pollout_blind", False):
+                    # POLLOUT of an unconnected datagram socket says nothing about the full peer:
+                    # retry on a short timer instead of spinning on an always-writable fd
+                    if self._retry is None:
+                        def retry() -> None:
+                            self._retry = None
+                            if self.dev is not None:
+                                self.dev.backend_writable()
+                        self._retry = self.worker.call_later(TX_RETRY, retry)
+                else:
+                    want |= selectors.EVENT_WRITE
+            have = self.watched.get(key)
+            if have == want:
+                continue
+            self.watched[key] = want
+            if not want:
+                self.worker.unregister(b)
+            elif not have:
+                self.worker.register(b, want, b.on_event)
+            else:
+                self.worker.modify(b, want, b.on_event)
 
     def close(self, backend) -> None:
-        if self.watched.pop(id(backend), None) is not None:
+        if self.watched.pop(id(backend), None):
             self.worker.unregister(backend)
+        self.objs.pop(id(backend), None)
         backend.close()

@@ -1,16 +1,19 @@
 """The vhost-user backend loop: a listening socket, one frontend at a time, one VhostWorker.
 
-    VhostUserBackend(socket_path, cid, opts).run()
+    VhostUserBackend(socket_path, kind, opts).run()
 
-listens on `socket_path` (QEMU's `-chardev socket,path=...` connects to it), accepts one frontend
-(a second one is refused while the first is connected), reads with recvmsg (socket.recv_fds: the
+serves one device kind (kinds.py: VsockKind(cid) or NetKind(spec); the runner itself is
+device-neutral: the kind makes a device per frontend and attaches what it owns). It listens on
+`socket_path` (QEMU's `-chardev socket,path=...` connects to it), accepts one frontend (a second
+one is refused while the first is connected), reads with recvmsg (socket.recv_fds: the
 memory table's and the rings' fds arrive by SCM_RIGHTS), feeds the codec and the session and sends
 the replies. Kick eventfds are registered on the worker's selector directly (no poller threads):
 when one is readable the runner drains it and calls device.kick_received. On EOF or a malformed
 message the connection is closed, the device reset and a new one made for the next frontend.
 
-`serve(pairs, opts)` runs one such backend per (socket, cid) pair, each in a process of its own
-(as the daemon does for native guests), and forwards SIGTERM/SIGINT to them.
+`serve(pairs, opts)` runs one such backend per (socket, kind) pair (a bare int is a vsock CID),
+each in a process of its own (as the daemon does for native guests), and forwards SIGTERM/SIGINT
+to them.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from host.worker import VhostWorker
 from shared import unixsock
 
 from . import codec
+from .kinds import VsockKind
 from .memfd import map_memory_table
 from .session import VhostUserSession
 
@@ -39,36 +43,43 @@ _R, _W = 1, 2
 
 
 class VhostUserBackend:
-    def __init__(self, path: Path, cid: int, opts):
+    def __init__(self, path: Path, kind, opts):
         self.path = Path(path)
-        self.cid = cid
+        self.kind = VsockKind(kind, opts) if isinstance(kind, int) else kind
         self.opts = opts
-        self.worker = VhostWorker(name=f"vhost-user-vsock-{cid}")
+        self.worker = VhostWorker(name=f"vhost-user-{self.kind.device}-{self.path.name}")
         self.listener: socket.socket | None = None
         self.conn: socket.socket | None = None
         self.decoder: codec.Decoder | None = None
         self.session: VhostUserSession | None = None
         self.device = None
         self.kicks: dict[int, object] = {}       # queue -> registered kick doorbell
-        self.capture = None
         self.connections = 0
+        self.opened = False
 
     # --- setup ----------------------------------------------------------------------------------
+    @property
+    def cid(self):
+        return getattr(self.kind, "cid", None)
+
     def bind(self) -> None:
+        """Claim and listen on the socket, then open what the kind holds for its whole life."""
         unixsock.claim(self.path, f"host: {self.path} is already served by another backend")
         self.listener = unixsock.listen(self.path, 4)
-        log.info("vhost-user-vsock backend for CID %d listening on %s", self.cid, self.path)
+        if not self.opened:
+            try:
+                self.kind.open()
+            except (ValueError, OSError) as e:
+                self.listener.close()
+                self.listener = None
+                unixsock.unlink(self.path)
+                raise SystemExit(f"host: {self.path}: {getattr(e, 'strerror', None) or e}") from None
+            self.opened = True
+        log.info("vhost-user-%s backend for %s listening on %s", self.kind.device, self.kind.label,
+                 self.path)
 
     def _new_device(self):
-        from host.vsock.device import VhostVsock
-        if self.opts.pcap and self.capture is None:
-            from shared.vsock.pcap import PcapWriter
-            self.capture = PcapWriter(self.opts.pcap, append=True)
-        # QEMU keeps the event queue (vhost-user-vsock: only rx 0 and tx 1 reach the backend)
-        dev = VhostVsock(self.cid, run_dir=self.opts.run_dir, credit_policy=self.opts.credit_policy,
-                         capture=self.capture, dialect=self.opts.dialect, num_queues=2,
-                         max_queue_size=self.opts.max_queue_size,
-                         buf_size=getattr(self.opts, "buf_size", None))
+        dev = self.kind.new_device(self.worker)
         dev.worker = self.worker
         dev.lock = self.worker.lock        # one big lock: engine work, kicks and control
         return dev
@@ -90,7 +101,7 @@ class VhostUserBackend:
         self.device = self._new_device()
         self.session = VhostUserSession(self.device, attach_memory=map_memory_table,
                                         open_doorbell=EventFdDoorbell,
-                                        name=f"vhost-user[cid {self.cid}]")
+                                        name=f"vhost-user[{self.kind.label}]")
         self.worker.register(conn, _R, self._on_conn)
         log.info("vhost-user %s: frontend connected (connection %d)", self.path, self.connections)
 
@@ -150,6 +161,7 @@ class VhostUserBackend:
                 self._disconnect()
                 return False
             self._sync_kicks()
+            self.kind.sync(self.device)          # e.g. the net backend attached at the start
             for q in out.started:
                 self.worker.queue_work(partial(self._kick, q))   # kicks that came before the start
             if out.close:
@@ -195,6 +207,9 @@ class VhostUserBackend:
             self.worker.unregister(self.kicks.pop(q))
         if self.decoder is not None:
             self.decoder.close()
+        if self.device is not None:
+            with self.device.lock:
+                self.kind.detach(self.device)
         if self.session is not None:
             self.session.close()         # stop, reset: memory unmapped, fds closed, bridge down
         self.session = None
@@ -239,7 +254,7 @@ class VhostUserBackend:
         dev = self.device
         try:
             write_stats(self.opts.run_dir, "device", {
-                "guest": f"vhost-user:{self.path.name}", "device": "vsock", "cid": self.cid,
+                "guest": f"vhost-user:{self.path.name}", **self.kind.stats_fields(),
                 "guest_pid": 0, "status": dev.status if dev else 0,
                 "stats": dev.get_stats() if dev else {}, "connections": self.connections})
         except OSError as e:
@@ -265,26 +280,27 @@ class VhostUserBackend:
             self.listener.close()
             self.listener = None
             unixsock.unlink(self.path)
-        if self.capture is not None:
-            self.capture.close()
-            self.capture = None
+        self.kind.close()
         remove_stats(self.opts.run_dir, "device")
 
 
-def serve(pairs: list[tuple[Path, int]], opts) -> int:
-    """One backend process per (socket, cid); returns when all have ended or on SIGTERM/SIGINT."""
+def serve(pairs: list[tuple[Path, object]], opts) -> int:
+    """One backend process per (socket, kind or vsock CID); returns when all have ended or on
+    SIGTERM/SIGINT."""
     from host.daemon import _die_with_parent
     backends = []
-    for path, cid in pairs:
-        b = VhostUserBackend(path, cid, opts)
+    for path, kind in pairs:
+        b = VhostUserBackend(path, kind, opts)
         try:
             b.bind()
         except (OSError, SystemExit) as e:
             for other in backends:
                 other.listener.close()
                 other.path.unlink(missing_ok=True)
-            msg = e.strerror if isinstance(e, OSError) else e
-            raise SystemExit(f"host: cannot listen on {path}: {msg}") from None
+                other.kind.close()
+            if isinstance(e, SystemExit):
+                raise
+            raise SystemExit(f"host: cannot listen on {path}: {e.strerror}") from None
         backends.append(b)
     if opts.pcap:
         from shared.vsock.pcap import PcapWriter
@@ -350,4 +366,5 @@ def serve(pairs: list[tuple[Path, int]], opts) -> int:
             pass
     for b in backends:
         b.path.unlink(missing_ok=True)
+        b.kind.close()
     return 0

@@ -7,7 +7,10 @@ but with vhost-user's state machine, which has no virtio status byte (no F_STATU
       runs (DRIVER_OK, start()) while at least one ring is *started*, and stops when none is;
     - a ring is started when it has num, addresses, a memory table, a kick fd and is enabled
       (with VHOST_USER_F_PROTOCOL_FEATURES negotiated rings start disabled and SET_VRING_ENABLE
-      enables them; without it the kick fd enables the ring: vhost-user.rst "Ring states");
+      enables them; without it the kick fd enables the ring: vhost-user.rst "Ring states").
+      The frontend's "enabled" is kept here; the device's `vq.enabled` is true only while the
+      ring is started, so a ring enabled before it is configured (QEMU's vhost-user-net sends
+      SET_VRING_ENABLE bursts before SET_FEATURES) is never touched when the device starts;
     - GET_VRING_BASE stops the ring and returns its last_avail_idx ("Starting and stopping rings");
     - SET_VRING_CALL/ERR may replace fds at any time (QEMU does so while the rings run); the kick
       fd too (the runner re-registers it). A kick that arrives before the ring is started is
@@ -54,7 +57,8 @@ def _err(code: str, message: str) -> ProtocolError:
 class RingState:
     num: bool = False
     addr: bool = False
-    started: bool = False
+    enabled: bool = False      # the frontend's SET_VRING_ENABLE (or its kick fd without PROTOCOL_FEATURES)
+    started: bool = False      # running: the device's vq.enabled mirrors this
 
 
 @dataclass
@@ -249,7 +253,7 @@ class VhostUserSession:
         vq = self._ring(req, stopped=False)
         self._set_fd(req, "kick")
         if not self.protocol_acked and req.fd is not None:
-            vq.enabled = True                       # no PROTOCOL_FEATURES: the kick enables
+            self.rings[vq.index].enabled = True     # no PROTOCOL_FEATURES: the kick enables
         self._try_start(vq.index, out)
 
     def _op_set_vring_call(self, req, out):
@@ -276,17 +280,16 @@ class VhostUserSession:
         vq = self._ring(req, stopped=False)
         if req.num > 1:
             raise _err("EINVAL", f"SET_VRING_ENABLE {req.num} (0 or 1)")
+        self.rings[vq.index].enabled = bool(req.num)
         if req.num:
-            vq.enabled = True
             self._try_start(vq.index, out)
         else:
             self._stop_ring(vq.index)
-            vq.enabled = False
 
     # --- starting and stopping rings -------------------------------------------------------------
     def _try_start(self, i: int, out: Outcome) -> None:
         dev, ring, vq = self.device, self.rings[i], self.device.vqs[i]
-        if ring.started or not vq.enabled or dev.kicks[i] is None:
+        if ring.started or not ring.enabled or dev.kicks[i] is None:
             return
         if dev.mem is None or not ring.num or not ring.addr:
             return                                   # kicked/enabled before configured: wait
@@ -299,6 +302,7 @@ class VhostUserSession:
         except GuestMemoryError as e:
             raise _err("EFAULT", f"queue {i}: {e}") from None
         ring.started = True
+        vq.enabled = True
         out.started.append(i)
         if not dev.running:
             dev.status |= VIRTIO_CONFIG_S_DRIVER_OK
@@ -310,6 +314,7 @@ class VhostUserSession:
         if not ring.started:
             return
         ring.started = False
+        self.device.vqs[i].enabled = False
         self.device.vqs[i].unmap()
         if not any(r.started for r in self.rings):
             self.device.stop()

@@ -1,0 +1,210 @@
+"""QEMU + a real Linux guest (TCG) on our vhost-net through vhost-user (`python -m host
+--vhost-user-net SOCKET --net-backend tap:tap0`), the tap in a network namespace of its own.
+
+One boot serves every scenario (the guest's /scenario.sh prints markers on the serial console):
+
+    guest -> namespace   busybox `ping -c 3 169.254.10.1` from the guest's eth0 (virtio_net)
+    namespace -> guest   Linux's ping(8) in the namespace reaches 169.254.10.2
+    TCP both ways        1 MiB guest -> namespace and 1 MiB namespace -> guest (socat), SHA-256
+    stats                our device's frame counters against the tap's own (ip -s link)
+    poweroff             QEMU stops the rings (GET_VRING_BASE), disconnects; the backend lives on
+
+The host process runs inside the namespace (`ip netns exec`), QEMU outside it: a Unix socket path
+does not care. Skips (with the reason) without QEMU, the kernel package or network namespaces.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from shared.stats import read_all
+from tests.procs import ROOT, Proc, _env
+
+pytestmark = [pytest.mark.qemu, pytest.mark.multiprocess]
+
+MiB = 1 << 20
+BOOT_TIMEOUT = float(os.environ.get("VE_QEMU_TIMEOUT", "300"))
+HOST_IP, GUEST_IP = "169.254.10.1", "169.254.10.2"
+
+SCENARIO = r"""
+ip addr add 169.254.10.2/16 dev eth0
+ip link set eth0 up
+ping -c 3 169.254.10.1
+echo "PING-RC $?"
+head -c 1048576 /dev/urandom > /tmp/out
+echo "OUT-SHA $(sha256sum /tmp/out | cut -d' ' -f1)"
+socat -u OPEN:/tmp/out TCP-LISTEN:7000,reuseaddr &
+socat -u TCP-LISTEN:7001,reuseaddr CREATE:/tmp/in &
+sleep 1
+echo GUEST-LISTENING
+wait
+echo "IN-SHA $(sha256sum /tmp/in | cut -d' ' -f1) $(wc -c < /tmp/in)"
+"""
+
+
+def _skip_reason() -> str | None:
+    if shutil.which("qemu-system-x86_64") is None:
+        return "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86; see .ci/run)"
+    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("ping") or not shutil.which("socat"):
+        return "network namespaces need root, iproute2, ping(8) and socat"
+    name = f"ve-probe-{uuid.uuid4().hex[:8]}"
+    r = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+    if r.returncode:
+        return f"this machine forbids network namespaces: {r.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    return None
+
+
+class NetNs:
+    """A network namespace with tap0 at 169.254.10.1/16; deleted (with its tap) by close()."""
+
+    def __init__(self):
+        self.name = f"ve-vun-{uuid.uuid4().hex[:10]}"
+        subprocess.run(["ip", "netns", "add", self.name], check=True)
+        try:
+            for cmd in (["ip", "link", "set", "lo", "up"], ["ip", "tuntap", "add", "dev", "tap0", "mode", "tap"],
+                        ["ip", "addr", "add", f"{HOST_IP}/16", "dev", "tap0"], ["ip", "link", "set", "tap0", "up"]):
+                self.run(*cmd, check=True)
+        except Exception:
+            self.close()
+            raise
+
+    def run(self, *cmd: str, timeout: float = 60, check: bool = False, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run(["ip", "netns", "exec", self.name, *cmd], capture_output=True,
+                              timeout=timeout, check=check, **kw)
+
+    def tap_counters(self) -> tuple[int, int]:
+        """(frames the tap received = what our backend wrote, frames it sent = what we read)."""
+        out = json.loads(self.run("ip", "-s", "-j", "link", "show", "tap0", check=True).stdout)
+        st = out[0]["stats64"]
+        return st["rx"]["packets"], st["tx"]["packets"]
+
+    def close(self) -> None:
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+
+
+class NsProc(Proc):
+    """A Proc (tests/procs.py) run inside a namespace: `ip netns exec` execs python, same pid."""
+
+    def __init__(self, ns: NetNs, args: list[str], log: Path):
+        self.args = args
+        self.log = log
+        self._f = open(log, "wb")
+        self.p = subprocess.Popen(["ip", "netns", "exec", ns.name, sys.executable, *args],
+                                  stdout=self._f, stderr=subprocess.STDOUT, env=_env(), cwd=ROOT,
+                                  start_new_session=True)
+
+
+@pytest.fixture(scope="module")
+def linux_guest():
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    from tools.linux_guest import GuestUnavailable, ensure_guest
+    try:
+        return ensure_guest()
+    except GuestUnavailable as e:
+        pytest.skip(f"no Linux guest kernel/initramfs: {e}")
+
+
+def _rtt(text: str) -> float | None:
+    m = re.search(r"min/avg/max(?:/mdev)? = [\d.]+/([\d.]+)/", text)
+    return float(m.group(1)) if m else None
+
+
+def _stats(run_dir: Path) -> dict:
+    devs = [d for d in read_all(run_dir) if d.get("role") == "device"]
+    assert len(devs) == 1, devs
+    return devs[0]
+
+
+def test_linux_guest_pings_a_tap_through_vhost_user_net(linux_guest, tmp_path):
+    """One boot, every scenario; the failures are reported together."""
+    from tools.linux_guest import QemuGuest, qemu_net_cmd, scenario_initrd
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    sock = tmp_path / "vun.sock"
+    ns = NetNs()
+    host = guest = None
+    report: dict = {}
+    failures: list[str] = []
+
+    def check(name: str, ok: bool, detail) -> None:
+        if not ok:
+            failures.append(f"{name}: {detail}")
+    try:
+        host = NsProc(ns, ["-m", "host", "--vhost-user-net", str(sock), "--net-backend", "tap:tap0",
+                           "--run-dir", str(run_dir), "--log-level", "DEBUG"], tmp_path / "host.log")
+        assert host.wait_log("listening on", 20), host.text()
+        initrd = scenario_initrd(linux_guest, SCENARIO, tmp_path / "initrd.gz")
+        guest = QemuGuest(qemu_net_cmd(linux_guest, initrd, sock), tmp_path / "serial.log")
+        t_rc, rc_line = guest.wait_for("PING-RC", BOOT_TIMEOUT)
+        check("guest ping", rc_line.split()[-1] == "0" and guest.find("3 packets received"),
+              [line for _, line in guest.lines[-8:]])
+        report["guest_ping_rtt_avg_ms"] = _rtt("\n".join(guest.find("round-trip")))
+        report["guest_ping_lines"] = guest.find("seq=")
+        guest.wait_for("GUEST-LISTENING", BOOT_TIMEOUT)
+        # the namespace's Linux pings the guest
+        r = ns.run("ping", "-c", "3", "-i", "0.2", "-W", "5", GUEST_IP, text=True)
+        check("namespace ping", r.returncode == 0 and "3 received" in r.stdout, r.stdout + r.stderr)
+        report["ns_ping_rtt_avg_ms"] = _rtt(r.stdout)
+        # 1 MiB guest -> namespace over TCP
+        t0 = time.monotonic()
+        r = ns.run("socat", "-u", f"TCP:{GUEST_IP}:7000", "-", timeout=120)
+        dt = time.monotonic() - t0
+        (sha_line,) = guest.find("OUT-SHA") or ["OUT-SHA none"]
+        check("tcp guest->ns", len(r.stdout) == MiB and hashlib.sha256(r.stdout).hexdigest() == sha_line.split()[1],
+              (len(r.stdout), r.stderr[-300:]))
+        report["tcp_guest_to_ns_MiB_s"] = round(len(r.stdout) / MiB / dt, 2)
+        # the frame counters: ours against the tap's (no traffic now: both settle)
+        time.sleep(1.2)
+        for _ in range(5):
+            st = _stats(run_dir)
+            tap_rx, tap_tx = ns.tap_counters()
+            if st["stats"]["tx_packets"] == tap_rx:
+                break
+            time.sleep(0.6)
+        s = st["stats"]
+        report["frames"] = {"device_tx": s["tx_packets"], "device_rx": s["rx_packets"],
+                            "tap_rx": tap_rx, "tap_tx": tap_tx}
+        check("stats", st["device"] == "net" and st["backend"] == "tap:tap0"
+              and s["tx_packets"] == tap_rx and s["rx_packets"] <= tap_tx
+              and s["tx_packets"] >= 6 + MiB // 1500 and s["rx_packets"] >= 6 and s["drops"] == 0
+              and not s["broken"], report["frames"] | {"drops": s["drops"], "broken": s["broken"]})
+        # 1 MiB namespace -> guest
+        data = os.urandom(MiB)
+        t0 = time.monotonic()
+        r = ns.run("socat", "-u", "-", f"TCP:{GUEST_IP}:7001", input=data, timeout=120)
+        _, in_line = guest.wait_for("IN-SHA", 120)
+        dt = time.monotonic() - t0
+        check("tcp ns->guest", in_line.split()[1:] == [hashlib.sha256(data).hexdigest(), str(MiB)],
+              (in_line, r.stderr[-300:]))
+        report["tcp_ns_to_guest_MiB_s"] = round(MiB / MiB / dt, 2)
+        # poweroff: the rings are stopped, the frontend goes, the backend stays for the next one
+        check("poweroff", guest.wait(BOOT_TIMEOUT) == 0, "QEMU exit status")
+        check("backend alive", host.wait_log("ready for the next frontend", 20) and host.p.poll() is None,
+              host.text()[-2000:])
+        log = host.text()
+        check("clean stop", "GET_VRING_BASE" in log and "backend tap:tap0 -> none" in log
+              and "Traceback" not in log, log[-2000:])
+        report["boot_to_ping_s"] = round(t_rc, 2)
+    finally:
+        if guest is not None:
+            guest.kill()
+        if host is not None:
+            host.stop()
+        ns.close()
+        out = os.environ.get("VE_QEMU_NET_REPORT")
+        if out:
+            Path(out).write_text(json.dumps(report, indent=1))
+    assert not failures, "\n".join(failures) + f"\nreport: {report}"
