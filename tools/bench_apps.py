@@ -212,9 +212,19 @@ def swap_under_traffic(net) -> None:
         net.send_frame(b"\xff" * 6 + net.drv.mac + b"\x88\xb5" + i.to_bytes(4, "big") + bytes(60))
         net.poll()
 
+    def drained():
+        # frames still on the ring when SET_BACKEND lands go to the new backend (as in vhost-net):
+        # "the right peer" is the backend attached when the device took the frame
+        for _ in range(400):
+            net.poll()
+            if net.drv.txq.in_flight() == 0:
+                return
+            time.sleep(0.005)
+
     steps = []
     for i in range(n):
         if i == n // 3:
+            drained()
             net.set_backend(1, spec2)
             steps.append("swapped")
         if i == 2 * n // 3:

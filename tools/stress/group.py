@@ -21,6 +21,9 @@ from .schedule import AGENT_PORT, ECHO_PORT, Config, RoundPlan, round_plan
 
 READY_TIMEOUT = 40.0
 JOIN_GRACE = workloads.TIMEOUT * 4
+# Guests wait this long for the host's control replies (default 5 s): 8 groups starting at once
+# on 2 cores (some 60 processes) kept a HELLO unanswered for longer than 5 s.
+GUEST_CONNECT_TIMEOUT = "30"
 
 
 NET_ROLES = ("loop", "a", "b", "udp")
@@ -68,6 +71,7 @@ class Group:
 
     def _guest_args(self, cid: int) -> list[str]:
         return ["-m", "guest", "--run-dir", str(self.run_dir), "--cid", str(cid), "--mem", "16M",
+                "--connect-timeout", GUEST_CONNECT_TIMEOUT,
                 "--service", f"echo={ECHO_PORT}", "--run", "tools.stress.agent:main"]
 
     def start(self) -> None:
@@ -121,6 +125,7 @@ class Group:
         d = self.net_dir(role)
         return Proc(f"net-{role}", ["-m", "guest", "--run-dir", str(self.run_dir), "--name",
                                     f"stress-g{self.idx}-{role}", "--mem", "8M", "--net", self._net_spec(role),
+                                    "--connect-timeout", GUEST_CONNECT_TIMEOUT,
                                     # a fixed MAC: after a host SIGKILL the restarted guest's segment
                                     # port takes over (and removes) its dead port's socket file
                                     "--mac", f"52:54:00:5e:{self.idx & 0xff:02x}:{NET_ROLES.index(role):02x}",
