@@ -1,4 +1,4 @@
-import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -35,3 +35,16 @@ def shm_guard(run_dir):
     assert not owners, f"owner records left: {owners}"
     leaked = [n for n in ours_in_dev_shm() if tag in n]
     assert not leaked, f"leaked in /dev/shm: {leaked}"
+
+
+@pytest.fixture(scope="module")
+def linux_guest():
+    """The Debian cloud kernel and base initramfs (tools/linux_guest.py) for the QEMU tests, or a
+    skip that says what is missing."""
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86; see .ci/run)")
+    from tools.linux_guest import GuestUnavailable, ensure_guest
+    try:
+        return ensure_guest()
+    except GuestUnavailable as e:
+        pytest.skip(f"no Linux guest kernel/initramfs: {e}")

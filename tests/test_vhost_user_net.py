@@ -247,16 +247,21 @@ def test_frames_wait_for_rx_buffers_without_spinning(served, tmp_path):
         fe.close()
 
 
-def test_fd_backend_rx_waits_then_resumes(served, tmp_path):
-    """A UDP backend (a real fd): frames that find no rx buffers stop POLLIN until the rx kick."""
+def udp_backend():
+    """A UDP backend on a free local port and the peer socket it sends to: (backend, peer, port)."""
     from host.net.backends.sockets import UdpPair
     peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     peer.bind(("127.0.0.1", 0))
-    lport = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    lport.bind(("127.0.0.1", 0))
-    lp = lport.getsockname()[1]
-    lport.close()
-    udp = UdpPair(lp, peer.getsockname()[1])
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    lp = s.getsockname()[1]
+    s.close()
+    return UdpPair(lp, peer.getsockname()[1]), peer, lp
+
+
+def test_fd_backend_rx_waits_then_resumes(served, tmp_path):
+    """A UDP backend (a real fd): frames that find no rx buffers stop POLLIN until the rx kick."""
+    udp, peer, lp = udp_backend()
     b = served(udp)
     fe = Frontend(tmp_path / "n.sock")
     try:
@@ -277,6 +282,34 @@ def test_fd_backend_rx_waits_then_resumes(served, tmp_path):
         assert fe.drv.start_xmit(frame(42))
         peer.settimeout(5)
         assert peer.recv(2048) == frame(42)
+    finally:
+        fe.close()
+        peer.close()
+
+
+def test_broken_device_does_not_spin_on_a_readable_backend(served, tmp_path):
+    """A device stopped by a guest error (NEEDS_RESET) takes no frames: its backend's POLLIN is
+    not watched (it would be readable forever), until the next frontend."""
+    from shared.errors import VringError
+    udp, peer, lp = udp_backend()
+    b = served(udp)
+    fe = Frontend(tmp_path / "n.sock")
+    try:
+        fe.setup()
+        fe.drv.refill_and_kick()
+        dev = b.device
+        b.worker.queue_work(lambda: dev.vq_err(dev.vqs[1], VringError(14, "a test's ring error")))
+        deadline = time.monotonic() + 5
+        while not dev.broken and time.monotonic() < deadline:
+            time.sleep(0.01)
+        calls = []
+        real = dev.handle_rx
+        dev.handle_rx = lambda: (calls.append(1), real())[1]
+        for i in range(3):
+            peer.sendto(frame(i), ("127.0.0.1", lp))
+        time.sleep(0.3)
+        assert dev.broken and len(calls) < 5, len(calls)
+        assert b.kind.glue.watched[id(udp)] == 0
     finally:
         fe.close()
         peer.close()
@@ -370,41 +403,6 @@ def test_malformed_message_closes_the_connection_backend_serves_on(served, tmp_p
         assert b.kind.backend is lo and b.connections == 2
     finally:
         fe.close()
-
-
-def test_broken_device_does_not_spin_on_a_readable_backend(served, tmp_path):
-    """A device stopped by a guest error (NEEDS_RESET) takes no frames: its backend's POLLIN is
-    not watched (it would be readable forever), until the next frontend."""
-    from host.net.backends.sockets import UdpPair
-    from shared.errors import VringError
-    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    peer.bind(("127.0.0.1", 0))
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("127.0.0.1", 0))
-    lp = s.getsockname()[1]
-    s.close()
-    udp = UdpPair(lp, peer.getsockname()[1])
-    b = served(udp)
-    fe = Frontend(tmp_path / "n.sock")
-    try:
-        fe.setup()
-        fe.drv.refill_and_kick()
-        dev = b.device
-        b.worker.queue_work(lambda: dev.vq_err(dev.vqs[1], VringError(14, "a test's ring error")))
-        deadline = time.monotonic() + 5
-        while not dev.broken and time.monotonic() < deadline:
-            time.sleep(0.01)
-        calls = []
-        real = dev.handle_rx
-        dev.handle_rx = lambda: (calls.append(1), real())[1]
-        for i in range(3):
-            peer.sendto(frame(i), ("127.0.0.1", lp))
-        time.sleep(0.3)
-        assert dev.broken and len(calls) < 5, len(calls)
-        assert b.kind.glue.watched[id(udp)] == 0
-    finally:
-        fe.close()
-        peer.close()
 
 
 @pytest.mark.multiprocess

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import socket
 import threading
 import time
@@ -63,24 +62,6 @@ SCENARIO_2 = r"""
 echo second-boot | socat -t 10 - VSOCK-CONNECT:2:5003
 echo SECOND-DONE
 """
-
-
-def _skip_reason() -> str | None:
-    if shutil.which("qemu-system-x86_64") is None:
-        return "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86; see .ci/run)"
-    return None
-
-
-@pytest.fixture(scope="module")
-def linux_guest():
-    reason = _skip_reason()
-    if reason:
-        pytest.skip(reason)
-    from tools.linux_guest import GuestUnavailable, ensure_guest
-    try:
-        return ensure_guest()
-    except GuestUnavailable as e:
-        pytest.skip(f"no Linux guest kernel/initramfs: {e}")
 
 
 class Listener:
