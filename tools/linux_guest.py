@@ -193,29 +193,28 @@ def scenario_initrd(guest: LinuxGuest, script: str, out: Path) -> Path:
     return out
 
 
-def qemu_vsock_cmd(guest: LinuxGuest, initrd: Path, socket_path: Path, mem_mb: int = 256) -> list[str]:
-    """The QEMU command line of real-peers.md: TCG, memfd shared memory, vhost-user-vsock."""
+def _qemu_cmd(guest: LinuxGuest, initrd: Path, socket_path: Path, mem_mb: int) -> list[str]:
+    """real-peers.md: TCG, RAM in a shared memfd (the backend maps it), chardev c0 on the
+    vhost-user socket, no other NIC."""
     return ["qemu-system-x86_64", "-nographic", "-no-reboot", "-m", str(mem_mb), "-accel", "tcg",
             "-kernel", str(guest.kernel), "-initrd", str(initrd),
             "-append", "console=ttyS0 panic=-1 quiet loglevel=3",
             "-object", f"memory-backend-memfd,id=mem,size={mem_mb}M,share=on",
             "-numa", "node,memdev=mem",
-            "-nic", "none", "-chardev", f"socket,id=c0,path={socket_path}",
-            "-device", "vhost-user-vsock-pci,chardev=c0"]
+            "-nic", "none", "-chardev", f"socket,id=c0,path={socket_path}"]
+
+
+def qemu_vsock_cmd(guest: LinuxGuest, initrd: Path, socket_path: Path, mem_mb: int = 256) -> list[str]:
+    """QEMU with a vhost-user-vsock-pci (the CID comes from the backend's GET_CONFIG)."""
+    return _qemu_cmd(guest, initrd, socket_path, mem_mb) + ["-device", "vhost-user-vsock-pci,chardev=c0"]
 
 
 def qemu_net_cmd(guest: LinuxGuest, initrd: Path, socket_path: Path, mem_mb: int = 256,
                  mac: str = "52:54:00:12:34:56") -> list[str]:
     """QEMU with a virtio-net-pci on a vhost-user-net backend (real-peers.md: `vectors=0`, or
     QEMU 7.2 crashes when the guest driver negotiates; shared memfd RAM for the backend)."""
-    return ["qemu-system-x86_64", "-nographic", "-no-reboot", "-m", str(mem_mb), "-accel", "tcg",
-            "-kernel", str(guest.kernel), "-initrd", str(initrd),
-            "-append", "console=ttyS0 panic=-1 quiet loglevel=3",
-            "-object", f"memory-backend-memfd,id=mem,size={mem_mb}M,share=on",
-            "-numa", "node,memdev=mem",
-            "-nic", "none", "-chardev", f"socket,id=c0,path={socket_path}",
-            "-netdev", "vhost-user,id=n0,chardev=c0",
-            "-device", f"virtio-net-pci,netdev=n0,vectors=0,mac={mac}"]
+    return _qemu_cmd(guest, initrd, socket_path, mem_mb) + [
+        "-netdev", "vhost-user,id=n0,chardev=c0", "-device", f"virtio-net-pci,netdev=n0,vectors=0,mac={mac}"]
 
 
 def main(argv: list[str] | None = None) -> int:
