@@ -227,6 +227,7 @@ def _finish(console, args, groups, base, seed, cfg, notes, rss_series, errors, t
         "exceptions": scan_tracebacks(groups),
         "errors": errors + [e for g in groups for e in g.errors],
         "connect_retries": sum(g.connect_retries for g in groups),
+        "connect_late_ok": sum(g.connect_late_ok for g in groups),
     }
     rows = invariants.evaluate(run)
     elapsed = time.monotonic() - t_start

@@ -52,6 +52,7 @@ class Group:
         self.rounds = 0
         self.lock = threading.Lock()
         self.connect_retries = 0            # bridge CONNECTs refused and tried again (workloads._connect)
+        self.connect_late_ok = 0            # ... of which a later try succeeded
         self.busy_until_stop = threading.Event()
         # net guests (not fault targets): "loop" on loopback, "a" and "b" on an L2 segment of
         # this host, "udp" on udp:LPORT:RPORT with the group's UDP socket on RPORT

@@ -129,6 +129,9 @@ def _connect(ctx, cid: int, port: int):
             with ctx.lock:
                 ctx.connect_retries += 1
             time.sleep(0.2)
+    if attempt:
+        with ctx.lock:
+            ctx.connect_late_ok += 1
     s.settimeout(TIMEOUT)
     return s
 
