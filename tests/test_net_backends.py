@@ -17,6 +17,7 @@ from host.net.backends.sockets import Segment, UdpPair
 from host.net.backends.spec import check_spec, claim_key, open_backend
 from shared.net.hdr import parse_ip
 from tests.net_rig import NetRig
+from tools.launch import free_udp_port
 
 MAC_A = bytes.fromhex("525400000a01")
 MAC_B = bytes.fromhex("525400000a02")
@@ -25,14 +26,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def frame(i: int, size: int, src: bytes = MAC_A) -> bytes:
     return b"\xff" * 6 + src + b"\x88\xb5" + (i.to_bytes(4, "big") * size)[:size - 14]
-
-
-def free_udp_port() -> int:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def wait_for(pred, timeout=5.0):

@@ -20,7 +20,8 @@ import pytest
 
 from shared.stats import read_all
 from tests.procs import Proc
-from tools.testpmd import LATE_PROBES, TESTPMD, Testpmd, free_udp_port, send_and_collect
+from tools.launch import free_udp_port
+from tools.testpmd import LATE_PROBES, TESTPMD, Testpmd, send_and_collect
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.dpdk]
 

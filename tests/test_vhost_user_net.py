@@ -250,12 +250,10 @@ def test_frames_wait_for_rx_buffers_without_spinning(served, tmp_path):
 def udp_backend():
     """A UDP backend on a free local port and the peer socket it sends to: (backend, peer, port)."""
     from host.net.backends.sockets import UdpPair
+    from tools.launch import free_udp_port
     peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     peer.bind(("127.0.0.1", 0))
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("127.0.0.1", 0))
-    lp = s.getsockname()[1]
-    s.close()
+    lp = free_udp_port()
     return UdpPair(lp, peer.getsockname()[1]), peer, lp
 
 

@@ -25,15 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tools.launch import start, stop_all, wait_for_log
-
-
-def _free_port() -> int:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
+from tools.launch import free_udp_port, start, stop_all, wait_for_log
 
 
 def _count(sock: socket.socket, count: int, idle: float = 1.0) -> tuple[int, float]:
@@ -75,7 +67,7 @@ def baseline_fps(size: int, count: int) -> tuple[float, float]:
     """Two plain Python processes over a UDP socket pair: (frames/s received, loss fraction)."""
     ctx = mp.get_context("fork")
     q = ctx.Queue()
-    port = _free_port()
+    port = free_udp_port()
     r = ctx.Process(target=_udp_receiver, args=(port, count, q))
     r.start()
     q.get(timeout=10)
@@ -116,7 +108,7 @@ def bench_net(frames: int = 20000, sizes=(64, 1500)) -> list[dict]:
         end = time.monotonic() + 20
         while not (run_dir / "control.sock").exists() and time.monotonic() < end:
             time.sleep(0.05)
-        lport, rport = _free_port(), _free_port()
+        lport, rport = free_udp_port(), free_udp_port()
         peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
         peer.bind(("127.0.0.1", rport))

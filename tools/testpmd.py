@@ -20,6 +20,8 @@ import time
 import uuid
 from pathlib import Path
 
+from tools.launch import free_udp_port
+
 TESTPMD = shutil.which("dpdk-testpmd")
 PROBE = 1 << 30                     # probe frames' numbers
 FRAME = bytes.fromhex("ffffffffffff525400ee0001") + b"\x88\xb5"
@@ -27,14 +29,6 @@ FRAME = bytes.fromhex("ffffffffffff525400ee0001") + b"\x88\xb5"
 
 def frame(i: int, size: int = 64) -> bytes:
     return FRAME + i.to_bytes(4, "big") + bytes(size - len(FRAME) - 4)
-
-
-def free_udp_port() -> int:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 class Testpmd:
