@@ -124,9 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                         connect_timeout=args.connect_timeout, net=args.net, ip=args.ip, mac=args.mac,
                         net_run=args.net_run)
     vm = VM(opts)
-    import signal
-    for sig in (signal.SIGINT, signal.SIGTERM):   # a signal during boot still shuts down cleanly
-        signal.signal(sig, lambda *_: vm.stop_event.set())
+    from shared.signals import on_stop_signals
+    on_stop_signals(lambda _signum: vm.stop_event.set())   # during boot too: it still shuts down cleanly
     try:
         vm.boot()
     except BootError as e:

@@ -45,6 +45,15 @@ class Traffic:
             self.echoed[cid] = self.echoed.get(cid, 0) + n
 
 
+def _send_quietly(s, data: bytes) -> None:
+    """The sending half of an echo stream: a reset (Ctrl-C stopping the guest) ends it quietly;
+    the receiving half reports the stream."""
+    try:
+        s.sendall(data)
+    except OSError:
+        pass
+
+
 def echo_loop(run_dir: Path, cid: int, stop: threading.Event, traffic: Traffic, chunk: int) -> None:
     vh = VsockHost(run_dir)
     try:
@@ -52,7 +61,7 @@ def echo_loop(run_dir: Path, cid: int, stop: threading.Event, traffic: Traffic, 
         s.settimeout(30)
         while not stop.is_set():
             data = os.urandom(chunk)
-            sender = threading.Thread(target=s.sendall, args=(data,))
+            sender = threading.Thread(target=_send_quietly, args=(s, data))
             sender.start()
             h, got = hashlib.sha256(), 0
             while got < chunk:
