@@ -15,8 +15,10 @@ def test_callback_runs_off_the_signal_handler_so_a_held_lock_does_not_deadlock()
     done = threading.Event()
 
     def callback(signum):
-        with lock:                     # in the handler, with the lock held below: a deadlock
-            got.append(signum)
+        ok = lock.acquire(timeout=2)   # in the handler, with the lock held below: never granted
+        got.append((signum, ok, threading.current_thread() is threading.main_thread()))
+        if ok:
+            lock.release()
         done.set()
     try:
         on_stop_signals(callback, signals=(signal.SIGUSR1,))
@@ -24,6 +26,6 @@ def test_callback_runs_off_the_signal_handler_so_a_held_lock_does_not_deadlock()
             os.kill(os.getpid(), signal.SIGUSR1)
             time.sleep(0.2)            # the handler has run on this thread by now, lock held
             assert not got
-        assert done.wait(5) and got == [signal.SIGUSR1]
+        assert done.wait(5) and got == [(signal.SIGUSR1, True, False)]
     finally:
         signal.signal(signal.SIGUSR1, prev)

@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import multiprocessing as mp
-import socket
 import threading
 
 from host.vsock.api import VsockHost

@@ -294,6 +294,18 @@ class VhostNet(VhostDevice):
             self._log_used(vq, first, len(used))
         self.notify(vq)
 
+    def _idle(self, vq, mem, used: list) -> bool:
+        """handle_tx/handle_rx ran out (no chain, or no rx buffers): publish what was used,
+        re-enable notifications and look again (vhost_enable_notify); True if the guest added
+        buffers meanwhile: notifications are off again, go on."""
+        if used:
+            self._add_used(vq, mem, used)
+            used.clear()
+        if self._enable_notify(vq, mem):
+            self._disable_notify(vq, mem)
+            return True
+        return False
+
     # --- the data path ----------------------------------------------------------------------------
     def handle_tx(self) -> None:
         """The seed's handle_tx: guest tx ring -> backend. A guest error becomes vq_err."""
@@ -330,11 +342,7 @@ class VhostNet(VhostDevice):
                 while True:
                     chain = vq.get_vq_desc(mem)
                     if chain is None:
-                        if used:
-                            self._add_used(vq, mem, used)
-                            used = []
-                        if self._enable_notify(vq, mem):
-                            self._disable_notify(vq, mem)
+                        if self._idle(vq, mem, used):
                             continue
                         break
                     if chain.in_:
@@ -405,11 +413,7 @@ class VhostNet(VhostDevice):
                     need = hlen + len(frame)
                     heads = self._get_rx_bufs(vq, mem, need)
                     if heads is None:               # no buffers: wait for the guest's rx kick
-                        if used:
-                            self._add_used(vq, mem, used)
-                            used = []
-                        if self._enable_notify(vq, mem):
-                            self._disable_notify(vq, mem)
+                        if self._idle(vq, mem, used):
                             continue
                         break
                     self.rx_pending = None

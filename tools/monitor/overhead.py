@@ -21,7 +21,6 @@ import os
 import pty
 import signal
 import shutil
-import socket
 import statistics
 import struct
 import subprocess
@@ -31,25 +30,15 @@ import termios
 import time
 from pathlib import Path
 
-from host.vsock.api import VsockHost
+from tools.bench_vhost_user import host_to_guest
 from tools.launch import ROOT, start, stop_all, wait_for_log
 
 MODES = ("none", "queues", "ring", "queues-nice0")
 
 
 def stream(run_dir: Path, size: int, total: int) -> float:
-    s = VsockHost(run_dir).connect(3, 9, timeout=10)
-    buf = b"y" * size
-    t0 = time.perf_counter()
-    for _ in range(total // size):
-        s.sendall(buf)
-    s.shutdown(socket.SHUT_WR)
-    s.settimeout(120)
-    while s.recv(65536):
-        pass
-    dt = time.perf_counter() - t0
-    s.close()
-    return total / dt / 1e6
+    """MB/s of `total` bytes in `size` writes to guest 3's discard service, through the bridge."""
+    return host_to_guest(run_dir, 3, size, total)
 
 
 def cpu_seconds(pid: int) -> float:
