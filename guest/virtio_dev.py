@@ -91,6 +91,7 @@ class VirtioDevice:
         self._mem_table_sent = False
         self._threads: list[threading.Thread] = []
         self._irq_threads: list = []           # engine doorbell threads, one per call doorbell
+        self.irq_threads: dict = {}            # the same by queue index (run to completion)
         self._engine = None
         self._own_engine = None
         self.log = logging.getLogger(f"{__name__}.{guest_name}.{device}")
@@ -294,9 +295,11 @@ class VirtioDevice:
         threads = []
         for r in self.rings:
             if r.callback is not None:
-                threads.append(engine.add_doorbell(r.call, partial(self._interrupt, r),
-                                                   poll=poll(r.index) if poll else None,
-                                                   name=f"{self.device}-irq{r.index}"))
+                t = engine.add_doorbell(r.call, partial(self._interrupt, r),
+                                        poll=poll(r.index) if poll else None,
+                                        name=f"{self.device}-irq{r.index}")
+                self.irq_threads[r.index] = t
+                threads.append(t)
         err = threading.Thread(target=self._err_loop, args=(list(self.rings), stop_event),
                                name=f"{self.guest_name}-{self.device}-err", daemon=True)
         err.start()
@@ -306,6 +309,7 @@ class VirtioDevice:
 
     def join_irq_threads(self, timeout: float = 2.0) -> None:
         irqs, self._irq_threads = self._irq_threads, []
+        self.irq_threads = {}
         for t in irqs:
             self._engine.remove_doorbell(t)
         for t in irqs:

@@ -77,6 +77,9 @@ class VhostDevice:
         factory = vq_factory or _default_vq_factory
         self.vqs = [factory(i, f"{self.name}-q{i}") for i in range(self.num_queues)]
         self.kicks: list = [None] * self.num_queues
+        # The runner's doorbell threads per queue (host/device_process.py KickPollers), for
+        # program threads that serve a ring themselves (run to completion, shared/engine.py).
+        self.kick_threads: dict = {}
         self.calls: list = [None] * self.num_queues
         self.errs: list = [None] * self.num_queues
         self.broken = False          # a guest error stopped this device until reset

@@ -57,9 +57,12 @@ class KickPollers:
                 t = self.worker.add_doorbell(db, partial(dev.kick_received, i),
                                              poll=dev.poll_ops(i), name=f"kick-q{i}")
                 self.threads[i] = (t, db)
+                dev.kick_threads[i] = t
 
     def _stop(self, i: int) -> None:
         t, _ = self.threads.pop(i)
+        if self.device.kick_threads.get(i) is t:
+            del self.device.kick_threads[i]
         self.worker.remove_doorbell(t)
         w, p = self._done.get(i, (0, 0))
         self._done[i] = (w + t.wakeups, p + t.polled_ns)

@@ -25,6 +25,20 @@ is that, for a guest kernel and for a host device process alike:
     the GIL (time.sleep(0)), so other threads of the process keep running. `poll_us = 0` is pure
     doorbells; an idle engine only wakes once per WAIT_TIMEOUT to look at its stop flag.
 
+Run to completion (leader/followers). A program thread that must wait for what a doorbell's ring
+brings (a socket call on the guest's rx ring, or on the host's tx ring) does not sleep on a
+Condition while another thread runs the ring work and wakes it: it *serves* the doorbell itself
+(`DoorbellThread.serve`): it runs the ring work, polls for a while if it has a poll budget, then
+sleeps on the doorbell in the doorbell thread's place and, when it rings, runs the ring work on
+its own thread and returns as soon as its own socket is ready. Other threads whose sockets the
+ring work touched are woken through their own Conditions (only those that wait). The doorbell
+thread serves only while no caller does: it parks while a caller leads, and for PARK_S after the
+last one left (a caller that comes back for more takes the doorbell at no cost); a caller that
+finds the doorbell thread asleep on the doorbell rings the doorbell once to take its place. A
+64 B round trip thus wakes two threads (one per side), as a bare ring does. The poll budget is
+adaptive, as KVM's halt polling: it grows when a sleep ended sooner than the budget would have
+polled, and halves when a poll window found nothing, so polling only costs where it pays.
+
 `run()` runs the engine loop on the calling thread (a host device process's main thread);
 `start()` runs it on a thread of its own (the guest kernel's worker). `stats` counts what the
 monitor and benchmarks show: wakeups (doorbell waits that returned rings), handler runs, polled
@@ -46,6 +60,18 @@ from typing import Callable
 log = logging.getLogger(__name__)
 
 WAIT_TIMEOUT = 0.2        # seconds a doorbell thread or the loop sleeps before looking at stop
+PARK_S = 0.02             # a doorbell thread stays parked this long after a caller served its ring
+POLL_MIN_NS = 2_000       # an adaptive poll budget below this is no poll at all
+
+
+def released(lock):
+    """Release an RLock fully (whatever its recursion depth), as Condition.wait does; returns
+    the state for `restore`. The RLock's own save/restore protocol (the one Condition uses)."""
+    return lock._release_save()
+
+
+def restore(lock, state) -> None:
+    lock._acquire_restore(state)
 
 
 class TimerHandle:
@@ -89,11 +115,21 @@ class DoorbellThread:
         self.stopped = False
         self.wakeups = 0                  # this doorbell's share of the engine's counters
         self.polled_ns = 0
+        # run to completion: whoever holds `leader` sleeps on the doorbell (thread or caller)
+        self.leader = threading.Lock()
+        self.lead_owner: int | None = None   # ident of the caller serving the ring, if any
+        self.want_lead = 0                # callers taking the doorbell from its thread
+        self.last_lead = 0.0              # when the last caller stopped serving (monotonic)
+        self.followers = 0                # callers waiting on their Condition meanwhile
+        self.budget_ns = self.poll_ns     # adaptive poll budget of serving callers
+        self.served = 0                   # sleeps on the doorbell by callers (not the thread)
+        self._unpark = threading.Event()
         self.thread = threading.Thread(target=self._loop, name=f"{engine.name}-{name}", daemon=True)
 
     def stop(self) -> None:
         """Stop soon (within WAIT_TIMEOUT); never blocks, safe with the engine lock held."""
         self.stopped = True
+        self._unpark.set()
 
     def join(self, timeout: float = WAIT_TIMEOUT * 3) -> None:
         if self.thread is not threading.current_thread() and self.thread.is_alive():
@@ -109,17 +145,33 @@ class DoorbellThread:
             self.engine.work_errors += 1
             log.exception("%s: doorbell handler %r failed", self.engine.name, self.handler)
 
+    def _parked(self) -> bool:
+        """Does a caller serve the ring (or did one a moment ago, with nobody else waiting)?"""
+        return (self.lead_owner is not None or self.want_lead > 0
+                or (not self.followers and time.monotonic() - self.last_lead < PARK_S))
+
     def _loop(self) -> None:
         eng = self.engine
         lock = eng.lock
         stats = eng.stats
         stopping = eng._stop.is_set
         poll = self.poll
+        leader = self.leader
         while not self.stopped and not stopping():
+            if self._parked():
+                self._unpark.wait(PARK_S)
+                self._unpark.clear()
+                continue
+            if not leader.acquire(timeout=WAIT_TIMEOUT):
+                continue
             try:
+                if self.want_lead:
+                    continue
                 n = self.db.wait(WAIT_TIMEOUT)
             except Exception:       # closed or unlinked under us: the queue is going away
                 return
+            finally:
+                leader.release()
             with lock:
                 if self.stopped:
                     return
@@ -132,8 +184,139 @@ class DoorbellThread:
                     continue
                 stats["handler_runs"] += 1
                 self._run_handler(polled=not n)
-            if self.poll_ns and poll is not None:
+            if self.poll_ns and poll is not None and not self._parked():
                 self._busy_poll()
+
+    # --- run to completion: a caller serves the ring itself ------------------------------------
+    def serve(self, done: Callable[[], bool], deadline: float | None) -> bool | None:
+        """Serve this doorbell's ring from the calling thread until done() (True) or the
+        deadline (False); None when another caller already serves it (wait on your Condition:
+        the server's ring work wakes you). Called, and returns, with the engine lock held.
+        Work done by another thread (the engine's queued work, a timer) that makes done() true
+        must `nudge()` the server, which may be asleep on the doorbell."""
+        if self.stopped or self.lead_owner is not None:
+            return None
+        lock = self.engine.lock
+        if not self.leader.acquire(False):
+            # The doorbell thread sleeps on the doorbell: ring it once to take its place.
+            self.want_lead += 1
+            try:
+                try:
+                    self.db.ring()
+                except Exception:
+                    return None
+                state = released(lock)
+                try:
+                    got = self.leader.acquire(timeout=WAIT_TIMEOUT)
+                finally:
+                    restore(lock, state)
+            finally:
+                self.want_lead -= 1
+            if not got:
+                return None
+        self.lead_owner = threading.get_ident()
+        try:
+            return self._serve(done, deadline)
+        finally:
+            self.lead_owner = None
+            self.last_lead = time.monotonic()
+            self.leader.release()
+            if self.followers:
+                self._unpark.set()        # someone still waits: the doorbell thread serves on
+
+    def nudge(self) -> None:
+        """Wake the caller serving this ring (its wait ends as if the doorbell rang)."""
+        try:
+            self.db.ring()
+        except Exception:
+            pass
+
+    def _serve(self, done, deadline: float | None) -> bool | None:
+        eng = self.engine
+        lock = eng.lock
+        stats = eng.stats
+        poll = self.poll
+        clock = time.monotonic
+        while True:
+            if self.stopped or eng._stop.is_set():
+                return None
+            if poll is None or poll.pending():
+                stats["handler_runs"] += 1
+                self._run_handler(polled=True)
+                if done():
+                    return True
+            if poll is not None and self.budget_ns >= POLL_MIN_NS and self._poll_for(done, deadline):
+                return True
+            left = WAIT_TIMEOUT if deadline is None else min(WAIT_TIMEOUT, deadline - clock())
+            if left <= 0:
+                return False
+            state = released(lock)
+            t0 = time.perf_counter_ns()
+            try:
+                n = self.db.wait(left)
+            except Exception:
+                n = -1
+            finally:
+                restore(lock, state)
+            if n < 0:
+                return None
+            self.served += 1
+            if n:
+                stats["wakeups"] += 1
+                self.wakeups += 1
+                if self.poll_ns and time.perf_counter_ns() - t0 < self.poll_ns:
+                    # polling would have caught this one: poll again next time (halt polling)
+                    self.budget_ns = min(self.poll_ns, max(2 * self.budget_ns, self.poll_ns // 4))
+                stats["handler_runs"] += 1
+                self._run_handler(polled=False)
+            elif poll is not None and poll.pending():
+                stats["missed_wakeups"] += 1
+            if done():      # another thread's work (a timer, requeued work) may have done it
+                return True
+
+    def _poll_for(self, done, deadline: float | None) -> bool:
+        """Poll the ring for up to budget_ns with notifications suppressed, running the ring work
+        on what appears; True when done() came true. Lock held (released between polls)."""
+        eng = self.engine
+        lock = eng.lock
+        stats = eng.stats
+        poll = self.poll
+        clock = time.perf_counter_ns
+        t0 = clock()
+        end = t0 + self.budget_ns
+        if deadline is not None:
+            end = min(end, t0 + int((deadline - time.monotonic()) * 1e9))
+        hit = ok = False
+        if poll.suppress is not None:
+            poll.suppress()
+        try:
+            while True:
+                if poll.pending():
+                    hit = True
+                    stats["poll_hits"] += 1
+                    stats["handler_runs"] += 1
+                    self._run_handler(polled=True)
+                    if done():
+                        ok = True
+                        return True
+                    if poll.suppress is not None:
+                        poll.suppress()        # the ring work re-armed on its way out
+                if clock() >= end:
+                    break
+                restore(lock, released(lock))  # let this process's other threads in
+            if poll.rearm is not None and poll.rearm():
+                stats["poll_hits"] += 1
+                stats["handler_runs"] += 1
+                self._run_handler(polled=True)
+                ok = done()
+                return ok
+            return False
+        finally:
+            spent = clock() - t0
+            stats["poll_ns"] += spent
+            self.polled_ns += spent
+            if not hit and not ok:
+                self.budget_ns //= 2            # polls keep finding nothing: poll less
 
     def _busy_poll(self) -> None:
         eng = self.engine

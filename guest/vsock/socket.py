@@ -6,7 +6,7 @@ run on the kernel's worker with the lock held), its cancel_pkt is the transport'
 while the transport is probed. The sockets (`VsockSocket`), their waiting, timeouts and errors
 are the shared layer's, written once for the guest and the host (host/vsock/endpoint.py).
 Packets the core emits go to the transport's `send_pkt`, which puts them on the tx ring (one
-kick per send: `batch`); a waiting call busy-polls the rx ring first when the kernel has poll_us.
+kick per send: `batch`); a waiting call serves the rx ring itself (the rx interrupt's doorbell).
 """
 from __future__ import annotations
 
@@ -44,27 +44,18 @@ class GuestVsock(VsockFamily):
     def cancel_pkt(self, sk) -> int:
         return self.transport.cancel_pkt(sk)
 
-    # --- the fast path: one kick per send, busy polling of the rx ring ---------------------------
+    # --- the fast path: one kick per send, waiting calls serve the rx ring ------------------------
     @property
     def batch(self):
         return self.transport.batch
 
     @property
-    def poll_us(self) -> int:
-        return getattr(self.kernel, "poll_us", 0)
-
-    @property
     def stats(self) -> dict:
         return getattr(self.kernel, "stats", {})
 
-    def busy_poll_start(self) -> None:
-        self.transport.busy_poll_start()
-
-    def busy_poll(self) -> bool:
-        return self.transport.busy_poll()
-
-    def busy_poll_stop(self) -> None:
-        self.transport.busy_poll_stop()
+    def doorbell(self):
+        """The rx queue's interrupt doorbell thread: a waiting call serves the rx ring itself."""
+        return self.transport.rx_doorbell()
 
 
 __all__ = ["GuestVsock", "VsockSocket", "SHUT_RD", "SHUT_WR", "SHUT_RDWR", "VMADDR_CID_ANY",

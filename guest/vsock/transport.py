@@ -287,29 +287,13 @@ class VirtioVsockTransport:
         vq = self.vqs[VSOCK_VQ_RX]
         return PollOps(pending=lambda: self.rx_run and self.more_replies() and vq.more_used(),
                        suppress=vq.suppress_cb,
-                       rearm=lambda: self.rx_run and not vq.enable_cb())
+                       rearm=lambda: self.rx_run and not vq.enable_cb(),
+                       handler=lambda: self.rx_done(vq))      # polled: not an interrupt
 
-    # --- busy polling from a socket call (sk_busy_loop / napi_busy_loop) ---------------------
-    def busy_poll_start(self) -> None:
-        """A program thread is about to poll the rx ring itself: no rx interrupts meanwhile."""
-        if self.rx_run and self.vqs:
-            self.vqs[VSOCK_VQ_RX].suppress_cb()
-
-    def busy_poll(self) -> bool:
-        """One poll of the rx ring from the calling thread (lock held); True if it did work."""
-        if not self.rx_run or not self.vqs:
-            return False
-        vq = self.vqs[VSOCK_VQ_RX]
-        if not vq.more_used() or not self.more_replies():
-            return False
-        self.rx_work()
-        vq.suppress_cb()                # rx_work re-armed on its way out: still polling
-        return True
-
-    def busy_poll_stop(self) -> None:
-        """Polling is over: re-arm rx interrupts, and handle what raced in meanwhile."""
-        if self.rx_run and self.vqs and not self.vqs[VSOCK_VQ_RX].enable_cb():
-            self.rx_work()
+    def rx_doorbell(self):
+        """The rx interrupt's doorbell thread, which a waiting socket call serves itself."""
+        threads = getattr(self.vdev, "irq_threads", None)
+        return threads.get(VSOCK_VQ_RX) if threads and self.rx_run else None
 
     # --- send side --------------------------------------------------------------------------
     def send_pkt(self, pkt: Packet) -> int:

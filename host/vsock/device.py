@@ -299,41 +299,6 @@ class VhostVsock(VhostDevice):
             return bool(self.send_pkt_list) and not self.vqs[qidx].avail_empty(self.mem)
         return False
 
-    # --- busy polling from a host program's socket call (sk_busy_loop) ------------------------
-    def busy_poll_start(self) -> None:
-        """A host program thread polls the tx ring itself: no kicks meanwhile."""
-        if self._ready():
-            try:
-                self.vqs[VSOCK_VQ_TX].suppress_notify(self.mem)
-            except GUEST_ERRORS as e:
-                self.vq_err(self.vqs[VSOCK_VQ_TX], e)
-
-    def busy_poll(self) -> bool:
-        """One poll of the tx ring from the calling thread (lock held); True if it did work."""
-        if not self._ready():
-            return False
-        try:
-            if not self.queue_has_work(VSOCK_VQ_TX):
-                return False
-        except GUEST_ERRORS as e:
-            self.vq_err(self.vqs[VSOCK_VQ_TX], e)
-            return False
-        self.handle_tx_kick()
-        self.busy_poll_start()          # handle_tx_kick re-armed kicks on its way out
-        return True
-
-    def busy_poll_stop(self) -> None:
-        """Polling is over: re-arm kicks, and handle what raced in meanwhile."""
-        if not self._ready():
-            return
-        try:
-            raced = self.vqs[VSOCK_VQ_TX].enable_notify(self.mem)
-        except GUEST_ERRORS as e:
-            self.vq_err(self.vqs[VSOCK_VQ_TX], e)
-            return
-        if raced:
-            self.handle_tx_kick()
-
     def _alloc_pkt(self, chain) -> Packet:
         """vhost_vsock_alloc_pkt: the device-specific chain rules (ring rule 14), header copied once."""
         if chain.in_:

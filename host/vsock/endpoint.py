@@ -35,7 +35,7 @@ import errno
 import logging
 import threading
 
-from shared.constants import VMADDR_CID_HOST
+from shared.constants import VMADDR_CID_HOST, VSOCK_VQ_TX
 from shared.vsock import services as svc
 from shared.vsock.socket import VsockFamily, reset_core
 
@@ -89,27 +89,18 @@ class HostVsock(VsockFamily):
     def cancel_pkt(self, sk) -> int:
         return self.device.cancel_pkt(sk)
 
-    # --- the fast path: one interrupt per send, busy polling of the tx ring -----------------------
+    # --- the fast path: one interrupt per send, waiting calls serve the tx ring -------------------
     @property
     def batch(self):
         return self.device.batch
 
     @property
-    def poll_us(self) -> int:
-        return getattr(self.device.worker, "poll_us", 0)
-
-    @property
     def stats(self) -> dict:
         return getattr(self.device.worker, "stats", {})
 
-    def busy_poll_start(self) -> None:
-        self.device.busy_poll_start()
-
-    def busy_poll(self) -> bool:
-        return self.device.busy_poll()
-
-    def busy_poll_stop(self) -> None:
-        self.device.busy_poll_stop()
+    def doorbell(self):
+        """The tx queue's kick doorbell thread: a waiting call serves the tx ring itself."""
+        return self.device.kick_threads.get(VSOCK_VQ_TX)
 
     def wait_up(self, timeout: float | None = None) -> bool:
         """Wait until the device is running (DRIVER_OK); False on timeout."""

@@ -27,10 +27,10 @@ and, for the fast path, optionally (the base class gives harmless defaults):
 
     batch           a context manager (shared/batch.py) around a send: the packets it makes
                     cost one kick or interrupt decision at its end
-    poll_us         busy-poll budget of a waiting call, in microseconds (0: sleep at once)
-    busy_poll_start() / busy_poll() -> bool / busy_poll_stop()
-                    sk_busy_loop: suppress the ring's notifications, process the ring from the
-                    calling thread, re-arm with a re-check (the transport or device does it)
+    doorbell()      the engine's DoorbellThread of the ring that brings this endpoint's
+                    packets (the guest's rx interrupt, the host's tx kick), or None: a waiting
+                    call serves that ring itself (run to completion, polling with the
+                    engine's adaptive budget; shared/engine.py)
     stats           a dict whose "socket_wakeups" counts sleeps that ended in a wake-up
 
 A socket keeps the core it was made on. A family whose core is replaced (the host device's
@@ -39,13 +39,13 @@ wake its bound ones; a socket whose core is no longer `current_core` is *stale*:
 connect and accept on it fail with ENODEV, reads and writes fail with the core's error.
 
 Locking: every call takes `family.lock`, calls the core, and leaves. A call that must wait
-(connect, accept, send without credit, recv without data) waits in `VsockSocket._wait` on the
-socket's own `threading.Condition(lock)`, which releases the lock while asleep. `_wait` is the
-one place that sleeps; with the family's poll_us it first busy-polls the ring for that long from
-the calling thread, so a packet that arrives meanwhile costs no interrupt and no hand-off to
-another thread (Linux's SO_BUSY_POLL / sk_busy_loop). The core calls the
-socket's `wake` hook whenever it became readable or writable or changed state (always with the
-lock held), and the hook notifies the Condition.
+(connect, accept, send without credit, recv without data) waits in `VsockSocket._wait`, the one
+place that sleeps: it serves the family's doorbell itself when no other thread does (run to
+completion: it runs the ring work, polls, sleeps on the doorbell, so a packet for it costs no
+hand-off to another thread), else it sleeps on the socket's own `threading.Condition(lock)`,
+which releases the lock while asleep. The core calls the socket's `wake` hook whenever it
+became readable or writable or changed state (always with the lock held), and the hook
+notifies the Condition when a thread sleeps on it.
 
 Timeouts follow Python's socket module: `settimeout(None)` blocks, `0.0` (setblocking(False))
 never waits (BlockingIOError EAGAIN, or EINPROGRESS from connect), `t > 0` gives up after t
@@ -67,6 +67,7 @@ import errno
 import threading
 import time
 
+from shared.engine import WAIT_TIMEOUT
 from shared.constants import VMADDR_CID_ANY, VMADDR_PORT_ANY, VSOCK_DEFAULT_CONNECT_TIMEOUT
 from shared.vsock.proto import SockState, VsockSock
 
@@ -96,17 +97,12 @@ class VsockFamily:
     lock: threading.RLock
     what = "vsock"                      # for error messages: "virtio-vsock device", ...
     batch = contextlib.nullcontext()    # the fast path's one-kick-per-send (a Batch)
-    poll_us = 0                         # busy-poll budget of a waiting call
     stats: dict = {}                    # "socket_wakeups"
 
-    def busy_poll_start(self) -> None:
-        pass
-
-    def busy_poll(self) -> bool:
-        return False
-
-    def busy_poll_stop(self) -> None:
-        pass
+    def doorbell(self):
+        """The DoorbellThread (shared/engine.py) whose ring brings this endpoint's packets, for
+        a waiting call to serve itself (run to completion); None: wait on the Condition."""
+        return None
 
     # --- the family interface (subclasses) -----------------------------------------------------
     @property
@@ -184,14 +180,20 @@ class VsockSocket:
         self._closed = False
         self._connect_seq = 0                      # numbers connect attempts (stale timers)
         self._connect_pending = False              # a non-blocking connect awaits its report
+        self._waiters = 0                          # threads asleep on _cv
+        self._serving = None                       # the doorbell our waiting call serves
         self.connect_timeout = VSOCK_DEFAULT_CONNECT_TIMEOUT   # SO_VM_SOCKETS_CONNECT_TIMEOUT
         sk.wake = self._wake
         sk.data = self
 
     # --- plumbing -----------------------------------------------------------------------------
     def _wake(self) -> None:
-        with self._cv:          # RLock: re-entered when the core calls us with it held
-            self._cv.notify_all()
+        if self._waiters:       # a Condition nobody waits on is not notified
+            with self._cv:      # RLock: re-entered when the core calls us with it held
+                self._cv.notify_all()
+        db = self._serving
+        if db is not None and db.lead_owner != threading.get_ident():
+            db.nudge()          # our thread serves the ring, asleep on its doorbell: wake it
 
     def _stale(self) -> bool:
         """The family's core was replaced (device reset): this socket's core is gone."""
@@ -206,45 +208,49 @@ class VsockSocket:
     def _deadline(self, timeout: float | None) -> float | None:
         return None if timeout is None else time.monotonic() + timeout
 
-    def _wait(self, ready, deadline: float | None) -> bool:
+    def _wait(self, ready, deadline: float | None, serve: bool = True) -> bool:
         """Wait (lock held) until ready(), the socket is closed or stale; False on timeout.
 
-        The one place a socket call sleeps. With the family's poll_us, busy-poll the ring from
-        this thread first (sk_busy_loop); only then sleep on the Condition."""
+        The one place a socket call sleeps. Run to completion (shared/engine.py): when the
+        family has a doorbell whose ring brings this socket's packets, the calling thread serves
+        that ring itself (polls it, sleeps on its doorbell, runs the ring work when it rings);
+        only when another thread already serves it does this one sleep on its Condition, which
+        that thread's ring work notifies. An accept() does not serve (serve=False): a listener
+        waits for connections for long stretches, while the threads that wait for data on a
+        connection should be the ones woken by the ring (one wake-up per round trip)."""
         fam = self._family
         done = lambda: ready() or self._closed or self._stale()      # noqa: E731
         if done():
             return True
-        if fam.poll_us and self._busy_poll(done, fam, deadline):
-            return True
         stats = fam.stats
+        db = fam.doorbell() if serve else None
         while not done():
-            if deadline is None:
-                self._cv.wait()
-            else:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
+            if db is not None:
+                self._serving = db
+                try:
+                    r = db.serve(done, deadline)
+                finally:
+                    self._serving = None
+                if r is not None:
+                    return r or done()
+                db.followers += 1
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                if db is not None:
+                    db.followers -= 1
+                return False
+            if db is not None:       # bounded: the server may leave, then this thread serves
+                left = WAIT_TIMEOUT if left is None else min(left, WAIT_TIMEOUT)
+            self._waiters += 1
+            try:
                 self._cv.wait(left)
+            finally:
+                self._waiters -= 1
+                if db is not None:
+                    db.followers -= 1
             stats["socket_wakeups"] = stats.get("socket_wakeups", 0) + 1
+            db = fam.doorbell() if serve else None
         return True
-
-    def _busy_poll(self, done, fam, deadline: float | None) -> bool:
-        """Poll the ring for up to fam.poll_us (lock held); True when done() came true."""
-        clock = time.monotonic
-        end = clock() + fam.poll_us / 1e6
-        if deadline is not None:
-            end = min(end, deadline)
-        fam.busy_poll_start()
-        try:
-            while True:
-                fam.busy_poll()
-                if done():
-                    return True
-                if clock() >= end:
-                    return False
-        finally:
-            fam.busy_poll_stop()
 
     # --- timeouts -----------------------------------------------------------------------------
     def settimeout(self, timeout: float | None) -> None:
@@ -311,7 +317,7 @@ class VsockSocket:
                 if self._timeout == 0.0:
                     raise _err(errno.EAGAIN, "accept")
                 if not self._wait(lambda: bool(sk.accept_queue) or sk.state != SockState.LISTEN,
-                                  deadline):
+                                  deadline, serve=False):
                     raise _err(errno.ETIMEDOUT, "accept timed out")
                 self._check(live=True)
 
@@ -469,6 +475,8 @@ class VsockSocket:
                     delay = max(0.0, sk.close_deadline - core.clock()) + 0.001
                     self._family.call_later(delay, lambda: core.tick())
             self._cv.notify_all()
+            if self._serving is not None:
+                self._serving.nudge()
 
     def detach(self) -> None:
         raise _err(errno.EOPNOTSUPP, "detach is not supported on vsock sockets")
