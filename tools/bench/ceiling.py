@@ -524,11 +524,13 @@ def _child(role: str, kind: str, shm_name: str, sems, nq: int, payload: int, a: 
         conn.close()
 
 
-def _run(kind: str, a: int, b, payload: int, nq: int, timeout: float) -> tuple[dict, dict]:
-    """Start guest and device for one run; their reports (guest, device)."""
+def _run(kind: str, a: int, b, payload: int, nq: int, timeout: float, run_dir: Path | None) -> tuple[dict, dict]:
+    """Start guest and device for one run; their reports (guest, device). Names are made under
+    `run_dir` (a temporary one, removed afterwards, when None)."""
     from shared.doorbell import SemDoorbell
     from shared.resources import OwnerRecord, create_shm, ensure_run_dir, resource_base
-    run_dir = ensure_run_dir(Path(tempfile.mkdtemp(prefix="bench-ceiling-")))
+    own_dir = run_dir is None
+    run_dir = ensure_run_dir(Path(tempfile.mkdtemp(prefix="bench-ceiling-")) if own_dir else Path(run_dir))
     rec = OwnerRecord(run_dir, "bench")
     base = resource_base(run_dir)
     shm_name = f"{base}-ram"
@@ -575,17 +577,18 @@ def _run(kind: str, a: int, b, payload: int, nq: int, timeout: float) -> tuple[d
             from shared.resources import close_shm
             close_shm(shm)
         rec.release_all()
-        shutil.rmtree(run_dir, ignore_errors=True)
+        if own_dir:
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def stream(direction: str, size: int, total: int) -> dict:
+def stream(direction: str, size: int, total: int, run_dir: Path | None = None) -> dict:
     """One transfer of `total` bytes in `size`-byte writes: {"mbps", "bytes", "seconds", "cpu":
     {"guest", "device"}, "kicks", "interrupts", "wakeups", "packets"}."""
     if direction not in ("g2h", "h2g"):
         raise ValueError(f"direction {direction!r}")
     total = max(size, total // size * size)
     payload = min(size, PKT) if direction == "g2h" else PKT
-    guest, device = _run(direction, size, total, payload, 1, 120)
+    guest, device = _run(direction, size, total, payload, 1, 120, run_dir)
     recv = device if direction == "g2h" else guest
     got, dt = recv["out"], recv["seconds"]
     if got != total:
@@ -596,10 +599,10 @@ def stream(direction: str, size: int, total: int) -> dict:
             "packets": recv["n"]["packets"] if direction == "h2g" else guest["n"]["packets"], **n}
 
 
-def rr(size: int, seconds: float) -> dict:
+def rr(size: int, seconds: float, run_dir: Path | None = None) -> dict:
     """`size`-byte round trips for `seconds`: {"lat_us": [...], "kicks", "interrupts", "packets"}."""
     if not 1 <= size <= 4096:
         raise ValueError(f"round-trip size {size} is not in 1..4096")
-    guest, device = _run("rr", size, seconds, 4096, 2, seconds + 60)
+    guest, device = _run("rr", size, seconds, 4096, 2, seconds + 60, run_dir)
     return {"lat_us": guest["out"], "kicks": guest["n"]["kicks"], "interrupts": device["n"]["interrupts"],
             "wakeups": guest["n"]["wakeups"] + device["n"]["wakeups"], "packets": guest["n"]["packets"]}
