@@ -15,6 +15,9 @@ Commands ({"seq": n, "op": ..., ...}); `start_at` (time.time()) lets several gue
     recv  connect to a source at (cid, port), ask for "<total> <size>\\n", read until EOF
     rr    connect to an echo at (cid, port), then `size`-byte round trips for `seconds`:
           {"lat_us": [...]} (after a short warm-up)
+    recv_view  as recv, reading with the socket's zero-copy recv_view; {"na": why} without it
+    send_zc    as send, to the host's zero-copy sink (zc_sink, `python -m host --run`), which
+               greets "ok" or "n/a <why>" first
 
 The times t0/t1 are time.time() (comparable across guests); durations use perf_counter.
 """
