@@ -540,6 +540,9 @@ def _run(kind: str, a: int, b, payload: int, nq: int, timeout: float, run_dir: P
     try:
         shm = create_shm(shm_name, layout(nq, payload)[2])
         bells = [SemDoorbell(n, create=True) for pair in sems for n in pair]
+        # One after the other: each attach registers the segment with multiprocessing's resource
+        # tracker (shared by forked children) and unregisters it at once; two children doing
+        # that at the same time make the tracker unregister a name twice (a KeyError it prints).
         for role in ("device", "guest"):
             mine, theirs = CTX.Pipe()
             p = CTX.Process(target=_child, name=f"bench-ceiling-{role}",
@@ -548,9 +551,8 @@ def _run(kind: str, a: int, b, payload: int, nq: int, timeout: float, run_dir: P
             theirs.close()
             procs.append(p)
             conns.append(mine)
-        for c in conns:
-            if not c.poll(30) or c.recv() != "ready":
-                raise RuntimeError("a ceiling process did not start")
+            if not mine.poll(30) or mine.recv() != "ready":
+                raise RuntimeError(f"the ceiling's {role} process did not start")
         for c in conns:
             c.send("go")
         reports = []
