@@ -15,6 +15,9 @@ Commands ({"seq": n, "op": ..., ...}); `start_at` (time.time()) lets several gue
     recv  connect to a source at (cid, port), ask for "<total> <size>\\n", read until EOF
     rr    connect to an echo at (cid, port), then `size`-byte round trips for `seconds`:
           {"lat_us": [...]} (after a short warm-up)
+    recv_view  as recv, reading with the socket's zero-copy recv_view; {"na": why} without it
+    send_zc    as send, to the host's zero-copy sink (zc_sink, `python -m host --run`), which
+               greets "ok" or "n/a <why>" first
 
 The times t0/t1 are time.time() (comparable across guests); durations use perf_counter.
 """
@@ -88,7 +91,107 @@ def _rr(vsock, c: dict) -> dict:
     return {"lat_us": lat}
 
 
-OPS = {"send": _send, "recv": _recv, "rr": _rr}
+# --- zero-copy receive (issue 15, item 3): the figures "in-device zero-copy" -------------------
+# The call shape the vsock socket offers when it has zero-copy receive:
+#     v = sock.recv_view(max_bytes)   a view of payload bytes in guest RAM (len(v) bytes; a
+#                                      zero-length view at EOF), usable as a buffer (memoryview(v))
+#                                      or through its memoryview v.data
+#     v.release()                      hands the buffer back to the ring
+# A build without it gets "n/a" with the reason, never a fallback that copies.
+NO_RECV_VIEW = "this build's vsock sockets have no recv_view (zero-copy receive)"
+ZC_GREETING_MAX = 256
+
+
+def drain_views(s, max_bytes: int) -> int:
+    """Read until EOF with recv_view, touching each view through the buffer protocol; bytes read."""
+    got = 0
+    while True:
+        v = s.recv_view(max_bytes)
+        n = len(v)
+        if n:
+            m = getattr(v, "data", None)           # the view's memoryview, or v as a buffer
+            (memoryview(v) if m is None else m)[n - 1]     # the bytes are there to read, not copied
+        v.release()
+        if not n:
+            return got
+        got += n
+
+
+def _recv_view(vsock, c: dict) -> dict:
+    """recv, with zero-copy receive: {"bytes", "seconds", "t0", "t1"} or {"na": why}."""
+    s = vsock.create_connection((c["cid"], c["port"]), timeout=30)
+    try:
+        if not hasattr(s, "recv_view"):
+            return {"na": NO_RECV_VIEW}            # closing before the request: the source sends nothing
+        s.settimeout(300)
+        p0, t0 = time.perf_counter(), time.time()
+        s.sendall(b"%d %d\n" % (c["total"], c["size"]))
+        got = drain_views(s, max(c["size"], 1 << 16))
+        dt = time.perf_counter() - p0
+    finally:
+        s.close()
+    return {"bytes": got, "seconds": dt, "t0": t0, "t1": t0 + dt}
+
+
+def _send_zc(vsock, c: dict) -> dict:
+    """send to the host's zero-copy sink (zc_sink): read its greeting line first ("ok" or "n/a
+    <why>"), then as `send`: {"bytes", "seconds", "t0", "t1", "reply"} or {"na": why}."""
+    buf = b"z" * c["size"]
+    s = vsock.create_connection((c["cid"], c["port"]), timeout=30)
+    try:
+        s.settimeout(30)
+        line = b""
+        while not line.endswith(b"\n") and len(line) < ZC_GREETING_MAX:
+            chunk = s.recv(ZC_GREETING_MAX - len(line))
+            if not chunk:
+                break
+            line += chunk
+        text = line.decode(errors="replace").strip()
+        if text != "ok":
+            return {"na": text[4:].strip() if text.startswith("n/a") else f"the zero-copy sink said {text!r}"}
+        s.settimeout(300)
+        p0, t0 = time.perf_counter(), time.time()
+        for _ in range(c["total"] // c["size"]):
+            s.sendall(buf)
+        s.shutdown(1)
+        reply = b""
+        while chunk := s.recv(4096):
+            reply += chunk
+        dt = time.perf_counter() - p0
+    finally:
+        s.close()
+    return {"bytes": c["total"] // c["size"] * c["size"], "seconds": dt, "t0": t0, "t1": t0 + dt,
+            "reply": reply.decode(errors="replace").strip()}
+
+
+OPS = {"send": _send, "recv": _recv, "rr": _rr, "recv_view": _recv_view, "send_zc": _send_zc}
+
+
+def zc_sink(vsock) -> None:
+    """`python -m host --run tools.bench_apps:zc_sink` (port ZC_SINK_PORT, or $VE_BENCH_ZC_PORT):
+    a sink that receives with recv_view. Greets each connection with "ok\n", or "n/a <why>\n"
+    and closes when the socket has no recv_view; then counts bytes until EOF and answers the
+    count as the sink service does. One connection at a time (the bench sends one stream)."""
+    srv = vsock.create_server(int(os.environ.get("VE_BENCH_ZC_PORT", ZC_SINK_PORT)))
+    while True:
+        try:
+            conn, _ = srv.accept()
+        except OSError:
+            return                                  # the device went down: the listener is gone
+        try:
+            if not hasattr(conn, "recv_view"):
+                conn.sendall(b"n/a " + NO_RECV_VIEW.encode() + b"\n")
+                continue
+            conn.sendall(b"ok\n")
+            total = drain_views(conn, 1 << 16)
+            conn.sendall(b"%d\n" % total)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+
+ZC_SINK_PORT = 5004
 
 
 def agent(vsock) -> None:

@@ -71,7 +71,8 @@ def _pipe_writer(conn, size: int, total: int, res) -> None:
 
 
 @child
-def _sock_echo(sock, size: int) -> None:
+def _sock_echo(sock, other, size: int) -> None:
+    other.close()                    # the bench's end, inherited: EOF needs every copy closed
     while m := sock.recv(size):
         sock.sendall(m)
 
@@ -123,7 +124,7 @@ def rr(kind: str, size: int, seconds: float, warmup: int = 50) -> list[float]:
     msg = b"r" * size
     if kind == "socketpair":
         a, b = socket.socketpair()
-        child = CTX.Process(target=_sock_echo, args=(b, size), name="bench-sp-echo")
+        child = CTX.Process(target=_sock_echo, args=(b, a, size), name="bench-sp-echo")
 
         def one() -> None:
             a.sendall(msg)

@@ -28,6 +28,8 @@ HOST_PORTS = {"echo": 5001, "sink": 5002, "source": 5003}     # in-device host s
 GUEST_ECHO, GUEST_SINK = 7, 9                                 # guest services the bridge reaches
 EXT_SINK, EXT_SOURCE = 6002, 6003                             # external listeners behind the bridge
 HOST_CID = 2
+ZC_SINK = 5004                                                # tools.bench_apps:zc_sink (host --run)
+ZC_RUN = "tools.bench_apps:zc_sink"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -48,6 +50,7 @@ class Features:
     poll_us: bool = False           # --poll-us on host and guest
     rx_buf_flag: str | None = None  # the guest's rx buffer size option, if any
     credit_policy: bool = True
+    host_run: bool = False          # python -m host --run MODULE:FUNCTION (the zero-copy sink)
 
     @classmethod
     def detect(cls) -> "Features":
@@ -57,7 +60,8 @@ class Features:
                    guest_sink="sink" in g,
                    poll_us="--poll-us" in h and "--poll-us" in g,
                    rx_buf_flag=m.group(1) if m else None,
-                   credit_policy="--credit-policy" in h and "--credit-policy" in g)
+                   credit_policy="--credit-policy" in h and "--credit-policy" in g,
+                   host_run="--run" in h)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -70,6 +74,15 @@ class Config:
     host_args: list[str] = field(default_factory=list)
     guest_args: list[str] = field(default_factory=list)
     guests: int = 1
+    bare: bool = False              # no services, no agent: a guest and its device with nothing to do
+
+
+def threads(pid: int) -> int | None:
+    """How many threads `pid` runs (entries of /proc/PID/task), None if gone."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return None
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -151,23 +164,29 @@ class Cluster:
 
     def start(self) -> None:
         host = ["-m", "host", "--run-dir", str(self.run_dir), *self.cfg.host_args]
-        if self.feats.host_services:
+        if self.feats.host_services and not self.cfg.bare:
             host += [a for k, p in HOST_PORTS.items() for a in ("--service", f"{k}={p}")]
+        if self.feats.host_run and not self.cfg.bare:
+            host += ["--run", ZC_RUN]
         self.procs.append(start(host, self.log("host"), new_session=True))
         self._wait(self.log("host"), "host listening", 30, "host")
         sink = "sink" if self.feats.guest_sink else "discard"
         for cid in self.cids:
             d = self.tmp / f"agent-{cid}"
             d.mkdir(exist_ok=True)
+            progs = [] if self.cfg.bare else ["--service", f"echo={GUEST_ECHO}", "--service", f"{sink}={GUEST_SINK}",
+                                              "--run", "tools.bench_apps:agent"]
             p = start(["-m", "guest", "--run-dir", str(self.run_dir), "--cid", str(cid), "--mem", self.guest_mem,
-                       "--service", f"echo={GUEST_ECHO}", "--service", f"{sink}={GUEST_SINK}",
-                       "--run", "tools.bench_apps:agent", *self.cfg.guest_args],
+                       *progs, *self.cfg.guest_args],
                       self.log(f"guest-{cid}"), new_session=True, VE_BENCH_DIR=str(d))
             self.procs.append(p)
             self.guest_pids[cid] = p.pid
-            self.agents[cid] = Agent(d)
+            if not self.cfg.bare:
+                self.agents[cid] = Agent(d)
         for cid in self.cids:
             self._wait(self.log(f"guest-{cid}"), "vsock device ready", 60, f"guest {cid}")
+            if self.cfg.bare:
+                continue
             end = time.monotonic() + 30
             while not (self.agents[cid].dir / "ready").exists():
                 if time.monotonic() > end:
@@ -215,6 +234,11 @@ class Cluster:
             if time.monotonic() > end:
                 return s
             time.sleep(0.05)
+
+    def threads(self, cid: int) -> dict[str, int | None]:
+        """Threads of guest `cid` and of its device process (the host daemon's child for it)."""
+        dev = self.device_pids().get(cid)
+        return {"guest": threads(self.guest_pids[cid]), "device": threads(dev) if dev else None}
 
     def cpu(self, cid: int) -> dict[str, float | None]:
         dev = self.device_pids().get(cid)

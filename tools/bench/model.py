@@ -2,10 +2,10 @@
 
 A figure is one quantity measured `repeats` times under one scenario:
 
-    {"kind": "stream" | "rr" | "pairs" | "ring" | "idle",
-     "path": "socketpair" | "pipe" | "in-device" | "bridge" | "ring",
+    {"kind": "stream" | "rr" | "pairs" | "ring" | "idle" | "threads",
+     "path": "socketpair" | "pipe" | "ceiling" | "in-device" | "bridge" | "ring" | "guest" | "device",
      "dir": "g2h" | "h2g" | None, "size": bytes per write, "pairs": N, "mode": "defaults" | ...,
-     "metric": "MB/s" | "median µs" | "p99 µs" | "mean µs" | "% core",
+     "metric": "MB/s" | "median µs" | "p99 µs" | "mean µs" | "% core" | "threads",
      "samples": [...], "min", "median", "max",          # absent when n/a
      "na": None | "why it could not be measured",
      "per_packet": {"kicks", "interrupts", "wakeups", "packets"} | absent,
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import statistics
 
-LOWER_IS_BETTER = {"median µs", "p99 µs", "mean µs", "% core"}
+LOWER_IS_BETTER = {"median µs", "p99 µs", "mean µs", "% core", "threads"}
 
 
 def figure(kind: str, path: str, metric: str, *, dir: str | None = None, size: int | None = None,
@@ -53,7 +53,14 @@ def value(f: dict | None) -> float | None:
 
 
 def baseline_of(figs: list[dict], f: dict, path: str = "socketpair") -> dict | None:
-    """The same measurement between two OS processes (`path` socketpair or pipe)."""
+    """The same measurement between two OS processes (`path` socketpair or pipe), or through the
+    bare ring (`path` "ceiling": the same direction and write size; the ceiling's round trip)."""
+    if path == "ceiling":
+        if f["kind"] == "stream" and f.get("dir"):
+            return find(figs, kind="stream", path="ceiling", dir=f["dir"], size=f["size"])
+        if f["kind"] == "rr":
+            return find(figs, kind="rr", path="ceiling", metric=f["metric"])
+        return None
     if f["kind"] == "stream":
         return find(figs, kind="stream", path=path, size=f["size"])
     if f["kind"] == "rr":

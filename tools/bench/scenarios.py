@@ -18,12 +18,15 @@ from pathlib import Path
 from typing import Callable
 
 from tools.bench import baselines
-from tools.bench.cluster import (EXT_SINK, GUEST_ECHO, GUEST_SINK, HOST_CID, HOST_PORTS, Cluster,
+from tools.bench.cluster import (EXT_SINK, GUEST_ECHO, GUEST_SINK, HOST_CID, HOST_PORTS, ZC_SINK, Cluster,
                                  Config, Features)
 from tools.bench.external import Child
 from tools.bench.model import figure, percentile
 
 SIZES = [64, 4096, 65536, 1 << 20]
+ZC_SIZES = [65536, 1 << 20]          # zero-copy receive: the bulk sizes it is for
+CEILING = "bare ring"                # the mode name of the ceiling's figures
+ZERO_COPY = "zero copy"              # the in-device figures whose receiver uses recv_view
 PAIRS = [1, 2, 4, 8]
 PAIR_SIZE = 65536
 MAX_TOTAL = 2 << 30
@@ -112,7 +115,14 @@ class Plan:
             cfg["semaphores"] = Config("semaphores", ["--poll-us", "0"], ["--poll-us", "0"])
             p = ["--poll-us", str(self.o.poll_us)]
             cfg[f"poll {self.o.poll_us} µs"] = Config(f"poll {self.o.poll_us} µs", p, p)
+        cfg["bare"] = Config("bare", bare=True)
+        self.modes[CEILING] = ("the ceiling (tools/bench/ceiling.py): two processes, one split ring of 256 "
+                               "descriptors per direction, 44-byte headers, EVENT_IDX, semaphores, no sockets layer")
+        self.modes[ZERO_COPY] = "defaults; the receiving app uses recv_view (no copy into its buffer)"
         for name, c in cfg.items():
+            if c.bare:
+                self.modes[name] = "a guest and its device process with no services and no bench agent"
+                continue
             self.modes[name] = (" ".join(dict.fromkeys(c.host_args + c.guest_args)) or "no flags") + \
                 (f"; {c.guests} guests" if c.guests > 1 else "")
         return cfg
@@ -151,6 +161,14 @@ class Plan:
         for n in o.pairs:
             out.append(Step(f"{n} socketpair{'s' if n > 1 else ''} at once", lambda n=n: self.base_pairs(n),
                             [dict(kind="pairs", path="socketpair", pairs=n, metric="MB/s")]))
+        for direction in ("g2h", "h2g"):
+            for size in o.sizes:
+                out.append(Step(f"ceiling {direction} {_sz(size)} writes",
+                                lambda dr=direction, s=size: self.ceiling_stream(dr, s),
+                                [dict(kind="stream", path="ceiling", dir=direction, size=size, mode=CEILING,
+                                      metric="MB/s")]))
+        out.append(Step("ceiling 64 B request/response", self.ceiling_rr,
+                        [dict(kind="rr", path="ceiling", mode=CEILING, metric=m) for m in ("median µs", "p99 µs")]))
         for sup in (True, False):
             out.append(Step(f"ring round trips, suppression {'on' if sup else 'off'}", lambda s=sup: self.ring(s),
                             [dict(kind="ring", path="ring", mode=f"suppression {'on' if sup else 'off'}",
@@ -169,6 +187,12 @@ class Plan:
                                         [dict(kind="stream", path=path, dir=direction, size=size, mode=mode,
                                               metric="MB/s")], cfg))
             if mode == "defaults":
+                for direction in ("g2h", "h2g"):
+                    for size in (s for s in ZC_SIZES if s in o.sizes):
+                        out.append(Step(f"in-device {direction} {_sz(size)} writes ({ZERO_COPY})",
+                                        lambda dr=direction, s=size: self.vstream(d, ZERO_COPY, "in-device", dr, s),
+                                        [dict(kind="stream", path="in-device", dir=direction, size=size,
+                                              mode=ZERO_COPY, metric="MB/s")], d))
                 for path in ("in-device", "bridge"):
                     out.append(self._rr_step(path, "defaults", d))
                 for path in ("in-device", "bridge"):
@@ -181,6 +205,9 @@ class Plan:
         for mode in poll_modes:
             for path in ("in-device", "bridge"):
                 out.append(self._rr_step(path, mode, cfgs.get(mode)))
+        out.append(Step("threads of an idle guest and its device process", self.threads,
+                        [dict(kind="threads", path=p, mode="bare", metric="threads") for p in ("guest", "device")],
+                        cfgs["bare"]))
         return out
 
     def _rr_step(self, path: str, mode: str, cfg: Config | None) -> Step:
@@ -223,6 +250,28 @@ class Plan:
                                    "interrupts": sum(r["irqs"] * r["rt"] for r in runs),
                                    "packets": sum(r["rt"] for r in runs), "wakeups": None})]
 
+    def ceiling_stream(self, direction: str, size: int) -> list[dict]:
+        from tools.bench import ceiling
+
+        def measure(total):
+            r = ceiling.stream(direction, size, total)
+            return r["bytes"], r["seconds"]
+        total = _sized(measure, size, self.o.target_s)
+        self.totals[("ceiling", direction, size)] = total
+        runs = [ceiling.stream(direction, size, total) for _ in range(self.o.repeats)]
+        nbytes = sum(r["bytes"] for r in runs)
+        cpu = {k: sum(r["cpu"][k] for r in runs) for k in ("guest", "device")}
+        pp = {k: sum(r[k] for r in runs) for k in ("kicks", "interrupts", "wakeups", "packets")}
+        return [figure("stream", "ceiling", "MB/s", dir=direction, size=size, mode=CEILING,
+                       samples=[r["mbps"] for r in runs], per_packet=pp, cpu_s_per_gb=_per_gb(cpu, nbytes))]
+
+    def ceiling_rr(self) -> list[dict]:
+        from tools.bench import ceiling
+        runs = [ceiling.rr(64, self.o.target_s) for _ in range(self.o.repeats)]
+        pp = {k: sum(r[k] for r in runs) for k in ("kicks", "interrupts", "wakeups", "packets")}
+        pp["round_trips"] = sum(len(r["lat_us"]) for r in runs)
+        return self._rr_figs("ceiling", CEILING, [r["lat_us"] for r in runs], per_packet=pp)
+
     @staticmethod
     def _rr_figs(path: str, mode: str, runs: list[list[float]], **extra) -> list[dict]:
         runs = [r for r in runs if r]
@@ -243,7 +292,22 @@ class Plan:
         c1, dt = c.cpu(cid), time.monotonic() - t0
         per = {k: (100 * (c1[k] - c0[k]) / dt if c0[k] is not None and c1[k] is not None else None) for k in c0}
         return [figure("idle", "guest+device", "% core", samples=[sum(v or 0 for v in per.values())],
-                       processes=per)]
+                       processes=per, threads=c.threads(cid))]
+
+    def threads(self) -> list[dict]:
+        """Threads per process of a guest and its device with nothing to serve (issue 15's target:
+        the bench's own clusters run services and an agent, which have threads of their own)."""
+        c = self.use(self.configs()["bare"])
+        cid = c.cids[0]
+        time.sleep(1.0)                     # settled: whatever starts lazily has started
+        n = c.threads(cid)
+        out = []
+        for p in ("guest", "device"):
+            if n[p] is None:
+                out.append(figure("threads", p, "threads", mode="bare", na=f"the {p} process was not found"))
+            else:
+                out.append(figure("threads", p, "threads", mode="bare", samples=[n[p]]))
+        return out
 
     def _group(self, c: Cluster, cids, body: Callable[[], tuple[int, dict]]):
         """Run body() (returns bytes moved, external CPU) with counters and CPU around it."""
@@ -258,9 +322,22 @@ class Plan:
             cpu["external"] = ext
         return _counters(s0, s1, cids), _per_gb(cpu, nbytes)
 
-    def _transfer(self, c: Cluster, cid: int, path: str, direction: str, size: int, total: int) -> tuple[int, float, float]:
+    def _transfer(self, c: Cluster, cid: int, path: str, direction: str, size: int, total: int,
+                  mode: str = "defaults") -> tuple[int, float, float]:
         """One transfer: (bytes, seconds, external CPU)."""
         a = c.agents[cid]
+        if path == "in-device" and mode == ZERO_COPY:
+            if direction == "g2h":
+                if not self.f.host_run:
+                    raise NA("this build's host has no --run (the zero-copy sink runs in the device process)")
+                r = a.run("send_zc", cid=HOST_CID, port=ZC_SINK, size=size, total=total)
+            else:
+                r = a.run("recv_view", cid=HOST_CID, port=HOST_PORTS["source"], size=size, total=total)
+            if r.get("na"):
+                raise NA(r["na"])
+            if direction == "g2h":
+                _check_count(r)
+            return r["bytes"], r["seconds"], 0.0
         if path == "in-device":
             if direction == "g2h":
                 r = a.run("send", cid=HOST_CID, port=HOST_PORTS["sink"], size=size, total=total)
@@ -293,7 +370,7 @@ class Plan:
 
         def body():
             def measure(total):
-                n, dt, xc = self._transfer(c, cid, path, direction, size, total)
+                n, dt, xc = self._transfer(c, cid, path, direction, size, total, mode)
                 ext_cpu[0] += xc
                 moved[0] += n
                 return n, dt
