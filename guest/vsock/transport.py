@@ -59,6 +59,7 @@ import errno
 import logging
 import struct
 import weakref
+from functools import partial
 from collections import deque
 
 from shared.constants import (
@@ -78,8 +79,8 @@ from shared.constants import (
 from guest.bufpool import BufPool
 from shared.batch import Batch
 from shared.vsock.packet import HDR, Packet
-from shared.constants import VIRTIO_VSOCK_MAX_PKT_BUF_SIZE, VIRTIO_VSOCK_OP_RW
-from shared.vsock.proto import VsockCore
+from shared.constants import VIRTIO_VSOCK_MAX_PKT_BUF_SIZE, VIRTIO_VSOCK_OP_RW, VIRTIO_VSOCK_TYPE_STREAM
+from shared.vsock.proto import Loan, SockState, VsockCore
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,8 @@ class VirtioVsockTransport:
         self._kick_tx = lambda: self._kick(self.vqs[VSOCK_VQ_TX], "tx_kicks") if self.vqs else None
         self.rx_pool: BufPool | None = None
         self.tx_pool: BufPool | None = None
+        self.rx_loans = 0             # rx buffers lent to sockets (with `pool`), not yet read
+        self.loan_gen = 0             # bumped at remove: older loans are void
 
         self.vqs: list = []
         self.features = 0
@@ -172,6 +175,7 @@ class VirtioVsockTransport:
                 self.update_guest_cid()
                 self.core = VsockCore(self.guest_cid, self.send_pkt, buf_size=self.buf_size,
                                       credit_policy=self.credit_policy)
+                self.core.send_rw = self.send_rw
                 rx_bufs = self.vqs[VSOCK_VQ_RX].num // 2 if self.pool else 0   # 2 descriptors each
                 tx_bufs = self.vqs[VSOCK_VQ_TX].num // 2 if self.pool else 0
                 self.rx_pool = BufPool(self.mem, self.alloc, HDR_SIZE + self.rx_buf_size, rx_bufs)
@@ -217,7 +221,10 @@ class VirtioVsockTransport:
             if not self.probed:
                 return
             self.probed = False
+            self.loan_gen += 1          # buffers lent to sockets are freed with the pools
+            self.rx_loans = 0
             if self.core is not None:
+                self.core.drop_loans()
                 self.core.reset_connected(errno.ECONNRESET)
             self.rx_run = self.tx_run = self.event_run = False
             self._cancel_retries()
@@ -361,7 +368,16 @@ class VirtioVsockTransport:
 
     def _tx_one(self, vq, pkt: Packet) -> int:
         """Put one packet on the tx ring: TX_OK, TX_NOBUF or TX_FULL (nothing changed)."""
-        payload = pkt.payload
+        r = self._tx_raw(vq, pkt.src_cid, pkt.dst_cid, pkt.src_port, pkt.dst_port, pkt.type,
+                         pkt.op, pkt.flags, pkt.buf_alloc, pkt.fwd_cnt, pkt.payload)
+        if r == TX_OK and self.capture is not None:
+            self._tap(pkt)
+        return r
+
+    def _tx_raw(self, vq, src_cid, dst_cid, src_port, dst_port, type_, op, flags, buf_alloc,
+                fwd_cnt, payload) -> int:
+        """One packet onto the tx ring from its header fields (add_sgs of a pool buffer: header
+        packed in place, payload copied once): TX_OK, TX_NOBUF or TX_FULL (nothing changed)."""
         n = len(payload)
         descs = 2 if n else 1
         if vq.num_free < descs:
@@ -377,8 +393,8 @@ class VirtioVsockTransport:
                 self.stats["tx_alloc_failures"] += 1
                 return TX_NOBUF
         view = buf.view
-        HDR.pack_into(view, 0, pkt.src_cid, pkt.dst_cid, pkt.src_port, pkt.dst_port, n, pkt.type,
-                      pkt.op, pkt.flags, pkt.buf_alloc, pkt.fwd_cnt)
+        HDR.pack_into(view, 0, src_cid, dst_cid, src_port, dst_port, n, type_, op, flags,
+                      buf_alloc, fwd_cnt)
         gpa = buf.gpa
         if n:
             view[HDR_SIZE:HDR_SIZE + n] = payload        # the one copy of the payload
@@ -389,13 +405,30 @@ class VirtioVsockTransport:
             buf.pool.put(buf)
             self.stats["tx_ring_full"] += 1
             return TX_FULL
-        buf.pkt = pkt.op
+        buf.pkt = op
         self.tx_inflight += 1
-        self.stats["tx_packets"] += 1
-        self.stats["tx_bytes"] += n
-        if self.capture is not None:
-            self._tap(pkt)
+        stats = self.stats
+        stats["tx_packets"] += 1
+        stats["tx_bytes"] += n
         return TX_OK
+
+    def send_rw(self, sk, payload) -> bool:
+        """The core's fast path for one RW packet (VsockCore.send_rw): straight onto the tx ring
+        when nothing waits before it (send_pkt's direct case, without a Packet). False: the
+        ordinary path (send_pkt: loopback, corking, queueing, capture) must take it."""
+        if (self.send_pkt_list or not self.tx_run or self.capture is not None
+                or sk.remote_cid == self.guest_cid):
+            return False
+        vq = self.vqs[VSOCK_VQ_TX]
+        if self.coalesce and len(payload) < SMALL_WRITE and self._tx_busy(vq):
+            return False
+        if self._tx_raw(vq, self.guest_cid, sk.remote_cid, sk.local_port, sk.remote_port,
+                        VIRTIO_VSOCK_TYPE_STREAM, VIRTIO_VSOCK_OP_RW, 0, sk.buf_alloc, sk.fwd_cnt,
+                        payload) != TX_OK:
+            return False
+        self.stats["tx_direct"] += 1
+        self.batch.defer(self._kick_tx)
+        return True
 
     def _reply_sent(self) -> None:
         """A reply reached the tx ring: resume rx if the owed replies had stopped it."""
@@ -547,6 +580,8 @@ class VirtioVsockTransport:
                     break
                 tok, length = got
                 self.rx_buf_nr -= 1
+                if self._rx_rw_fast(tok, length):
+                    continue
                 try:
                     pkt = self._rx_pkt(tok, length)
                 finally:
@@ -562,6 +597,45 @@ class VirtioVsockTransport:
             if stopped or vq.enable_cb():
                 break
         if self.rx_buf_nr < self.rx_buf_max_nr // 2:
+            self.rx_fill()
+
+    def _rx_rw_fast(self, tok, length: int) -> bool:
+        """An RW packet for an ESTABLISHED socket goes straight to the core's rx_rw: with `pool`,
+        its rx buffer is lent to the socket (given back to the pool, and the ring refilled,
+        when the reader has copied it out: one copy, rx buffer to the reader's buffer); else
+        copied once. False: the ordinary path (_rx_pkt, a Packet, recv_pkt) takes it."""
+        if length < HDR_SIZE or length > tok.size or self.capture is not None:
+            return False
+        view = tok.view
+        (src_cid, dst_cid, src_port, dst_port, plen, type_, op, _flags, buf_alloc,
+         fwd_cnt) = HDR.unpack_from(view, 0)
+        if (op != VIRTIO_VSOCK_OP_RW or type_ != VIRTIO_VSOCK_TYPE_STREAM
+                or dst_cid != self.guest_cid or plen > length - HDR_SIZE):
+            return False
+        core = self.core
+        sk = core.connected.get((dst_port, src_cid, src_port))
+        if sk is None or sk.state is not SockState.ESTABLISHED:
+            return False
+        stats = self.stats
+        stats["rx_packets"] += 1
+        stats["rx_bytes"] += plen
+        if plen and self.pool and self.rx_loans < self.rx_buf_max_nr // 2 and not sk.released:
+            self.rx_loans += 1
+            payload = Loan(view[HDR_SIZE:HDR_SIZE + plen], partial(self._rx_loan_done, tok,
+                                                                    self.loan_gen))
+        else:
+            payload = bytes(view[HDR_SIZE:HDR_SIZE + plen]) if plen else b""
+            tok.pool.put(tok)
+        core.rx_rw(sk, buf_alloc, fwd_cnt, payload)
+        return True
+
+    def _rx_loan_done(self, tok, gen: int) -> None:
+        """A lent rx buffer was read (or dropped): back to its pool, and the ring refilled."""
+        if gen != self.loan_gen:
+            return                      # the device went away with its rings and pools
+        self.rx_loans -= 1
+        tok.pool.put(tok)
+        if self.rx_run and self.rx_buf_nr < self.rx_buf_max_nr // 2:
             self.rx_fill()
 
     def _rx_pkt(self, tok, length: int) -> Packet | None:

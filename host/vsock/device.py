@@ -45,6 +45,7 @@ import os
 import struct
 import time
 from collections import deque
+from functools import partial
 
 from host.device import VhostDevice
 from host.iov import iov_read, iov_write  # noqa: F401 - re-exported for callers and tests
@@ -56,6 +57,7 @@ from shared.constants import (RESERVED_CIDS, VHOST_VSOCK_PKT_WEIGHT, VHOST_VSOCK
 from shared.batch import Batch
 from shared.errors import GuestMemoryError, VringError
 from shared.vsock.packet import HDR, HDR_SIZE, Packet
+from shared.vsock.proto import Loan, SockState
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,7 @@ class VhostVsock(VhostDevice):
 
     def __init__(self, guest_cid: int, *, run_dir=None, credit_policy: str = "every-read",
                  capture=None, dialect: str = "firecracker", reconnect: bool = False,
-                 name: str = "", buf_size: int | None = None, **kw):
+                 name: str = "", buf_size: int | None = None, lend: bool = True, **kw):
         if not isinstance(guest_cid, int) or guest_cid in RESERVED_CIDS or not 2 < guest_cid <= 0xFFFFFFFF:
             raise ValueError(f"guest CID {guest_cid!r} is reserved or out of range "
                              f"(a guest CID is 3..0xFFFFFFFE)")
@@ -95,6 +97,13 @@ class VhostVsock(VhostDevice):
         self.bridge = None
         self._tick_handle = None
         self.batch = Batch()        # with dev.batch: one rx interrupt decision for many packets
+        # Lending (our addition; vhost-vsock copies every payload into an skb): an RW payload in
+        # one tx descriptor is queued on its socket as a view of the guest's buffer, and its chain
+        # goes back to the used ring when the reader has copied it out (recv_into: one copy).
+        # At most half the tx ring is lent, so control packets always find room.
+        self.lend = lend
+        self.loans = 0              # tx chains lent to sockets, not yet used
+        self.loan_gen = 0           # bumped when the rings go away: older loans are void
         self._notify_rx = lambda: self.notify(self.vqs[VSOCK_VQ_RX])
         # In-device programs (host/vsock/endpoint.py): start_hooks run at the end of start()
         # (DRIVER_OK), stop_hooks(old_core) at the end of stop(), both with self.lock held.
@@ -118,7 +127,9 @@ class VhostVsock(VhostDevice):
     def _new_core(self):
         from shared.vsock.proto import VsockCore
         kw = {} if self.buf_size is None else {"buf_size": self.buf_size}
-        return VsockCore(VMADDR_CID_HOST, self.send_pkt, credit_policy=self.credit_policy, **kw)
+        core = VsockCore(VMADDR_CID_HOST, self.send_pkt, credit_policy=self.credit_policy, **kw)
+        core.send_rw = self.send_rw
+        return core
 
     @staticmethod
     def _open_capture(capture):
@@ -189,6 +200,10 @@ class VhostVsock(VhostDevice):
         if self._tick_handle is not None:
             self._tick_handle.cancel()
             self._tick_handle = None
+        # Lent views of guest RAM must be gone before the memory is released.
+        self.loan_gen += 1
+        self.loans = 0
+        self.core.drop_loans()
         super().stop()
         # Forget every connection: the guest's side goes away with the rings (release, purge).
         self.send_pkt_list.clear()
@@ -265,16 +280,20 @@ class VhostVsock(VhostDevice):
                         vq.disable_notify(mem)
                         continue
                     break
-                pkt = self._alloc_pkt(chain)
-                self._tap(pkt)                      # monitors see every packet received
-                n = pkt.len
-                used.append((chain.head, HDR_SIZE + n))
+                hdr = self._read_hdr(chain)
+                n = hdr[4]
                 stats["tx_packets"] += 1
                 stats["tx_bytes"] += n
                 stats["bytes_in"] += HDR_SIZE + n
-                self._route(pkt)
                 pkts += 1
                 total += HDR_SIZE + n
+                if not self._rx_rw_fast(chain, hdr):
+                    pkt = self._alloc_pkt(chain, hdr)
+                    self._tap(pkt)                  # monitors see every packet received
+                    used.append((chain.head, HDR_SIZE + n))
+                    self._route(pkt)
+                elif not self._lent:
+                    used.append((chain.head, HDR_SIZE + n))
                 # vhost_exceeds_weight: give the worker to others, continue later
                 if pkts >= VHOST_VSOCK_PKT_WEIGHT or total >= VHOST_VSOCK_WEIGHT:
                     stats["tx_requeued"] += 1
@@ -283,12 +302,103 @@ class VhostVsock(VhostDevice):
         except GUEST_ERRORS as e:
             self.vq_err(vq, e)
         finally:
-            if used and not self.broken:
+            # The good chains popped before a bad one still go back (vhost_add_used, chain by
+            # chain): a driver waiting for them must not wait for ever.
+            if used:
                 try:
                     vq.add_used_n(mem, used)
                     self.notify(vq)
                 except GUEST_ERRORS as e:
                     self.vq_err(vq, e)
+
+    # --- the RW fast path (both directions) ------------------------------------------------------
+    _lent = False
+
+    def _rx_rw_fast(self, chain, hdr) -> bool:
+        """A guest RW packet for an ESTABLISHED host socket goes straight to the core's rx_rw,
+        its payload lent (the chain used later, when read) or copied once. False: the ordinary
+        path (a Packet through _route) must take it."""
+        (src_cid, dst_cid, src_port, dst_port, length, type_, op, _flags, buf_alloc, fwd_cnt) = hdr
+        if (op != VIRTIO_VSOCK_OP_RW or type_ != VIRTIO_VSOCK_TYPE_STREAM or self.capture is not None
+                or src_cid != self.guest_cid or dst_cid != VMADDR_CID_HOST):
+            return False
+        core = self.core
+        sk = core.connected.get((dst_port, src_cid, src_port))
+        if sk is None or sk.state is not SockState.ESTABLISHED:
+            return False
+        out = chain.out
+        self._lent = False
+        if not length:
+            payload = b""
+        elif (self.lend and len(out) == 2 and out[0].nbytes == HDR_SIZE and out[1].nbytes >= length
+              and self.loans < self.vqs[VSOCK_VQ_TX].num // 2 and not sk.released):
+            payload = Loan(out[1][:length], partial(self._loan_done, chain.head, HDR_SIZE + length,
+                                                    self.loan_gen))
+            self.loans += 1
+            self._lent = True
+        else:
+            payload = self._payload(chain, length)
+        core.rx_rw(sk, buf_alloc, fwd_cnt, payload)
+        return True
+
+    def _loan_done(self, head: int, length: int, gen: int) -> None:
+        """A lent tx chain was read (or dropped): it goes back to the used ring now."""
+        if gen != self.loan_gen:
+            return                  # the rings it came from are gone
+        self.loans -= 1
+        if not self._ready():
+            return
+        vq = self.vqs[VSOCK_VQ_TX]
+        try:
+            vq.add_used(self.mem, head, length)
+            self.notify(vq)
+        except GUEST_ERRORS as e:
+            self.vq_err(vq, e)
+
+    def send_rw(self, sk, payload) -> bool:
+        """The host core's fast path for one RW packet (VsockCore.send_rw): straight into the
+        guest's next rx buffer when nothing waits before it and the payload fits that buffer
+        (the seeds' do_send_pkt for one packet: header packed in place, payload copied once).
+        False: the ordinary path (send_pkt) must take it."""
+        if (self.send_pkt_list or self.capture is not None or sk.remote_cid != self.guest_cid
+                or not self._ready()):
+            return False
+        vq, mem = self.vqs[VSOCK_VQ_RX], self.mem
+        if not self.mem_ok(vq):
+            return True              # NEEDS_RESET now: the packet goes with the device
+        n = len(payload)
+        try:
+            chain = vq.get_vq_desc(mem)
+            if chain is None:
+                return False         # no rx buffer: queued, and rx notifications re-armed
+            if chain.out:
+                raise VringError(14, f"Expected 0 output buffers, got {len(chain.out)}")
+            if chain.in_len - HDR_SIZE < n:
+                vq.discard_vq_desc(1)
+                return False         # the ordinary path splits it over several buffers
+            iov = chain.in_
+            first = iov[0]
+            fields = (VMADDR_CID_HOST, sk.remote_cid, sk.local_port, sk.remote_port, n,
+                      VIRTIO_VSOCK_TYPE_STREAM, VIRTIO_VSOCK_OP_RW, 0, sk.buf_alloc, sk.fwd_cnt)
+            if first.nbytes >= HDR_SIZE:
+                HDR.pack_into(first, 0, *fields)
+            else:
+                iov_write(iov, 0, HDR.pack(*fields))
+            if n:
+                if len(iov) == 2 and first.nbytes == HDR_SIZE:
+                    iov[1][:n] = payload
+                else:
+                    iov_write(iov, HDR_SIZE, payload)
+            vq.add_used(mem, chain.head, HDR_SIZE + n)
+        except GUEST_ERRORS as e:
+            self.vq_err(vq, e)
+            return True
+        stats = self.stats
+        stats["rx_packets"] += 1
+        stats["rx_bytes"] += n
+        stats["bytes_out"] += HDR_SIZE + n
+        self.batch.defer(self._notify_rx)
+        return True
 
     def queue_has_work(self, qidx: int) -> bool:
         """Work for the engine's busy-poll: tx chains (while replies may still be queued), or
@@ -299,8 +409,10 @@ class VhostVsock(VhostDevice):
             return bool(self.send_pkt_list) and not self.vqs[qidx].avail_empty(self.mem)
         return False
 
-    def _alloc_pkt(self, chain) -> Packet:
-        """vhost_vsock_alloc_pkt: the device-specific chain rules (ring rule 14), header copied once."""
+    def _read_hdr(self, chain) -> tuple:
+        """vhost_vsock_alloc_pkt's checks (ring rule 14): the header's fields, copied out of guest
+        memory once (unpack_from makes ints: the guest cannot change them afterwards), with len
+        zeroed for a non-STREAM packet and checked against the chain and the 64 KiB limit."""
         if chain.in_:
             raise VringError(14, f"Expected 0 input buffers, got {len(chain.in_)}")
         if chain.out_len < HDR_SIZE:
@@ -308,26 +420,36 @@ class VhostVsock(VhostDevice):
                                  f"less than the {HDR_SIZE}-byte header")
         out = chain.out
         first = out[0]
-        # The fields are copied out once (unpack_from makes ints): the guest cannot change them.
-        (src_cid, dst_cid, src_port, dst_port, length, type_, op, flags, buf_alloc,
-         fwd_cnt) = (HDR.unpack_from(first, 0) if first.nbytes >= HDR_SIZE
-                     else HDR.unpack(iov_read(out, 0, HDR_SIZE)))
-        if type_ != VIRTIO_VSOCK_TYPE_STREAM:
+        hdr = (HDR.unpack_from(first, 0) if first.nbytes >= HDR_SIZE
+               else HDR.unpack(iov_read(out, 0, HDR_SIZE)))
+        length = hdr[4]
+        if hdr[5] != VIRTIO_VSOCK_TYPE_STREAM:
             length = 0                              # only STREAM packets carry a payload here
+            hdr = hdr[:4] + (0,) + hdr[5:]
         if length > VIRTIO_VSOCK_MAX_PKT_BUF_SIZE:
             raise VringError(14, f"vsock packet len {length} exceeds "
                                  f"{VIRTIO_VSOCK_MAX_PKT_BUF_SIZE} bytes")
         if length > chain.out_len - HDR_SIZE:
             raise VringError(14, f"vsock packet len {length} but the chain holds only "
                                  f"{chain.out_len - HDR_SIZE} payload bytes")
+        return hdr
+
+    @staticmethod
+    def _payload(chain, length: int) -> bytes:
+        """The payload, copied out of guest memory once."""
         if not length:
-            payload = b""
-        elif first.nbytes == HDR_SIZE and out[1].nbytes >= length:
-            payload = bytes(out[1][:length])        # the seeds' layout: the one copy
-        else:
-            payload = iov_read(out, HDR_SIZE, length)
-        return Packet(src_cid, dst_cid, src_port, dst_port, type_, op, flags, buf_alloc, fwd_cnt,
-                      payload)
+            return b""
+        out = chain.out
+        if out[0].nbytes == HDR_SIZE and out[1].nbytes >= length:
+            return bytes(out[1][:length])           # the seeds' layout: the one copy
+        return iov_read(out, HDR_SIZE, length)
+
+    def _alloc_pkt(self, chain, hdr: tuple | None = None) -> Packet:
+        """vhost_vsock_alloc_pkt: a Packet of the chain (header checked and copied once)."""
+        if hdr is None:
+            hdr = self._read_hdr(chain)
+        return Packet(*hdr[:4], hdr[5], hdr[6], hdr[7], hdr[8], hdr[9],
+                      self._payload(chain, hdr[4]))
 
     def _route(self, pkt: Packet) -> None:
         if pkt.src_cid != self.guest_cid:

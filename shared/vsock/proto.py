@@ -125,6 +125,24 @@ def _no_wake() -> None:
     pass
 
 
+class Loan:
+    """Received payload lent by the transport instead of copied: a view of the buffer it arrived
+    in (a guest rx buffer, or a guest tx buffer on the host) and what gives that buffer back
+    (return it to its pool, or add_used on the host). The core queues it like bytes and calls
+    `release()` once the reader has consumed all of it (or the data is dropped), so the payload
+    is copied once, from the ring's buffer straight into the reader's (recv_into), as vhost
+    zerocopy and AF_XDP hand buffers back only when their user is done with them."""
+
+    __slots__ = ("view", "release")
+
+    def __init__(self, view: memoryview, release: Callable[[], None]):
+        self.view = view
+        self.release = release
+
+    def __len__(self) -> int:
+        return len(self.view)
+
+
 @dataclass(slots=True, eq=False)
 class VsockSock:
     """One stream socket: vsock_sock (addresses, state, shutdown) + virtio_vsock_sock (credit)."""
@@ -230,6 +248,10 @@ class VsockCore:
         self.close_timeout = close_timeout
         self.max_pkt_len = max_pkt_len       # 64 KiB; a transport may ask for less
         self.unbound_request = unbound_request
+        # The transport's fast path for an RW packet (send_rw(sk, payload) -> bool): True when
+        # it put the packet on its ring itself (header from sk, payload copied once), False to
+        # take the ordinary path (a Packet through send_pkt).
+        self.send_rw: Callable[[VsockSock, memoryview], bool] | None = None
         self.bound: dict[int, VsockSock] = {}
         self.connected: dict[tuple[int, int, int], VsockSock] = {}
         self.lingering: set[VsockSock] = set()   # released, waiting for RST or close timeout
@@ -344,12 +366,18 @@ class VsockCore:
         if not total and len(mv):
             sk.credit_stalls += 1
         off = 0
+        fast = self.send_rw
+        step = self.max_pkt_len
         while off < total:
-            n = min(total - off, self.max_pkt_len)
+            n = min(total - off, step)
             sk.tx_cnt = (sk.tx_cnt + n) & U32
             # The payload is a view of the caller's buffer: the transport copies it once, into
             # guest RAM (or into its queue), before this call returns.
-            self._send_pkt_info(sk, VIRTIO_VSOCK_OP_RW, payload=mv[off:off + n])
+            if fast is not None and fast(sk, mv[off:off + n]):
+                sk.last_fwd_cnt = sk.fwd_cnt        # the header advertised it
+                self.stats["tx"]["RW"] += 1
+            else:
+                self._send_pkt_info(sk, VIRTIO_VSOCK_OP_RW, payload=mv[off:off + n])
             off += n
         sk.tx_total += total
         self.stats["tx_bytes"] += total
@@ -374,11 +402,46 @@ class VsockCore:
                 return b""
             raise BlockingIOError(errno.EAGAIN, "recv: no data queued")
         data = self._dequeue(sk, n)
+        self._consumed(sk, len(data))
+        return data
+
+    def recv_into(self, sk: VsockSock, buf: memoryview) -> int:
+        """Like recv, into `buf` (a writable byte memoryview): each queued chunk is copied once,
+        from where it lies (a lent ring buffer, or our copy) into the caller's buffer."""
+        if sk.rx_bytes and sk.state is SockState.ESTABLISHED and not sk.shutdown & VIRTIO_VSOCK_SHUTDOWN_RCV:
+            want = len(buf)                      # the fast case: data queued, nothing odd
+        else:
+            data = self.recv(sk, len(buf))       # the rules (EOF, errors, EAGAIN) in one place
+            buf[:len(data)] = data
+            return len(data)
+        q = sk.rx_queue
+        got = 0
+        while got < want and q:
+            chunk = q[0]
+            off = sk.rx_off
+            if type(chunk) is Loan:
+                src = chunk.view
+            else:
+                src = chunk
+            k = min(len(src) - off, want - got)
+            buf[got:got + k] = src[off:off + k] if (off or k < len(src)) else src
+            got += k
+            if off + k == len(src):
+                q.popleft()
+                sk.rx_off = 0
+                if type(chunk) is Loan:
+                    chunk.release()
+            else:
+                sk.rx_off = off + k
+        sk.rx_bytes -= got
+        self._consumed(sk, got)
+        return got
+
+    def _consumed(self, sk: VsockSock, n: int) -> None:
         # virtio_transport_stream_do_dequeue: the consumed bytes become credit for the peer.
-        sk.fwd_cnt = (sk.fwd_cnt + len(data)) & U32
+        sk.fwd_cnt = (sk.fwd_cnt + n) & U32
         if self._credit_update_due(sk):
             self._send_pkt_info(sk, VIRTIO_VSOCK_OP_CREDIT_UPDATE)
-        return data
 
     def shutdown(self, sk: VsockSock, how: int) -> None:
         """shutdown(2): SHUT_RD/SHUT_WR/SHUT_RDWR -> SHUTDOWN with RCV/SEND bits (sticky)."""
@@ -411,8 +474,7 @@ class VsockCore:
             sk.state = SockState.CLOSE
         elif sk.state in (SockState.ESTABLISHED, SockState.CLOSING):
             # The owner will never read again: drop what is queued (its credit is moot).
-            sk.rx_queue.clear()
-            sk.rx_off = sk.rx_bytes = 0
+            self.drop_rx(sk)
             if sk.peer_shutdown & VIRTIO_VSOCK_SHUTDOWN_MASK == VIRTIO_VSOCK_SHUTDOWN_MASK:
                 # The peer already shut both ways: answer with RST and go.
                 self._send_pkt_info(sk, VIRTIO_VSOCK_OP_RST)
@@ -515,6 +577,32 @@ class VsockCore:
         handler = _RECV_RULES.get((sk.state, pkt.op)) or _STATE_DEFAULT[sk.state]
         handler(self, sk, pkt)
 
+    def rx_rw(self, sk: VsockSock, buf_alloc: int, fwd_cnt: int, payload) -> None:
+        """recv_pkt's fast path for an RW packet the transport matched to an ESTABLISHED socket
+        of `connected` ((dst_port, src_cid, src_port) with dst_cid our CID, type STREAM): the
+        credit update and the enqueue of recv_pkt, without a Packet. `payload` is bytes (ours
+        to keep) or a Loan (released when read or dropped)."""
+        self.stats["rx"]["RW"] += 1
+        sk.peer_buf_alloc = buf_alloc               # virtio_transport_space_update
+        sk.peer_fwd_cnt = fwd_cnt
+        n = len(payload)
+        if not n:
+            if self.has_space(sk) > 0:
+                sk.wake()
+            return
+        if sk.released or sk.rx_bytes + n > sk.buf_alloc:
+            sk.rx_dropped_bytes += n
+            self.stats["rx_dropped_bytes"] += n
+            if type(payload) is Loan:
+                payload.release()
+            sk.wake()
+            return
+        sk.rx_queue.append(payload)
+        sk.rx_bytes += n
+        sk.rx_total += n
+        self.stats["rx_bytes"] += n
+        sk.wake()
+
     def tick(self, now: float | None = None) -> int:
         """Run close timeouts due by `now` (virtio_transport_close_timeout): RST and forget.
         Returns how many fired."""
@@ -538,6 +626,7 @@ class VsockCore:
         socks = list(self.connected.values())
         for sk in socks:
             self._unlink_connected(sk)
+            self.drop_rx(sk)        # unreadable from now on; lent buffers go back at once
             sk.state = SockState.CLOSE
             sk.err = err
             if sk.released:
@@ -729,19 +818,43 @@ class VsockCore:
         while want and q:
             chunk = q[0]
             off = sk.rx_off
+            loan = chunk if type(chunk) is Loan else None
+            if loan is not None:
+                chunk = loan.view
             avail = len(chunk) - off
             if avail <= want:
-                out.append(chunk[off:] if off else chunk)
+                out.append(bytes(chunk[off:]) if loan is not None else (chunk[off:] if off else chunk))
                 q.popleft()
                 sk.rx_off = 0
                 want -= avail
+                if loan is not None:
+                    loan.release()
             else:
-                out.append(chunk[off:off + want])
+                out.append(chunk[off:off + want] if loan is None else bytes(chunk[off:off + want]))
                 sk.rx_off = off + want
                 want = 0
         data = out[0] if len(out) == 1 and type(out[0]) is bytes else b"".join(out)
         sk.rx_bytes -= len(data)
         return data
+
+    @staticmethod
+    def drop_rx(sk: VsockSock) -> int:
+        """Drop what is queued for reading (lent buffers given back); returns the bytes."""
+        q = sk.rx_queue
+        n = sk.rx_bytes
+        while q:
+            chunk = q.popleft()
+            if type(chunk) is Loan:
+                chunk.release()
+        sk.rx_off = sk.rx_bytes = 0
+        return n
+
+    def drop_loans(self) -> None:
+        """The transport takes back every buffer it lent (its rings are going away): the data
+        of every socket holding one is dropped. Socket states are the caller's to reset."""
+        for sk in list(self.connected.values()) + list(self.bound.values()):
+            if any(type(c) is Loan for c in sk.rx_queue):
+                self.drop_rx(sk)
 
     def _ephemeral_port(self) -> int:
         # af_vsock __vsock_bind_connectible: a rolling counter above the reserved ports,

@@ -405,6 +405,10 @@ class VsockSocket:
         """vsock_stream_recvmsg: up to bufsize bytes; b"" at end of stream."""
         if bufsize < 0:
             raise ValueError("negative buffersize in recv")
+        return self._recv(self._core.recv, bufsize)
+
+    def _recv(self, take, arg):
+        """Wait until take(sk, arg) (the core's recv or recv_into) has something to give."""
         with self._lock:
             self._check()
             sk, core = self._sk, self._core
@@ -413,7 +417,7 @@ class VsockSocket:
             deadline = self._deadline(self._timeout)
             while True:
                 try:
-                    return core.recv(sk, bufsize)
+                    return take(sk, arg)
                 except BlockingIOError:
                     if self._timeout == 0.0:
                         raise
@@ -424,17 +428,15 @@ class VsockSocket:
                 self._check()
 
     def recv_into(self, buffer, nbytes: int = 0) -> int:
-        """Like recv, into `buffer`: the core's bytes are copied once, into the caller's buffer."""
+        """Like recv, into `buffer`: each byte is copied once, from where the transport left it
+        (a lent ring buffer: guest RAM) into the caller's buffer."""
         mv = memoryview(buffer).cast("B")
         if nbytes < 0:
             raise ValueError("negative buffersize in recv_into")
         n = nbytes or len(mv)
         if n > len(mv):
             raise ValueError("buffer too small for requested bytes")
-        data = self.recv(n)
-        k = len(data)
-        mv[:k] = data
-        return k
+        return self._recv(self._core.recv_into, mv[:n] if n < len(mv) else mv)
 
     # --- buffer size (SO_VM_SOCKETS_BUFFER_SIZE) ----------------------------------------------
     def set_buffer_size(self, n: int) -> int:
