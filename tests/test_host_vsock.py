@@ -592,3 +592,20 @@ def test_restarted_backend_takes_tx_left_by_the_killed_one_without_a_kick():
     w.run()
     assert dev.stats["tx_packets"] == 3
     assert len(g.reap_tx()) == 3
+
+
+def test_good_chains_before_a_bad_one_are_returned_on_the_used_ring():
+    """Issue 15 item 7 (vhost_add_used, chain by chain): a batch that meets a bad chain marks
+    the device NEEDS_RESET but still returns the good chains it popped before it."""
+    dev, g, w = make()
+    lst = dev.core.socket()
+    dev.core.bind(lst, 1234)
+    dev.core.listen(lst, 4)
+    for port in (5000, 5001):                       # two good packets (connection requests)
+        assert g.xmit(pkt(VIRTIO_VSOCK_OP_REQUEST, src_port=port))
+    g.add_tx(raw_hdr(0), in_len=16)                 # then a chain with an input buffer
+    g.kick(VSOCK_VQ_TX, force=True)
+    assert dev.broken
+    used = g.reap_tx()
+    assert [ln for _, ln in used] == [HDR_SIZE, HDR_SIZE]   # both good chains came back
+    assert dev.vqs[VSOCK_VQ_TX].used_idx(dev.mem) == 2

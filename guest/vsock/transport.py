@@ -80,7 +80,7 @@ from guest.bufpool import BufPool
 from shared.batch import Batch
 from shared.vsock.packet import HDR, Packet
 from shared.constants import VIRTIO_VSOCK_MAX_PKT_BUF_SIZE, VIRTIO_VSOCK_OP_RW, VIRTIO_VSOCK_TYPE_STREAM
-from shared.vsock.proto import Loan, SockState, VsockCore
+from shared.vsock.proto import LEND_MIN, Loan, SockState, VsockCore
 
 log = logging.getLogger(__name__)
 
@@ -619,7 +619,8 @@ class VirtioVsockTransport:
         stats = self.stats
         stats["rx_packets"] += 1
         stats["rx_bytes"] += plen
-        if plen and self.pool and self.rx_loans < self.rx_buf_max_nr // 2 and not sk.released:
+        if (plen >= LEND_MIN and self.pool and self.rx_loans < self.rx_buf_max_nr // 2
+                and not sk.released):
             self.rx_loans += 1
             payload = Loan(view[HDR_SIZE:HDR_SIZE + plen], partial(self._rx_loan_done, tok,
                                                                     self.loan_gen))

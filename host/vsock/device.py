@@ -57,7 +57,7 @@ from shared.constants import (RESERVED_CIDS, VHOST_VSOCK_PKT_WEIGHT, VHOST_VSOCK
 from shared.batch import Batch
 from shared.errors import GuestMemoryError, VringError
 from shared.vsock.packet import HDR, HDR_SIZE, Packet
-from shared.vsock.proto import Loan, SockState
+from shared.vsock.proto import LEND_MIN, Loan, SockState
 
 log = logging.getLogger(__name__)
 
@@ -330,8 +330,9 @@ class VhostVsock(VhostDevice):
         self._lent = False
         if not length:
             payload = b""
-        elif (self.lend and len(out) == 2 and out[0].nbytes == HDR_SIZE and out[1].nbytes >= length
-              and self.loans < self.vqs[VSOCK_VQ_TX].num // 2 and not sk.released):
+        elif (self.lend and length >= LEND_MIN and len(out) == 2 and out[0].nbytes == HDR_SIZE
+              and out[1].nbytes >= length and self.loans < self.vqs[VSOCK_VQ_TX].num // 2
+              and not sk.released):
             payload = Loan(out[1][:length], partial(self._loan_done, chain.head, HDR_SIZE + length,
                                                     self.loan_gen))
             self.loans += 1
@@ -621,7 +622,7 @@ class VhostVsock(VhostDevice):
         except GUEST_ERRORS as e:
             self.vq_err(vq, e)
         finally:
-            if used and not self.broken:
+            if used:                 # filled before a bad chain: still the guest's (add_used)
                 try:
                     vq.add_used_n(mem, used)
                     self.batch.defer(self._notify_rx)

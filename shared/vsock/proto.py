@@ -125,6 +125,9 @@ def _no_wake() -> None:
     pass
 
 
+LEND_MIN = 4096     # smaller payloads are copied: a copy costs less than a loan's bookkeeping
+
+
 class Loan:
     """Received payload lent by the transport instead of copied: a view of the buffer it arrived
     in (a guest rx buffer, or a guest tx buffer on the host) and what gives that buffer back

@@ -415,15 +415,13 @@ class VsockSocket:
             if sk.state == SockState.LISTEN:
                 raise _err(errno.ENOTCONN, "recv on a listening socket")
             deadline = self._deadline(self._timeout)
+            readable = core.readable
             while True:
-                try:
-                    return take(sk, arg)
-                except BlockingIOError:
-                    if self._timeout == 0.0:
-                        raise
-                    if self._stale():       # nothing will ever arrive on a dead core
-                        raise _err(errno.ECONNRESET, "recv") from None
-                if not self._wait(lambda: core.readable(sk), deadline):
+                if readable(sk) or self._timeout == 0.0:
+                    return take(sk, arg)    # EAGAIN only when not readable (non-blocking)
+                if self._stale():           # nothing will ever arrive on a dead core
+                    raise _err(errno.ECONNRESET, "recv")
+                if not self._wait(lambda: readable(sk), deadline):
                     raise _err(errno.ETIMEDOUT, "recv timed out")
                 self._check()
 
