@@ -40,6 +40,14 @@ STATS_INTERVAL = 0.5
 CONNECT_RETRY = 0.1        # boot: how often to look for a host that is not serving yet
 
 
+
+def transport_mode(credit_policy: str) -> dict:
+    """The transport's shape for a credit policy: "every-read" is the 2016-17 seeds' mode, with
+    the seeds' transport too (a kmalloc per packet, no autocork, every payload copied); the
+    modern policies get the fast path (fixed buffer pools, autocork, rx buffers lent to readers)."""
+    seeds = credit_policy == "every-read"
+    return {"pool": not seeds, "coalesce": not seeds}
+
 class BootError(Exception):
     """The VM could not boot (no host, refused CID, ...)."""
 
@@ -131,7 +139,7 @@ class VM:
                                               queue_sizes=(o.queue_size, o.queue_size, 8),
                                               credit_policy=o.credit_policy, buf_size=o.buf_size,
                                               rx_buf_size=o.rx_buf_size, capture=self.capture,
-                                              pool=True, coalesce=True)
+                                              **transport_mode(o.credit_policy))
         try:
             with self.kernel.lock:
                 self.transport.probe()

@@ -44,7 +44,8 @@ def _vsock_make(hello: dict, opts, worker, proc):
         proc.capture = PcapWriter(opts.pcap, append=True)
     return VhostVsock(hello["params"]["cid"], run_dir=opts.run_dir, credit_policy=opts.credit_policy,
                       capture=proc.capture, dialect=opts.dialect, reconnect=bool(hello.get("reconnect")),
-                      buf_size=getattr(opts, "buf_size", None))
+                      buf_size=getattr(opts, "buf_size", None),
+                      lend=opts.credit_policy != "every-read")    # the seeds copy every payload
 
 
 # --- net --------------------------------------------------------------------------------------------

@@ -363,19 +363,22 @@ def test_u32_wraparound_low_space_policy():
 
 def test_has_space_arithmetic():
     sk = VsockSock(tx_cnt=5, peer_fwd_cnt=2**32 - 10, peer_buf_alloc=100)
-    assert VsockCore.has_space(sk) == 85               # 15 bytes in flight across the wrap
+    core = VsockCore(HOST, lambda p: None)
+    assert core.has_space(sk) == 85                    # 15 bytes in flight across the wrap
     sk.peer_buf_alloc = 10                             # peer shrank below what is in flight
-    assert VsockCore.has_space(sk) == 0
+    assert core.has_space(sk) == 0
 
 
 def test_peer_window_is_clamped_to_our_own_buffer():
     """Issue 8 item 8: a peer advertising 4 GiB gets at most our buf_alloc in flight
-    (virtio_transport_has_space in current Linux takes the min of both buffers)."""
+    (virtio_transport_has_space in current Linux takes the min of both buffers), in the modern
+    credit policies."""
     sk = VsockSock(peer_buf_alloc=0xFFFFFFFF, buf_alloc=BUF)
-    assert VsockCore.has_space(sk) == BUF
+    core = VsockCore(HOST, lambda p: None, credit_policy="low-space")
+    assert core.has_space(sk) == BUF
     sk.tx_cnt = BUF - 100
-    assert VsockCore.has_space(sk) == 100
-    link = Link()
+    assert core.has_space(sk) == 100
+    link = Link(credit_policy="low-space")
     _, cli, srv = connected_pair(link)
     cli.buf_alloc = 0xFFFFFFFF                          # a hostile guest advertises 4 GiB
     link.guest.send(cli, b"!")
@@ -1015,3 +1018,23 @@ def test_low_space_speaks_up_before_a_smaller_peer_window_runs_out():
         got += len(core.recv(sk, 65536))
     updates = [p for p in sent if p.op == VIRTIO_VSOCK_OP_CREDIT_UPDATE]
     assert updates and updates[-1].fwd_cnt >= 192 * 1024
+
+
+def test_seeds_credit_arithmetic_has_no_clamp_the_modern_policies_do():
+    """Issue 17 item 11: every-read is the seeds' virtio_transport_get_credit
+    (peer_buf_alloc - (tx_cnt - peer_fwd_cnt)); the modern policies clamp the peer's window to
+    our own buffer, as Linux 6.1's virtio_transport_has_space does."""
+    from shared.vsock.proto import VsockSock
+    for policy, want in (("every-read", (4 << 20) - 1000), ("low-space", (256 << 10) - 1000),
+                         ("rcvlowat", (256 << 10) - 1000)):
+        core = VsockCore(3, lambda p: None, credit_policy=policy, buf_size=256 << 10)
+        sk = VsockSock(buf_alloc=256 << 10, peer_buf_alloc=4 << 20, tx_cnt=1000, peer_fwd_cnt=0)
+        assert core.has_space(sk) == want, policy
+
+
+def test_seeds_mode_brings_the_seeds_transport():
+    """every-read: a buffer per packet, no autocork, nothing lent (the seeds' transport); the
+    modern policies: fixed pools and autocork."""
+    from guest.vm import transport_mode
+    assert transport_mode("every-read") == {"pool": False, "coalesce": False}
+    assert transport_mode("low-space") == {"pool": True, "coalesce": True}

@@ -521,14 +521,17 @@ class VsockCore:
         """Bytes queued for reading (virtio_transport_stream_has_data)."""
         return sk.rx_bytes
 
-    @staticmethod
-    def has_space(sk: VsockSock) -> int:
+    def has_space(self, sk: VsockSock) -> int:
         """Bytes of credit: min(peer_buf_alloc, buf_alloc) - (tx_cnt - peer_fwd_cnt), u32, >= 0.
 
         The peer's window is clamped to our own buffer, as current Linux's
         virtio_transport_has_space does: a peer advertising a 4 GiB buf_alloc it never drains
-        can make us queue at most buf_alloc bytes for it, not 4 GiB."""
+        can make us queue at most buf_alloc bytes for it, not 4 GiB. The "every-read" policy is
+        the 2016-17 seeds', whose arithmetic has no clamp: peer_buf_alloc - (tx_cnt -
+        peer_fwd_cnt) (virtio_transport_get_credit)."""
         in_flight = (sk.tx_cnt - sk.peer_fwd_cnt) & U32
+        if self.credit_policy == "every-read":
+            return max(0, sk.peer_buf_alloc - in_flight)
         return max(0, min(sk.peer_buf_alloc, sk.buf_alloc) - in_flight)
 
     def readable(self, sk: VsockSock) -> bool:
