@@ -184,8 +184,18 @@ class VirtioDevice:
         return self._req("GET_STATS")["stats"]
 
     # --- virtqueues ------------------------------------------------------------------------------
-    def find_vqs(self, callbacks: list, sizes: list[int]) -> list:
-        """Allocate rings and doorbells for each queue and describe them to the device."""
+    def find_vqs(self, callbacks: list, sizes: list[int], *, shared_irq: bool = False,
+                 kick_alias: dict[int, int] | None = None) -> list:
+        """Allocate rings and doorbells for each queue and describe them to the device.
+
+        shared_irq: every queue signals one call doorbell (one interrupt vector for all queues,
+        as virtio-pci with a shared MSI-X vector: vp_vring_interrupt runs each queue's callback
+        that has used buffers), so one interrupt thread serves the device. kick_alias {i: j}:
+        queue i notifies through queue j's kick doorbell (the device then looks at both: for
+        queues whose kick only says "buffers posted", like vsock's rx and event queues)."""
+        kick_alias = dict(kick_alias or {})
+        if any(j >= i or j in kick_alias for i, j in kick_alias.items()):
+            raise ValueError("kick_alias maps a queue to an earlier queue with its own kick")
         from .virtqueue import VirtQueue
         if self.rings:
             raise RuntimeError("find_vqs called twice without del_vqs")
@@ -212,9 +222,16 @@ class VirtioDevice:
                 ring.callback = cb
                 if cb is None:   # vring_create_virtqueue: no callback, no interrupts wanted
                     ring.vq.disable_cb()
-                ring.names = [f"/{self.resource_base}-q{i}{k}" for k in "kce"]
+                kick_from = self.rings[kick_alias[i]] if i in kick_alias else None
+                call_from = self.rings[0] if shared_irq and i else None
+                own = "".join(k for k, shared in (("k", kick_from), ("c", call_from), ("e", None))
+                              if shared is None)
+                ring.names = [f"/{self.resource_base}-q{i}{k}" for k in own]
                 self.owner.add(sems=ring.names)        # record before creating
-                ring.kick, ring.call, ring.err = (SemDoorbell(n, create=True) for n in ring.names)
+                made = {k: SemDoorbell(n, create=True) for k, n in zip(own, ring.names)}
+                ring.kick = kick_from.kick if kick_from is not None else made["k"]
+                ring.call = call_from.call if call_from is not None else made["c"]
+                ring.err = made["e"]
             self.vqs = [r.vq for r in self.rings]
             self.kicks = [0] * len(self.rings)
             self.interrupts = [0] * len(self.rings)
@@ -282,7 +299,8 @@ class VirtioDevice:
         self.kicks[vq.index] += 1
 
     # --- interrupts ------------------------------------------------------------------------------
-    def start_irq_threads(self, stop_event: threading.Event, engine=None, poll=None) -> list:
+    def start_irq_threads(self, stop_event: threading.Event, engine=None, poll=None,
+                          err_thread: bool = True) -> list:
         """Interrupts: each queue with a callback gets a doorbell thread of `engine` (the guest
         kernel's; a private one if None) that runs the callback itself when the call doorbell
         rings, with the engine's lock held (vring_interrupt); `poll(qidx)` may give the PollOps
@@ -293,17 +311,28 @@ class VirtioDevice:
             engine = self._own_engine = Engine(f"{self.guest_name}-{self.device}")
         self._engine = engine
         threads = []
+        groups: dict[int, list[_Ring]] = {}
         for r in self.rings:
             if r.callback is not None:
-                t = engine.add_doorbell(r.call, partial(self._interrupt, r),
-                                        poll=poll(r.index) if poll else None,
-                                        name=f"{self.device}-irq{r.index}")
+                groups.setdefault(id(r.call), []).append(r)
+        for group in groups.values():
+            first = group[0]
+            handler = (partial(self._interrupt, first) if len(group) == 1
+                       else partial(self._shared_interrupt, group))
+            ops = None
+            if poll:
+                ops = next((o for o in (poll(r.index) for r in group) if o is not None), None)
+            t = engine.add_doorbell(first.call, handler, poll=ops,
+                                    name=f"{self.device}-irq{first.index}")
+            for r in group:
                 self.irq_threads[r.index] = t
-                threads.append(t)
-        err = threading.Thread(target=self._err_loop, args=(list(self.rings), stop_event),
+            threads.append(t)
+        self._irq_threads.extend(threads)
+        if not err_thread:          # the caller runs check_errors() every IRQ_POLL itself
+            return threads
+        err = threading.Thread(target=self._err_loop, args=(stop_event,),
                                name=f"{self.guest_name}-{self.device}-err", daemon=True)
         err.start()
-        self._irq_threads.extend(threads)
         self._threads.append(err)
         return threads + [err]
 
@@ -325,26 +354,40 @@ class VirtioDevice:
         self.interrupts[r.index] += 1
         r.callback(r.vq)       # vring_interrupt -> the driver's callback
 
-    def _err_loop(self, rings: list[_Ring], stop: threading.Event) -> None:
+    def _shared_interrupt(self, group: list[_Ring]) -> None:
+        """vp_vring_interrupt: one vector for several queues; each queue with used buffers
+        (vring_interrupt's more_used check) gets its callback."""
+        for r in group:
+            if r.vq.more_used():
+                self.interrupts[r.index] += 1
+                r.callback(r.vq)
+
+    def _err_loop(self, stop: threading.Event) -> None:
         while not stop.wait(IRQ_POLL):
-            for r in rings:
-                if r.err is None or not r.err.wait(0):
-                    continue
+            self.check_errors()
+
+    def check_errors(self) -> None:
+        """One look at the err doorbells (SET_VRING_ERR): a queue whose device signalled an
+        error gets GET_STATUS (a blocking control round trip: call with no lock held),
+        needs_reset when NEEDS_RESET is set, and the on_error hook."""
+        for r in list(self.rings):
+            if r.err is None or not r.err.wait(0):
+                continue
+            try:
+                status = self.get_status()
+            except (ControlError, OSError) as e:
+                self.log.warning("queue %d: device error signalled; GET_STATUS failed: %s", r.index, e)
+                continue
+            if status & VIRTIO_CONFIG_S_NEEDS_RESET:
+                self.needs_reset = True
+                self.log.warning("queue %d: device reports NEEDS_RESET (status %#x)", r.index, status)
+            else:
+                self.log.warning("queue %d: device error signalled (status %#x)", r.index, status)
+            if self.on_error is not None:
                 try:
-                    status = self.get_status()
-                except (ControlError, OSError) as e:
-                    self.log.warning("queue %d: device error signalled; GET_STATUS failed: %s", r.index, e)
-                    continue
-                if status & VIRTIO_CONFIG_S_NEEDS_RESET:
-                    self.needs_reset = True
-                    self.log.warning("queue %d: device reports NEEDS_RESET (status %#x)", r.index, status)
-                else:
-                    self.log.warning("queue %d: device error signalled (status %#x)", r.index, status)
-                if self.on_error is not None:
-                    try:
-                        self.on_error(r.index, status)
-                    except Exception:
-                        self.log.exception("on_error hook failed")
+                    self.on_error(r.index, status)
+                except Exception:
+                    self.log.exception("on_error hook failed")
 
     # --- reconnect ------------------------------------------------------------------------------
     def reconnect(self) -> None:

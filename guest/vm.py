@@ -30,6 +30,7 @@ from shared.resources import OwnerRecord, RunDirError, ensure_run_dir, reap, res
 from shared.stats import remove_stats, write_stats
 
 from .kernel import Kernel
+from .virtio_dev import IRQ_POLL
 from .ram import GuestRAM
 
 log = logging.getLogger("guest")
@@ -77,6 +78,7 @@ class VM:
     def __init__(self, opts: GuestOptions):
         self.opts = opts
         self.stop_event = threading.Event()
+        self._next_reconnect = 0.0
         self.connected = threading.Event()
         self.ram: GuestRAM | None = None
         self.owner: OwnerRecord | None = None
@@ -86,7 +88,6 @@ class VM:
         self.vsock = None
         self.capture = None
         self.services: list = []
-        self.threads: list[threading.Thread] = []
         self.reconnects = 0
         self.devices: list = []      # devices besides vsock (each: remove(), stats(), vdev)
         self.net = None              # the NetDev of the net device, for programs in the guest
@@ -122,9 +123,6 @@ class VM:
         if o.net is not None:
             self._boot_net(run_dir, control_path, base)
         self._start_services()
-        if self.vdev is not None:
-            self._thread(self._watch_host, "host-watch")
-        self._thread(self._stats_loop, "stats")
 
     def _boot_vsock(self, run_dir, control_path, base) -> None:
         o = self.opts
@@ -145,7 +143,8 @@ class VM:
                 self.transport.probe()
         except (ControlError, ConnectionError, TimeoutError, OSError, ValueError) as e:
             raise BootError(f"probing the vsock device failed: {e}") from None
-        self.vdev.start_irq_threads(self.stop_event, engine=self.kernel, poll=self.transport.poll_ops)
+        self.vdev.start_irq_threads(self.stop_event, engine=self.kernel, poll=self.transport.poll_ops,
+                                    err_thread=False)       # run() looks at the err doorbells
         self.connected.set()
         log.info("guest %s: vsock device ready, cid %d, features %#x", o.name, o.cid, self.vdev.features)
         self.vsock = GuestVsock(self.transport)
@@ -173,7 +172,7 @@ class VM:
             dev.probe()
         except (ControlError, ConnectionError, TimeoutError, OSError) as e:
             raise BootError(f"probing the net device failed: {e}") from None
-        vdev.start_irq_threads(self.stop_event)
+        vdev.start_irq_threads(self.stop_event, err_thread=False)
         self.net = dev.netdev
 
     def _connect_waiting(self, run_dir: Path) -> None:
@@ -195,11 +194,6 @@ class VM:
                 self.stop_event.wait(CONNECT_RETRY)
             except (TimeoutError, OSError) as e:
                 raise BootError(str(e)) from None
-
-    def _thread(self, fn, name: str) -> None:
-        t = threading.Thread(target=fn, name=f"{self.opts.name}-{name}", daemon=True)
-        t.start()
-        self.threads.append(t)
 
     def _start_services(self) -> None:
         from guest.vsock import services
@@ -231,26 +225,33 @@ class VM:
             client._lock.release()
 
     def _watch_host(self) -> None:
-        while not self.stop_event.wait(WATCH_INTERVAL):
+        """Every WATCH_INTERVAL: notice a host that went away, then try to reconnect to it every
+        RECONNECT_INTERVAL until one serves the run dir again (on the main thread, in run())."""
+        if self.vdev is None:
+            return
+        if self.connected.is_set():
             if not self._host_gone():
-                continue
+                return
             self.connected.clear()
+            self._next_reconnect = 0.0
             log.warning("guest %s: lost the host; reconnecting when it is back", self.opts.name)
-            while not self.stop_event.is_set():
-                try:
-                    self.vdev.reconnect()
-                except (ControlError, ConnectionError, TimeoutError, OSError, RuntimeError) as e:
-                    log.debug("reconnect failed: %s", e)
-                    self.stop_event.wait(RECONNECT_INTERVAL)
-                    continue
-                self.reconnects += 1
-                self.connected.set()
-                log.info("guest %s: reconnected to the host", self.opts.name)
-                break
+        if time.monotonic() < self._next_reconnect:
+            return
+        try:
+            self.vdev.reconnect()
+        except (ControlError, ConnectionError, TimeoutError, OSError, RuntimeError) as e:
+            log.debug("reconnect failed: %s", e)
+            self._next_reconnect = time.monotonic() + RECONNECT_INTERVAL
+            return
+        self.reconnects += 1
+        self.connected.set()
+        log.info("guest %s: reconnected to the host", self.opts.name)
 
-    def _stats_loop(self) -> None:
-        while not self.stop_event.wait(STATS_INTERVAL):
-            self.write_stats()
+    def _check_errors(self) -> None:
+        """Every IRQ_POLL: the devices' err doorbells (SET_VRING_ERR), with no lock held."""
+        for vdev in [self.vdev] + [d.vdev for d in self.devices]:
+            if vdev is not None:
+                vdev.check_errors()
 
     def write_stats(self) -> None:
         t = self.transport
@@ -309,8 +310,20 @@ class VM:
 
     # --- run and shut down ------------------------------------------------------------------------
     def run(self) -> int:
-        while not self.stop_event.wait(0.5):
-            pass
+        """The main thread's housekeeping until stopped: the host link, the err doorbells and
+        the stats file, each on its period (timers on this thread, not threads of their own)."""
+        jobs = [[0.0, IRQ_POLL, self._check_errors], [0.0, STATS_INTERVAL, self.write_stats],
+                [0.0, WATCH_INTERVAL, self._watch_host]]
+        while not self.stop_event.is_set():
+            now = time.monotonic()
+            for job in jobs:
+                if now >= job[0]:
+                    job[0] = now + job[1]
+                    try:
+                        job[2]()
+                    except Exception:       # housekeeping must not take the guest down
+                        log.exception("guest %s: %s failed", self.opts.name, job[2].__name__)
+            self.stop_event.wait(max(0.0, min(j[0] for j in jobs) - time.monotonic()))
         log.info("guest %s: shutting down", self.opts.name)
         self.shutdown()
         return 0
@@ -343,8 +356,6 @@ class VM:
         if self.vdev is not None:
             self.vdev.join_irq_threads()
             self.vdev.close()
-        for t in self.threads:
-            t.join(2.0)
         if self.kernel is not None:
             self.kernel.stop()
         if self.capture is not None:

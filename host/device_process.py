@@ -29,15 +29,20 @@ log = logging.getLogger("host.device")
 
 
 class KickPollers:
-    """One engine doorbell thread per queue's kick doorbell (vhost_poll): the thread that wakes
-    runs the device's handler itself, under the device lock, and with --poll-us polls the ring
-    for a while before it sleeps again."""
+    """One engine doorbell thread per kick doorbell (vhost_poll): the thread that wakes runs the
+    device's handler itself, under the device lock, and with --poll-us polls the ring for a while
+    before it sleeps again. Queues whose driver gave them one doorbell between them (the guest's
+    kick_alias: vsock's rx and event queues) share one thread, which looks at each of them."""
 
     def __init__(self, worker: VhostWorker, device):
         self.worker = worker
         self.device = device
-        self.threads: dict[int, tuple[object, object]] = {}      # queue -> (DoorbellThread, doorbell)
+        self.threads: dict[tuple, tuple[object, object]] = {}   # queues -> (DoorbellThread, doorbell)
         self._done: dict[int, tuple[int, int]] = {}   # counters of stopped threads, per queue
+
+    @staticmethod
+    def _key(db) -> object:
+        return getattr(db, "name", None) or id(db)
 
     def sync(self) -> None:
         """Match the pollers to the device's current kick doorbells (after every control message).
@@ -46,26 +51,45 @@ class KickPollers:
         engine's wait timeout), and a doorbell closed under a waiter is closed when it leaves."""
         dev = self.device
         live = dev.running and dev.status & VIRTIO_CONFIG_S_DRIVER_OK
+        groups: dict[object, list[int]] = {}
         for i in range(dev.num_queues):
             db = dev.kicks[i] if live else None
-            cur = self.threads.get(i)
-            if cur is not None and cur[1] is db:
-                continue
-            if cur is not None:
-                self._stop(i)
             if db is not None:
+                groups.setdefault(self._key(db), []).append(i)
+        want = {tuple(qs): dev.kicks[qs[0]] for qs in groups.values()}
+        for qs in list(self.threads):
+            cur = self.threads[qs]
+            if qs in want and self._key(cur[1]) == self._key(want[qs]) and cur[1] is dev.kicks[qs[0]]:
+                continue
+            self._stop(qs)
+        for qs, db in want.items():
+            if qs in self.threads:
+                continue
+            if len(qs) == 1:
+                i = qs[0]
                 t = self.worker.add_doorbell(db, partial(dev.kick_received, i),
                                              poll=dev.poll_ops(i), name=f"kick-q{i}")
-                self.threads[i] = (t, db)
+            else:
+                t = self.worker.add_doorbell(db, partial(self._shared_kick, qs),
+                                             poll=dev.poll_ops(qs[0]),
+                                             name="kick-q" + "+".join(map(str, qs)))
+            self.threads[qs] = (t, db)
+            for i in qs:
                 dev.kick_threads[i] = t
 
-    def _stop(self, i: int) -> None:
-        t, _ = self.threads.pop(i)
-        if self.device.kick_threads.get(i) is t:
-            del self.device.kick_threads[i]
+    def _shared_kick(self, queues: tuple) -> None:
+        for i in queues:
+            self.device.kick_received(i)
+
+    def _stop(self, qs: tuple) -> None:
+        t, _ = self.threads.pop(qs)
+        for i in qs:
+            if self.device.kick_threads.get(i) is t:
+                del self.device.kick_threads[i]
         self.worker.remove_doorbell(t)
-        w, p = self._done.get(i, (0, 0))
-        self._done[i] = (w + t.wakeups, p + t.polled_ns)
+        for i in qs:
+            w, p = self._done.get(i, (0, 0))
+            self._done[i] = (w + t.wakeups, p + t.polled_ns)
 
     def queue_stats(self) -> dict:
         """Per queue, for monitors: kick wake-ups of its doorbell thread, seconds spent polling."""
@@ -73,16 +97,16 @@ class KickPollers:
         wake, poll = [0] * n, [0.0] * n
         for i in range(n):
             w, p = self._done.get(i, (0, 0))
-            cur = self.threads.get(i)
-            if cur is not None:
-                w, p = w + cur[0].wakeups, p + cur[0].polled_ns
+            for qs, (t, _) in self.threads.items():
+                if i in qs:
+                    w, p = w + t.wakeups, p + t.polled_ns
             wake[i], poll[i] = w, p / 1e9
         return {"vq_wakeups": wake, "vq_poll_time": poll}
 
     def stop_all(self) -> None:
         threads = [t for t, _ in self.threads.values()]
-        for i in list(self.threads):
-            self._stop(i)
+        for qs in list(self.threads):
+            self._stop(qs)
         for t in threads:
             t.join()
 

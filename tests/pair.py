@@ -102,7 +102,7 @@ class _Vdev:
         self.features = wanted & (bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_RING_F_EVENT_IDX))
         return self.features
 
-    def find_vqs(self, callbacks, sizes):
+    def find_vqs(self, callbacks, sizes, **sharing):
         ram = self.pair.ram
         self.callbacks = list(callbacks)
         for i, num in enumerate(sizes):

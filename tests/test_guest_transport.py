@@ -92,7 +92,7 @@ class FakeVdev:
         self.features = wanted & self.offered
         return self.features
 
-    def find_vqs(self, callbacks, sizes):
+    def find_vqs(self, callbacks, sizes, **sharing):
         self.callbacks = list(callbacks)
         for i, num in enumerate(sizes):
             desc, avail, used = VirtQueue.alloc_rings(self.ram, num)

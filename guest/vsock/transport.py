@@ -167,8 +167,11 @@ class VirtioVsockTransport:
             if _the_virtio_vsock.get(self.kernel) is not None:
                 raise OSError(errno.EBUSY, "this guest already has a virtio-vsock device")
             self.features = self.vdev.probe(bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_RING_F_EVENT_IDX))
+            # One interrupt vector for the three queues (one interrupt thread), and the event
+            # queue's "buffers posted" kick shares the rx queue's (one kick thread less).
             self.vqs = list(self.vdev.find_vqs([self.rx_done, self.tx_done, self.event_done],
-                                               list(self.queue_sizes)))
+                                               list(self.queue_sizes), shared_irq=True,
+                                               kick_alias={VSOCK_VQ_EVENT: VSOCK_VQ_RX}))
             try:
                 if len(self.vqs) != VSOCK_VQ_MAX:
                     raise OSError(errno.ENODEV, f"virtio-vsock needs {VSOCK_VQ_MAX} virtqueues")
