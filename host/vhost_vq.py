@@ -374,14 +374,18 @@ class VhostVirtqueue:
         if not (self.used_flags & VRING_USED_F_NO_NOTIFY):
             return False
         self.used_flags &= ~VRING_USED_F_NO_NOTIFY
+        # vhost_enable_notify compares with the avail.idx last read (vq->avail_idx), not with
+        # last_avail_idx: chains un-popped by discard_vq_desc are not "new" (a mergeable rx frame
+        # waiting for more buffers would otherwise loop here forever)
+        seen = self._avail_idx
         if not self._event_idx:
             self._uv[0] = self.used_flags
         else:
-            self._uv[self._avail_event] = self._last_avail   # kick me at the next new entry
+            self._uv[self._avail_event] = seen   # kick me at the next new entry
         # smp_mb: the store above must be visible before avail.idx is re-read, or a driver that
         # read the old value and we, reading its old avail.idx, would both wait (lost kick).
         mb()
-        return self._read_avail_idx() != self._last_avail
+        return self._read_avail_idx() != seen
 
     def snapshot(self) -> dict:
         """A read-only picture of the device's side of the queue, for monitors (GET_STATS).

@@ -86,8 +86,11 @@ class NetKind:
     def new_device(self, worker):
         from host.net.device import VhostNet
         from host.net.runner import NetBackends
+        # hdr_from_backend: no VMM acks VHOST_NET_F_VIRTIO_NET_HDR over vhost-user (bit 27 is
+        # ANY_LAYOUT there), so the device makes QEMU's vhost-kernel choice itself: strip and add
+        # the header unless the backend carries it (tap vnet_hdr=on)
         dev = VhostNet(self.mac, name=f"vhost-user-net[{self.spec}]", backend_name=self.spec,
-                       max_queue_size=self.opts.max_queue_size)
+                       max_queue_size=self.opts.max_queue_size, hdr_from_backend=True)
         # no SET_LOG_BASE over vhost-user here: dirty logging (migration) is not offered
         dev.features &= ~bit(VHOST_F_LOG_ALL)
         if self.glue is None:
