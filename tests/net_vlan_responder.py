@@ -18,6 +18,10 @@ import time
 
 ETH_P_ALL = 0x0003
 TPID = 0x8100
+SOL_PACKET = 263
+PACKET_AUXDATA = 8
+TP_STATUS_VLAN_VALID = 0x10
+AUXDATA = struct.Struct("=IIIHHHH")       # struct tpacket_auxdata
 
 
 def _csum(data: bytes) -> int:
@@ -29,11 +33,30 @@ def _csum(data: bytes) -> int:
     return ~s & 0xFFFF
 
 
+def _retag(frame: bytes, anc) -> bytes:
+    """The receive path moves an 802.1Q tag into skb metadata (skb_vlan_untag) whether or not
+    the kernel has VLANs: put it back from PACKET_AUXDATA, as it was on the wire."""
+    for level, kind, data in anc:
+        if level == SOL_PACKET and kind == PACKET_AUXDATA and len(data) >= AUXDATA.size:
+            status, _l, _s, _m, _n, tci, tpid = AUXDATA.unpack_from(data)
+            if status & TP_STATUS_VLAN_VALID:
+                return frame[:12] + struct.pack("!HH", tpid or TPID, tci) + frame[12:]
+    return frame
+
+
 def answer(frame: bytes, vid: int, ip: bytes, mac: bytes) -> bytes | None:
-    if len(frame) < 18 + 20 + 8 or struct.unpack_from("!H", frame, 12)[0] != TPID:
+    if len(frame) < 18 + 28 or struct.unpack_from("!H", frame, 12)[0] != TPID:
         return None
     tci, etype = struct.unpack_from("!HH", frame, 14)
-    if tci & 0x0FFF != vid or etype != 0x0800:
+    if tci & 0x0FFF != vid:
+        return None
+    if etype == 0x0806:                                      # ARP: who has IP? -> MAC
+        arp = frame[18:46]
+        if struct.unpack_from("!H", arp, 6)[0] != 1 or arp[24:28] != ip:
+            return None
+        rep = arp[:6] + struct.pack("!H", 2) + mac + ip + arp[8:14]
+        return frame[6:12] + mac + frame[12:18] + rep + bytes(max(0, 46 - len(rep)))
+    if etype != 0x0800 or len(frame) < 18 + 20 + 8:
         return None
     iph = frame[18:]
     ihl = (iph[0] & 0x0F) * 4
@@ -56,6 +79,7 @@ def main(argv: list[str]) -> int:
     ifname, vid, ip, mac, seconds = argv[0], int(argv[1]), socket.inet_aton(argv[2]), \
         bytes.fromhex(argv[3].replace(":", "")), float(argv[4])
     s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+    s.setsockopt(SOL_PACKET, PACKET_AUXDATA, 1)
     s.bind((ifname, 0))
     s.settimeout(0.2)
     seen = answered = 0
@@ -65,11 +89,12 @@ def main(argv: list[str]) -> int:
     print("READY", flush=True)
     while time.monotonic() < end[0]:
         try:
-            frame, addr = s.recvfrom(65536)
+            frame, anc, _flags, addr = s.recvmsg(65536, socket.CMSG_SPACE(AUXDATA.size))
         except socket.timeout:
             continue
         if addr[2] == 4:                                     # PACKET_OUTGOING: our own
             continue
+        frame = _retag(frame, anc)
         if len(frame) >= 14 and struct.unpack_from("!H", frame, 12)[0] == TPID:
             seen += 1
             biggest_in = max(biggest_in, len(frame))

@@ -205,6 +205,10 @@ class VhostNet(VhostDevice):
         self.tx_poll_error = False
         self._clear_rx_pending()
         self.log_addr = [None, None]
+        if self.dirty_log is not None:           # the log goes with the frontend's other memory
+            self.dirty_log.release()
+            self.dirty_log = None
+        self.log_all = False
         super().reset()
 
     def _clear_rx_pending(self) -> None:
