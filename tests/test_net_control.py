@@ -213,3 +213,77 @@ def test_needs_reset_only_follows_driver_ok_and_only_reset_clears_it():
 def test_the_guest_vmm_acks_the_header_bit_only_for_backends_without_vnet_hdr(spec, wanted_bit):
     from guest.net.device import wanted_features
     assert bool(wanted_features(spec) & bit(VHOST_NET_F_VIRTIO_NET_HDR)) is wanted_bit
+
+
+# --- item 9 over vhost-user: VHOST_USER_PROTOCOL_F_LOG_SHMFD ----------------------------------------
+def _vu_session():
+    from host.vhost_user.memfd import map_memory_table
+    from host.vhost_user.session import VhostUserSession
+    from shared.doorbell import EventFdDoorbell
+    dev = VhostNet(MAC, hdr_from_backend=True)
+    return VhostUserSession(dev, attach_memory=map_memory_table, open_doorbell=EventFdDoorbell)
+
+
+def _log_fd(size):
+    import os
+    fd = os.memfd_create("ve-test-log")
+    os.ftruncate(fd, size)
+    return fd
+
+
+def test_vhost_user_log_shmfd_and_log_all_on_running_rings():
+    import os
+    import struct
+
+    from host.vhost_user import codec
+    from tests.test_vhost_user_session import GPA, MEM, negotiate, req, ring_addrs, setup_rings, state, u64
+    need = -(-(GPA + MEM) // 4096 // 8)
+    # offered: LOG_ALL and LOG_SHMFD; without a log, LOG_ALL is EFAULT (the connection closes)
+    s = _vu_session()
+    f = negotiate(s)
+    assert f & LOG_ALL and s.protocol_features & (1 << codec.PROTOCOL_F_LOG_SHMFD)
+    out = s.handle(req("SET_FEATURES", u64((1 << 32) | LOG_ALL), need_reply=True))
+    assert out.close and s.error.code == "EFAULT" and out.replies[-1][-8:] == u64(1)
+    s.close()
+    # too small a log for the memory table: EFAULT, no traceback
+    s = _vu_session()
+    setup_rings(s, negotiate(s))
+    out = s.handle(req("SET_LOG_BASE", struct.pack("<QQ", need - 1, 0), [_log_fd(need)]))
+    assert out.close and s.error.code == "EFAULT"
+    s.close()
+    # the sequence QEMU sends when migration starts, on running rings
+    s = _vu_session()
+    setup_rings(s, negotiate(s))
+    for q in (0, 1):
+        s.handle(req("SET_VRING_ENABLE", state(q, 1)))
+    dev = s.device
+    assert dev.running
+    fd = _log_fd(need + 4096)
+    out = s.handle(req("SET_LOG_BASE", struct.pack("<QQ", need, 4096), [os.dup(fd)]))
+    assert not out.close and out.replies and codec.parse_reply(out.replies[0])[0] == "SET_LOG_BASE"
+    out = s.handle(req("SET_FEATURES", u64((1 << 32) | (1 << 30) | LOG_ALL), need_reply=True))
+    assert not out.close and dev.log_all and dev.running
+    addrs = bytearray(ring_addrs(0))
+    struct.pack_into("<I", addrs, 4, 1)                       # VHOST_VRING_F_LOG, same addresses
+    struct.pack_into("<Q", addrs, 32, dev.vqs[0].used)
+    out = s.handle(req("SET_VRING_ADDR", bytes(addrs), need_reply=True))
+    assert not out.close and dev.log_addr[0] == dev.vqs[0].used
+    # a frame into the guest is logged in the memfd's bitmap
+    sink = Sink()
+    dev.set_backend(NET_VQ_RX, sink)
+    mem = dev.mem
+    g = GPA + 0x80000
+    desc = dev.vqs[0].desc
+    mem.write(desc, struct.pack("<QIHH", g, 2048, 2, 0))        # one device-writable buffer
+    avail = dev.vqs[0].avail
+    mem.write(avail + 4, struct.pack("<H", 0))
+    mem.write(avail + 2, struct.pack("<H", 1))
+    sink.inbox.append(b"\xff" * 6 + MAC + b"\x88\xb5" + bytes(50))
+    dev.handle_rx()
+    assert dev.stats["rx_frames"] == 1 and not dev.broken
+    bits = os.pread(fd, need, 4096)
+    logged = DirtyLog(bytearray(bits)).dirty_pages()
+    assert g // 4096 in logged and dev.vqs[0].used // 4096 in logged
+    s.close()
+    assert dev.dirty_log is None                               # the log went with the frontend
+    os.close(fd)
