@@ -351,7 +351,9 @@ class VhostNet(VhostDevice):
             self._log_notify(vq)
 
     def _enable_notify(self, vq, mem) -> bool:
-        raced = vq.enable_notify(mem)
+        # seen=True: chains un-popped by discard_vq_desc (a mergeable frame still waiting for
+        # buffers) are not new; a kick is asked for past the avail.idx last read
+        raced = vq.enable_notify(mem, seen=True)
         if self.log_all:
             self._log_notify(vq)
         return raced
