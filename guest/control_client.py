@@ -16,7 +16,7 @@ import logging
 import socket
 import threading
 
-from shared.control import ControlError, Decoder, encode
+from shared.control import ControlError, Decoder, encode, error_is_fatal
 from shared.errors import ProtocolError
 
 __all__ = ["ControlClient", "ControlError"]
@@ -74,7 +74,8 @@ class ControlClient:
                 self._close_locked()
                 raise ControlError("EPROTO", f"{op}: reply seq {rep.get('seq')} does not match request {seq}")
             if not rep["ok"]:
-                self._close_locked()     # the host closes the connection after every error
+                if error_is_fatal(rep):  # the host closes the connection after the error
+                    self._close_locked()
                 raise ControlError(rep["error"], rep["message"])
             return rep
 

@@ -24,18 +24,22 @@ The legal order (docs/PROTOCOL.md section 4), enforced here:
     - DRIVER_OK needs every enabled ring to pass access_ok and to have kick and call doorbells.
 
 Every error is answered with an error reply and close=True: the connection ends and the device is
-reset (vhost-user closes the socket on a malformed message; so do we on any error). handle() never
+reset (vhost-user closes the socket on a malformed message; so do we on any error), except the
+refusals of the ioctl-like net ops (SET_BACKEND, SET_LOG_BASE, and SET_FEATURES / SET_VRING_ADDR
+toggling dirty logging on a running device): those answer the ioctl's errno with `"fatal": false`
+and the device goes on as it was (vhost_net_set_backend, VHOST_SET_LOG_BASE). handle() never
 raises. Every step is logged at INFO.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from typing import Any, Callable
 
-from shared.constants import (VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER,
+from shared.constants import (VHOST_F_LOG_ALL, VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER,
                               VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED,
-                              VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET)
+                              VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET, bit)
 from shared.control import (MAX_CONFIG, PROTOCOL_VERSION, Decoder, encode, error_reply,
                             reply, request_seq, validate_request)
 from shared.doorbell import open_doorbell as _open_sem_doorbell
@@ -53,11 +57,41 @@ DRIVER_STATUS_BITS = sum(STATUS_ORDER) | VIRTIO_CONFIG_S_FAILED
 QUERIES = frozenset({"GET_FEATURES", "GET_STATUS", "GET_QUEUE_NUM", "GET_STATS", "GET_CONFIG"})
 VRING_SETUP = frozenset({"SET_VRING_NUM", "SET_VRING_ADDR", "SET_VRING_BASE", "SET_VRING_KICK",
                          "SET_VRING_CALL", "SET_VRING_ERR"})
-VRING_F_LOG = 1                # vhost_vring_addr.flags bit 0: dirty logging (not supported)
+VRING_F_LOG = 1                # vhost_vring_addr.flags bit 0: log used-ring writes (VHOST_VRING_F_LOG)
+LOG_ALL = bit(VHOST_F_LOG_ALL)
 
 
 def _err(code: str, message: str) -> ProtocolError:
     return ProtocolError(message, code)
+
+
+def _soft(code: str, message: str) -> ProtocolError:
+    """An ioctl-like refusal: answered with `fatal: false`, the connection and device go on."""
+    e = ProtocolError(message, code)
+    e.fatal = False  # type: ignore[attr-defined]
+    return e
+
+
+def _errno_code(e: OSError, default: str = "EINVAL") -> str:
+    return errno.errorcode.get(e.errno, default) if e.errno else default
+
+
+def log_pages_needed(regions) -> int:
+    """Bytes of dirty bitmap that cover every guest-physical page of a memory table (log_access_ok:
+    one bit per 4 KiB page)."""
+    end = max((r.guest_phys_addr + r.memory_size for r in regions), default=0)
+    return -(-end // 0x1000 // 8) if end else 0
+
+
+def check_log_covers(dev, nbytes: int) -> None:
+    """vhost_log_access_ok: the log must cover the memory table (EFAULT)."""
+    mem = dev.mem
+    if mem is None:
+        return
+    need = log_pages_needed(mem.regions)
+    if nbytes < need:
+        raise _soft("EFAULT", f"SET_LOG_BASE: a log of {nbytes} bytes does not cover the memory "
+                              f"table ({need} bytes needed)")
 
 
 def check_memory_table(regions: list[dict]) -> None:
@@ -97,10 +131,12 @@ class ControlSession:
                  open_doorbell: Callable[[dict], Any] = _open_sem_doorbell,
                  hello_check: Callable[[dict], None] | None = None,
                  validate_hello: Callable[[dict], None] | None = None,
+                 attach_log: Callable[[str, int, int], tuple] | None = None,
                  name: str = "control"):
         self.device_factory = device_factory
         self.attach_memory = attach_memory
         self.open_doorbell = open_doorbell
+        self.attach_log = attach_log or attach_shm_log
         self.hello_check = hello_check or validate_hello
         self.name = name
         self.device = None
@@ -153,6 +189,10 @@ class ControlSession:
                 fields = handler(msg)
             return reply(seq, **(fields or {})), False
         except ProtocolError as e:
+            if getattr(e, "fatal", True) is False:
+                log.info("%s: %s refused: %s: %s (the device goes on)", self.name,
+                         msg.get("op") if isinstance(msg, dict) else "?", e.code, e)
+                return {**error_reply(seq, e.code, str(e)), "fatal": False}, False
             return self._fail(seq, e), True
         except Exception as e:  # a device bug: report it, close, keep the worker alive
             log.exception("%s: internal error handling %r", self.name, msg.get("op") if isinstance(msg, dict) else msg)
@@ -231,8 +271,10 @@ class ControlSession:
             raise _err("EOPNOTSUPP", f"a {self.device.device_type} device has no backends")
         try:
             setter(msg["index"], msg["backend"])
-        except (ValueError, OSError) as e:
-            raise _err("EINVAL", str(e)) from None
+        except OSError as e:           # the ioctl's errno (ENOBUFS, EFAULT, or the open's)
+            raise _soft(_errno_code(e), e.strerror or str(e)) from None
+        except ValueError as e:        # a spec that cannot be opened
+            raise _soft("EINVAL", str(e)) from None
         log.info("%s: SET_BACKEND queue %d -> %r", self.name, msg["index"], msg["backend"] or "(detached)")
 
     # --- queries -------------------------------------------------------------------------------
@@ -301,9 +343,10 @@ class ControlSession:
         return {"status": dev.status}
 
     def _check_driver_ok(self) -> None:
+        # (No NEEDS_RESET check: NEEDS_RESET is set only by vq_err, which runs only on a started
+        # device, i.e. after DRIVER_OK was added; DRIVER_OK is cleared only by status 0, which
+        # clears NEEDS_RESET too. So DRIVER_OK is never added while NEEDS_RESET is set; issue 21.)
         dev = self.device
-        if dev.status & VIRTIO_CONFIG_S_NEEDS_RESET:
-            raise _err("EPROTO", "DRIVER_OK while the device needs a reset")
         for vq in dev.vqs:
             if not vq.enabled:
                 continue
@@ -320,14 +363,48 @@ class ControlSession:
 
     def _op_set_features(self, msg: dict) -> dict:
         dev = self.device
-        if not dev.status & VIRTIO_CONFIG_S_DRIVER or dev.status & VIRTIO_CONFIG_S_FEATURES_OK:
-            raise _err("EPROTO", "SET_FEATURES needs status DRIVER set and FEATURES_OK clear")
         f = msg["features"]
+        toggle = (dev.status & VIRTIO_CONFIG_S_FEATURES_OK and not dev.status & VIRTIO_CONFIG_S_FAILED
+                  and not (f ^ dev.acked_features) & ~LOG_ALL)
+        if not toggle and (not dev.status & VIRTIO_CONFIG_S_DRIVER or dev.status & VIRTIO_CONFIG_S_FEATURES_OK):
+            raise _err("EPROTO", "SET_FEATURES needs status DRIVER set and FEATURES_OK clear (after it, "
+                                 "only VHOST_F_LOG_ALL may change)")
         if f & ~dev.features:                        # vhost SET_FEATURES: -EOPNOTSUPP
             raise _err("EOPNOTSUPP", f"features {f & ~dev.features:#x} were not offered (offer {dev.features:#x})")
-        dev.set_features(f)
-        log.info("%s: SET_FEATURES %#x", self.name, f)
+        try:
+            dev.set_features(f)                      # vhost_net_set_features: LOG_ALL, no log: EFAULT
+        except OSError as e:
+            raise _soft(_errno_code(e), e.strerror or str(e)) from None
+        log.info("%s: SET_FEATURES %#x%s", self.name, f, " (dirty logging toggled)" if toggle else "")
         return None
+
+    def _op_set_log_base(self, msg: dict) -> None:
+        """VHOST_SET_LOG_BASE: the dirty bitmap, `size` bytes at `offset` of shared memory segment
+        `shm` ("" drops it). Unusable (missing, not ours, too small for the memory table): EFAULT."""
+        dev = self.device
+        setter = getattr(dev, "set_log_base", None)
+        if setter is None or not dev.features & LOG_ALL:
+            raise _soft("EOPNOTSUPP", f"a {dev.device_type} device does no dirty logging")
+        if not msg["shm"]:
+            if dev.acked_features & LOG_ALL:
+                raise _soft("EBUSY", "SET_LOG_BASE: cannot drop the log while VHOST_F_LOG_ALL is acked")
+            setter(None)
+            log.info("%s: SET_LOG_BASE: log dropped", self.name)
+            return
+        if msg["size"] == 0:
+            raise _soft("EFAULT", "SET_LOG_BASE: an empty log")
+        check_log_covers(dev, msg["size"])
+        try:
+            bitmap, owner = self.attach_log(msg["shm"], msg["offset"], msg["size"])
+        except (OSError, ValueError) as e:
+            raise _soft("EFAULT", f"SET_LOG_BASE: cannot map {msg['shm']!r}: {e}") from None
+        try:
+            setter(bitmap, owner)
+        except OSError as e:
+            bitmap.release()
+            owner.close()
+            raise _soft(_errno_code(e, "EFAULT"), e.strerror or str(e)) from None
+        log.info("%s: SET_LOG_BASE %s@%#x, %d bytes", self.name, msg["shm"], msg["offset"], msg["size"])
 
     # --- memory table --------------------------------------------------------------------------
     def _require_setup_phase(self, op: str) -> None:
@@ -387,10 +464,12 @@ class ControlSession:
         log.info("%s: queue %d num %d", self.name, vq.index, num)
 
     def _op_set_vring_addr(self, msg: dict) -> None:
-        vq = self._vq(msg)
         dev = self.device
+        if self._log_toggle(msg):
+            return
+        vq = self._vq(msg)
         i = vq.index
-        if msg["flags"] & VRING_F_LOG:
+        if msg["flags"] & VRING_F_LOG and not (dev.features & LOG_ALL and hasattr(dev, "log_addr")):
             raise _err("EOPNOTSUPP", "SET_VRING_ADDR: dirty logging (VHOST_VRING_F_LOG) is not supported")
         if msg["flags"] & ~VRING_F_LOG:
             raise _err("EINVAL", f"SET_VRING_ADDR: unknown flags {msg['flags']:#x}")
@@ -400,9 +479,33 @@ class ControlSession:
             raise _err("EPROTO", "SET_VRING_ADDR before SET_VRING_NUM")
         vq.desc, vq.avail, vq.used = ring_gpas(dev.mem, vq.num, msg["desc_user_addr"],
                                                msg["avail_user_addr"], msg["used_user_addr"])
+        if hasattr(dev, "log_addr"):
+            dev.log_addr[i] = msg["log_guest_addr"] if msg["flags"] & VRING_F_LOG else None
         self._addr_set[i] = True
         log.info("%s: queue %d rings desc %#x avail %#x used %#x", self.name, i,
                  vq.desc, vq.avail, vq.used)
+
+    def _log_toggle(self, msg: dict) -> bool:
+        """SET_VRING_ADDR of a ring already set up, with the same addresses: only the log flag
+        changes (QEMU's vhost_dev_set_log at migration start / end), allowed while the ring
+        runs. Returns True when handled."""
+        dev = self.device
+        i = msg["index"]
+        if (i >= dev.num_queues or not hasattr(dev, "log_addr") or not dev.features & LOG_ALL
+                or dev.mem is None or not self._addr_set[i] or msg["flags"] & ~VRING_F_LOG):
+            return False
+        vq = dev.vqs[i]
+        try:
+            same = ring_gpas(dev.mem, vq.num, msg["desc_user_addr"], msg["avail_user_addr"],
+                             msg["used_user_addr"]) == (vq.desc, vq.avail, vq.used)
+        except ProtocolError:
+            return False
+        if not same:
+            return False
+        dev.log_addr[i] = msg["log_guest_addr"] if msg["flags"] & VRING_F_LOG else None
+        log.info("%s: queue %d used-ring logging %s", self.name, i,
+                 f"at {msg['log_guest_addr']:#x}" if msg["flags"] & VRING_F_LOG else "off")
+        return True
 
     def _op_set_vring_base(self, msg: dict) -> None:
         vq = self._vq(msg)
@@ -478,6 +581,19 @@ class ShmGuestMemory(GuestMemory):
         shms, self._shms = self._shms, []
         for shm in shms:
             close_shm(shm)
+
+
+def attach_shm_log(name: str, offset: int, size: int) -> tuple[memoryview, Any]:
+    """attach_log for real guests: `size` bytes at `offset` of our segment `name`, writable.
+    Returns (bitmap view, the segment to close with it); ValueError / OSError when unusable."""
+    shm = attach_shm(name)
+    if offset + size > shm.size:
+        close_shm(shm)
+        raise ValueError(f"[{offset:#x}, +{size:#x}) is beyond the segment ({shm.size:#x} bytes)")
+    base = memoryview(shm.buf)
+    view = base[offset:offset + size]
+    base.release()
+    return view, shm
 
 
 def attach_shm_memory(regions: list[dict]) -> ShmGuestMemory:

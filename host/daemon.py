@@ -155,7 +155,7 @@ class Daemon:
         except (BlockingIOError, InterruptedError):
             return
         conn.setblocking(True)
-        seq = 0                  # the request's seq once we have one (PROTOCOL.md "Errors")
+        seq = None               # the request's seq once we have one; nil until then (PROTOCOL.md 2, 7)
         try:
             pid = peer_pid(conn)
             hello, decoder, rest = read_hello(conn)

@@ -11,10 +11,16 @@ VHOST_PAGE_SIZE = 0x1000
 
 
 class DirtyLog:
-    def __init__(self, bitmap):
-        self.bits = memoryview(bitmap).cast("B")
-        if self.bits.readonly:
+    def __init__(self, bitmap, owner=None):
+        """bitmap: anything a writable memoryview can be made of; owner: what it views (an mmap,
+        a shared-memory segment), closed with the log (None: the caller keeps it)."""
+        bits = memoryview(bitmap)
+        if bits.readonly:
+            bits.release()
             raise ValueError("the dirty log must be writable")
+        self.bits = bits.cast("B")
+        bits.release()
+        self.owner = owner
         self.pages = self.bits.nbytes * 8
         self.overflow = 0
 
@@ -46,3 +52,9 @@ class DirtyLog:
 
     def release(self) -> None:
         self.bits.release()
+        owner, self.owner = self.owner, None
+        if owner is not None:
+            try:
+                owner.close()
+            except (BufferError, OSError):
+                pass

@@ -411,21 +411,26 @@ class VhostVirtqueue:
         if self._event_idx:
             self._uv[self._avail_event] = (self._last_avail - 1) & _U16
 
-    def enable_notify(self, mem) -> bool:
-        """vhost_enable_notify: re-arm kicks; True when buffers raced in (disable and poll again)."""
+    def enable_notify(self, mem, seen: bool = False) -> bool:
+        """vhost_enable_notify: re-arm kicks; True when buffers raced in (disable and poll again).
+
+        seen=True (after discard_vq_desc): as vhost does, compare with the avail.idx last read and
+        ask for a kick past it, so chains un-popped by the discard are not "new" (a mergeable rx
+        frame waiting for more buffers would loop here forever) and the next one does kick."""
         if mem is not self._mem:
             self._map(mem)
         if not (self.used_flags & VRING_USED_F_NO_NOTIFY):
             return False
         self.used_flags &= ~VRING_USED_F_NO_NOTIFY
+        seen = self._avail_idx if seen else self._last_avail
         if not self._event_idx:
             self._uv[0] = self.used_flags
         else:
-            self._uv[self._avail_event] = self._last_avail   # kick me at the next new entry
+            self._uv[self._avail_event] = seen   # kick me at the next new entry
         # smp_mb: the store above must be visible before avail.idx is re-read, or a driver that
         # read the old value and we, reading its old avail.idx, would both wait (lost kick).
         mb()
-        return self._read_avail_idx() != self._last_avail
+        return self._read_avail_idx() != seen
 
     def snapshot(self) -> dict:
         """A read-only picture of the device's side of the queue, for monitors (GET_STATS).

@@ -163,6 +163,7 @@ SCHEMA: dict[str, dict[str, Callable]] = {
     "GET_QUEUE_NUM": {},
     "GET_STATS": {},
     "SET_BACKEND": {"index": U32, "backend": STR},     # VHOST_NET_SET_BACKEND; "" detaches (fd -1)
+    "SET_LOG_BASE": {"shm": STR, "offset": U64, "size": U64},   # VHOST_SET_LOG_BASE; "" drops it
 }
 OPS = frozenset(SCHEMA)
 REPLY = "REPLY"
@@ -220,6 +221,12 @@ def reply(seq: int | None, **fields) -> dict:
 
 def error_reply(seq: int | None, code: str, message: str) -> dict:
     return {"op": REPLY, "seq": seq, "ok": False, "error": code, "message": message}
+
+
+def error_is_fatal(rep: dict) -> bool:
+    """Does the backend close the connection after this error reply? Yes, unless it says
+    `"fatal": false` (the ioctl-like net ops, PROTOCOL.md section 7)."""
+    return rep.get("fatal", True) is not False
 
 
 def encode(msg: dict) -> bytes:

@@ -85,6 +85,10 @@ class NetRig(Rig):
     """Rig with the guest's NetDev (and IPv4 stack) and a pump thread."""
 
     def __init__(self, mac: bytes, backend, ifc=None, features: int = FEATURES, sizes=(256, 256)):
+        if getattr(backend, "vnet_hdr", False):
+            # the VMM's choice (QEMU vhost_net_init): a backend that carries the header itself
+            # gets it from the guest as is, so VHOST_NET_F_VIRTIO_NET_HDR is not acked
+            features &= ~bit(VHOST_NET_F_VIRTIO_NET_HDR)
         super().__init__(features, backend, sizes=sizes, mac=mac)
         self.backend = backend
         self.net = NetDev(self.drv, ifc)

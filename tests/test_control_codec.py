@@ -30,6 +30,7 @@ EXAMPLES = {
     "GET_CONFIG": {"offset": 0, "size": 8}, "SET_STATUS": {"status": 0x0F},
     "GET_STATUS": {}, "GET_QUEUE_NUM": {}, "GET_STATS": {},
     "SET_BACKEND": {"index": 1, "backend": "loopback"},
+    "SET_LOG_BASE": {"shm": "ve-a-log", "offset": 0, "size": 4096},
 }
 
 
@@ -132,8 +133,8 @@ def test_good_messages_before_a_bad_one_are_kept():
 
 def test_unknown_op():
     with pytest.raises(ProtocolError) as ei:
-        Decoder().feed(encode({"op": "SET_LOG_BASE", "seq": 4}))
-    assert ei.value.code == "EOPNOTSUPP" and "SET_LOG_BASE" in str(ei.value)
+        Decoder().feed(encode({"op": "SET_LOG_FD", "seq": 4}))
+    assert ei.value.code == "EOPNOTSUPP" and "SET_LOG_FD" in str(ei.value)
     assert ei.value.seq == 4
 
 

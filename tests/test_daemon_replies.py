@@ -49,6 +49,13 @@ def test_error_replies_carry_the_requests_seq_and_refusals_are_rate_limited(shm_
         assert r["ok"] is False and r["seq"] == 5
         r = ask(path, hello(9, version="one"))                       # schema error, seq readable
         assert r["ok"] is False and r["seq"] == 9
+        # issue 17 item 10: a seq that cannot be read is nil, never a made-up 0
+        r = ask(path, hello("nine"))
+        assert r["ok"] is False and r["error"] == "EINVAL" and r["seq"] is None
+        r = ask(path, {"op": "HELLO", "version": PROTOCOL_VERSION})   # no seq at all
+        assert r["ok"] is False and r["seq"] is None
+        r = ask(path, hello(2 ** 64 - 1, device="net", params={"backend": "nope", "mac": "x"}))
+        assert r["ok"] is False and r["seq"] == 2 ** 64 - 1         # the device process's refusal
         for i in range(50):
             ask(path, hello(100 + i))
         ask(path, {"op": "HELLO", "seq": 1000, "version": PROTOCOL_VERSION, "device": "vsock",

@@ -197,3 +197,108 @@ def test_linux_guest_pings_a_tap_through_vhost_user_net(linux_guest, tmp_path):
         if out:
             Path(out).write_text(json.dumps(report, indent=1))
     assert not failures, "\n".join(failures) + f"\nreport: {report}"
+
+
+VLAN_IP_HOST, VLAN_IP_GUEST = "192.168.100.1", "192.168.100.2"
+VLAN_PEER_MAC = "02:00:00:00:01:00"     # the namespace's responder (tests/net_vlan_responder.py)
+JUMBO_VLAN_SCENARIO = r"""
+ip link set eth0 mtu 9000
+ip addr add 169.254.10.2/16 dev eth0
+ip link set eth0 up
+ip link add link eth0 name eth0.100 type vlan id 100
+ip link set eth0.100 mtu 1500
+ip addr add 192.168.100.2/24 dev eth0.100
+ip link set eth0.100 up
+sleep 1
+ping -c 3 -s 8000 169.254.10.1
+echo "JUMBO-RC $?"
+ping -c 3 -s 1472 192.168.100.1
+echo "VLAN-RC $?"
+echo GUEST-READY
+sleep 30
+echo "LINK $(cat /sys/class/net/eth0/carrier) $(cat /sys/class/net/eth0/mtu)"
+"""
+
+
+def test_linux_guest_keeps_its_link_with_vlan_and_mtu_9000(linux_guest, tmp_path):
+    """Issue 17 item 1: 1518-byte 802.1Q frames and 9014-byte jumbo frames, both ways, through
+    vhost-user-net and a tap at MTU 9000, without the device needing a reset. The guest has
+    eth0.100 (8021q); this host's kernel may have no VLANs, so a responder on the tap answers the
+    guest's tagged pings (tests/net_vlan_responder.py)."""
+    reason = _netns_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    from tools.linux_guest import QemuGuest, qemu_net_cmd, scenario_initrd
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    sock = tmp_path / "vun.sock"
+    ns = NetNs()
+    host = guest = responder = None
+    report: dict = {}
+    failures: list[str] = []
+
+    def check(name: str, ok: bool, detail) -> None:
+        if not ok:
+            failures.append(f"{name}: {detail}")
+    try:
+        ns.run("ip", "link", "set", "tap0", "mtu", "9000", check=True)
+        responder = subprocess.Popen(["ip", "netns", "exec", ns.name, sys.executable, "-m",
+                                      "tests.net_vlan_responder", "tap0", "100", VLAN_IP_HOST,
+                                      VLAN_PEER_MAC, str(BOOT_TIMEOUT)],
+                                     stdout=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
+        assert responder.stdout.readline().strip() == "READY"
+        host = NsProc(ns, ["-m", "host", "--vhost-user-net", str(sock), "--net-backend", "tap:tap0",
+                           "--run-dir", str(run_dir), "--log-level", "DEBUG"], tmp_path / "host.log")
+        assert host.wait_log("listening on", 20), host.text()
+        initrd = scenario_initrd(linux_guest, JUMBO_VLAN_SCENARIO, tmp_path / "initrd.gz", modules=("8021q",))
+        guest = QemuGuest(qemu_net_cmd(linux_guest, initrd, sock), tmp_path / "serial.log")
+        _, line = guest.wait_for("JUMBO-RC", BOOT_TIMEOUT)
+        check("guest jumbo ping", line.split()[-1] == "0", [x for _, x in guest.lines[-8:]])
+        _, line = guest.wait_for("VLAN-RC", BOOT_TIMEOUT)
+        check("guest vlan ping", line.split()[-1] == "0", [x for _, x in guest.lines[-12:]])
+        report["guest_lines"] = guest.find("3 packets") + guest.find("round-trip")
+        guest.wait_for("GUEST-READY", BOOT_TIMEOUT)
+        r = ns.run("ping", "-c", "3", "-i", "0.3", "-W", "5", "-M", "do", "-s", "8972", GUEST_IP, text=True)
+        check("namespace jumbo ping (9014-byte frames, no fragments)", r.returncode == 0 and "3 received" in r.stdout,
+              r.stdout + r.stderr)
+        report["ns_jumbo_rtt_avg_ms"] = _rtt(r.stdout)
+        responder.terminate()                  # SIGTERM: it prints its summary and ends
+        out = responder.communicate(timeout=10)[0].strip().splitlines()
+        report["vlan"] = vlan = json.loads(out[-1]) if out else {}
+        check("vlan frames both ways", vlan.get("answered", 0) >= 3 and vlan.get("largest_tagged_in") == 1518
+              and vlan.get("largest_tagged_out") == 1518, vlan)
+        time.sleep(1.2)
+        for _ in range(5):
+            st = _stats(run_dir)
+            tap_rx, tap_tx = ns.tap_counters()
+            if st["stats"]["tx_packets"] == tap_rx:
+                break
+            time.sleep(0.6)
+        s = st["stats"]
+        report["frames"] = {"device_tx": s["tx_packets"], "device_rx": s["rx_packets"],
+                            "tap_rx": tap_rx, "tap_tx": tap_tx, "drops": s["drops"],
+                            "tx_refused": s.get("tx_refused"), "errors": s["errors"],
+                            "broken": s["broken"]}
+        check("stats", not s["broken"] and s["errors"] == 0 and s["drops"] == 0
+              and s["tx_packets"] == tap_rx and s["tx_packets"] >= 12 and s["rx_packets"] >= 12,
+              report["frames"])
+        _, line = guest.wait_for("LINK", BOOT_TIMEOUT)
+        report["guest_link"] = line
+        check("link kept", line.split()[1:] == ["1", "9000"], line)
+        check("poweroff", guest.wait(BOOT_TIMEOUT) == 0, "QEMU exit status")
+        log = host.text()
+        check("no reset", "NEEDS_RESET" not in log and "Unexpected" not in log and "Traceback" not in log,
+              log[-2000:])
+    finally:
+        if responder is not None and responder.poll() is None:
+            responder.kill()
+            responder.wait()
+        if guest is not None:
+            guest.kill()
+        if host is not None:
+            host.stop()
+        ns.close()
+        out = os.environ.get("VE_QEMU_NET_REPORT")
+        if out:
+            Path(out).write_text(json.dumps(report, indent=1))
+    assert not failures, "\n".join(failures) + f"\nreport: {report}"

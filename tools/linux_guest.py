@@ -91,9 +91,9 @@ def _fetch_kernel(cache: Path) -> tuple[Path, str]:
     return root, version
 
 
-def _modules_in_order(root: Path, version: str) -> list[Path]:
+def _modules_in_order(root: Path, version: str, modules=MODULES) -> list[Path]:
     seen: list[Path] = []
-    for mod in MODULES:
+    for mod in modules:
         out = _run(["modprobe", "-d", str(root), "-S", version, "--show-depends", mod])
         for line in out.splitlines():
             parts = line.split()
@@ -186,9 +186,20 @@ def ensure_guest(cache: Path = DEFAULT_CACHE) -> LinuxGuest:
     return LinuxGuest(root / "boot" / f"vmlinuz-{version}", initrd, version)
 
 
-def scenario_initrd(guest: LinuxGuest, script: str, out: Path) -> Path:
-    """The base initramfs with /scenario.sh appended as a second archive."""
-    extra = cpio_gz({"scenario.sh": (("#!/bin/sh\n" + script).encode(), 0o100755)})
+def scenario_initrd(guest: LinuxGuest, script: str, out: Path, modules: tuple[str, ...] = ()) -> Path:
+    """The base initramfs with /scenario.sh appended as a second archive; `modules` (e.g.
+    "8021q" for VLANs) and what they depend on beyond the base ones are added to it and loaded
+    before the script runs."""
+    files: dict[str, tuple[bytes, int]] = {}
+    if modules:
+        root = guest.kernel.parent.parent
+        base = {p.name for p in _modules_in_order(root, guest.version)}
+        extra_mods = [p for p in _modules_in_order(root, guest.version, modules) if p.name not in base]
+        for ko in extra_mods:
+            files[f"lib/ve-extra/{ko.name}"] = (ko.read_bytes(), 0o100644)
+        script = "".join(f"insmod /lib/ve-extra/{ko.name}\n" for ko in extra_mods) + script
+    files["scenario.sh"] = (("#!/bin/sh\n" + script).encode(), 0o100755)
+    extra = cpio_gz(files)
     out.write_bytes(guest.initrd.read_bytes() + extra)
     return out
 

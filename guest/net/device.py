@@ -22,6 +22,14 @@ WANTED = (bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_RING_F_EVENT_IDX) | bit(VIRTIO_NE
           | bit(VIRTIO_NET_F_MRG_RXBUF) | bit(VIRTIO_NET_F_STATUS) | bit(VHOST_NET_F_VIRTIO_NET_HDR))
 
 
+def wanted_features(backend_spec: str) -> int:
+    """The VMM's header choice (QEMU vhost_net_init): VHOST_NET_F_VIRTIO_NET_HDR (vhost strips
+    and adds the header) unless the backend carries it itself (a tap with vnet_hdr=on)."""
+    if "vnet_hdr=on" in (backend_spec or "").split(":")[-1].split(","):
+        return WANTED & ~bit(VHOST_NET_F_VIRTIO_NET_HDR)
+    return WANTED
+
+
 class VirtioNetDevice:
     def __init__(self, kernel, vdev, ram, ifc=None, queue_size: int = 256, mac: bytes | None = None):
         self.kernel = kernel
@@ -34,7 +42,7 @@ class VirtioNetDevice:
         self.netdev: NetDev | None = None
 
     def probe(self) -> None:
-        features = self.vdev.probe(WANTED)
+        features = self.vdev.probe(wanted_features(getattr(self.vdev, "params", {}).get("backend", "")))
         rxq, txq = self.vdev.find_vqs([self._irq, self._irq], [self.queue_size, self.queue_size])
         if has(features, VIRTIO_NET_F_MAC):
             self.mac = NET_CONFIG.unpack(self.vdev.config_get(0, NET_CONFIG.size))[0]

@@ -10,8 +10,8 @@ Queue 0 is receive, queue 1 transmit (spec 5.1.2). Every frame carries a virtio_
     receive         take used rx buffers (virtnet_receive): without MRG_RXBUF one buffer is one
                     frame; with it the first buffer's num_buffers says how many buffers the frame
                     spans (receive_mergeable). A length shorter than the header, a num_buffers of 0
-                    or beyond what is posted, or a frame over ETH_MAX_FRAME is counted as an error
-                    and dropped, never trusted. Each buffer taken is refilled.
+                    or beyond what is posted, or a frame outside 14..max_frame bytes is counted as
+                    an error and dropped, never trusted. Each buffer taken is refilled.
     start_xmit      reclaim completed tx buffers (free_old_xmit_skbs), then post header + frame as
                     one device-readable buffer; False when the ring is full (netif_stop_queue).
 
@@ -21,15 +21,14 @@ here blocks or touches a doorbell: `kick(vq)` is the caller's (virtqueue_kick's 
 from __future__ import annotations
 
 from shared.constants import has
-from shared.net.hdr import (ETH_MAX_FRAME, ETH_MIN_FRAME, NET_HDR_MRG, VIRTIO_NET_F_MRG_RXBUF,
-                            hdr_len)
+from shared.net.hdr import ETH_MAX_FRAME, ETH_MIN_FRAME, NET_HDR_MRG, VIRTIO_NET_F_MRG_RXBUF, hdr_len
 
 GOOD_PACKET_LEN = ETH_MAX_FRAME + 4      # virtio_net's GOOD_PACKET_LEN (ETH_HLEN + VLAN + MTU)
 
 
 class VirtioNet:
     def __init__(self, mem, alloc, rxq, txq, features: int, mac: bytes, *, kick=None,
-                 rx_buf_size: int | None = None):
+                 rx_buf_size: int | None = None, max_frame: int = GOOD_PACKET_LEN):
         self.mem = mem
         self.alloc = alloc
         self.rxq = rxq
@@ -38,8 +37,11 @@ class VirtioNet:
         self.mac = bytes(mac)
         self.hdr_len = hdr_len(features)
         self.mrg_rxbuf = has(features, VIRTIO_NET_F_MRG_RXBUF)
+        # the largest frame sent or accepted: Ethernet + an 802.1Q tag (GOOD_PACKET_LEN), or the
+        # MTU + 18 a larger MTU asks for
+        self.max_frame = max_frame
         # small buffers hold a whole frame; mergeable ones may be smaller (then frames span several)
-        self.rx_buf_size = rx_buf_size or (self.hdr_len + GOOD_PACKET_LEN)
+        self.rx_buf_size = rx_buf_size or (self.hdr_len + max_frame)
         if not self.mrg_rxbuf and self.rx_buf_size < self.hdr_len + GOOD_PACKET_LEN:
             raise ValueError("without MRG_RXBUF an rx buffer must hold a whole frame")
         if self.rx_buf_size < self.hdr_len + ETH_MIN_FRAME:
@@ -106,7 +108,7 @@ class VirtioNet:
             else:
                 bad = False
                 frame = data[hl:]
-            if bad or not ETH_MIN_FRAME <= len(frame) <= ETH_MAX_FRAME:
+            if bad or not ETH_MIN_FRAME <= len(frame) <= self.max_frame:
                 self.stats["rx_errors"] += 1
                 continue
             self.stats["rx_frames"] += 1
@@ -127,8 +129,8 @@ class VirtioNet:
 
     def start_xmit(self, frame, *, kick: bool = True) -> bool:
         """Queue one Ethernet frame; False when the tx ring (or memory) is full (NETDEV_TX_BUSY)."""
-        if not ETH_MIN_FRAME <= len(frame) <= ETH_MAX_FRAME:
-            raise ValueError(f"an Ethernet frame is {ETH_MIN_FRAME}..{ETH_MAX_FRAME} bytes, not {len(frame)}")
+        if not ETH_MIN_FRAME <= len(frame) <= self.max_frame:
+            raise ValueError(f"an Ethernet frame is {ETH_MIN_FRAME}..{self.max_frame} bytes, not {len(frame)}")
         self.free_old_xmit()
         n = self.hdr_len + len(frame)
         g = self.alloc.alloc(n)

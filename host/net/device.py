@@ -8,30 +8,49 @@ VHOST_NET_SET_BACKEND; usually the same object for both). A backend is pure non-
     send(frame) -> bool     one Ethernet frame out; False = would block (sndbuf full, -EAGAIN)
     recv() -> bytes | None  the next frame in, None when nothing is queued
     writable() -> bool      the send buffer drained below half (the seed's wmem < sndbuf / 2)
-    vnet_hdr: bool          the backend carries the virtio_net_hdr itself (tap IFF_VNET_HDR)
+    send_queue() -> (wmem, sndbuf) | None   optional: bytes queued to send and the buffer size
+    vnet_hdr: bool          the backend carries the virtio_net_hdr itself (tap IFF_VNET_HDR); who
+                            adds and strips the header is the feature bit's choice, not this one's
+                            (the VMM acks VHOST_NET_F_VIRTIO_NET_HDR only for a backend without it)
 
 handle_tx (the seed's handle_tx): with kicks disabled, pop chains; a chain with device-writable
-buffers is vq_err; the header (vhost_hlen bytes, stripped by us when VHOST_NET_F_VIRTIO_NET_HDR is
-acked, else passed to the backend) is copied out once and checked (no offload was offered, so
-flags and gso_type must be 0); an empty frame is vq_err. The frame goes to backend.send; when the
-backend is full the chain is un-popped (discard_vq_desc) and tx polling starts (tx_poll_start):
-the runner watches the backend for writability and calls `backend_writable()`, which stops the
-poll (tx_poll_stop) and requeues handle_tx. Used entries are written in batches (add_used_n) and
-one interrupt decision is made per batch. After VHOST_NET_WEIGHT bytes or VHOST_NET_PKT_WEIGHT
-frames the work requeues itself (vhost_exceeds_weight) so one queue cannot starve the others.
+buffers is vq_err; vhost_hlen bytes of header are skipped (VHOST_NET_F_VIRTIO_NET_HDR acked: the
+header is vhost's to strip; clear: it goes to the backend as is, sock_hlen) and a chain with nothing
+after them is vq_err ("Unexpected header len for TX"), the only length the seed refuses. Anything
+else is passed on: VLAN and jumbo frames, header flags (the seed ignores the stripped header). The
+backend may refuse a frame it cannot carry (send raises EINVAL / EMSGSIZE): counted (tx_refused,
+tx_dropped) and the chain completed, as modern vhost does for errors other than -EAGAIN. Any other
+send error keeps the frame: the chain is un-popped (vhost_discard_vq_desc) and tx polling starts,
+as for a full backend (send returns False); an error is retried on a timer, a full backend when it
+polls writable. The runner then calls `backend_writable()`, which stops the poll (tx_poll_stop)
+and requeues handle_tx. When the ring runs dry while the backend's send queue is three quarters
+full (`send_queue()` -> (wmem, sndbuf)), tx stops with guest notifications left off and polls
+(the seed's sk_wmem_alloc >= sk_sndbuf * 3 / 4 branch): the backend's drain, not a kick, resumes it.
+Used entries are written in batches (add_used_n), one interrupt decision per batch.
 
-handle_rx: only while the backend has a frame (held in `rx_pending` until buffers arrive). A
-chain with device-readable buffers is vq_err. Without MRG_RXBUF the frame needs one chain with room
-for header + frame; a frame larger than the chain is dropped and counted and the chain un-popped
-(the seed's "Discarded truncated rx packet"). With MRG_RXBUF (get_rx_bufs) several chains are
-taken until the frame fits and num_buffers says how many. The header is written (flags 0,
-GSO_NONE), used entries added, one signal per batch, same weights.
+Weights (vhost_exceeds_weight): after VHOST_NET_WEIGHT bytes, counted as the seed counts them (tx:
+the bytes after vhost's header; rx: header + frame), the work requeues itself so one queue cannot
+starve the other. `pkt_weight` (VHOST_NET_PKT_WEIGHT frames by default, modern vhost's addition;
+0 = none, the seed's) also bounds a pass of small frames; jumbo frames reach the byte weight first.
 
-Dirty logging: with VHOST_F_LOG_ALL acked (only with a log, set_log_base) every write into guest
-RAM, rx buffers and the used ring (elements, idx, flags, avail_event), marks its page.
+handle_rx: while the backend has a frame, or one taken from it waits for buffers (`rx_pending`,
+kept across a backend swap: it is delivered, or counted in rx_dropped if the device resets first).
+A chain with device-readable buffers is vq_err, so is a buffer with no room after vhost's header
+(the seed's "Unexpected header len for RX"; with MRG_RXBUF every buffer must hold the 12-byte
+header, spec 5.1.6.3.1). Without MRG_RXBUF the frame needs one chain with room for header + frame;
+a frame larger than the chain is dropped and counted and the chain un-popped (the seed's
+"Discarded truncated rx packet"). With MRG_RXBUF (get_rx_bufs) several chains are taken until the
+frame fits and num_buffers says how many. The header is written (flags 0, GSO_NONE), used entries
+added, one signal per batch, same weights.
+
+Dirty logging: with VHOST_F_LOG_ALL acked (only with a log, set_log_base: -EFAULT otherwise) every
+write into guest RAM, rx buffers and the used ring (elements, idx, flags, avail_event), marks its
+page; the used ring is logged at the ring's log address when the frontend gave one
+(VHOST_VRING_F_LOG, `log_addr`), else at its guest-physical address.
 """
 from __future__ import annotations
 
+import errno
 import logging
 
 from host.device import VhostDevice
@@ -40,8 +59,8 @@ from host.iov import iov_read, iov_write
 from shared.constants import (VHOST_F_LOG_ALL, VHOST_NET_PKT_WEIGHT, VHOST_NET_WEIGHT,
                               VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_ID_NET, bit, has)
 from shared.errors import GuestMemoryError, VringError
-from shared.net.hdr import (ETH_MAX_FRAME, ETH_MIN_FRAME, NET_CONFIG, NET_HDR, NET_HDR_MRG, NET_VQ_RX,
-                            NET_VQ_TX, VHOST_NET_F_VIRTIO_NET_HDR, VIRTIO_NET_F_MAC,
+from shared.net.hdr import (NET_CONFIG, NET_HDR_MRG, NET_VQ_RX, NET_VQ_TX,
+                            VHOST_NET_F_VIRTIO_NET_HDR, VIRTIO_NET_F_MAC,
                             VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
                             format_mac, hdr_len, pack_hdr)
 
@@ -55,6 +74,9 @@ VHOST_NET_BATCH = 64        # used entries written per add_used_n (modern vhost-
 UIO_MAXIOV = 1024           # bound on chains one mergeable frame may take (get_rx_bufs)
 GUEST_ERRORS = (VringError, GuestMemoryError)
 RULE_NET = 14               # ring rule 14: the chain's format does not fit the queue
+# send errors that mean "this frame cannot be carried" (tun: short frame or bad header -EINVAL;
+# datagram / packet sockets: larger than the link -EMSGSIZE): dropped and counted, never retried
+TX_REFUSED = frozenset({errno.EINVAL, errno.EMSGSIZE})
 
 
 class VhostNet(VhostDevice):
@@ -64,7 +86,8 @@ class VhostNet(VhostDevice):
     device_features = (bit(VIRTIO_NET_F_MAC) | bit(VIRTIO_NET_F_MRG_RXBUF) | bit(VIRTIO_NET_F_STATUS)
                        | bit(VHOST_NET_F_VIRTIO_NET_HDR) | bit(VHOST_F_LOG_ALL))
 
-    def __init__(self, mac: bytes, *, name: str = "", backend=None, backend_name: str = "", **kw):
+    def __init__(self, mac: bytes, *, name: str = "", backend=None, backend_name: str = "",
+                 pkt_weight: int = VHOST_NET_PKT_WEIGHT, hdr_from_backend: bool = False, **kw):
         if not isinstance(mac, (bytes, bytearray)) or len(mac) != 6:
             raise ValueError("a MAC address is 6 bytes")
         super().__init__(name or f"net-{format_mac(mac)}", **kw)
@@ -76,6 +99,12 @@ class VhostNet(VhostDevice):
         self.guest_hlen = 0
         self.mrg_rxbuf = False
         self.tx_poll_state = VHOST_NET_POLL_DISABLED
+        self.tx_poll_error = False          # polling because send failed (retry on a timer)
+        self.pkt_weight = pkt_weight        # frames per pass (0: the seed's byte weight only)
+        # vhost-user (QEMU's vhost_net_init for a kernel backend): the VMM decides the header from
+        # the backend, acking VHOST_NET_F_VIRTIO_NET_HDR exactly when the backend has no vnet_hdr
+        self.hdr_from_backend = hdr_from_backend
+        self.log_addr: list[int | None] = [None, None]   # per ring: VHOST_VRING_F_LOG log_guest_addr
         self.rx_pending = None              # a frame taken from the backend, waiting for buffers
         self.dirty_log: DirtyLog | None = None
         self.log_all = False
@@ -85,7 +114,8 @@ class VhostNet(VhostDevice):
         self.backend_opener = None          # runner hook: spec -> backend (SET_BACKEND)
         self.backend_closer = None          # runner hook: close a backend no queue uses
         self.stats.update({"rx_frames": 0, "rx_bytes": 0, "tx_frames": 0, "tx_bytes": 0,
-                           "rx_dropped": 0, "tx_dropped": 0, "tx_full": 0, "tx_requeued": 0,
+                           "rx_dropped": 0, "tx_dropped": 0, "tx_refused": 0, "tx_errors": 0,
+                           "tx_full": 0, "tx_wmem_stop": 0, "tx_requeued": 0,
                            "rx_requeued": 0, "backend_swaps": 0})
         if backend is not None:
             self.set_backend(NET_VQ_RX, backend)
@@ -101,9 +131,10 @@ class VhostNet(VhostDevice):
         return super().features_ok(features)
 
     def set_features(self, features: int) -> None:
-        """vhost_net_set_features: choose who handles the header, then the ring features."""
+        """vhost_net_set_features: choose who handles the header, then the ring features.
+        LOG_ALL without a usable log is OSError(EFAULT), as the ioctl answers (nothing changes)."""
         if has(features, VHOST_F_LOG_ALL) and self.dirty_log is None:
-            raise ValueError("VHOST_F_LOG_ALL needs a dirty log (SET_LOG_BASE first)")
+            raise OSError(errno.EFAULT, "VHOST_F_LOG_ALL needs a dirty log (SET_LOG_BASE first)")
         super().set_features(features)
         self.guest_hlen = hdr_len(features)
         self.mrg_rxbuf = has(features, VIRTIO_NET_F_MRG_RXBUF)
@@ -111,21 +142,35 @@ class VhostNet(VhostDevice):
         self._choose_hlen()
 
     def _choose_hlen(self) -> None:
-        # The seed: hdr_size = VHOST_NET_F_VIRTIO_NET_HDR ? sizeof(hdr) : 0, a choice its VMM makes
-        # from the tap's abilities. Here the device makes it per backend: a backend that carries
-        # the header (a tap with IFF_VNET_HDR) gets it passed through, every other one stripped.
-        be = self.backends[NET_VQ_TX] or self.backends[NET_VQ_RX]
-        if not getattr(be, "vnet_hdr", False):
+        """vhost_net_set_features: VHOST_NET_F_VIRTIO_NET_HDR acked -> vhost strips and adds the
+        header (vhost_hlen); clear -> the backend gets and gives it as is (sock_hlen), whatever
+        the backend is. With `hdr_from_backend` (vhost-user, where no VMM acks the bit for us) the
+        bit is taken as acked exactly when the backend has no vnet_hdr, QEMU's choice."""
+        if self.hdr_from_backend:
+            be = self.backends[NET_VQ_TX] or self.backends[NET_VQ_RX]
+            strip = not getattr(be, "vnet_hdr", False)
+        else:
+            strip = has(self.acked_features, VHOST_NET_F_VIRTIO_NET_HDR)
+        if strip:
             self.vhost_hlen, self.sock_hlen = self.guest_hlen, 0
         else:
             self.vhost_hlen, self.sock_hlen = 0, self.guest_hlen
 
-    def set_log_base(self, bitmap) -> None:
-        """SET_LOG_BASE: the bitmap every write is logged into (None drops it, LOG_ALL then off)."""
+    def set_log_base(self, bitmap, owner=None) -> None:
+        """SET_LOG_BASE: the bitmap every write is logged into (None drops it, LOG_ALL then off).
+        `owner` (an mmap or shm the bitmap views) is closed with the log. A bitmap that cannot be
+        used (read-only) is OSError(EFAULT) and the old log stays."""
         with self.lock:
+            if bitmap is not None:
+                try:
+                    new = DirtyLog(bitmap, owner=owner)
+                except (ValueError, TypeError) as e:
+                    raise OSError(errno.EFAULT, f"SET_LOG_BASE: the log is not usable: {e}") from None
+            else:
+                new = None
             if self.dirty_log is not None:
                 self.dirty_log.release()
-            self.dirty_log = DirtyLog(bitmap) if bitmap is not None else None
+            self.dirty_log = new
             if self.dirty_log is None:
                 self.log_all = False
 
@@ -137,15 +182,15 @@ class VhostNet(VhostDevice):
         handler (flush), return the old backend for the caller to close when no queue uses it.
         """
         if index not in (NET_VQ_RX, NET_VQ_TX):
-            raise ValueError(f"no queue {index} (vhost_net_set_backend: -ENOBUFS)")
+            raise OSError(errno.ENOBUFS, f"no queue {index} (vhost_net_set_backend: -ENOBUFS)")
         with self.lock:
             old = self.backends[index]
             if old is backend:
                 return None
             if index == NET_VQ_TX:
                 self.tx_poll_stop()
-            else:
-                self._clear_rx_pending()    # a frame of the old backend's is not the new one's
+            # rx: a frame already taken from the old backend (rx_pending) stays: it came off the
+            # wire for this guest and is delivered with the next buffers (counted if reset first)
             self.backends[index] = backend
             self.stats["backend_swaps"] += 1
             self._choose_hlen()
@@ -157,12 +202,19 @@ class VhostNet(VhostDevice):
     def reset(self) -> None:
         """Status 0: forget the rings; the backends stay attached (the daemon configured them)."""
         self.tx_poll_state = VHOST_NET_POLL_DISABLED
+        self.tx_poll_error = False
         self._clear_rx_pending()
+        self.log_addr = [None, None]
+        if self.dirty_log is not None:           # the log goes with the frontend's other memory
+            self.dirty_log.release()
+            self.dirty_log = None
+        self.log_all = False
         super().reset()
 
     def _clear_rx_pending(self) -> None:
         if self.rx_pending is not None:
             self.rx_pending = None
+            self.stats["rx_dropped"] += 1       # taken from a backend, no ring left to take it
             self._rx_watch_check()
 
     # --- when the runner should watch the rx backend ----------------------------------------------
@@ -199,12 +251,20 @@ class VhostNet(VhostDevice):
         return old
 
     def set_backend_spec(self, index: int, spec: str) -> None:
-        """SET_BACKEND from the control plane: open `spec` ("" = detach, the seed's fd -1), swap it
-        in, close the old backend when no queue uses it. ValueError: one line for the reply."""
+        """SET_BACKEND from the control plane, vhost_net_set_backend's checks in its order: a queue
+        index out of range OSError(ENOBUFS), a ring set up but not accessible OSError(EFAULT)
+        (vhost_vq_access_ok), then open `spec` ("" = detach, the seed's fd -1; ValueError: one
+        line), swap it in, close the old backend when no queue uses it. A failure changes
+        nothing: the device goes on with the backend it had."""
         if self.backend_opener is None:
             raise ValueError("this device cannot open backends")
         if index not in (NET_VQ_RX, NET_VQ_TX):
-            raise ValueError(f"no queue {index} (vhost_net_set_backend: -ENOBUFS)")
+            raise OSError(errno.ENOBUFS, f"no queue {index} (vhost_net_set_backend: -ENOBUFS)")
+        vq = self.vqs[index]
+        if vq.num or vq.desc or vq.avail or vq.used:        # a ring not set up at all passes
+            if self.mem is None or not vq.access_ok(self.mem):
+                raise OSError(errno.EFAULT, f"queue {index}: ring memory is not accessible "
+                                            "(vhost_net_set_backend: -EFAULT)")
         new = self.backend_opener(spec) if spec else None
         old = self.set_backend(index, new)
         self.backend_name = spec if spec else self.backend_name
@@ -243,10 +303,12 @@ class VhostNet(VhostDevice):
             self.tx_poll_stop()
             self._queue_work(self.handle_tx)
 
-    def tx_poll_start(self) -> None:
-        """tx_poll_start: watch the backend for POLLOUT instead of spinning on a full one."""
+    def tx_poll_start(self, error: bool = False) -> None:
+        """tx_poll_start: watch the backend for POLLOUT instead of spinning on a full one (after a
+        send error: the runner retries on a timer, POLLOUT of a failing backend says nothing)."""
         if self.tx_poll_state != VHOST_NET_POLL_STARTED:
             self.tx_poll_state = VHOST_NET_POLL_STARTED
+            self.tx_poll_error = error
             self.stats["tx_full"] += 1
             if self.on_tx_poll is not None:
                 self.on_tx_poll()
@@ -254,6 +316,7 @@ class VhostNet(VhostDevice):
     def tx_poll_stop(self) -> None:
         if self.tx_poll_state == VHOST_NET_POLL_STARTED:
             self.tx_poll_state = VHOST_NET_POLL_STOPPED
+            self.tx_poll_error = False
             if self.on_tx_poll is not None:
                 self.on_tx_poll()
 
@@ -262,10 +325,15 @@ class VhostNet(VhostDevice):
         return self.tx_poll_state == VHOST_NET_POLL_STARTED
 
     # --- logging helpers --------------------------------------------------------------------------
+    def _log_base(self, vq) -> int:
+        """Where the used ring is logged: the ring's log_guest_addr (VHOST_VRING_F_LOG), else its gpa."""
+        la = self.log_addr[vq.index] if 0 <= vq.index < len(self.log_addr) else None
+        return vq.used if la is None else la
+
     def _log_used(self, vq, first: int, count: int) -> None:
         """Log used-ring writes: `count` elements from index `first`, and used.idx."""
         dl = self.dirty_log
-        used = vq.used
+        used = self._log_base(vq)
         num = vq.num
         for k in range(count):
             dl.log_write(used + 4 + 8 * ((first + k) % num), 8)
@@ -273,8 +341,9 @@ class VhostNet(VhostDevice):
 
     def _log_notify(self, vq) -> None:
         """enable/disable_notify wrote used.flags or avail_event."""
-        self.dirty_log.log_write(vq.used, 2)
-        self.dirty_log.log_write(vq.used + 4 + 8 * vq.num, 2)
+        used = self._log_base(vq)
+        self.dirty_log.log_write(used, 2)
+        self.dirty_log.log_write(used + 4 + 8 * vq.num, 2)
 
     def _disable_notify(self, vq, mem) -> None:
         vq.disable_notify(mem)
@@ -282,7 +351,9 @@ class VhostNet(VhostDevice):
             self._log_notify(vq)
 
     def _enable_notify(self, vq, mem) -> bool:
-        raced = vq.enable_notify(mem)
+        # seen=True: chains un-popped by discard_vq_desc (a mergeable frame still waiting for
+        # buffers) are not new; a kick is asked for past the avail.idx last read
+        raced = vq.enable_notify(mem, seen=True)
         if self.log_all:
             self._log_notify(vq)
         return raced
@@ -342,6 +413,12 @@ class VhostNet(VhostDevice):
                 while True:
                     chain = vq.get_vq_desc(mem)
                     if chain is None:
+                        if _wmem_high(sock):
+                            # the seed: sk_wmem_alloc >= sk_sndbuf * 3 / 4 -> tx_poll_start and
+                            # stop with guest notifications left off: the drain resumes us
+                            self.stats["tx_wmem_stop"] += 1
+                            self.tx_poll_start()
+                            break
                         if self._idle(vq, mem, used):
                             continue
                         break
@@ -350,47 +427,56 @@ class VhostNet(VhostDevice):
                         raise VringError(RULE_NET, f"Unexpected descriptor format for TX: out "
                                          f"{len(chain.out)}, int {len(chain.in_)}")
                     ln = chain.out_len - hlen
-                    if chain.out_len < self.guest_hlen:
+                    if ln <= 0:
+                        # handle_tx's one length check: nothing after vhost's header
                         raise VringError(RULE_NET, f"Unexpected header len for TX: {chain.out_len}"
-                                         f" < {self.guest_hlen}")
-                    _check_tx_hdr(iov_read(chain.out, 0, NET_HDR.size))   # copied out, then checked
-                    if ln <= 0 or ln - self.sock_hlen < ETH_MIN_FRAME or ln - self.sock_hlen > ETH_MAX_FRAME:
-                        raise VringError(RULE_NET, f"Unexpected TX frame length {ln - self.sock_hlen}")
+                                         f" expected more than {hlen}")
                     frame = iov_read(chain.out, hlen, ln)     # the one copy out of guest RAM
                     try:
                         ok = sock.send(frame)
-                    except OSError as e:                      # the seed logs and moves on
-                        log.debug("%s: tx send failed: %s", self.name, e)
+                    except OSError as e:
+                        if e.errno not in TX_REFUSED:
+                            # the seed: vhost_discard_vq_desc + tx_poll_start, retried later
+                            log.debug("%s: tx send failed: %s (frame kept)", self.name, e)
+                            self.stats["tx_errors"] += 1
+                            vq.discard_vq_desc(1)
+                            self.tx_poll_start(error=True)
+                            break
+                        # a frame the backend cannot carry: counted, its chain completed
+                        log.debug("%s: backend refused a %d-byte frame: %s", self.name, ln, e)
+                        self.stats["tx_refused"] += 1
                         self.stats["tx_dropped"] += 1
-                        ok = True
                     else:
-                        if ok:
-                            self.stats["tx_frames"] += 1
-                            self.stats["tx_bytes"] += ln
-                    if not ok:
-                        vq.discard_vq_desc(1)                 # vhost_discard_vq_desc
-                        self.tx_poll_start()
-                        break
+                        if not ok:
+                            vq.discard_vq_desc(1)             # vhost_discard_vq_desc
+                            self.tx_poll_start()
+                            break
+                        self.stats["tx_frames"] += 1
+                        self.stats["tx_bytes"] += ln
                     self.stats["bytes_in"] += chain.out_len
                     used.append((chain.head, 0))
                     if len(used) >= VHOST_NET_BATCH:
                         self._add_used(vq, mem, used)
                         used = []
-                    total += ln
+                    total += ln                               # the seed's total_len += len
                     pkts += 1
-                    if total >= VHOST_NET_WEIGHT or pkts >= VHOST_NET_PKT_WEIGHT:
-                        self.stats["tx_requeued"] += 1       # vhost_exceeds_weight
+                    if self._exceeds_weight(total, pkts):
+                        self.stats["tx_requeued"] += 1
                         self._queue_work(self.handle_tx)
                         break
             finally:
                 if used and not self.broken:
                     self._add_used(vq, mem, used)
 
+    def _exceeds_weight(self, total: int, pkts: int) -> bool:
+        """vhost_exceeds_weight: the seed's byte weight, and the packet weight if one is set."""
+        return total >= VHOST_NET_WEIGHT or (self.pkt_weight > 0 and pkts >= self.pkt_weight)
+
     def _handle_rx(self) -> None:
         with self.lock:
             sock = self.backends[NET_VQ_RX]
             vq = self.vqs[NET_VQ_RX]
-            if sock is None or not self._ready() or not vq.enabled:
+            if (sock is None and self.rx_pending is None) or not self._ready() or not vq.enabled:
                 return
             mem = self.mem
             total = pkts = 0
@@ -401,6 +487,8 @@ class VhostNet(VhostDevice):
                 while True:
                     frame = self.rx_pending
                     if frame is None:
+                        if sock is None:
+                            break                   # the held frame went; no backend to read
                         try:
                             frame = sock.recv()
                         except OSError as e:        # the backend's trouble, not the guest's
@@ -409,6 +497,9 @@ class VhostNet(VhostDevice):
                             break
                         if frame is None:
                             break                   # sk_receive_queue empty
+                        if len(frame) < self.sock_hlen:
+                            self.stats["rx_dropped"] += 1      # no room for the backend's header
+                            continue
                         self.rx_pending = frame
                     need = hlen + len(frame)
                     heads = self._get_rx_bufs(vq, mem, need)
@@ -444,9 +535,9 @@ class VhostNet(VhostDevice):
                     if len(used) >= VHOST_NET_BATCH:
                         self._add_used(vq, mem, used)
                         used = []
-                    total += len(frame)
+                    total += len(data)                  # the seed: len += hdr_size; total_len += len
                     pkts += 1
-                    if total >= VHOST_NET_WEIGHT or pkts >= VHOST_NET_PKT_WEIGHT:
+                    if self._exceeds_weight(total, pkts):
                         self.stats["rx_requeued"] += 1
                         self._queue_work(self.handle_rx)
                         break
@@ -456,7 +547,9 @@ class VhostNet(VhostDevice):
 
     def _get_rx_bufs(self, vq, mem, need: int):
         """get_rx_bufs: chains enough for `need` bytes (one without MRG_RXBUF); None when the ring
-        ran dry (chains un-popped), "truncated" when the frame cannot fit (chains un-popped)."""
+        ran dry (chains un-popped), "truncated" when the frame cannot fit (chains un-popped).
+        A buffer with no room after vhost's header is a ring error (the seed's "Unexpected header
+        len for RX"); with MRG_RXBUF every buffer must hold the whole header (spec 5.1.6.3.1)."""
         heads = []
         have = 0
         while have < need:
@@ -468,12 +561,17 @@ class VhostNet(VhostDevice):
                 # handle_rx: "Unexpected descriptor format for RX"
                 raise VringError(RULE_NET, f"Unexpected descriptor format for RX: out "
                                  f"{len(chain.out)}, in {len(chain.in_)}")
+            if self.mrg_rxbuf and chain.in_len < self.guest_hlen:
+                raise VringError(RULE_NET, f"Unexpected header len for RX: buffer {chain.in_len} "
+                                 f"< header {self.guest_hlen} (MRG_RXBUF)")
+            if not self.mrg_rxbuf and chain.in_len <= self.vhost_hlen:
+                raise VringError(RULE_NET, f"Unexpected header len for RX: buffer {chain.in_len}"
+                                 f", header {self.vhost_hlen}")
             heads.append(chain)
             have += chain.in_len
             if not self.mrg_rxbuf or len(heads) >= min(UIO_MAXIOV, vq.num):
                 break
-        if have < need or (self.mrg_rxbuf and heads[0].in_len < self.vhost_hlen):
-            # The header must fit in the first buffer (spec 5.1.6.3.1)
+        if have < need:
             vq.discard_vq_desc(len(heads))
             return "truncated"
         return heads
@@ -488,13 +586,19 @@ class VhostNet(VhostDevice):
         return out
 
 
-def _check_tx_hdr(raw: bytes) -> None:
-    """A copied-out tx header: no offload was offered, so anything but zeros is malformed."""
-    flags, gso_type, _hdr_len, _gso_size, _cs, _co = NET_HDR.unpack(raw)
-    if flags or gso_type:
-        # spec 5.1.6.2.1: the driver MUST NOT set NEEDS_CSUM / GSO without the feature
-        raise VringError(RULE_NET, f"TX header asks for offloads not negotiated: flags {flags:#x} "
-                         f"gso_type {gso_type:#x}")
+def _wmem_high(sock) -> bool:
+    """The seed's wmem >= sndbuf * 3 / 4, for a backend that reports its send queue."""
+    q = getattr(sock, "send_queue", None)
+    if q is None:
+        return False
+    try:
+        got = q()
+    except OSError:
+        return False
+    if not got:
+        return False
+    wmem, sndbuf = got
+    return sndbuf > 0 and wmem * 4 >= sndbuf * 3
 
 
 def _bname(b) -> str:

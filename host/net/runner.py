@@ -19,6 +19,7 @@ import selectors
 from shared.net.hdr import NET_VQ_RX, NET_VQ_TX
 
 TX_RETRY = 0.0005          # s between tries on a backend whose POLLOUT is blind (segment)
+TX_ERROR_RETRY = 0.01      # s between tries after a send error (the frame is kept meanwhile)
 
 
 class NetBackends:
@@ -76,10 +77,25 @@ class NetBackends:
         if self.dev is not None:
             self.dev.backend_readable()
 
+    def _retry_later(self, delay: float) -> None:
+        if self._retry is None:
+            def retry() -> None:
+                self._retry = None
+                if self.dev is not None:
+                    self.dev.backend_writable()
+            self._retry = self.worker.call_later(delay, retry)
+
     def sync(self) -> None:
         """Watch each backend for POLLIN unless its frame waits for rx buffers, and the tx backend
-        for POLLOUT exactly while tx polling is on."""
+        for POLLOUT exactly while tx polling is on. A send error, a backend without an fd
+        (loopback) or with a blind POLLOUT (segment) is retried on a timer instead."""
         dev = self.dev
+        if dev is not None and dev.tx_polling:
+            tx = dev.backends[NET_VQ_TX]
+            if dev.tx_poll_error:
+                self._retry_later(TX_ERROR_RETRY)
+            elif tx is not None and not hasattr(tx, "fileno"):
+                self._retry_later(TX_RETRY)
         for key, b in list(self.objs.items()):
             want = selectors.EVENT_READ
             if dev is not None and b is dev.backends[NET_VQ_RX]:
@@ -87,15 +103,10 @@ class NetBackends:
                 if not dev.rx_watch:
                     want = 0
             if dev is not None and b is dev.backends[NET_VQ_TX] and dev.tx_polling:
-                if getattr(b, "pollout_blind", False):
-                    # POLLOUT of an unconnected datagram socket says nothing about the full peer:
-                    # retry on a short timer instead of spinning on an always-writable fd
-                    if self._retry is None:
-                        def retry() -> None:
-                            self._retry = None
-                            if self.dev is not None:
-                                self.dev.backend_writable()
-                        self._retry = self.worker.call_later(TX_RETRY, retry)
+                if getattr(b, "pollout_blind", False) or dev.tx_poll_error:
+                    # POLLOUT of an unconnected datagram socket says nothing about the full peer,
+                    # nor of a failing one about the error: retry on a timer, do not spin
+                    self._retry_later(TX_ERROR_RETRY if dev.tx_poll_error else TX_RETRY)
                 else:
                     want |= selectors.EVENT_WRITE
             have = self.watched.get(key)

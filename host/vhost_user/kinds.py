@@ -20,8 +20,6 @@ A third device kind is one more class here; the runner does not change.
 """
 from __future__ import annotations
 
-from shared.constants import VHOST_F_LOG_ALL, bit
-
 DEFAULT_MAC = bytes.fromhex("525400ee0000")     # + the socket's position in the last byte
 
 
@@ -86,10 +84,13 @@ class NetKind:
     def new_device(self, worker):
         from host.net.device import VhostNet
         from host.net.runner import NetBackends
+        # hdr_from_backend: no VMM acks VHOST_NET_F_VIRTIO_NET_HDR over vhost-user (bit 27 is
+        # ANY_LAYOUT there), so the device makes QEMU's vhost-kernel choice itself: strip and add
+        # the header unless the backend carries it (tap vnet_hdr=on)
         dev = VhostNet(self.mac, name=f"vhost-user-net[{self.spec}]", backend_name=self.spec,
-                       max_queue_size=self.opts.max_queue_size)
-        # no SET_LOG_BASE over vhost-user here: dirty logging (migration) is not offered
-        dev.features &= ~bit(VHOST_F_LOG_ALL)
+                       max_queue_size=self.opts.max_queue_size, hdr_from_backend=True)
+        # dirty logging (LOG_ALL) stays offered: the session offers VHOST_USER_PROTOCOL_F_LOG_SHMFD
+        # for it and maps the log SET_LOG_BASE sends
         if self.glue is None:
             self.glue = NetBackends(None, worker, self.opts.run_dir)
             self.glue.watch(self.backend)          # drained while no device holds it

@@ -17,6 +17,11 @@ but with vhost-user's state machine, which has no virtio status byte (no F_STATU
       drained and dropped, and every ring is polled once when it starts (`Outcome.started`), so
       buffers posted before the start are not missed.
     - with REPLY_ACK negotiated, a request with NEED_REPLY gets u64 0 (ok) or 1 (failed).
+    - dirty logging (a device that offers VHOST_F_LOG_ALL, net): PROTOCOL_F_LOG_SHMFD is offered,
+      SET_LOG_BASE maps the log from its fd (u64 mmap_size, u64 mmap_offset) and is answered
+      (QEMU waits for it), SET_FEATURES may toggle LOG_ALL on running rings and SET_VRING_ADDR
+      their VHOST_VRING_F_LOG with the same addresses (QEMU's vhost_dev_set_log); an unusable
+      log (fd, size, not covering the memory table, LOG_ALL without one) is refused as EFAULT.
 
 Any error (ProtocolError from the shared rules, or a refused request) is logged on one line, acked
 with failure when the frontend asked, and closes the connection (`close` True): the runner then
@@ -28,12 +33,14 @@ memfds and eventfds in one process.
 from __future__ import annotations
 
 import logging
+import mmap
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from host.control_session import check_memory_table, ring_gpas
-from shared.constants import (VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER,
-                              VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK)
+from host.control_session import check_memory_table, log_pages_needed, ring_gpas
+from shared.constants import (VHOST_F_LOG_ALL, VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER,
+                              VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK, bit)
 from shared.errors import GuestMemoryError, ProtocolError
 from shared.ring_layout import check_num
 
@@ -47,6 +54,8 @@ PROTOCOL_FEATURES = (1 << codec.PROTOCOL_F_REPLY_ACK) | (1 << codec.PROTOCOL_F_C
 F_PROTOCOL = 1 << codec.VHOST_USER_F_PROTOCOL_FEATURES
 SETUP_STATUS = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK
 VRING_F_LOG = 1
+LOG_ALL = bit(VHOST_F_LOG_ALL)
+F_LOG_SHMFD = 1 << codec.PROTOCOL_F_LOG_SHMFD
 
 
 def _err(code: str, message: str) -> ProtocolError:
@@ -78,6 +87,9 @@ class VhostUserSession:
         self.owner = False
         self.protocol_features = 0
         self.protocol_acked = False     # VHOST_USER_F_PROTOCOL_FEATURES negotiated
+        # LOG_SHMFD only where the log can be used: a device that logs (VhostNet)
+        self.logs = bool(device.features & LOG_ALL) and hasattr(device, "set_log_base")
+        self.protocol_offer = PROTOCOL_FEATURES | (F_LOG_SHMFD if self.logs else 0)
         self.rings = [RingState() for _ in range(device.num_queues)]
         self.requests = 0
         self.error: ProtocolError | None = None
@@ -145,23 +157,63 @@ class VhostUserSession:
         if f & ~(dev.features | F_PROTOCOL):
             raise _err("EOPNOTSUPP", f"features {f & ~(dev.features | F_PROTOCOL):#x} were not offered")
         dev_f = f & ~F_PROTOCOL
+        if dev_f & LOG_ALL and getattr(dev, "dirty_log", None) is None:
+            # vhost_net_set_features: -EFAULT (no SET_LOG_BASE, or LOG_SHMFD not negotiated)
+            raise _err("EFAULT", f"features {dev_f:#x}: VHOST_F_LOG_ALL without a usable log")
         if not dev.features_ok(dev_f):
             raise _err("EINVAL", f"features {dev_f:#x} refused (VERSION_1 is required)")
-        if dev.running and dev_f != dev.acked_features:
-            raise _err("EBUSY", "SET_FEATURES changes the features of running rings")
-        dev.set_features(dev_f)
+        if dev.running and (dev_f ^ dev.acked_features) & ~LOG_ALL:
+            raise _err("EBUSY", "SET_FEATURES changes the features of running rings (only "
+                                "VHOST_F_LOG_ALL may change)")
+        try:
+            dev.set_features(dev_f)
+        except OSError as e:
+            raise _err("EFAULT", f"SET_FEATURES: {e.strerror or e}") from None
         dev.status |= SETUP_STATUS
         self.protocol_acked = bool(f & F_PROTOCOL)
         log.info("%s: SET_FEATURES %#x", self.name, f)
 
     def _op_get_protocol_features(self, req, out):
-        return codec.reply_u64(req, PROTOCOL_FEATURES)
+        return codec.reply_u64(req, self.protocol_offer)
 
     def _op_set_protocol_features(self, req, out):
-        if req.u64 & ~PROTOCOL_FEATURES:
-            raise _err("EOPNOTSUPP", f"protocol features {req.u64 & ~PROTOCOL_FEATURES:#x} were not offered")
+        if req.u64 & ~self.protocol_offer:
+            raise _err("EOPNOTSUPP", f"protocol features {req.u64 & ~self.protocol_offer:#x} were not offered")
         self.protocol_features = req.u64
         log.info("%s: SET_PROTOCOL_FEATURES %#x", self.name, req.u64)
+
+    def _op_set_log_base(self, req, out):
+        """VHOST_USER_SET_LOG_BASE (LOG_SHMFD): map [mmap_offset, +mmap_size) of the fd as the
+        dirty bitmap; answered (QEMU reads a reply). Unusable: EFAULT, the connection closes."""
+        dev = self.device
+        fd = req.fd                      # closed by handle() if we refuse, here once mapped
+        if not self.logs or not self.protocol_features & F_LOG_SHMFD:
+            raise _err("EOPNOTSUPP", "SET_LOG_BASE without VHOST_USER_PROTOCOL_F_LOG_SHMFD")
+        if req.size == 0:
+            raise _err("EFAULT", "SET_LOG_BASE: an empty log")
+        if dev.mem is not None and req.size < log_pages_needed(dev.mem.regions):
+            raise _err("EFAULT", f"SET_LOG_BASE: {req.size} bytes do not cover the memory table "
+                                 f"({log_pages_needed(dev.mem.regions)} needed)")
+        try:
+            end = req.offset + req.size
+            have = os.fstat(fd).st_size
+            if have < end:
+                raise ValueError(f"the fd holds {have} bytes, the log ends at {end}")
+            m = mmap.mmap(fd, end, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except (OSError, ValueError, OverflowError) as e:
+            raise _err("EFAULT", f"SET_LOG_BASE: cannot map the log: {e}") from None
+        os.close(fd)                     # the mapping keeps the memory
+        view = memoryview(m)
+        bitmap = view[req.offset:req.offset + req.size]
+        view.release()
+        try:
+            dev.set_log_base(bitmap, m)
+        except OSError as e:
+            bitmap.release()
+            m.close()
+            raise _err("EFAULT", f"SET_LOG_BASE: {e.strerror or e}") from None
+        log.info("%s: SET_LOG_BASE %d bytes at offset %#x", self.name, req.size, req.offset)
+        return codec.reply_u64(req, 0)
 
     def _op_set_owner(self, req, out):
         self.owner = True       # vhost-user allows it again after a reconnect; nothing to check
@@ -227,14 +279,29 @@ class VhostUserSession:
         self.rings[vq.index].addr = False
 
     def _op_set_vring_addr(self, req, out):
-        vq = self._ring(req)
-        if req.addr_flags & VRING_F_LOG:
+        dev = self.device
+        if req.addr_flags & ~VRING_F_LOG:
+            raise _err("EINVAL", f"SET_VRING_ADDR: unknown flags {req.addr_flags:#x}")
+        if req.addr_flags & VRING_F_LOG and not self.logs:
             raise _err("EOPNOTSUPP", "SET_VRING_ADDR: dirty logging is not supported")
+        i = req.index
+        if (self.logs and i is not None and i < dev.num_queues and self.rings[i].started
+                and dev.mem is not None):
+            # vhost_dev_set_log: the same addresses, only VHOST_VRING_F_LOG changes, ring running
+            vq = dev.vqs[i]
+            if ring_gpas(dev.mem, vq.num, req.desc, req.avail, req.used) == (vq.desc, vq.avail, vq.used):
+                dev.log_addr[i] = req.log if req.addr_flags & VRING_F_LOG else None
+                log.info("%s: queue %d used-ring logging %s", self.name, i,
+                         f"at {req.log:#x}" if req.addr_flags & VRING_F_LOG else "off")
+                return
+        vq = self._ring(req)
         if self.device.mem is None:
             raise _err("EPROTO", "SET_VRING_ADDR before SET_MEM_TABLE")
         if not self.rings[vq.index].num:
             raise _err("EPROTO", "SET_VRING_ADDR before SET_VRING_NUM")
         vq.desc, vq.avail, vq.used = ring_gpas(self.device.mem, vq.num, req.desc, req.avail, req.used)
+        if self.logs:
+            dev.log_addr[vq.index] = req.log if req.addr_flags & VRING_F_LOG else None
         self.rings[vq.index].addr = True
 
     def _op_set_vring_base(self, req, out):

@@ -1,7 +1,8 @@
 """The loopback backend: every frame the guest sends comes back to it (a reflector).
 
 A bounded queue stands for the socket's buffers: send returns False when `capacity` frames wait
-(the seed's wmem >= sndbuf), writable() once they drained below half (wmem < sndbuf / 2).
+(the seed's wmem >= sndbuf), writable() once they drained below half (wmem < sndbuf / 2),
+send_queue() gives both for handle_tx's three-quarters check.
 `paused` stops the reader side, so tests can fill it up the way a stalled peer does.
 """
 from __future__ import annotations
@@ -36,6 +37,10 @@ class Loopback:
 
     def writable(self) -> bool:
         return len(self.queue) < self.capacity // 2 or not self.queue
+
+    def send_queue(self) -> tuple[int, int]:
+        """(wmem, sndbuf) in frames: the device stops tx at three quarters (handle_tx)."""
+        return len(self.queue), self.capacity
 
     def readable(self) -> bool:
         return bool(self.queue) and not self.paused

@@ -15,15 +15,18 @@ and starts tx polling on fileno() for POLLOUT.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import select
 import socket
+import struct
 import time
 from pathlib import Path
 
 from shared.net.hdr import format_mac
 
 PACKET_OUTGOING = 4
+SIOCOUTQ = 0x5411           # TIOCOUTQ: a socket's unsent bytes (sk_wmem_alloc for datagrams)
 ETH_P_ALL = 0x0003
 MAX_FRAME = 65536
 SUN_PATH_MAX = 108          # sizeof(sockaddr_un.sun_path), the NUL included
@@ -66,6 +69,11 @@ class DatagramBackend:
 
     def writable(self) -> bool:
         return bool(select.select([], [self.sock], [], 0)[1])
+
+    def send_queue(self) -> tuple[int, int]:
+        """(sk_wmem_alloc, sk_sndbuf): bytes this socket has queued (SIOCOUTQ) and its buffer."""
+        wmem = struct.unpack("i", fcntl.ioctl(self.sock.fileno(), SIOCOUTQ, b"\0" * 4))[0]
+        return wmem, self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
 
     def readable(self) -> bool:
         return bool(select.select([self.sock], [], [], 0)[0])
