@@ -27,6 +27,7 @@ from pathlib import Path
 from rich.console import Console, Group
 from rich.segment import Segments
 
+from shared.cli import add_version
 from shared.resources import default_run_dir
 from shared.stats import read_all
 
@@ -271,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-keys", action="store_true", help="do not read keys from the terminal")
     p.add_argument("--nice", type=int, default=10, metavar="N",
                    help="lower the live monitor's CPU priority by N (default 10; 0 keeps it)")
+    add_version(p)
     args = p.parse_args(argv)
     run_dir = args.run_dir or default_run_dir()
     if not Path(run_dir).is_dir():
