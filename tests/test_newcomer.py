@@ -19,3 +19,28 @@ def test_bench_ring_labels_rows_with_the_depth_the_ring_allows():
     assert r.returncode == 0, r.stderr
     assert "depth 1000," not in r.stdout and "ring, depth 8, suppression on" in r.stdout, r.stdout
     assert "depth 8 used" in r.stdout
+
+
+@pytest.mark.parametrize("spec,needle", [("no_such_module_xyz:main", "cannot import"),
+                                         ("nocolon", "MODULE:FUNCTION"),
+                                         ("tests.guest_apps:no_such_fn", "has no")])
+def test_bad_net_run_is_one_line_and_exit_2_at_start(tmp_path, spec, needle):
+    """Item 6: a bad --net-run module was a traceback in the log while the guest kept running;
+    it is checked at start like --run: one line, exit 2, nothing started."""
+    run_dir = tmp_path / "run"
+    r = run_cli("-m", "guest", "--run-dir", str(run_dir), "--net", "loopback", "--mem", "8M",
+                "--net-run", spec, "--connect-timeout", "0")
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stdout + r.stderr
+    line = r.stderr.strip().splitlines()
+    assert len(line) == 1 and line[0].startswith(f"guest: --net-run {spec}: ") and needle in line[0], line
+    assert not run_dir.exists()                          # refused before anything was made
+
+
+@pytest.mark.parametrize("name", ["", "   ", "a\nb"])
+def test_guest_name_must_be_a_name(tmp_path, name):
+    """Item 8: `--name ''` was accepted (a guest the monitor shows with no name)."""
+    r = run_cli("-m", "guest", "--run-dir", str(tmp_path / "run"), "--cid", "3", "--name", name,
+                "--connect-timeout", "0")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, (r.returncode, r.stderr)
+    assert "guest name" in r.stderr.strip().splitlines()[-1]
