@@ -142,10 +142,10 @@ class SegmentMemo:
 
 
 def render(snapshot: list[dict], prev: list[dict] | None = None, dt: float = 0.0, run_dir: str = "",
-           view: str = "queues", width: int | None = None) -> Group:
-    """Raw snapshots in, the screen out (what tools.demo shows)."""
+           view: str = "queues", width: int | None = None, height: int | None = None):
+    """Raw snapshots in, the screen out (what tools.demo shows; `height`: fit a terminal's rows)."""
     width = width or shutil.get_terminal_size((100, 40)).columns
-    return render_view(build_frame(snapshot, prev, dt, run_dir=run_dir), view, width)
+    return render_view(build_frame(snapshot, prev, dt, run_dir=run_dir), view, width, height=height)
 
 
 class RingReader:
