@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run FUNCTION(netdev) from MODULE inside the guest (frame API, ping, udp_echo; "
                         "repeatable; MODULE is imported and FUNCTION checked at start)")
     p.add_argument("--name", type=parse_name, default=None, help="guest name shown by the host and monitor (default: guest-CID)")
-    p.add_argument("--mem", type=parse_size, default=parse_size("64M"), metavar="SIZE",
+    p.add_argument("--mem", type=parse_size, default="64M", metavar="SIZE",      # parsed by argparse
                    help="guest RAM size, e.g. 64M (default 64M)")
     add_programs(p, "inside the guest")
     p.add_argument("--pcap", type=Path, default=None,

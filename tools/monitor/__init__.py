@@ -308,7 +308,7 @@ def run_live(run_dir: Path, args, console: Console) -> int:
         else:
             loop(None)
     except KeyboardInterrupt:
-        pass
+        return 130                   # Ctrl-C, like every entry point (x and Esc quit with 0)
     finally:
         reader.close_except(set())
     return 0

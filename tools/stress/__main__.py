@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run rounds until this much time has passed (default 20)")
     how.add_argument("--rounds", type=_positive(int, 1, 10**6), default=None, help="run exactly this many rounds per group")
     p.add_argument("--seed", type=int, default=None, help="seed of the schedule (default: random, printed)")
-    p.add_argument("--faults", type=_faults, default=parse_faults("all"),
+    p.add_argument("--faults", type=_faults, default="all",      # argparse parses a str default
                    help="which faults: all (default), none, or a comma list of "
                         "guest-kill,host-kill,guest-stop,host-stop,rx-stall,hostile")
     p.add_argument("--fault-rate", type=_positive(float, 0, 1), default=0.5,
