@@ -75,15 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     out = Console(highlight=False, soft_wrap=True)
-    err = Console(stderr=True)
     logging.disable(logging.CRITICAL)       # the host logs every NEEDS_RESET it raises
     targets = list(TARGETS) if args.target == "all" else [args.target]
     out.print(f"fuzz: seed {seed}, {args.cases:,} case(s) from {args.start} of {', '.join(targets)}")
     tallies: list[Tally] = []
     failure = None
     progress = Progress(TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=err,
-                        transient=True, disable=not err.is_terminal)
+                        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=out,
+                        transient=True, disable=not out.is_terminal)   # lines print above the bars
     try:
         with progress:
             for name in targets:
@@ -117,7 +116,7 @@ def _run_target(name: str, seed: int, args, progress: Progress, tallies: list, o
             stats = fn(case_rng(seed, name, i))
         except Exception as e:  # an oracle mismatch or a crash of the code under test
             out.print(f"{name}: case {i} FAILED: {type(e).__name__}: {e}", markup=False)
-            print(traceback.format_exc(limit=4), end="")
+            out.print(traceback.format_exc(limit=4), markup=False, end="")
             out.print(f"reproduce: python -m tools.fuzz --target {name} --seed {seed} --start {i} --cases 1")
             tally.dt = time.perf_counter() - tally.t0
             return f"{name} case {i}: {type(e).__name__}"
