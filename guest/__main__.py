@@ -36,6 +36,16 @@ def parse_cid(text: str) -> int:
     return cid
 
 
+def parse_name(text: str) -> str:
+    """argparse type: a guest name as the host and the monitor show it: not empty, one line of
+    printable characters, at most 64 of them."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the guest name must not be empty")
+    if not text.isprintable() or len(text) > 64:
+        raise argparse.ArgumentTypeError(f"guest name {text!r} must be at most 64 printable characters")
+    return text
+
+
 def parse_net(text: str) -> str:
     from host.net.backends.spec import check_spec
     try:
@@ -78,9 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mac", type=parse_mac_arg, default=None, metavar="XX:XX:XX:XX:XX:XX",
                    help="the net device's MAC address (default: 52:54:00 and the guest's pid)")
     p.add_argument("--net-run", action="append", default=[], metavar="MODULE:FUNCTION",
-                   help="run FUNCTION(netdev) from MODULE inside the guest (frame API, ping, udp_echo)")
-    p.add_argument("--name", default=None, help="guest name shown by the host and monitor (default: guest-CID)")
-    p.add_argument("--mem", type=parse_size, default=parse_size("64M"), metavar="SIZE",
+                   help="run FUNCTION(netdev) from MODULE inside the guest (frame API, ping, udp_echo; "
+                        "repeatable; MODULE is imported and FUNCTION checked at start)")
+    p.add_argument("--name", type=parse_name, default=None, help="guest name shown by the host and monitor (default: guest-CID)")
+    p.add_argument("--mem", type=parse_size, default="64M", metavar="SIZE",      # parsed by argparse
                    help="guest RAM size, e.g. 64M (default 64M)")
     add_programs(p, "inside the guest")
     p.add_argument("--pcap", type=Path, default=None,
@@ -112,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 64 <= args.rx_buf_size <= 64 * 1024:
         print(f"guest: --rx-buf-size {args.rx_buf_size} is out of range (64..65536)", file=sys.stderr)
         return 2
-    if check_programs("guest", args.service, args.run):
+    if check_programs("guest", args.service, args.run, args.net_run):
         return 2
     setup_logging("guest", args.log_level)
     from guest.vm import VM, BootError, GuestOptions

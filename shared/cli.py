@@ -150,9 +150,10 @@ def add_programs(p: argparse.ArgumentParser, where: str) -> None:
                         "at start)")
 
 
-def check_programs(role: str, services, run) -> int:
-    """Validate --service (no port twice) and every --run spec (module importable, function
-    exists and is callable) before starting anything: 0, or a one-line error on stderr and 2."""
+def check_programs(role: str, services, run, net_run=()) -> int:
+    """Validate --service (no port twice) and every --run and --net-run spec (module importable,
+    function exists and is callable) before starting anything: 0, or a one-line error on stderr
+    and 2."""
     from shared.vsock.services import check_function
     seen: dict[int, str] = {}
     for spec in services:
@@ -161,11 +162,12 @@ def check_programs(role: str, services, run) -> int:
                   f"taken by --service {seen[spec.port]}={spec.port}", file=sys.stderr)
             return 2
         seen[spec.port] = spec.name
-    for spec in run:
-        why = check_function(spec)
-        if why is not None:
-            print(f"{role}: --run {spec}: {why}", file=sys.stderr)
-            return 2
+    for flag, specs in (("--run", run), ("--net-run", net_run)):
+        for spec in specs:
+            why = check_function(spec)
+            if why is not None:
+                print(f"{role}: {flag} {spec}: {why}", file=sys.stderr)
+                return 2
     return 0
 
 

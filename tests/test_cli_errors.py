@@ -125,10 +125,39 @@ def test_signal_to_a_guest_whose_host_is_gone(shm_guard, sig):
         c.close()
 
 
-@pytest.mark.parametrize("mod", ["host", "guest", "tools.demo", "tools.wait_socket"])
+ENTRY_POINTS = ["host", "guest", "tools.demo", "tools.wait_socket", "tools.monitor", "tools.monitor.overhead",
+                "tools.stress", "tools.stress.hostile", "tools.fuzz", "tools.bench", "tools.bench_ring",
+                "tools.bench_net", "tools.bench_vhost_user", "tools.bench_vhost_user_net",
+                "tools.linux_guest"]
+
+
+def entry_points_in_tree() -> set[str]:
+    """Every `python -m X` of the tree: packages with a __main__.py and modules that run as a
+    script (`if __name__ == "__main__"`), outside tests/."""
+    found = set()
+    for f in ROOT.rglob("*.py"):
+        rel = f.relative_to(ROOT)
+        if rel.parts[0] in ("tests", "examples") or any(p.startswith(".") for p in rel.parts):
+            continue
+        if f.name == "__main__.py":
+            found.add(".".join(rel.parts[:-1]))
+        elif '__name__ == "__main__"' in f.read_text(errors="replace"):
+            found.add(".".join(rel.with_suffix("").parts))
+    return found
+
+
+def test_every_entry_point_is_listed_for_version():
+    """A new entry point must answer --version too (docs/CLI.md says every one does): add it to
+    ENTRY_POINTS (and to docs/CLI.md)."""
+    missing = entry_points_in_tree() - set(ENTRY_POINTS)
+    assert not missing, f"entry points without a --version test: {sorted(missing)}"
+
+
+@pytest.mark.parametrize("mod", ENTRY_POINTS)
 def test_version(mod):
+    """Issue 20 item 3: --version on every entry point, as docs/CLI.md says."""
     r = run_cli("-m", mod, "--version")
-    assert r.returncode == 0 and "virtio-emu" in r.stdout and "0." in r.stdout, r
+    assert r.returncode == 0 and r.stdout.startswith(f"python -m {mod} (virtio-emu) 0."), (r.stdout, r.stderr)
 
 
 @pytest.mark.parametrize("script,mod", [("virtio-emu-host", "host"), ("virtio-emu-guest", "guest")])

@@ -274,6 +274,9 @@ def test_cli_once_json_has_the_same_figures(run_dir, capsys):
         (d / f"{rec['role']}-x.json").write_text(json.dumps(dict(rec, pid=os.getpid())))
     assert main(["--run-dir", str(run_dir), "--once", "--json", "--interval", "0.01"]) == 0
     data = json.loads(capsys.readouterr().out)
+    # issue 20 item 8: the document says what it is and which version of its layout
+    assert (data["schema"], data["version"]) == ("virtio-emu/monitor-frame", 1) and data["virtio_emu"]
+    assert list(data)[:3] == ["schema", "version", "virtio_emu"]
     q = {r["name"]: r for r in data["queues"]}
     assert q["rx"]["avail_idx"] == 74 and q["rx"]["last_avail"] == 10 and q["rx"]["used_event"] == 10
     assert data["guests"][0]["reconnects"] == 1 and data["guests"][0]["resets"] == 2
@@ -445,3 +448,143 @@ def test_live_history_draws_a_sparkline_table_that_fits():
         h.add_frame(f)
     out = text_of(guests_panel(f, 100, h))
     assert "the last minute" in out and "▂▄▆█ 3.0K" in out
+
+
+# --- issue 20 item 5: the monitor at 80x24 ----------------------------------------------------------
+def two_guests(t, k):
+    """my-first-vm (CID 3) and second-vm (CID 4), each with its device."""
+    out = snapshot(t, k)
+    for rec in snapshot(t, k):
+        rec = json.loads(json.dumps(rec))
+        rec["cid"] = 4
+        rec["pid"] += 1
+        if rec["role"] == "guest":
+            rec["name"] = "second-vm"
+        else:
+            rec["guest"] = "second-vm"
+        out.append(rec)
+    return out
+
+
+def screen_lines(renderable, width=80) -> list[str]:
+    return text_of(renderable, width).rstrip("\n").split("\n")
+
+
+@pytest.mark.parametrize("view", ["queues", "conns", "ring", "net"])
+def test_small_terminal_shows_the_views_rows_and_folds_the_summaries(view):
+    f = build_frame(two_guests(T0 + 2, 200), two_guests(T0, 100), 2.0, run_dir="/run/x", now=T0 + 2)
+    rings = ring_rows() if view == "ring" else None
+    lines = screen_lines(render_view(f, view, 80, guest=3 if view == "ring" else None, rings=rings,
+                                     keys=True, height=24))
+    text = "\n".join(lines)
+    assert len(lines) <= 24, text
+    assert "links, resets, bridge" not in text and "the last minute" not in text   # folded ...
+    assert f"guests {1 if view == 'ring' else 2} all up" in text                   # ... into one line
+    if view == "queues":
+        rows = [ln for ln in lines if ln.startswith((" my-first-vm ", " second-vm "))]
+        assert len(rows) == 6, text               # every queue of both guests: rx, tx, event
+    elif view == "conns":
+        assert sum(ln.startswith(" my-first-vm") or ln.startswith(" second-vm") for ln in lines) == 2, text
+    elif view == "ring":
+        assert "rings of my-first-vm" in text and "  desc " in text and "q0 rx" in text, text
+    else:
+        assert "no net devices" in text
+    # a big terminal still shows the whole screen
+    full = "\n".join(screen_lines(render_view(f, view, 120, guest=3 if view == "ring" else None,
+                                              rings=rings, keys=True, height=200), 120))
+    assert "links, resets, bridge" in full and "guests 2 all up" not in full
+
+
+def test_rows_that_do_not_fit_say_how_many_lines_are_below():
+    snap, prev = [], []
+    for i in range(12):                        # 36 queues: more rows than 24 lines hold
+        for s, t, k in ((snap, T0 + 2, 200), (prev, T0, 100)):
+            for rec in snapshot(t, k):
+                rec = json.loads(json.dumps(rec))
+                rec["cid"], rec["pid"] = 10 + i, rec["pid"] + 10 + i
+                s.append(rec)
+    f = build_frame(snap, prev, 2.0, run_dir="/run/x", now=T0 + 2)
+    lines = screen_lines(render_view(f, "queues", 80, keys=True, height=24))
+    assert len(lines) == 24 and "more lines below" in lines[-1], "\n".join(lines)
+    assert sum(" rx " in ln for ln in lines) >= 4
+
+
+def test_key_hint_lists_every_key_and_g_cycles_every_guest():
+    from tools.monitor.keys import apply_key
+    from tools.monitor.panels import KEY_HINT, KEYS
+    hint = KEY_HINT.replace("/", " ").replace(",", " ").split()
+    assert all(k in hint for k in KEYS), (KEYS, KEY_HINT)
+    cids = [3, 4, 5]
+    view, guest = apply_key("r", "queues", None, cids)
+    seen = []
+    for _ in range(4):
+        view, guest = apply_key("g", view, guest, cids)
+        seen.append(guest)
+    assert view == "ring" and seen == [3, 4, 5, 3]
+    assert apply_key("a", "queues", 4, cids) == ("queues", None)
+    assert apply_key("x", "ring", 4, cids) == "quit" and apply_key("?", "ring", 4, cids) is None
+
+
+@pytest.mark.multiprocess
+def test_live_monitor_in_an_80x24_terminal(run_dir):
+    """As a person sees it: a pseudo-terminal of 80x24, two guests. The queue rows are on the
+    screen, the hint lists a, and r then g g shows the rings of each guest in turn."""
+    import fcntl
+    import os
+    import pty
+    import select
+    import struct
+    import subprocess
+    import sys
+    import termios
+    import time
+
+    from shared.stats import stats_dir
+    from tests.procs import ROOT, _env
+    d = stats_dir(run_dir)
+    for i, rec in enumerate(two_guests(T0, 1)):
+        (d / f"{rec['role']}-{i}.json").write_text(json.dumps(dict(rec, pid=os.getpid())))
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    env = _env()
+    env.pop("COLUMNS", None)
+    env.pop("LINES", None)
+    p = subprocess.Popen([sys.executable, "-m", "tools.monitor", "--run-dir", str(run_dir), "--duration", "30"],
+                         stdin=slave, stdout=slave, stderr=slave, env=env, cwd=ROOT)
+    os.close(slave)
+    out = b""
+
+    def read_until(needle: bytes, timeout: float) -> bool:
+        nonlocal out
+        start = len(out)
+        end = time.monotonic() + timeout
+        while needle not in out[start:] and time.monotonic() < end:
+            r, _, _ = select.select([master], [], [], 0.1)
+            if r:
+                try:
+                    out += os.read(master, 65536)
+                except OSError:
+                    break
+        return needle in out[start:]
+    try:
+        assert read_until(b"virtqueues: indices", 15), out[-3000:]
+        read_until(b"a all guests", 3)
+        import re
+        rows = re.findall(rb" (my-first-vm|second-vm) +(rx|tx|event) ", out)
+        assert {(g, q) for g, q in rows} == {(g, q) for g in (b"my-first-vm", b"second-vm")
+                                             for q in (b"rx", b"tx", b"event")}, out[-3000:]
+        assert b"a all guests" in out, out[-3000:]
+        os.write(master, b"r")
+        assert read_until(b"rings of my-first-vm", 5), out[-3000:]
+        os.write(master, b"g")
+        assert read_until(b"rings of second-vm", 5), out[-3000:]
+        os.write(master, b"g")
+        assert read_until(b"rings of my-first-vm", 5), out[-3000:]
+        os.write(master, b"x")
+        p.wait(5)
+        assert p.returncode == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        os.close(master)

@@ -268,3 +268,136 @@ def test_net_invariants():
     rows = _run([_net_o("net-udp", "corrupt", corrupt=1)])
     assert not rows["net frames corrupted, duplicated or stray (CRC32, payload, sequence)"]["ok"]
     assert "net frames lost on loopback and l2 segment" not in _run([_o()])     # no net: no rows
+
+
+# --- issue 20: Ctrl-C, --dir, --plain width -------------------------------------------------------
+def _ours_left(base: Path) -> dict:
+    """Processes, /dev/shm names and run-dir files a stress run under `base` left behind."""
+    from shared.resources import ours_in_dev_shm, run_tag
+    from tools.stress.procs import processes_mentioning
+    run_dirs = sorted(base.glob("g*/run"))
+    return {"procs": processes_mentioning(str(base)),
+            "shm": [n for n in ours_in_dev_shm() for d in run_dirs if run_tag(d) in n],
+            "files": [str(p) for d in run_dirs for p in d.rglob("*") if not p.is_dir()]}
+
+
+def _interrupt_stress(base: Path, ready, after: float, *extra: str):
+    """Start a stress run as a terminal would (its own process group), wait for `ready(base)`,
+    then `after` seconds, and send SIGINT to the group (Ctrl-C). Returns (returncode, stdout)."""
+    import os
+    import signal
+    import time
+    p = subprocess.Popen([sys.executable, "-m", "tools.stress", "--pairs", "1", "--guests-per-host", "1",
+                          "--seconds", "60", "--faults", "all", "--seed", "8", "--plain", "--dir", str(base),
+                          *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    try:
+        end = time.monotonic() + 90
+        while not ready(base) and time.monotonic() < end and p.poll() is None:
+            time.sleep(0.1)
+        assert p.poll() is None, p.communicate()[0]
+        assert ready(base), "the stress run did not get going in 90 s"
+        time.sleep(after)
+        os.killpg(p.pid, signal.SIGINT)
+        out, _ = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    return p.returncode, out
+
+
+def _running(base: Path) -> bool:
+    return (base / "g0" / "net-udp" / "ready").exists()
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("when", ["running", "starting"])
+def test_ctrl_c_stops_everything_and_exits_130(when):
+    """Issue 20 item 1: an interrupt is not a violation. Ctrl-C while rounds (with faults) run, or
+    while the group is still starting its processes: exit 130, the partial table marked
+    "interrupted", no process, /dev/shm name or run-dir file left, and nothing restarted later."""
+    import shutil
+    import tempfile
+    import time
+    short = Path(tempfile.mkdtemp(prefix="ves-", dir="/tmp"))   # AF_UNIX paths are short
+    base = short / "s"
+    try:
+        if when == "running":
+            code, out = _interrupt_stress(base, _running, 3.0)
+        else:
+            code, out = _interrupt_stress(base, lambda b: (b / "g0" / "run" / "control.sock").exists(), 0.3)
+        assert code == 130, out[-3000:]
+        assert "interrupted" in out and "invariant violated" not in out, out[-3000:]
+        assert "Traceback" not in out, out[-3000:]
+        if when == "running":
+            assert "stress summary (interrupted)" in out, out[-3000:]
+            # item 7: into a pipe the tables are printed whole, nothing cut to "…"
+            assert "…" not in out, out[-3000:]
+            assert "transfers verified end to end (SHA-256, every byte)" in out, out[-3000:]
+        assert _ours_left(base) == {"procs": [], "shm": [], "files": []}
+        time.sleep(3)                               # nothing restarts a process after the summary
+        assert _ours_left(base)["procs"] == []
+    finally:
+        from tools.stress.procs import processes_mentioning
+        import os
+        import signal
+        for pid in processes_mentioning(str(base)):
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(short, ignore_errors=True)
+
+
+def test_dir_that_is_a_file_is_one_line_exit_2(tmp_path):
+    """Issue 20 item 7: --dir FILE was a FileExistsError traceback."""
+    f = tmp_path / "afile"
+    f.write_text("x")
+    r = _cli("--dir", str(f), "--rounds", "1")
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "Traceback" not in r.stdout + r.stderr
+    assert r.stderr.strip().splitlines() == [f"stress: --dir {f} is not a directory"]
+
+
+def test_tables_are_never_cut_in_a_terminal_or_a_pipe():
+    """Issue 20 item 7: the progress table at 80 columns shortened headers and numbers to
+    "rou…", "res…", "107…"; printed into a file or a pipe it was cut at 80 columns."""
+    import io
+    import threading
+
+    from rich.console import Console
+
+    from tools.stress import display
+    from tools.stress.__main__ import print_fit
+
+    class G:
+        idx = 0
+        lock = threading.Lock()
+        outcomes = [{"result": "ok", "bytes": 1 << 20}] * 10_734 + [{"result": "reset", "bytes": 0}] * 107
+        faults = [{"kind": k} for k in ("guest-kill", "host-kill", "rx-stall", "hostile")]
+        stalls = [{}] * 3
+        rounds = 1070
+
+    term = Console(width=80, file=io.StringIO(), force_terminal=True, color_system=None)
+    term.print(display.progress([G()], 15, {"g0/host/1": 50 << 20}))
+    out = term.file.getvalue()
+    assert "…" not in out, out
+    for word in display.COLUMNS:
+        for w in word.split():
+            assert w in out, (w, out)
+    assert "10734" in out and "107" in out and "1070" in out
+    pipe = Console(file=io.StringIO())        # not a terminal: 80 columns by default
+    long = "transfers broken with no kill to explain them: g0 cid 3 h2g: connection reset by peer " * 2
+    rows = [{"invariant": "a rather long invariant name that is not short at all", "count": 1_234_567,
+             "ok": False, "detail": long}]
+    print_fit(pipe, display.summary(rows, "stress summary"))
+    print_fit(pipe, display.progress([G()], 15, {}))
+    out = pipe.file.getvalue()
+    assert "…" not in out and long.strip() in out and "1,234,567" in out and "VIOLATED" in out, out
+
+
+def test_header_counts_the_net_guests_it_lists():
+    """Issue 20 item 8: the note said "three net guests" and listed four."""
+    from tools.stress.__main__ import net_note
+    from tools.stress.group import NET_ROLES
+    words = {3: "three", 4: "four", 5: "five"}
+    assert f"{words[len(NET_ROLES)]} net guests" in net_note()
+    assert net_note().count("one on") + 2 * net_note().count("two on") == len(NET_ROLES)

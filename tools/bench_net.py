@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from tools.launch import free_udp_port, start, stop_all, wait_for_log
+from shared.cli import add_version
 
 
 def _count(sock: socket.socket, count: int, idle: float = 1.0) -> tuple[int, float]:
@@ -185,6 +186,7 @@ def render(rows: list[dict]):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.bench_net", description=__doc__.split("\n\n")[0])
+    add_version(p)
     p.add_argument("--frames", type=int, default=20000, help="frames per measurement (default 20000)")
     p.add_argument("--sizes", default="64,1500", help="frame sizes in bytes, comma-separated")
     a = p.parse_args(argv)

@@ -25,6 +25,7 @@ import argparse
 from rich.console import Console
 from rich.table import Table
 
+from shared.cli import add_version
 from tools.bench import baselines
 from tools.bench.ring import PAYLOAD, bench_ring
 
@@ -37,6 +38,15 @@ def bench_socketpair(seconds: float) -> dict:
 def bench_pipe(seconds: float) -> dict:
     lat = baselines.rr("pipe", PAYLOAD, seconds)
     return {"rt_s": len(lat) / (sum(lat) / 1e6), "rt": len(lat)}
+
+
+def ring_depths(depth: int, ring_size: int) -> tuple[list[int], str]:
+    """The depths the ring rows run at (and are labelled with): 1, and --depth as far as the ring
+    allows (no more buffers than descriptors can be in flight), with a note when it was cut."""
+    used = min(depth, ring_size)
+    note = (f"--depth {depth} is more than a ring of {ring_size} descriptors holds: "
+            f"depth {used} used" if used < depth else "")
+    return ([1] if used == 1 else [1, used]), note
 
 
 # --- report ---------------------------------------------------------------------------------------
@@ -58,6 +68,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Scenarios: ring with notification suppression on/off at "
                                        "depth 1 and at --depth, socketpair and Pipe ping-pong.")
+    add_version(p)
     p.add_argument("--seconds", type=float, default=2.0, help="measuring time per scenario (default 2)")
     p.add_argument("--ring-size", type=int, default=256, help="queue size N, a power of 2 (default 256)")
     p.add_argument("--depth", type=int, default=16,
@@ -76,7 +87,9 @@ def main(argv=None) -> int:
     sock = bench_socketpair(args.seconds)
     pipe = bench_pipe(args.seconds)
     rows = [("socketpair ping-pong", sock), ("multiprocessing.Pipe ping-pong", pipe)]
-    depths = [1] if args.depth == 1 else [1, args.depth]
+    depths, note = ring_depths(args.depth, args.ring_size)
+    if note:
+        console.print(f"note: {note}")
     for depth in depths:
         for suppress in (True, False):
             r = bench_ring(args.seconds, args.ring_size, depth, suppress)

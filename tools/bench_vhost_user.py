@@ -30,6 +30,7 @@ import threading
 
 from host.vsock.api import VsockHost
 from tools.linux_guest import QemuGuest, ensure_guest, qemu_vsock_cmd, scenario_initrd
+from shared.cli import add_version
 
 SCENARIO = r"""
 echo first | socat -t 10 - VSOCK-CONNECT:2:4999
@@ -115,6 +116,7 @@ def guest_to_host_listener(path: Path, results: list, count: int) -> socket.sock
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.bench_vhost_user")
+    add_version(p)
     p.add_argument("--mib", type=int, default=8, help="MiB per direction (default 8)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--keep", type=Path, default=None, help="copy the host log and serial log here")

@@ -32,6 +32,7 @@ import uuid
 from pathlib import Path
 
 from tools.linux_guest import QemuGuest, ensure_guest, qemu_net_cmd, scenario_initrd
+from shared.cli import add_version
 
 HOST_IP, GUEST_IP = "169.254.10.1", "169.254.10.2"
 SCENARIO = r"""
@@ -131,6 +132,7 @@ def run_mode(mode: str, g, initrd: Path, base: Path, pings: int, size: int) -> d
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.bench_vhost_user_net")
+    add_version(p)
     p.add_argument("--pings", type=int, default=10)
     p.add_argument("--mib", type=int, default=1)
     p.add_argument("--testpmd-frames", type=int, default=20000, metavar="N",

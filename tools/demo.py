@@ -197,11 +197,12 @@ def run_demo(console, args, guest_flags, run_dir, logs, procs, traffic, stop) ->
         t.start()
     prev, t_prev = read_all(run_dir), time.monotonic()
     end = time.monotonic() + args.seconds
-    with Live(render(prev, None, 0, str(run_dir)), console=console, refresh_per_second=4) as live:
+    rows = console.height if console.is_terminal else None        # a terminal: fit its rows too
+    with Live(render(prev, None, 0, str(run_dir), height=rows), console=console, refresh_per_second=4) as live:
         while time.monotonic() < end:
             time.sleep(0.5)
             cur, now = read_all(run_dir), time.monotonic()
-            live.update(render(cur, prev, now - t_prev, str(run_dir)))
+            live.update(render(cur, prev, now - t_prev, str(run_dir), height=rows))
             prev, t_prev = cur, now
             dead = [f"guest {c}" for c, g in guests.items() if g.poll() is not None]
             if host.poll() is not None:

@@ -28,6 +28,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from shared.cli import add_version
 
 DEFAULT_CACHE = Path(os.environ.get("VIRTIO_EMU_CACHE", Path.home() / ".cache" / "virtio-emu"))
 MODULES = ("virtio_pci", "vmw_vsock_virtio_transport", "virtio_net")
@@ -230,6 +231,7 @@ def qemu_net_cmd(guest: LinuxGuest, initrd: Path, socket_path: Path, mem_mb: int
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.linux_guest")
+    add_version(p)
     p.add_argument("command", choices=("fetch", "boot-cmd", "net-boot-cmd"))
     p.add_argument("socket", nargs="?", default="/tmp/vhost-vsock.sock")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)

@@ -27,6 +27,7 @@ from tools.bench.model import figure, value
 from tools.bench.report import num, render, targets
 from tools.bench.scenarios import NA, PAIRS, Options, Plan
 from tools.launch import ROOT
+from shared.cli import add_version
 
 
 def _pairs(text: str) -> list[int]:
@@ -41,6 +42,7 @@ def _pairs(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.splitlines()[0])
+    add_version(p)
     p.add_argument("--quick", action="store_true",
                    help="about a minute: 2 repeats of ~0.2 s, the seeds' mode on the main path only")
     p.add_argument("--repeats", type=int, default=None, help="repeats per figure (default 5; 2 with --quick)")

@@ -7,7 +7,7 @@ and decoded by the pure `ring.decode_ring`. Then one pure function per panel (`p
 frame into a rich renderable, and a Live loop of a few lines at the edge (`run_live`) refreshes it
 four times a second, with a small key reader (`keys`) where stdin is a terminal.
 
-    --view queues|ring|conns|net   what to show (keys q r c n switch, g cycles the guest)
+    --view queues|ring|conns|net   what to show (keys q r c n switch, g cycles the guest, a all)
     --guest CID                    one guest (the ring view needs one: default the first)
     --once [--json]                one frame (rates over --interval) for scripts, then exit
 
@@ -26,39 +26,101 @@ from pathlib import Path
 
 from rich.console import Console, Group
 from rich.segment import Segments
+from rich.text import Text
 
+from shared.cli import add_version
 from shared.resources import default_run_dir
 from shared.stats import read_all
 
 from .model import History, build_frame, ring_sources
-from .panels import (VIEWS, conns_panel, decode_all, guests_panel, header, legend, net_panel,
-                     queues_panel, ring_panel)
+from .panels import (VIEWS, conns_parts, decode_all, guests_panel, guests_summary, header, legend,
+                     net_panel, problem_lines, queues_parts, ring_parts)
+from .ring import ring_legend
 from .ram import RamError, ReadOnlyRAM
 
 RATE_PERIOD = 1.0       # rates are taken over at least this many seconds of snapshots
+# `--once --json`: what the document is and which version of its layout (docs/monitor.md, "JSON").
+# Bump FRAME_VERSION when a key is removed or changes meaning; adding keys keeps it.
+FRAME_SCHEMA = "virtio-emu/monitor-frame"
+FRAME_VERSION = 1
+
+
+def view_parts(frame: dict, view: str, width: int, guest: int | None, rings, ring_error: str) -> list:
+    """The view's own parts, the one that matters most first (its rows: queues, connections,
+    net devices, ring pictures), then the rest (second tables, broken queues, the ring legend)."""
+    if view == "queues":
+        return queues_parts(frame, width, guest)
+    if view == "conns":
+        return conns_parts(frame, width, guest)
+    if view == "net":
+        return [net_panel(frame, width, guest)]
+    name = next((g["name"] for g in frame["guests"] if g["cid"] == guest), f"guest {guest}")
+    return ring_parts(rings, name, width, ring_error) + [ring_legend()]
 
 
 def render_view(frame: dict, view: str = "queues", width: int = 100, guest: int | None = None,
                 history: History | None = None, rings: list[dict] | None = None,
-                ring_error: str = "", keys: bool = False, memo=None) -> Group:
-    """The whole screen for one view: header, the guests table, the view's panel, the legend.
+                ring_error: str = "", keys: bool = False, memo=None, height: int | None = None,
+                console: Console | None = None):
+    """The whole screen for one view: header, the guests tables, the view's panel, the legend.
+
+    With `height` (a live terminal's rows) the screen fits it: when the whole does not, the
+    guests tables fold into a summary line, the view's rows come right after the header (cut,
+    saying how many lines are below, only if they alone overflow), and the view's second table
+    and the legends follow only as far as they fit whole.
 
     `memo(key, make)` may return a cached rendering of `make()` for an unchanged key (the live
     loop's ring view redraws four times a second while the snapshots change twice)."""
     memo = memo or (lambda key, make: make())
-    parts: list = [header(frame, view, guest, keys),
-                   memo(("guests", frame.get("stamp"), width), lambda: guests_panel(frame, width, history))]
-    if view == "queues":
-        parts.append(queues_panel(frame, width, guest))
-    elif view == "conns":
-        parts.append(conns_panel(frame, width, guest))
-    elif view == "net":
-        parts.append(net_panel(frame, width, guest))
-    elif view == "ring":
-        name = next((g["name"] for g in frame["guests"] if g["cid"] == guest), f"guest {guest}")
-        parts.append(ring_panel(rings, name, width, ring_error))
-    parts.append(memo(("legend", view, width), lambda: legend(view)))
-    return Group(*parts)
+    head = header(frame, view, guest, keys)
+    guests = memo(("guests", frame.get("stamp"), width), lambda: guests_panel(frame, width, history))
+    own = view_parts(frame, view, width, guest, rings, ring_error)
+    leg = memo(("legend", view, width), lambda: legend(view))
+    if height is None:
+        return Group(head, guests, *own, leg)
+    return fit_height(console or _measuring_console(width), width, height, head, guests, own, leg,
+                      [guests_summary(frame, guest), *problem_lines(frame, guest)],
+                      legend(view, with_guests=False))
+
+
+def _measuring_console(width: int) -> Console:
+    import io
+    return Console(width=width, file=io.StringIO(), force_terminal=True, color_system="truecolor",
+                   legacy_windows=False)
+
+
+def fit_height(console: Console, width: int, height: int, head, guests, own: list, leg,
+               summary: list, short_legend) -> Segments:
+    """Lay the parts out in `height` rows (see render_view); each part is rendered once."""
+    from rich.segment import Segment
+    opts = console.options.update(width=width, max_width=width, height=None)
+
+    def lines(r) -> list:
+        return console.render_lines(r, opts, pad=False, new_lines=False)
+
+    full = [lines(p) for p in (head, guests, *own, leg)]
+    if sum(len(x) for x in full) <= height:
+        chosen = [ln for part in full for ln in part]
+    else:
+        chosen = lines(head) + [ln for s in summary for ln in lines(s)]
+        room = height - len(chosen)
+        main = lines(own[0]) if own else []
+        if len(main) > room:
+            keep = max(0, room - 1)
+            hidden = len(main) - keep
+            main = main[:keep] + lines(Text(f"  … {hidden} more line{'s' if hidden > 1 else ''} below: "
+                                            "a taller terminal, or g for one guest at a time", "dim"))
+        chosen += main[:max(0, room)]
+        for extra in [*own[1:], short_legend]:
+            got = lines(extra)
+            if len(chosen) + len(got) <= height:
+                chosen += got
+    out: list = []
+    for i, ln in enumerate(chosen):
+        if i:
+            out.append(Segment.line())
+        out.extend(ln)
+    return Segments(out)
 
 
 class SegmentMemo:
@@ -80,10 +142,10 @@ class SegmentMemo:
 
 
 def render(snapshot: list[dict], prev: list[dict] | None = None, dt: float = 0.0, run_dir: str = "",
-           view: str = "queues", width: int | None = None) -> Group:
-    """Raw snapshots in, the screen out (what tools.demo shows)."""
+           view: str = "queues", width: int | None = None, height: int | None = None):
+    """Raw snapshots in, the screen out (what tools.demo shows; `height`: fit a terminal's rows)."""
     width = width or shutil.get_terminal_size((100, 40)).columns
-    return render_view(build_frame(snapshot, prev, dt, run_dir=run_dir), view, width)
+    return render_view(build_frame(snapshot, prev, dt, run_dir=run_dir), view, width, height=height)
 
 
 class RingReader:
@@ -140,7 +202,9 @@ def once(run_dir: Path, args, width: int) -> int:
                 rings, err = reader.pictures(raw, g["cid"])
                 frame["rings"].append({"cid": g["cid"], "name": g["name"], "error": err,
                                        "queues": ring_json(rings)})
-            json.dump(frame, sys.stdout, indent=1, default=str)
+            from shared.cli import version
+            doc = {"schema": FRAME_SCHEMA, "version": FRAME_VERSION, "virtio_emu": version(), **frame}
+            json.dump(doc, sys.stdout, indent=1, default=str)
             sys.stdout.write("\n")
             return 0
         guest = args.guest
@@ -158,7 +222,7 @@ def once(run_dir: Path, args, width: int) -> int:
 def run_live(run_dir: Path, args, console: Console) -> int:
     from rich.live import Live
 
-    from .keys import KeyReader
+    from .keys import KeyReader, apply_key
     if args.nice:
         # An observer yields to what it observes: on a machine with few cores the data path's
         # wake-ups must not wait behind a redraw (measured: docs/monitor.md, "Cost").
@@ -204,7 +268,9 @@ def run_live(run_dir: Path, args, console: Console) -> int:
             guest = cids[0]
         rings, err = reader.pictures(raw, guest) if view == "ring" else ([], "")
         width = args.width or console.width
-        return render_view(frame, view, width, guest, history, rings, err, keys=use_keys, memo=memo), cids
+        height = args.height or console.height
+        return render_view(frame, view, width, guest, history, rings, err, keys=use_keys, memo=memo,
+                           height=height, console=console), cids
 
     def loop(keys) -> None:
         nonlocal view, guest
@@ -223,17 +289,12 @@ def run_live(run_dir: Path, args, console: Console) -> int:
                     if k is None:
                         time.sleep(0.05)
                         continue
-                    if k in ("x", "\x1b"):
+                    got = apply_key(k, view, guest, cids)
+                    if got == "quit":
                         return
-                    pick = {"q": "queues", "r": "ring", "c": "conns", "n": "net"}.get(k)
-                    if pick:
-                        view = pick
-                    elif k == "g" and cids:
-                        guest = cids[(cids.index(guest) + 1) % len(cids)] if guest in cids else cids[0]
-                    elif k == "a":
-                        guest = None if view != "ring" else guest
-                    else:
+                    if got is None:
                         continue
+                    view, guest = got
                     break
                 new, new_cids = frame_now()
                 if new is not None:
@@ -247,7 +308,7 @@ def run_live(run_dir: Path, args, console: Console) -> int:
         else:
             loop(None)
     except KeyboardInterrupt:
-        pass
+        return 130                   # Ctrl-C, like every entry point (x and Esc quit with 0)
     finally:
         reader.close_except(set())
     return 0
@@ -266,11 +327,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="with --once: the frame as JSON (same figures)")
     p.add_argument("--width", type=int, default=None, help="columns to fit (default: the terminal's, "
                    "or 160 when output is not a terminal)")
+    p.add_argument("--height", type=int, default=None,
+                   help="rows to fit in the live view (default: the terminal's); when the whole "
+                        "screen does not fit, the guests tables fold into a summary line and the "
+                        "view's rows come first")
     p.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
     p.add_argument("--screen", action="store_true", help="use the alternate screen")
     p.add_argument("--no-keys", action="store_true", help="do not read keys from the terminal")
     p.add_argument("--nice", type=int, default=10, metavar="N",
                    help="lower the live monitor's CPU priority by N (default 10; 0 keeps it)")
+    add_version(p)
     args = p.parse_args(argv)
     run_dir = args.run_dir or default_run_dir()
     if not Path(run_dir).is_dir():
@@ -284,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not 0 <= args.nice <= 19:
         print("monitor: --nice must be in 0..19", file=sys.stderr)
+        return 2
+    if args.height is not None and args.height < 10:
+        print("monitor: --height must be at least 10", file=sys.stderr)
         return 2
     if args.width is not None and args.width < 40:
         print("monitor: --width must be at least 40", file=sys.stderr)

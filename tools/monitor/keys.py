@@ -65,3 +65,26 @@ class KeyReader:
             self._thread.join(0.5)
         if self._saved is not None:
             termios.tcsetattr(self.stream.fileno(), termios.TCSADRAIN, self._saved)
+
+
+VIEW_KEYS = {"q": "queues", "r": "ring", "c": "conns", "n": "net"}
+QUIT_KEYS = ("x", "\x1b")
+
+
+def apply_key(key: str, view: str, guest: int | None, cids: list[int]):
+    """What a key does (pure): "quit", None for a key that is not ours, else the new (view, guest).
+
+    q r c n switch the view; g moves to the next guest of `cids` (from the first when the current
+    one is gone or none is chosen), in every view, the ring view included; a shows all guests again
+    (the ring view draws one guest's rings: there a keeps the guest)."""
+    if key in QUIT_KEYS:
+        return "quit"
+    if key in VIEW_KEYS:
+        return VIEW_KEYS[key], guest
+    if key == "g":
+        if not cids:
+            return view, guest
+        return view, (cids[(cids.index(guest) + 1) % len(cids)] if guest in cids else cids[0])
+    if key == "a":
+        return view, (guest if view == "ring" else None)
+    return None

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from tools.bench_vhost_user import host_to_guest
 from tools.launch import ROOT, start, stop_all, wait_for_log
+from shared.cli import add_version
 
 MODES = ("none", "queues", "ring", "queues-nice0")
 
@@ -131,6 +132,7 @@ class Monitor:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.monitor.overhead", description=__doc__.splitlines()[0])
+    add_version(p)
     p.add_argument("--rounds", type=int, default=4, help="rounds per mode (default 4)")
     p.add_argument("--write", type=int, default=65536, help="bytes per write (default 65536)")
     p.add_argument("--bytes", type=int, default=64 << 20, help="bytes per round (default 64 MiB)")

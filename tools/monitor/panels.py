@@ -121,14 +121,21 @@ def _err_text(n, extra: str = "") -> Text:
 
 
 # --- panels ----------------------------------------------------------------------------------------
+KEY_HINT = "keys: q/r/c/n view, g next guest, a all guests, x/Esc quit"
+KEYS = ("q", "r", "c", "n", "g", "a", "x", "Esc")          # every key the live monitor reads
+
+
 def header(frame: dict, view: str, guest: int | None, keys: bool) -> Text:
     t = Text("virtio-emu monitor ", "bold")
     t.append(f"{frame.get('run_dir', '')}  {time.strftime('%H:%M:%S UTC', time.gmtime(frame.get('time', 0)))}  ")
     for v in VIEWS:
         t.append(f"[{v}]" if v == view else f" {v} ", "bold reverse" if v == view else "")
-    t.append(f"  guest {guest if guest is not None else 'all'}")
-    if keys:
-        t.append("   keys: q r c n views, g next guest, Esc/x quit", "dim")
+    who = f"guest {guest if guest is not None else 'all'}"
+    if keys:                                  # a line of their own: the hint is never wrapped
+        t.append(f"\n{who}   ")
+        t.append(KEY_HINT, "dim")
+    else:
+        t.append(f"  {who}")
     return t
 
 
@@ -195,6 +202,11 @@ def _suppression(q: dict) -> str:
 
 
 def queues_panel(frame: dict, width: int, guest: int | None = None) -> Group:
+    return Group(*queues_parts(frame, width, guest))
+
+
+def queues_parts(frame: dict, width: int, guest: int | None = None) -> list:
+    """[the indices table (the rows that matter most), the notifications table, broken queues]."""
     rows = [q for q in frame["queues"] if guest is None or q["cid"] == guest]
     ring_cols = [
         Col("guest", lambda q: q["guest"], "left", 9), Col("q", lambda q: q["name"], "left", 9),
@@ -225,7 +237,7 @@ def queues_panel(frame: dict, width: int, guest: int | None = None) -> Group:
             why = q["why"] or "broken"
             parts.append(Text(f"  {q['guest']} {q['name']}: {why}{_rule_note(q.get('rule'), why)}",
                               "bold red"))
-    return Group(*parts)
+    return parts
 
 
 QUEUES_LEGEND = (
@@ -240,6 +252,11 @@ QUEUES_LEGEND = (
 
 
 def conns_panel(frame: dict, width: int, guest: int | None = None) -> Group:
+    return Group(*conns_parts(frame, width, guest))
+
+
+def conns_parts(frame: dict, width: int, guest: int | None = None) -> list:
+    """[the connections table, the credit table]."""
     rows = [c for c in frame["conns"] if guest is None or c["cid"] == guest]
 
     def stalled(c):
@@ -274,7 +291,7 @@ def conns_panel(frame: dict, width: int, guest: int | None = None) -> Group:
     parts = [fit_table("vsock connections", flow, rows, width, "no vsock connections")]
     if rows:
         parts.append(fit_table("credit (virtio-vsock flow control)", credit, rows, width, ""))
-    return Group(*parts)
+    return parts
 
 
 CONNS_LEGEND = (
@@ -285,7 +302,9 @@ CONNS_LEGEND = (
 
 
 def net_panel(frame: dict, width: int, guest: int | None = None) -> Group:
-    rows = [n for n in frame["nets"] if guest is None or n["cid"] == guest]
+    # a net device has no CID: it belongs to the chosen guest when its guest has that guest's name
+    names = {g["name"] for g in frame["guests"] if g["cid"] == guest}
+    rows = [n for n in frame["nets"] if guest is None or n["cid"] == guest or n["guest"] in names]
     if not rows:
         return Group(Text("no net devices", "dim"))
     cols = [
@@ -309,6 +328,11 @@ NET_LEGEND = ("tx = guest→network (taken off the tx ring), rx = network→gues
 
 def ring_panel(rings: list[dict] | None, name: str, width: int, error: str = "") -> Group:
     """`rings` = [{"title", "picture": RingPicture}] decoded by the caller from guest RAM."""
+    return Group(*ring_parts(rings, name, width, error), ring_legend())
+
+
+def ring_parts(rings: list[dict] | None, name: str, width: int, error: str = "") -> list:
+    """[the title, then one picture per ring] (the legend apart: it is folded first)."""
     parts: list = [Text(f"rings of {name}, read from its RAM (read-only)", "bold")]
     if error:
         parts.append(Text(f"  {error}", "yellow"))
@@ -316,8 +340,7 @@ def ring_panel(rings: list[dict] | None, name: str, width: int, error: str = "")
         parts.append(ring_text(r["picture"], r["title"], width))
     if not rings and not error:
         parts.append(Text("  no rings set up", "dim"))
-    parts.append(ring_legend())
-    return Group(*parts)
+    return [Group(*parts)]
 
 
 def decode_all(read, sources: dict) -> list[dict]:
@@ -330,6 +353,44 @@ def decode_all(read, sources: dict) -> list[dict]:
     return out
 
 
-def legend(view: str) -> Text:
+def legend(view: str, with_guests: bool = True) -> Text:
     text = {"queues": QUEUES_LEGEND, "conns": CONNS_LEGEND, "net": NET_LEGEND, "ring": ""}[view]
+    if not with_guests:
+        return Text(text, "dim")
     return Text(GUESTS_LEGEND + ("\n" + text if text else ""), "dim")
+
+
+def guests_summary(frame: dict, guest: int | None = None) -> Text:
+    """The guests tables folded into one or two lines (small terminals): how many guests, their
+    links and device states (problems named), total rates, errors, net devices."""
+    gs = [g for g in frame["guests"] if guest is None or g["cid"] == guest]
+    nets = [n for n in frame["nets"] if guest is None or n["cid"] == guest]
+    t = Text("guests ", "italic")
+    t.append(f"{len(gs)}", "bold")
+    bad_link = [g for g in gs if g["link"] != "connected"]
+    bad_status = [g for g in gs if g["status"] not in ("DRIVER_OK", None)]
+    if gs and not bad_link and not bad_status:
+        t.append(" all up", "green")                 # connected, device DRIVER_OK
+    for g in bad_link:
+        t.append(f"  {g['name']}: {g['link']}", "bold yellow")
+    for g in bad_status:
+        t.append(f"  {g['name']}: {g['status']}", "bold red" if g["status"] in ("NEEDS_RESET", "FAILED") else "yellow")
+
+    def total(key):
+        vals = [g[key] for g in gs if g[key] is not None]
+        return sum(vals) if vals else None
+    t.append(f"  tx {human(total('tx_Bps'), 'B')}/s rx {human(total('rx_Bps'), 'B')}/s"
+             f"  kicks {human(total('kicks_ps'))}/s irqs {human(total('irqs_ps'))}/s  ")
+    errs = total("errors")
+    t.append(f"errors {num(errs)}", "bold red" if errs else "")
+    if nets:
+        t.append(f"  nets {len(nets)}")
+    t.append("  (tables folded)", "dim")
+    return t
+
+
+def problem_lines(frame: dict, guest: int | None = None) -> list[Text]:
+    """The red lines of the full screen (a guest's last error), kept on a small one too."""
+    return [Text(f"  {g['name']}: last error: {g['last_error']}"
+                 f"{_rule_note(g.get('last_rule'), g['last_error'])}", "bold red")
+            for g in frame["guests"] if g.get("last_error") and (guest is None or g["cid"] == guest)]

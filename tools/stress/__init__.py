@@ -13,6 +13,11 @@ Modules (cores decide, loops act):
     display.py     the rich live view and the summary table
     __main__.py    the CLI
 
-Net workloads (vhost-net) are not here yet: the vhost-net device has not landed. The extension
-point is `schedule.WORKLOADS` (add "net-*" kinds) plus an executor in workloads.EXECUTORS.
+    netagent.py    the program each net guest runs (`--net-run tools.stress.netagent:main`)
+    netframes.py   pure: numbered, CRC32-checked frames and their tally (net workloads)
+
+Ctrl-C (__main__._interrupted): Group.interrupt() stops every start, restart and fault signal
+(under the group's spawn lock) and every wait, the group threads end, every process is stopped,
+then `sweep` removes what is left (processes naming the run dir, dead owners' shm and
+semaphores, run-dir files); the table so far is printed marked "interrupted", exit 130.
 """

@@ -1,6 +1,7 @@
 """python -m tools.stress: N host/guest groups, seeded workloads and faults, invariants checked.
 
-Exit status: 0 when every invariant holds, 1 on any violation, 2 on bad arguments.
+Exit status: 0 when every invariant holds, 1 on any violation, 2 on bad arguments, 130 when
+interrupted (Ctrl-C: every process it started is stopped and cleaned up, the partial table printed).
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -18,11 +20,13 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.live import Live
+from rich.measure import Measurement
 
-from shared.resources import ours_in_dev_shm, run_tag
+from shared.cli import add_version
+from shared.resources import ours_in_dev_shm, reap, run_tag
 
 from . import display, invariants
-from .group import Group, GroupError
+from .group import NET_ROLES, Group, GroupError, Interrupted
 from .procs import processes_mentioning
 from .schedule import Config, parse_faults, round_plan
 from tools.launch import ROOT
@@ -58,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run rounds until this much time has passed (default 20)")
     how.add_argument("--rounds", type=_positive(int, 1, 10**6), default=None, help="run exactly this many rounds per group")
     p.add_argument("--seed", type=int, default=None, help="seed of the schedule (default: random, printed)")
-    p.add_argument("--faults", type=_faults, default=parse_faults("all"),
+    p.add_argument("--faults", type=_faults, default="all",      # argparse parses a str default
                    help="which faults: all (default), none, or a comma list of "
                         "guest-kill,host-kill,guest-stop,host-stop,rx-stall,hostile")
     p.add_argument("--fault-rate", type=_positive(float, 0, 1), default=0.5,
@@ -71,7 +75,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plain", action="store_true", help="no live view (progress lines instead)")
     p.add_argument("--print-schedule", type=_positive(int, 1, 10**4), default=None, metavar="ROUNDS",
                    help="print the plan of the first ROUNDS rounds of every group as JSON and exit")
+    add_version(p)
     return p
+
+
+def net_note() -> str:
+    """The header's note on the net guests, counted from the roles a group starts."""
+    words = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
+    n = len(NET_ROLES)
+    return (f"net workloads: {words.get(n, n)} net guests per group (one on loopback, one on udp, "
+            "two on an l2 segment) carry numbered CRC32 frames; they are not fault targets (a host "
+            "kill restarts them)")
+
+
+def check_dir(path: Path) -> str | None:
+    """--dir: a directory (made if missing) holding no earlier run; else a one-line reason."""
+    if path.exists() and not path.is_dir():
+        return f"stress: --dir {path} is not a directory"
+    if path.is_dir() and any(path.glob("g[0-9]*")):
+        return f"stress: --dir {path} already holds a run (g0/ ...): give a new or empty directory"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"stress: cannot make --dir {path}: {e.strerror or e}"
+    return None
+
+
+def print_fit(console: Console, renderable) -> None:
+    """On a terminal rich fits the table to its width; into a file or a pipe (no width to fit)
+    the table is printed whole, as wide as its widest row, never cut at 80 columns."""
+    if console.is_terminal:
+        console.print(renderable)
+        return
+    wide = console.options.update(width=100_000, max_width=100_000)
+    need = Measurement.get(console, wide, renderable).maximum
+    width = console.width
+    console.width = max(width, need)
+    try:
+        console.print(renderable, crop=False)
+    finally:
+        console.width = width
 
 
 def host_supports_services() -> bool:
@@ -126,6 +169,14 @@ def scan_leaks(groups) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except KeyboardInterrupt:            # before any process was started: nothing to clean
+        print("stress: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(args) -> int:
     console = Console()
     if args.json is not None:
         err = check_writable(args.json)
@@ -145,16 +196,20 @@ def main(argv: list[str] | None = None) -> int:
     if not indevice:
         notes.append("in-device host endpoint: `python -m host --help` has no --service; its workloads "
                       "(indev-echo, indev-sink) were skipped")
-    notes.append("net workloads: three net guests per group (loopback, udp, two on an l2 segment) carry "
-                 "numbered CRC32 frames; they are not fault targets (a host kill restarts them)")
+    notes.append(net_note())
+    if args.dir is not None:
+        err = check_dir(args.dir)
+        if err:
+            print(err, file=sys.stderr)
+            return 2
     base = args.dir or Path(tempfile.mkdtemp(prefix="ve-stress-"))
-    base.mkdir(parents=True, exist_ok=True)
     console.print(f"[bold]virtio-emu stress[/]: seed {seed}, {args.pairs} group(s) x {args.guests_per_host} "
                   f"guest(s), faults {','.join(args.faults) or 'none'}, "
                   + (f"{args.rounds} rounds" if args.rounds else f"{seconds:.0f} s") + f"; logs in {base}")
     for n in notes:
         console.print(f"note: {n}")
     groups = [Group(i, cfg, base) for i in range(args.pairs)]
+    threads: list[threading.Thread] = []
     stop = threading.Event()
     rss_series: dict[str, list] = {}
     rss_now: dict[str, int] = {}
@@ -162,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
     try:
         starters = [threading.Thread(target=_start, args=(g, start_errors)) for g in groups]
+        threads += starters
         for t in starters:
             t.start()
         for t in starters:
@@ -170,9 +226,12 @@ def main(argv: list[str] | None = None) -> int:
             for e in start_errors:
                 console.print(f"[red]{e}[/]")
             return _finish(console, args, groups, base, seed, cfg, notes, rss_series, start_errors, t_start)
+        if args.plain:
+            console.print(f"running: {sum(len(g.procs()) for g in groups)} processes started")
         deadline = time.monotonic() + seconds if seconds else None
         runners = [threading.Thread(target=g.run, args=(args.rounds, deadline, stop), name=f"group{g.idx}")
                    for g in groups]
+        threads += runners
         for t in runners:
             t.start()
 
@@ -191,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                 sample()
                 if time.monotonic() - last > 10:
                     last = time.monotonic()
-                    console.print(display.progress(groups, time.monotonic() - t_start, rss_now))
+                    print_fit(console, display.progress(groups, time.monotonic() - t_start, rss_now))
         else:
             with Live(display.progress(groups, 0, rss_now), console=console, refresh_per_second=2) as live:
                 while any(t.is_alive() for t in runners):
@@ -201,19 +260,70 @@ def main(argv: list[str] | None = None) -> int:
         for t in runners:
             t.join()
     except KeyboardInterrupt:
-        stop.set()
-        start_errors.append("interrupted")
+        return _interrupted(console, args, groups, threads, stop, base, seed, cfg, notes, rss_series,
+                            start_errors, t_start)
     return _finish(console, args, groups, base, seed, cfg, notes, rss_series, start_errors, t_start)
+
+
+def _interrupted(console, args, groups, threads, stop, *rest) -> int:
+    """Ctrl-C: not a violation. Nothing starts or restarts from now on (Group.interrupt), the
+    group threads end, every process is stopped and its resources removed, the table so far is
+    printed marked "interrupted", exit 130. A second Ctrl-C does not cut the clean-up short."""
+    _hold_interrupts()
+    stop.set()
+    for g in groups:
+        g.interrupt()
+    console.print("[yellow]interrupted: stopping every process of the run ...[/]")
+    end = time.monotonic() + 30
+    for t in threads:
+        t.join(max(0.0, end - time.monotonic()))
+    return _finish(console, args, groups, *rest, interrupted=True)
 
 
 def _start(g: Group, errors: list) -> None:
     try:
         g.start()
+    except Interrupted:
+        pass
     except (GroupError, OSError) as e:
         errors.append(str(e))
 
 
-def _finish(console, args, groups, base, seed, cfg, notes, rss_series, errors, t_start) -> int:
+def sweep(groups) -> None:
+    """After the shutdown (and the leak scan that judges it): leave nothing behind. Processes
+    that still name a group's run dir on their command line (ours: the run dir is new) are
+    SIGKILLed, the shared memory and semaphores of dead owners unlinked (their owner records),
+    and the files left in the run dirs removed."""
+    import os
+    for g in groups:
+        for pid in processes_mentioning(str(g.run_dir)):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + 5
+    while any(processes_mentioning(str(g.run_dir)) for g in groups) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for g in groups:
+        if g.run_dir.is_dir():
+            reap(g.run_dir)
+            for p in sorted(g.run_dir.rglob("*"), reverse=True):
+                try:
+                    p.rmdir() if p.is_dir() and not p.is_symlink() else p.unlink()
+                except OSError:
+                    pass
+
+
+def _hold_interrupts() -> None:
+    """From here on Ctrl-C does not cut the clean-up short (it would leave processes behind)."""
+    def again(_signum, _frame):
+        print("stress: still stopping what it started, please wait", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGINT, again)
+
+
+def _finish(console, args, groups, base, seed, cfg, notes, rss_series, errors, t_start,
+            interrupted: bool = False) -> int:
+    _hold_interrupts()
     for g in groups:
         g.shutdown()
     time.sleep(0.5)
@@ -229,24 +339,32 @@ def _finish(console, args, groups, base, seed, cfg, notes, rss_series, errors, t
         "connect_retries": sum(g.connect_retries for g in groups),
         "connect_late_ok": sum(g.connect_late_ok for g in groups),
     }
+    sweep(groups)
     rows = invariants.evaluate(run)
     elapsed = time.monotonic() - t_start
     ok = all(r["ok"] for r in rows)
-    console.print(display.summary(rows, f"stress summary: seed {seed}, {len(groups)} group(s), "
-                                        f"{sum(g.rounds for g in groups)} rounds, {elapsed:.0f} s"))
+    mark = " (interrupted)" if interrupted else ""
+    print_fit(console, display.summary(rows, f"stress summary{mark}: seed {seed}, {len(groups)} group(s), "
+                                             f"{sum(g.rounds for g in groups)} rounds, {elapsed:.0f} s"))
     for n in notes:
         console.print(f"note: {n}")
     if args.json is not None:
         doc = {"seed": seed, "pairs": cfg.pairs, "guests_per_host": cfg.guests_per_host,
                "faults": list(cfg.faults), "seconds": round(elapsed, 1),
-               "rounds": sum(g.rounds for g in groups), "ok": ok, "invariants": rows, "notes": notes,
+               "rounds": sum(g.rounds for g in groups), "ok": ok, "interrupted": interrupted,
+               "invariants": rows, "notes": notes,
                "fault_log": run["faults"], "stalls": run["stalls"],
                "outcome_counts": _counts(run["outcomes"]), "outcomes": run["outcomes"]}
         args.json.write_text(json.dumps(doc, indent=1, default=str))
-    if args.keep or not ok:
+    if args.keep or not ok or interrupted:
         console.print(f"logs kept in {base}")
     elif args.dir is None:
         shutil.rmtree(base, ignore_errors=True)
+    if interrupted:
+        bad = sum(1 for r in rows if not r["ok"])
+        console.print(f"[bold yellow]stress interrupted[/] after {elapsed:.0f} s: partial results above"
+                      + (f"; {bad} row(s) already marked VIOLATED" if bad else "; no violation so far"))
+        return 130
     console.print("[bold green]stress OK[/]" if ok else "[bold red]stress FAILED: invariant violated[/]")
     return 0 if ok else 1
 

@@ -33,6 +33,10 @@ class GroupError(Exception):
     pass
 
 
+class Interrupted(GroupError):
+    """The run was interrupted (Ctrl-C): the group starts and restarts nothing any more."""
+
+
 class Group:
     def __init__(self, idx: int, cfg: Config, base: Path):
         self.idx = idx
@@ -54,6 +58,11 @@ class Group:
         self.connect_retries = 0            # bridge CONNECTs refused and tried again (workloads._connect)
         self.connect_late_ok = 0            # ... of which a later try succeeded
         self.busy_until_stop = threading.Event()
+        # Set by interrupt() (Ctrl-C) or shutdown(): from then on nothing is started, restarted or
+        # signalled (spawn_lock orders it with every start), every wait gives up, and what is
+        # recorded afterwards (outcomes of transfers cut by the shutdown) is not counted.
+        self.stopping = threading.Event()
+        self.spawn_lock = threading.Lock()
         # net guests (not fault targets): "loop" on loopback, "a" and "b" on an L2 segment of
         # this host, "udp" on udp:LPORT:RPORT with the group's UDP socket on RPORT
         self.net: dict[str, Proc] = {}
@@ -63,6 +72,31 @@ class Group:
         self.udp_tally = netframes.Tally()
 
     # --- processes -----------------------------------------------------------------------------
+    def _proc(self, role: str, args: list[str], env: dict | None = None) -> Proc:
+        """Start a process of the group, unless the run is stopping (then Interrupted)."""
+        with self.spawn_lock:
+            if self.stopping.is_set():
+                raise Interrupted(f"group {self.idx}: interrupted")
+            return Proc(role, args, self.dir, env=env, cancel=self.stopping)
+
+    def _restart(self, p: Proc) -> None:
+        with self.spawn_lock:
+            if self.stopping.is_set():
+                raise Interrupted(f"group {self.idx}: interrupted")
+            p.restart()
+
+    def _signal(self, p: Proc, sig: int, group: bool = False) -> None:
+        """A fault's signal, never sent once the run is stopping (a SIGSTOP after the shutdown's
+        SIGCONT would leave the process stopped)."""
+        with self.spawn_lock:
+            if self.stopping.is_set():
+                raise Interrupted(f"group {self.idx}: interrupted")
+            (p.signal_group if group else p.signal)(sig)
+
+    def interrupt(self) -> None:
+        with self.spawn_lock:
+            self.stopping.set()
+
     def _host_args(self) -> list[str]:
         a = ["-m", "host", "--run-dir", str(self.run_dir)]
         if self.cfg.indevice:
@@ -76,14 +110,16 @@ class Group:
                 "--service", f"echo={ECHO_PORT}", "--run", "tools.stress.agent:main"]
 
     def start(self) -> None:
-        self.host = Proc("host", self._host_args(), self.dir)
+        self.host = self._proc("host", self._host_args())
         if not self.host.wait_log("host listening", READY_TIMEOUT):
             raise GroupError(f"group {self.idx}: host did not start; see {self.host.log}")
         for cid in self.cfg.cids():
-            self.guests[cid] = Proc(f"guest{cid}", self._guest_args(cid), self.dir)
+            self.guests[cid] = self._proc(f"guest{cid}", self._guest_args(cid))
         for cid in self.cfg.cids():
             self.listeners[cid] = workloads.G2HListeners(self.run_dir, cid)
             if not self._guest_ready(cid):
+                if self.stopping.is_set():
+                    raise Interrupted(f"group {self.idx}: interrupted")
                 raise GroupError(f"group {self.idx}: guest {cid} did not boot; see {self.guests[cid].log}")
         if self.cfg.net:
             self._start_net()
@@ -113,6 +149,8 @@ class Group:
             self.net[role] = self._net_proc(role)
         for role in self.net:
             if not self._net_ready(role):
+                if self.stopping.is_set():
+                    raise Interrupted(f"group {self.idx}: interrupted")
                 raise GroupError(f"group {self.idx}: net guest {role} did not boot; see {self.net[role].log}")
         self._announce_net()
 
@@ -124,19 +162,19 @@ class Group:
 
     def _net_proc(self, role: str) -> Proc:
         d = self.net_dir(role)
-        return Proc(f"net-{role}", ["-m", "guest", "--run-dir", str(self.run_dir), "--name",
+        return self._proc(f"net-{role}", ["-m", "guest", "--run-dir", str(self.run_dir), "--name",
                                     f"stress-g{self.idx}-{role}", "--mem", "8M", "--net", self._net_spec(role),
                                     "--connect-timeout", GUEST_CONNECT_TIMEOUT,
                                     # a fixed MAC: after a host SIGKILL the restarted guest's segment
                                     # port takes over (and removes) its dead port's socket file
                                     "--mac", f"52:54:00:5e:{self.idx & 0xff:02x}:{NET_ROLES.index(role):02x}",
-                                    "--net-run", "tools.stress.netagent:main"], self.dir,
-                    env={"VE_STRESS_NET_DIR": str(d)})
+                                    "--net-run", "tools.stress.netagent:main"],
+                          env={"VE_STRESS_NET_DIR": str(d)})
 
     def _net_ready(self, role: str, timeout: float = READY_TIMEOUT) -> bool:
         p, ready = self.net[role], self.net_dir(role) / "ready"
         end = time.monotonic() + timeout
-        while time.monotonic() < end:
+        while time.monotonic() < end and not self.stopping.is_set():
             if ready.exists():
                 self.net_macs[role] = bytes.fromhex(ready.read_text())
                 return True
@@ -151,7 +189,7 @@ class Group:
             p.kill_group()
             for f in self.net_dir(role).iterdir():     # no stale commands, answers or ready file
                 f.unlink()
-            p.restart()
+            self._restart(p)
             if self._net_ready(role):
                 return self._announce_net() if announce else True
         return False
@@ -177,7 +215,7 @@ class Group:
     def _ports_answer(self, cid: int, end: float) -> bool:
         vh = VsockHost(self.run_dir)
         for port in (ECHO_PORT, AGENT_PORT):
-            while True:
+            while not self.stopping.is_set():
                 try:
                     vh.connect(cid, port, timeout=2).close()
                     break
@@ -185,7 +223,7 @@ class Group:
                     if time.monotonic() > end:
                         return False
                     time.sleep(0.1)
-        return True
+        return not self.stopping.is_set()
 
     def procs(self) -> list[tuple[str, int]]:
         """(role, pid) of every live process of the group, the host's device processes included."""
@@ -210,15 +248,21 @@ class Group:
     def run(self, rounds: int | None, deadline: float | None, stop: threading.Event) -> None:
         rnd = 0
         try:
-            while not stop.is_set():
+            while not stop.is_set() and not self.stopping.is_set():
                 if rounds is not None and rnd >= rounds:
                     break
                 if deadline is not None and time.monotonic() >= deadline:
                     break
                 self.run_round(round_plan(self.cfg, self.idx, rnd))
+                if self.stopping.is_set():
+                    break                   # a round cut short by the interrupt does not count
                 rnd += 1
                 self.rounds = rnd
+        except Interrupted:
+            pass
         except Exception as e:  # reported as a violation, not a traceback
+            if self.stopping.is_set():
+                return
             import traceback
             self.errors.append(f"group {self.idx}: {type(e).__name__}: {e}")
             (self.dir / "orchestrator-error.txt").write_text(traceback.format_exc())
@@ -236,7 +280,10 @@ class Group:
             threads.append((ft, None))
         end = time.monotonic() + JOIN_GRACE
         for th, t in threads:
-            th.join(max(0.0, end - time.monotonic()))
+            while th.is_alive() and time.monotonic() < end and not self.stopping.is_set():
+                th.join(min(0.2, max(0.0, end - time.monotonic())))
+            if self.stopping.is_set():
+                return                      # interrupted: nothing more is judged or restarted
             if th.is_alive() and t is not None:
                 # A transfer that outlived every timeout: the process it talks to is stuck.
                 self._record(workloads.outcome(t.kind, t.cid, t.sid, t.size, time.time() - JOIN_GRACE,
@@ -250,14 +297,16 @@ class Group:
         except Exception as e:
             o = workloads.outcome(t.kind, t.cid, t.sid, t.size, time.time(), "reset",
                                   why=f"executor: {type(e).__name__}: {e}")
-            self.errors.append(f"group {self.idx}: {t.kind} executor raised {type(e).__name__}: {e}")
+            if not self.stopping.is_set():
+                self.errors.append(f"group {self.idx}: {t.kind} executor raised {type(e).__name__}: {e}")
         o["group"] = self.idx
         self._record(o)
 
     def _record(self, o: dict) -> None:
         o.setdefault("group", self.idx)
         with self.lock:
-            self.outcomes.append(o)
+            if not self.stopping.is_set():      # cut by the interrupt's shutdown: not a result
+                self.outcomes.append(o)
 
     def _check_alive(self) -> None:
         """A process that died without a fault killing it is a violation (and is restarted)."""
@@ -279,21 +328,28 @@ class Group:
     # --- faults -------------------------------------------------------------------------------
     def _fault(self, plan: RoundPlan) -> None:
         f = plan.fault
-        time.sleep(f.delay)
+        if self.stopping.wait(f.delay):
+            return
         rec = {"group": self.idx, "round": plan.rnd, "kind": f.kind, "target": f.target,
                "t0": time.time(), "t1": None, "recovered": True, "detail": ""}
         try:
             getattr(self, "_fault_" + f.kind.replace("-", "_"))(f, rec)
+        except Interrupted:
+            pass
         except Exception as e:
             rec["recovered"] = False
             rec["detail"] = f"{type(e).__name__}: {e}"
         rec["t1"] = time.time()
+        if self.stopping.is_set():
+            # Cut short by the interrupt: it still explains the resets it caused before it, but
+            # its recovery was never tried (invariants do not count it as unrecovered).
+            rec["interrupted"] = True
         with self.lock:
             self.faults.append(rec)
 
     def _fault_guest_kill(self, f, rec) -> None:
         g = self.guests[f.target]
-        g.signal(signal.SIGKILL)
+        self._signal(g, signal.SIGKILL)
         g.p.wait(10)
         time.sleep(0.3)
         rec["recovered"] = self._restart_guest(f.target)
@@ -301,7 +357,7 @@ class Group:
     def _restart_guest(self, cid: int) -> bool:
         g = self.guests[cid]
         for _ in range(3):
-            g.restart()
+            self._restart(g)
             if self._guest_ready(cid):
                 return True
             g.kill_group()
@@ -309,10 +365,8 @@ class Group:
 
     def _fault_host_kill(self, f, rec) -> None:
         before = {cid: g.text().count("reconnected to the host") for cid, g in self.guests.items()}
-        if f.mode == "all":
-            self.host.signal_group(signal.SIGKILL)
-        else:
-            self.host.signal(signal.SIGKILL)      # device processes follow (PDEATHSIG)
+        # mode "all": the host's group; else the daemon alone (device processes follow: PDEATHSIG)
+        self._signal(self.host, signal.SIGKILL, group=f.mode == "all")
         self.host.p.wait(10)
         time.sleep(0.3)
         rec["recovered"] = self._restart_host(before)
@@ -323,7 +377,7 @@ class Group:
             before = {cid: g.text().count("reconnected to the host") for cid, g in self.guests.items()}
         end = time.monotonic() + READY_TIMEOUT
         while True:
-            self.host.restart()
+            self._restart(self.host)
             if self.host.wait_log("host listening", READY_TIMEOUT):
                 break
             self.host.kill_group()
@@ -341,13 +395,13 @@ class Group:
 
     def _fault_guest_stop(self, f, rec) -> None:
         g = self.guests[f.target]
-        g.signal(signal.SIGSTOP)
-        time.sleep(f.duration)
+        self._signal(g, signal.SIGSTOP)
+        self.stopping.wait(f.duration)
         g.signal(signal.SIGCONT)
 
     def _fault_host_stop(self, f, rec) -> None:
-        self.host.signal_group(signal.SIGSTOP)
-        time.sleep(f.duration)
+        self._signal(self.host, signal.SIGSTOP, group=True)
+        self.stopping.wait(f.duration)
         self.host.signal_group(signal.SIGCONT)
 
     def _fault_rx_stall(self, f, rec) -> None:
@@ -359,12 +413,21 @@ class Group:
 
     def _fault_hostile(self, f, rec) -> None:
         seconds = f.duration * 2
-        h = Proc(f"hostile{len(self.hostiles)}", ["-m", "tools.stress.hostile", "--run-dir", str(self.run_dir),
-                                                 "--cid", str(f.target), "--seed", f.mode,
-                                                 "--seconds", f"{seconds:.2f}"], self.dir)
-        self.hostiles.append(h)
+        with self.spawn_lock:       # started and listed at once: shutdown() stops every one
+            if self.stopping.is_set():
+                raise Interrupted(f"group {self.idx}: interrupted")
+            h = Proc(f"hostile{len(self.hostiles)}", ["-m", "tools.stress.hostile", "--run-dir",
+                                                     str(self.run_dir), "--cid", str(f.target), "--seed",
+                                                     f.mode, "--seconds", f"{seconds:.2f}"], self.dir,
+                     cancel=self.stopping)
+            self.hostiles.append(h)
+        end = time.monotonic() + seconds + 60
+        while h.alive() and time.monotonic() < end and not self.stopping.is_set():
+            time.sleep(0.1)
+        if self.stopping.is_set():
+            return
         try:
-            h.p.wait(seconds + 60)
+            h.p.wait(0)
         except Exception:
             self.hung_procs.append(f"group {self.idx}: hostile guest {f.target} did not finish")
             h.kill_group()
@@ -377,6 +440,7 @@ class Group:
 
     # --- the end ------------------------------------------------------------------------------
     def shutdown(self, timeout: float = 20.0) -> None:
+        self.interrupt()                # nothing starts, restarts or is signalled by a fault now
         for cid, g in self.guests.items():
             if not g.stop(timeout):
                 self.hung_procs.append(f"group {self.idx}: guest {cid} did not exit on SIGTERM")

@@ -33,6 +33,7 @@ from shared.constants import (VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_VERSION_1, V
                               VRING_DESC_F_WRITE, VSOCK_VQ_RX, VSOCK_VQ_TX, bit)
 from shared.ring_layout import DESC, avail_idx_addr, avail_ring_addr, used_idx_addr
 from shared.vsock.packet import HDR
+from shared.cli import add_version
 
 RAM = 4 << 20
 ANSWER_TIMEOUT = 10.0      # > the daemon's HELLO_TIMEOUT (5 s): a message that announces a
@@ -271,6 +272,7 @@ class Hostile:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.stress.hostile", description=__doc__.splitlines()[0])
+    add_version(p)
     p.add_argument("--run-dir", type=Path, required=True)
     p.add_argument("--cid", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)

@@ -85,7 +85,8 @@ def evaluate(run: dict) -> list[dict]:
         not run["exceptions"]["host"], "; ".join(run["exceptions"]["host"][:3]))
     row("guest exceptions (tracebacks in guest logs)", len(run["exceptions"]["guest"]),
         not run["exceptions"]["guest"], "; ".join(run["exceptions"]["guest"][:3]))
-    unrec = [f for f in faults if not f["recovered"]]
+    # a fault cut short by Ctrl-C never had its recovery tried: not counted as unrecovered
+    unrec = [f for f in faults if not f["recovered"] and not f.get("interrupted")]
     row("faults injected", len(faults), True, ", ".join(
         f"{k} {n}" for k, n in sorted(_count(f["kind"] for f in faults).items())))
     row("faults not recovered from (restart/reconnect failed)", len(unrec), not unrec,

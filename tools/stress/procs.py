@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,8 +27,10 @@ def _env() -> dict:
 class Proc:
     """One started process; `restart()` starts the same command again with a new log file."""
 
-    def __init__(self, role: str, args: list[str], log_dir: Path, env: dict | None = None):
+    def __init__(self, role: str, args: list[str], log_dir: Path, env: dict | None = None,
+                 cancel: threading.Event | None = None):
         self.role = role
+        self.cancel = cancel or threading.Event()      # set: every wait gives up at once
         self.env = env or {}
         self.args = args
         self.log_dir = log_dir
@@ -63,7 +66,7 @@ class Proc:
 
     def wait_log(self, needle: str, timeout: float, count: int = 1) -> bool:
         end = time.monotonic() + timeout
-        while time.monotonic() < end:
+        while time.monotonic() < end and not self.cancel.is_set():
             if self.text().count(needle) >= count:
                 return True
             if not self.alive():

@@ -46,7 +46,7 @@ class Config:
     max_streams: int = 3
     fault_rate: float = 0.5
     indevice: bool = False        # the host supports --service (in-device endpoint)
-    net: bool = True              # net workloads (three net guests per group)
+    net: bool = True              # net workloads (the net guests of group.NET_ROLES)
 
     def cids(self) -> list[int]:
         return list(range(3, 3 + self.guests_per_host))
