@@ -174,3 +174,73 @@ def test_device_interrupts_once_per_batch():
     assert g.irq.wait(0) == 1                           # one interrupt for eight packets
     assert len(g.recv_rx()) == 8
     assert dev.stats["bytes_out"] == 8 * (HDR_SIZE + 100)
+
+
+# --- the real pair (tests/pair.py): run-to-completion fast path, loans, zero copy -----------------
+def test_recv_into_copies_once_from_the_lent_guest_buffer_then_the_chain_goes_back():
+    """g2h 64 KiB: the host socket queues a view of the guest's tx buffer (a Loan); the tx chain
+    is used only when recv_into has copied it out (issue 15 item 3)."""
+    from tests.pair import VsockPair
+    p = VsockPair()
+    try:
+        gsk, hsk = p.connect()
+        data = bytes(range(256)) * 256                 # 64 KiB
+        with p.lock, p.t.batch:
+            assert p.t.core.send(gsk, data) == len(data)
+        p.pump()
+        txq = p.dev.vqs[1]
+        used_before = txq.used_idx(p.dev.mem)
+        assert p.dev.loans == 1 and hsk.rx_bytes == len(data)
+        out = bytearray(len(data))
+        with p.lock:
+            assert p.dev.core.recv_into(hsk, memoryview(out)) == len(data)
+        assert bytes(out) == data
+        assert p.dev.loans == 0 and txq.used_idx(p.dev.mem) == used_before + 1
+    finally:
+        p.close()
+
+
+def test_small_payloads_are_copied_not_lent():
+    from tests.pair import VsockPair
+    p = VsockPair()
+    try:
+        gsk, hsk = p.connect()
+        with p.lock, p.t.batch:
+            p.t.core.send(gsk, b"x" * 100)
+        p.pump()
+        assert p.dev.loans == 0 and hsk.rx_bytes == 100
+    finally:
+        p.close()
+
+
+def test_recv_view_is_zero_copy_and_release_returns_the_buffer():
+    """h2g: the guest's recv_view hands out the rx buffer itself; it goes back to the rx pool
+    only at release()."""
+    from guest.vsock.socket import GuestVsock
+    from host.vsock.endpoint import HostVsock
+    from tests.pair import VsockPair
+    p = VsockPair()
+    try:
+        gsk, hsk = p.connect()
+        g = GuestVsock(p.t)
+        # a VsockSocket over the connected core socket, as accept would make it
+        from shared.vsock.socket import VsockSocket
+        s = VsockSocket(g, p.t.core, gsk)
+        data = bytes(range(256)) * 256
+        with p.lock, p.dev.batch:
+            assert p.dev.core.send(hsk, data) == len(data)
+        p.pump()
+        assert p.t.rx_loans == 1
+        free = p.t.rx_pool.available
+        v = s.recv_view(1 << 20)
+        assert len(v) == len(data) and bytes(v.data) == data
+        assert p.t.rx_loans == 1 and p.t.rx_pool.available == free      # still lent
+        v.release()
+        assert p.t.rx_loans == 0
+        v.release()                                    # twice is harmless
+        import pytest
+        with pytest.raises(ValueError):
+            v.data[0]                                  # the view ended with the release
+        assert HostVsock                               # (the host family exists too)
+    finally:
+        p.close()

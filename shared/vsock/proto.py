@@ -136,14 +136,21 @@ class Loan:
     is copied once, from the ring's buffer straight into the reader's (recv_into), as vhost
     zerocopy and AF_XDP hand buffers back only when their user is done with them."""
 
-    __slots__ = ("view", "release")
+    __slots__ = ("view", "done", "refs")
 
     def __init__(self, view: memoryview, release: Callable[[], None]):
         self.view = view
-        self.release = release
+        self.done = release
+        self.refs = 1               # the queue's hold, plus one per zero-copy view handed out
 
     def __len__(self) -> int:
         return len(self.view)
+
+    def release(self) -> None:
+        """Drop one hold; the buffer goes back to the transport with the last one."""
+        self.refs -= 1
+        if not self.refs:
+            self.done()
 
 
 @dataclass(slots=True, eq=False)
@@ -439,6 +446,35 @@ class VsockCore:
         sk.rx_bytes -= got
         self._consumed(sk, got)
         return got
+
+    def recv_view(self, sk: VsockSock, n: int) -> tuple[memoryview, "Loan | None"]:
+        """Zero-copy receive: up to n bytes of the head chunk as a view of where they lie (a lent
+        ring buffer, or our copy), and the Loan to release when the caller is done with it (None
+        for our own copy). The bytes count as consumed at once (credit for the peer); the ring
+        buffer is handed back only at the release, as AF_XDP frames return to the fill ring.
+        b"" (an empty view) at end of stream; BlockingIOError like recv."""
+        if not (sk.rx_bytes and sk.state is SockState.ESTABLISHED
+                and not sk.shutdown & VIRTIO_VSOCK_SHUTDOWN_RCV):
+            return memoryview(self.recv(sk, min(n, 65536))), None   # EOF, errors, EAGAIN, CLOSING
+        q = sk.rx_queue
+        chunk = q[0]
+        off = sk.rx_off
+        loan = chunk if type(chunk) is Loan else None
+        src = loan.view if loan is not None else memoryview(chunk)
+        k = min(len(src) - off, n)
+        view = src[off:off + k]
+        if loan is not None:
+            loan.refs += 1                       # the caller's hold
+        if off + k == len(src):
+            q.popleft()
+            sk.rx_off = 0
+            if loan is not None:
+                loan.release()                   # the queue's hold
+        else:
+            sk.rx_off = off + k
+        sk.rx_bytes -= k
+        self._consumed(sk, k)
+        return view, loan
 
     def _consumed(self, sk: VsockSock, n: int) -> None:
         # virtio_transport_stream_do_dequeue: the consumed bytes become credit for the peer.

@@ -167,6 +167,43 @@ def reset_core(core, err: int = errno.ECONNRESET) -> None:
         sk.wake()
 
 
+class RecvView:
+    """Received bytes lent by the transport (VsockSocket.recv_view): `data` is a memoryview of
+    them, valid until release(), which gives the buffer back to the ring (once; also at the end
+    of a `with` block) and ends `data` (reading it then raises ValueError). Hold it briefly: a
+    lent buffer is a ring slot the peer waits for. After a device reset the buffer belongs to
+    the guest again: read nothing from a view whose socket has failed."""
+
+    __slots__ = ("data", "_loan", "_lock")
+
+    def __init__(self, data: memoryview, loan, lock):
+        self.data = data
+        self._loan = loan
+        self._lock = lock
+
+    def __len__(self) -> int:
+        return len(self.data) if self._lock is not None else 0
+
+    def release(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is None:
+            return
+        loan, self._loan = self._loan, None
+        try:
+            self.data.release()
+        except BufferError:         # the caller exported it further: its exports keep it alive
+            pass
+        if loan is not None:
+            with lock:
+                loan.release()
+
+    def __enter__(self) -> "RecvView":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 class VsockSocket:
     """One AF_VSOCK SOCK_STREAM socket (struct socket + the waiting af_vsock does)."""
 
@@ -436,6 +473,15 @@ class VsockSocket:
             raise ValueError("buffer too small for requested bytes")
         return self._recv(self._core.recv_into, mv[:n] if n < len(mv) else mv)
 
+    def recv_view(self, max_bytes: int = 65536) -> "RecvView":
+        """Zero-copy receive: a RecvView of up to max_bytes received bytes where they lie (with
+        the fast path, the guest buffer the transport lent), read through `.data`; `release()`
+        hands the buffer back to the ring. An empty view at end of stream. Waits like recv."""
+        if max_bytes <= 0:
+            raise ValueError("max_bytes must be positive")
+        view, loan = self._recv(self._core.recv_view, max_bytes)
+        return RecvView(view, loan, self._lock)
+
     # --- buffer size (SO_VM_SOCKETS_BUFFER_SIZE) ----------------------------------------------
     def set_buffer_size(self, n: int) -> int:
         with self._lock:
@@ -504,5 +550,5 @@ class VsockSocket:
                 f"{sk.local_cid}:{sk.local_port} -> {sk.remote_cid}:{sk.remote_port}>")
 
 
-__all__ = ["VsockFamily", "VsockSocket", "reset_core", "SHUT_RD", "SHUT_WR", "SHUT_RDWR",
+__all__ = ["VsockFamily", "VsockSocket", "RecvView", "reset_core", "SHUT_RD", "SHUT_WR", "SHUT_RDWR",
            "VMADDR_CID_ANY", "VMADDR_PORT_ANY", "DEFAULT_BACKLOG"]
