@@ -301,6 +301,18 @@ class VirtQueue:
         mb()                                       # virtio_mb: publish before re-reading used.idx
         return last == self._uv[1]
 
+    def enable_cb_after(self, k: int) -> bool:
+        """enable_cb, asking for the interrupt only once k more buffers are used (EVENT_IDX's
+        used_event k-1 ahead; interrupt moderation for a reader expecting a burst). Without
+        EVENT_IDX it is enable_cb. False when buffers raced in."""
+        if k <= 1 or not self.event_idx:
+            return self.enable_cb()
+        self._enable_cb_prepare()
+        last = self.last_used_idx
+        self._av[self._used_event] = (last + k - 1) & _U16
+        mb()                                       # virtio_mb: publish before re-reading used.idx
+        return last == self._uv[1]
+
     def enable_cb_delayed(self) -> bool:
         """virtqueue_enable_cb_delayed: interrupt after ~3/4 of the outstanding buffers are used."""
         self._enable_cb_prepare()

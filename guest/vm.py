@@ -312,13 +312,15 @@ class VM:
     def run(self) -> int:
         """The main thread's housekeeping until stopped: the host link, the err doorbells and
         the stats file, each on its period (timers on this thread, not threads of their own)."""
-        jobs = [[0.0, IRQ_POLL, self._check_errors], [0.0, STATS_INTERVAL, self.write_stats],
-                [0.0, WATCH_INTERVAL, self._watch_host]]
+        t0 = time.monotonic()
+        jobs = [[t0, IRQ_POLL, self._check_errors], [t0, STATS_INTERVAL, self.write_stats],
+                [t0, WATCH_INTERVAL, self._watch_host]]
         while not self.stop_event.is_set():
             now = time.monotonic()
             for job in jobs:
                 if now >= job[0]:
-                    job[0] = now + job[1]
+                    # on a grid from t0: jobs of the same period stay together (one wake-up)
+                    job[0] += job[1] * (1 + int((now - job[0]) // job[1]))
                     try:
                         job[2]()
                     except Exception:       # housekeeping must not take the guest down

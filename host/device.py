@@ -284,13 +284,22 @@ class VhostDevice:
             except (VringError, GuestMemoryError) as e:
                 self.vq_err(vq, e)
                 return False
+        def delay(k: int) -> bool:
+            if not usable():
+                return False
+            try:
+                return vq.enable_notify_after(self.mem, k) and self.queue_has_work(qidx)
+            except (VringError, GuestMemoryError) as e:
+                self.vq_err(vq, e)
+                return False
+
         def polled() -> None:                   # work found by polling: not a kick
             if usable() and getattr(vq, "enabled", True) and self.mem_ok(vq):
                 try:
                     self.handle_kick(qidx)
                 except (VringError, GuestMemoryError) as e:
                     self.vq_err(vq, e)
-        return PollOps(pending, suppress, rearm, polled)
+        return PollOps(pending, suppress, rearm, polled, delay)
 
     def mem_ok(self, vq=None) -> bool:
         """The data path's guard before touching guest memory (a batch, a wake, a kick).

@@ -432,6 +432,20 @@ class VhostVirtqueue:
         mb()
         return self._read_avail_idx() != seen
 
+    def enable_notify_after(self, mem, k: int) -> bool:
+        """enable_notify asking for the kick only once k more buffers are made available
+        (EVENT_IDX's avail_event k-1 ahead: notification moderation for a reader expecting a
+        burst); True when buffers raced in. Without EVENT_IDX it re-arms as enable_notify."""
+        if mem is not self._mem:
+            self._map(mem)
+        if k <= 1 or not self._event_idx:
+            self.disable_notify(mem)
+            return self.enable_notify(mem)
+        self.used_flags &= ~VRING_USED_F_NO_NOTIFY
+        self._uv[self._avail_event] = (self._last_avail + k - 1) & _U16
+        mb()                                     # smp_mb, as in enable_notify
+        return self._read_avail_idx() != self._last_avail
+
     def snapshot(self) -> dict:
         """A read-only picture of the device's side of the queue, for monitors (GET_STATS).
 

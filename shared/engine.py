@@ -60,7 +60,10 @@ from typing import Callable
 log = logging.getLogger(__name__)
 
 WAIT_TIMEOUT = 0.2        # seconds a doorbell thread or the loop sleeps before looking at stop
+IDLE_WAIT = 0.5           # an idle doorbell thread's sleep (stop rings it awake; a lost wake-up
+                          # costs at most this long, counted in missed_wakeups)
 PARK_S = 0.02             # a doorbell thread stays parked this long after a caller served its ring
+MODERATE_S = 0.0005       # longest sleep of a server that asked to be notified only after a burst
 POLL_MIN_NS = 2_000       # an adaptive poll budget below this is no poll at all
 
 
@@ -95,11 +98,14 @@ class PollOps:
     rearm()     ask for notifications again; True when work raced in (poll again)
     handler()   what runs for work found by polling, when it differs from the doorbell's
                 handler (a device counts kicks in the latter)
+    delay(k)    re-arm asking to be notified only after k more buffers (EVENT_IDX moderation);
+                True when work raced in
     """
     pending: Callable[[], bool]
     suppress: Callable[[], None] | None = None
     rearm: Callable[[], bool] | None = None
     handler: Callable[[], None] | None = None   # for work found by polling (default: the doorbell's)
+    delay: Callable[[int], bool] | None = None
 
 
 class DoorbellThread:
@@ -127,9 +133,10 @@ class DoorbellThread:
         self.thread = threading.Thread(target=self._loop, name=f"{engine.name}-{name}", daemon=True)
 
     def stop(self) -> None:
-        """Stop soon (within WAIT_TIMEOUT); never blocks, safe with the engine lock held."""
+        """Stop soon; never blocks, safe with the engine lock held."""
         self.stopped = True
         self._unpark.set()
+        self.nudge()                  # out of its sleep on the doorbell now
 
     def join(self, timeout: float = WAIT_TIMEOUT * 3) -> None:
         if self.thread is not threading.current_thread() and self.thread.is_alive():
@@ -167,7 +174,7 @@ class DoorbellThread:
             try:
                 if self.want_lead:
                     continue
-                n = self.db.wait(WAIT_TIMEOUT)
+                n = self.db.wait(IDLE_WAIT)
             except Exception:       # closed or unlinked under us: the queue is going away
                 return
             finally:
@@ -188,12 +195,19 @@ class DoorbellThread:
                 self._busy_poll()
 
     # --- run to completion: a caller serves the ring itself ------------------------------------
-    def serve(self, done: Callable[[], bool], deadline: float | None) -> bool | None:
+    def serve(self, done: Callable[[], bool], deadline: float | None,
+              burst: int = 1) -> bool | None:
         """Serve this doorbell's ring from the calling thread until done() (True) or the
         deadline (False); None when another caller already serves it (wait on your Condition:
         the server's ring work wakes you). Called, and returns, with the engine lock held.
         Work done by another thread (the engine's queued work, a timer) that makes done() true
-        must `nudge()` the server, which may be asleep on the doorbell."""
+        must `nudge()` the server, which may be asleep on the doorbell.
+
+        burst > 1 (a reader of a bulk stream that expects that many more buffers, within the
+        peer's credit): the server asks to be notified only after `burst` more buffers
+        (interrupt moderation, as virtio-net's coalescing and NAPI do), and sleeps at most
+        MODERATE_S, then looks at the ring anyway, so a burst that stops short costs that
+        much latency, no more."""
         if self.stopped or self.lead_owner is not None:
             return None
         lock = self.engine.lock
@@ -216,6 +230,14 @@ class DoorbellThread:
                 return None
         self.lead_owner = threading.get_ident()
         try:
+            if burst > 1 and self.poll is not None and self.poll.delay is not None:
+                try:
+                    return self._serve(done, deadline, burst)
+                finally:
+                    # Leave the ring armed for the very next buffer, as the next sleeper expects;
+                    # what raced in meanwhile rings the doorbell for it.
+                    if self.poll.delay(1):
+                        self.nudge()
             return self._serve(done, deadline)
         finally:
             self.lead_owner = None
@@ -231,12 +253,13 @@ class DoorbellThread:
         except Exception:
             pass
 
-    def _serve(self, done, deadline: float | None) -> bool | None:
+    def _serve(self, done, deadline: float | None, burst: int = 1) -> bool | None:
         eng = self.engine
         lock = eng.lock
         stats = eng.stats
         poll = self.poll
         clock = time.monotonic
+        moderate = burst > 1 and poll is not None and poll.delay is not None
         while True:
             if self.stopped or eng._stop.is_set():
                 return None
@@ -250,6 +273,10 @@ class DoorbellThread:
             left = WAIT_TIMEOUT if deadline is None else min(WAIT_TIMEOUT, deadline - clock())
             if left <= 0:
                 return False
+            if moderate:
+                if poll.delay(burst):
+                    continue                # buffers raced in while re-arming: take them
+                left = min(left, MODERATE_S)
             state = released(lock)
             t0 = time.perf_counter_ns()
             try:
@@ -269,6 +296,10 @@ class DoorbellThread:
                     self.budget_ns = min(self.poll_ns, max(2 * self.budget_ns, self.poll_ns // 4))
                 stats["handler_runs"] += 1
                 self._run_handler(polled=False)
+            elif moderate:
+                if poll.pending():          # a burst that stopped short of `burst` buffers
+                    stats["handler_runs"] += 1
+                    self._run_handler(polled=True)
             elif poll is not None and poll.pending():
                 stats["missed_wakeups"] += 1
             if done():      # another thread's work (a timer, requeued work) may have done it

@@ -298,7 +298,8 @@ class VirtioVsockTransport:
         return PollOps(pending=lambda: self.rx_run and self.more_replies() and vq.more_used(),
                        suppress=vq.suppress_cb,
                        rearm=lambda: self.rx_run and not vq.enable_cb(),
-                       handler=lambda: self.rx_done(vq))      # polled: not an interrupt
+                       handler=lambda: self.rx_done(vq),      # polled: not an interrupt
+                       delay=lambda k: self.rx_run and not vq.enable_cb_after(k))
 
     def rx_doorbell(self):
         """The rx interrupt's doorbell thread, which a waiting socket call serves itself."""

@@ -126,6 +126,7 @@ def _no_wake() -> None:
 
 
 LEND_MIN = 4096     # smaller payloads are copied: a copy costs less than a loan's bookkeeping
+BURST_MAX = 8       # a bulk reader asks to be woken after at most this many packets
 
 
 class Loan:
@@ -180,6 +181,7 @@ class VsockSock:
     rx_queue: deque = field(default_factory=deque)   # bytes/memoryview chunks
     rx_off: int = 0                # bytes of rx_queue[0] already read
     rcvlowat: int = 1              # SO_RCVLOWAT (only the "rcvlowat" credit policy reads it)
+    rx_last: int = 0               # payload bytes of the last RW packet received (burst hint)
     # listener side
     backlog: int = 0
     accept_queue: deque = field(default_factory=deque)   # children not yet accept()ed
@@ -642,8 +644,20 @@ class VsockCore:
         sk.rx_queue.append(payload)
         sk.rx_bytes += n
         sk.rx_total += n
+        sk.rx_last = n
         self.stats["rx_bytes"] += n
         sk.wake()
+
+    def rx_burst(self, sk: VsockSock) -> int:
+        """How many more packets a reader of sk may wait for before being woken (interrupt
+        moderation): 1, unless the peer has been sending full packets, and then as many as the
+        credit the peer can still have allows (our buffer less what it sent since our last
+        advertised fwd_cnt, an upper bound), less one for safety, at most BURST_MAX. The
+        seeds' mode (every-read) never moderates."""
+        if sk.rx_last < self.max_pkt_len or self.credit_policy == "every-read":
+            return 1
+        unacked = (sk.rx_total - sk.last_fwd_cnt) & U32
+        return max(1, min(BURST_MAX, (sk.buf_alloc - unacked) // self.max_pkt_len - 1))
 
     def tick(self, now: float | None = None) -> int:
         """Run close timeouts due by `now` (virtio_transport_close_timeout): RST and forget.

@@ -245,7 +245,7 @@ class VsockSocket:
     def _deadline(self, timeout: float | None) -> float | None:
         return None if timeout is None else time.monotonic() + timeout
 
-    def _wait(self, ready, deadline: float | None, serve: bool = True) -> bool:
+    def _wait(self, ready, deadline: float | None, serve: bool = True, burst: int = 1) -> bool:
         """Wait (lock held) until ready(), the socket is closed or stale; False on timeout.
 
         The one place a socket call sleeps. Run to completion (shared/engine.py): when the
@@ -265,7 +265,7 @@ class VsockSocket:
             if db is not None:
                 self._serving = db
                 try:
-                    r = db.serve(done, deadline)
+                    r = db.serve(done, deadline, burst)
                 finally:
                     self._serving = None
                 if r is not None:
@@ -458,7 +458,7 @@ class VsockSocket:
                     return take(sk, arg)    # EAGAIN only when not readable (non-blocking)
                 if self._stale():           # nothing will ever arrive on a dead core
                     raise _err(errno.ECONNRESET, "recv")
-                if not self._wait(lambda: readable(sk), deadline):
+                if not self._wait(lambda: readable(sk), deadline, burst=core.rx_burst(sk)):
                     raise _err(errno.ETIMEDOUT, "recv timed out")
                 self._check()
 
