@@ -124,3 +124,15 @@ def test_rx_log_across_used_ring_wraps():
         assert logged <= ring | written, (b, sorted(logged - ring - written))
         rig.drv.refill_and_kick()
     assert got == FRAMES and hvq.last_used_idx > 512
+
+
+def test_a_page_just_past_the_bitmap_is_counted_not_written():
+    """The bitmap of 8 pages: page 7 is the last one marked, page 8 (and beyond) only counted."""
+    bits = bytearray(1)
+    log = DirtyLog(bits)
+    log.log_write(7 * VHOST_PAGE_SIZE + 100, 1)
+    assert bits == b"\x80" and log.overflow == 0
+    log.log_write(8 * VHOST_PAGE_SIZE, 1)
+    log.log_write(7 * VHOST_PAGE_SIZE + 4000, 200)       # spans pages 7 and 8
+    assert bits == b"\x80" and log.overflow == 2
+    assert log.dirty_pages() == {7}
