@@ -159,3 +159,24 @@ def test_every_catalog_snippet_still_matches_once():
     mutants = load_catalog(ROOT / "tools" / "mutants" / "catalog.toml")
     stale = [m.id for m in mutants if (ROOT / m.file).read_text().count(m.original) != 1]
     assert not stale, f"stale mutants (update their 'original' in tools/mutants/catalog.toml): {stale}"
+
+
+def test_ctrl_c_stops_the_run_cleans_up_and_exits_130(tmp_path):
+    import signal
+    import tempfile
+    import time
+    root = make_tree(tmp_path)
+    (tmp_path / "catalog.toml").write_text(CATALOG.replace("timeout = 3", "timeout = 120"))
+    before = {p.name for p in Path(tempfile.gettempdir()).glob("ve-mutants-*")}
+    p = subprocess.Popen([sys.executable, "-m", "tools.mutants", "--root", str(root), "--catalog",
+                          str(tmp_path / "catalog.toml"), "--only", "hang"], cwd=ROOT,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    time.sleep(5)                               # the baseline (~1 s), then the endless mutant
+    p.send_signal(signal.SIGINT)
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 130, out
+    assert "Traceback" not in out
+    after = {p.name for p in Path(tempfile.gettempdir()).glob("ve-mutants-*")}
+    assert after <= before, "the temporary copies were left behind"
+    assert (root / "calc.py").read_text() == CALC
