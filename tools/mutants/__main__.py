@@ -155,7 +155,7 @@ def main(argv=None) -> int:
         return 130
     pct = render(results, mutants, elapsed, args.min_score, console)
     if args.json:
-        pct_, counts = score(results)
+        counts = score(results)[1]
         doc = {"version": __version__, "score": round(pct, 2), "threshold": args.min_score,
                "passed": pct >= args.min_score, "interrupted": interrupted,
                "elapsed_s": round(elapsed, 1), "counts": counts,
