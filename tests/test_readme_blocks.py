@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -37,8 +38,7 @@ def test_running_it_by_hand_as_written(tmp_path):
     assert len(blocks) >= 2, blocks
     ve = tmp_path / "ve"
     script = "\n".join(b.replace("/tmp/ve", str(ve)) for b in blocks)
-    env = _env()
-    env.pop("VIRTIO_EMU_LOG_LEVEL", None)                  # the user's quiet default
+    env = blocks_env()
     out_path = tmp_path / "out.txt"
     with open(out_path, "wb") as out:
         p = subprocess.Popen(["bash", "-c", script], cwd=tmp_path, env=env, stdout=out,
@@ -66,6 +66,27 @@ def test_running_it_by_hand_as_written(tmp_path):
             pass
         _kill_rest(p.pid)
     assert not list((ve / "owners").glob("*.json")) or _wait_no_owners(ve)
+
+
+def blocks_env() -> dict:
+    """The environment the blocks run in: `python` is the interpreter running the tests (its
+    directory first on PATH), so a venv's packages are found even when the venv is not on PATH
+    (`/path/to/venv/bin/python -m pytest`)."""
+    env = _env()
+    env.pop("VIRTIO_EMU_LOG_LEVEL", None)                  # the user's quiet default
+    bindir = os.path.dirname(sys.executable)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def test_blocks_run_the_interpreter_running_the_tests(tmp_path, monkeypatch):
+    """Issue 21 item 7: `python` in the blocks is sys.executable even when PATH does not lead to
+    it (a venv's python started by its path, the venv not activated)."""
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    r = subprocess.run(["bash", "-c", "python -c 'import sys, posix_ipc; print(sys.executable)'"],
+                       env=blocks_env(), cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert os.path.realpath(r.stdout.strip()) == os.path.realpath(sys.executable)
 
 
 def _kill_rest(pgid: int) -> None:

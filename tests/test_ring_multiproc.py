@@ -5,6 +5,13 @@ guest child attaches, carves the rings and buffers, and streams 10^5 buffers thr
 with EVENT_IDX on, using the kernel's loops (kick_prepare; disable_cb / get_buf / enable_cb).
 Each buffer carries a counter, a pattern derived from it and a CRC; the host child checks it and
 echoes a transformed record into the buffer's device-writable part, which the guest verifies.
+
+A lost wake-up is told from a slow peer by time, not by a threshold alone: each side stamps what it
+publishes with time.monotonic() (CLOCK_MONOTONIC, one clock for every process). A doorbell wait
+that times out (STALL seconds) and is followed by work published *before* the wait timed out by
+more than GRACE is a stall: the work was there, undoorbelled, while we slept. Work published just
+as the wait ended means only that the peer was slow (descheduled on a loaded machine): counted as
+`late`, not as a stall.
 """
 import multiprocessing as mp
 import struct
@@ -21,10 +28,14 @@ N_BUFFERS = 100_000
 RING = 256
 RAM_SIZE = 1 << 20
 OUT_REC = struct.Struct("<QQQI4x")      # counter, pattern a, pattern b, crc32 of the first 24 bytes
-IN_REC = struct.Struct("<QI4x")         # counter ^ MAGIC, crc32 ^ 0xFFFFFFFF
+STAMP = struct.Struct("<d")             # time.monotonic() when the record was published
+OUT_LEN = OUT_REC.size + STAMP.size     # 40: the device-readable part of a slot
+IN_REC = struct.Struct("<QI4xd")        # counter ^ MAGIC, crc32 ^ 0xFFFFFFFF, stamp: 24 bytes
+SLOT = OUT_LEN + IN_REC.size            # 64
 MAGIC = 0x5A5A_F00D_0BAD_CAFE
 TIMEOUT = 60.0
-STALL = 5.0          # a doorbell wait this long with work waiting is a lost wake-up, not load
+STALL = 5.0          # a doorbell wait this long...
+GRACE = 1.0          # ...after which work published this long before its end is a lost wake-up
 
 
 def make_out(counter: int) -> bytes:
@@ -45,21 +56,22 @@ def guest_main(shm_name, kick_name, call_name, conn, n_buffers, deadline, depth=
     try:
         d, a, u = VirtQueue.alloc_rings(ram, RING)
         vq = VirtQueue(ram.mem, 0, RING, d, a, u, event_idx=True, name="mp")
-        slots = [ram.alloc.alloc(64) for _ in range(RING)]
+        slots = [ram.alloc.alloc(SLOT) for _ in range(RING)]
         conn.send({"table": ram.table, "desc": d, "avail": a, "used": u})
         mem = ram.mem
         free = list(range(RING))
-        sent = done = kicks = irq_waits = stalls = 0
+        sent = done = kicks = irq_waits = stalls = late = 0
         timed_out = False
+        woke = 0.0
         while done < n_buffers:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"guest: {done}/{n_buffers} done, vq {vq}")
             while sent < n_buffers and free and vq.num_free >= 2 and sent - done < depth:
                 s = free.pop()
                 gpa = slots[s]
-                mem.write(gpa, make_out(sent))
-                mem.write(gpa + 32, bytes(16))
-                assert vq.add_sgs([(gpa, 32)], [(gpa + 32, 16)], (s, sent))
+                mem.write(gpa + OUT_LEN, bytes(IN_REC.size))
+                mem.write(gpa, make_out(sent) + STAMP.pack(time.monotonic()))
+                assert vq.add_sgs([(gpa, OUT_LEN)], [(gpa + OUT_LEN, IN_REC.size)], (s, sent))
                 sent += 1
             if vq.kick_prepare():
                 kick.ring()
@@ -68,14 +80,17 @@ def guest_main(shm_name, kick_name, call_name, conn, n_buffers, deadline, depth=
             while True:
                 vq.disable_cb()
                 while (r := vq.get_buf()) is not None:
-                    if timed_out:           # work was there and no interrupt came: lost wakeup
-                        stalls += 1
-                        timed_out = False
                     (s, counter), ln = r
-                    if ln != 16:
+                    if ln != IN_REC.size:
                         raise AssertionError(f"buffer {counter}: used len {ln}")
-                    echo = IN_REC.unpack(mem.read(slots[s] + 32, 16))
-                    want = (counter ^ MAGIC, zlib.crc32(make_out(counter)[:24]) ^ 0xFFFFFFFF)
+                    *echo, stamp = IN_REC.unpack(mem.read(slots[s] + OUT_LEN, IN_REC.size))
+                    if timed_out:           # used while we slept, and no interrupt came?
+                        if stamp <= woke - GRACE:
+                            stalls += 1
+                        else:
+                            late += 1
+                        timed_out = False
+                    want = [counter ^ MAGIC, zlib.crc32(make_out(counter)[:24]) ^ 0xFFFFFFFF]
                     if echo != want:
                         raise AssertionError(f"buffer {counter}: echo {echo} != {want}")
                     free.append(s)
@@ -87,9 +102,9 @@ def guest_main(shm_name, kick_name, call_name, conn, n_buffers, deadline, depth=
                 if call.wait(STALL):
                     irq_waits += 1
                 else:
-                    timed_out = True
+                    timed_out, woke = True, time.monotonic()
         conn.send({"ok": True, "done": done, "kicks": kicks, "irqs": irq_waits,
-                   "stalls": stalls, "broken": vq.broken})
+                   "stalls": stalls, "late": late, "broken": vq.broken})
     except BaseException as exc:  # report, never a bare traceback
         conn.send({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
     finally:
@@ -121,8 +136,9 @@ def host_main(shm_name, kick_name, call_name, conn, n_buffers, deadline):
         h.event_idx = True
         if not h.access_ok(mem):
             raise RuntimeError("host: ring not accessible")
-        handled = signals = stalls = 0
+        handled = signals = stalls = late = 0
         timed_out = False
+        woke = 0.0
         while handled < n_buffers:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"host: {handled}/{n_buffers} handled, {h}")
@@ -135,26 +151,31 @@ def host_main(shm_name, kick_name, call_name, conn, n_buffers, deadline):
                         h.disable_notify(mem)
                         continue
                     break
-                if timed_out:               # work was there and no kick came: lost wakeup
-                    stalls += 1
-                    timed_out = False
-                if c.out_len != 32 or c.in_len != 16:
+                if c.out_len != OUT_LEN or c.in_len != IN_REC.size:
                     raise AssertionError(f"chain {c.head}: {c.out_len}/{c.in_len}")
-                rec = b"".join(bytes(v) for v in c.out)
+                raw = b"".join(bytes(v) for v in c.out)
+                rec, (stamp,) = raw[:OUT_REC.size], STAMP.unpack_from(raw, OUT_REC.size)
+                if timed_out:               # published while we slept, and no kick came?
+                    if stamp <= woke - GRACE:
+                        stalls += 1
+                    else:
+                        late += 1
+                    timed_out = False
                 counter, a, b, crc = OUT_REC.unpack(rec)
                 if zlib.crc32(rec[:24]) != crc or rec != make_out(counter):
                     raise AssertionError(f"buffer {counter}: bad payload")
-                c.in_[0][:16] = IN_REC.pack(counter ^ MAGIC, crc ^ 0xFFFFFFFF)
+                c.in_[0][:IN_REC.size] = IN_REC.pack(counter ^ MAGIC, crc ^ 0xFFFFFFFF, time.monotonic())
                 head = c.head
                 del c                                   # drop the views before the next pop
-                h.add_used(mem, head, 16)               # vhost_add_used_and_signal
+                h.add_used(mem, head, IN_REC.size)      # vhost_add_used_and_signal
                 handled += 1
                 if h.signal(mem):
                     call.ring()
                     signals += 1
-            if handled < n_buffers:
-                timed_out = not kick.wait(STALL)
-        conn.send({"ok": True, "handled": handled, "signals": signals, "stalls": stalls})
+            if handled < n_buffers and not kick.wait(STALL):
+                timed_out, woke = True, time.monotonic()
+        conn.send({"ok": True, "handled": handled, "signals": signals, "stalls": stalls,
+                   "late": late})
     except BaseException as exc:
         conn.send({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
     finally:
@@ -217,16 +238,25 @@ def run_pair(run_dir, n_buffers: int, depth: int, timeout: float) -> dict:
         rec.release_all()
 
 
-def check(results: dict, n_buffers: int) -> None:
+def check(results: dict, n_buffers: int, *, suppression: bool = True) -> None:
     assert results["guest"]["ok"], results["guest"]
     assert results["host"]["ok"], results["host"]
     assert results["guest"]["done"] == n_buffers and not results["guest"]["broken"]
     assert results["host"]["handled"] == n_buffers
-    # EVENT_IDX suppression must actually suppress: far fewer kicks than buffers
-    assert results["guest"]["kicks"] < n_buffers
-    # No lost wake-ups: a stall is a 5 s doorbell wait that timed out while work was waiting
-    # for it. With the barriers of shared/barrier.py at the four publish-then-read points there
-    # must be none, however loaded the machine.
+    if suppression:
+        # EVENT_IDX suppression must actually suppress: far fewer kicks than buffers
+        assert results["guest"]["kicks"] < n_buffers, results
+    else:
+        # One buffer in flight: whether a buffer needs a kick depends only on whether the device
+        # re-enabled notifications before it arrived, a race the device wins unless preempted
+        # in the microseconds between its signal and its enable_notify (measured: 16 000 to
+        # 19 994 kicks for 20 000 buffers depending on the load). A kick for every buffer is
+        # correct then; more than one per buffer never is.
+        assert results["guest"]["kicks"] <= n_buffers, results
+    # No lost wake-ups: a stall is a doorbell wait that timed out after STALL seconds while work
+    # published more than GRACE seconds before its end was waiting for it (stamps tell a lost
+    # doorbell from a slow peer). With the barriers of shared/barrier.py at the four
+    # publish-then-read points there must be none, however loaded the machine.
     assert results["guest"]["stalls"] == 0 and results["host"]["stalls"] == 0, results
     assert results["exitcodes"] == [0, 0], results["exitcodes"]
 
@@ -243,8 +273,8 @@ def test_depth1_round_trips_never_stall(shm_guard, run_dir):
     """One buffer in flight at a time: every round trip needs a kick and an interrupt decision,
     the case a missing barrier turns into a lost wake-up."""
     n = 20_000
-    results = run_pair(run_dir, n, 1, TIMEOUT)
-    check(results, n)
+    results = run_pair(run_dir, n, 1, 300.0)    # ~2 s here; the deadline only bounds a hang
+    check(results, n, suppression=False)
 
 
 @pytest.mark.slow
@@ -252,5 +282,5 @@ def test_depth1_round_trips_never_stall(shm_guard, run_dir):
 def test_million_depth1_round_trips_never_stall(shm_guard, run_dir):
     n = 1_000_000
     results = run_pair(run_dir, n, 1, 1800.0)
-    check(results, n)
+    check(results, n, suppression=False)
     print(f"{n} depth-1 round trips in {results['elapsed']:.1f}s: {results}")
