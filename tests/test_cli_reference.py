@@ -34,6 +34,7 @@ PROGRAMS = {
     "python -m tools.linux_guest": "tools.linux_guest",
     "python -m tools.monitor.overhead": "tools.monitor.overhead",
     "python -m tools.stress.hostile": "tools.stress.hostile",
+    "python -m tools.mutants": "tools.mutants.__main__",
 }
 COMMON = "Common to"            # the section of flags host and guest share
 

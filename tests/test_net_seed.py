@@ -370,3 +370,23 @@ def test_runner_retries_a_failed_or_fdless_tx_on_a_timer():
     glue._retry = None
     glue.sync()
     assert w.timers[-1][0] == TX_ERROR_RETRY
+
+
+def test_good_chains_before_a_bad_one_are_returned_on_the_used_ring():
+    """Issue 15 item 7 on vhost-net: a tx batch that meets a bad chain (header only) marks the
+    device NEEDS_RESET but the frames sent before it come back on the used ring."""
+    sink = Sink()
+    rig = Rig(V1, sink)
+    txq = rig.vqs[NET_VQ_TX]
+    for data in (bytes(HL) + frame(0), bytes(HL) + frame(1), bytes(HL)):   # the last: header only
+        g = rig.ram.alloc.alloc(len(data))
+        rig.mem.write(g, data)
+        assert txq.add_sgs([(g, len(data))], [], g)
+    rig.drv.kick(txq)                              # one batch: two good chains, then a bad one
+    rig.run()
+    assert broken(rig)
+    assert list(sink.queue) == [frame(0), frame(1)]
+    got = []
+    while (r := txq.get_buf()) is not None:
+        got.append(r)
+    assert len(got) == 2                           # both good chains were returned

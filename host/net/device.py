@@ -365,6 +365,15 @@ class VhostNet(VhostDevice):
             self._log_used(vq, first, len(used))
         self.notify(vq)
 
+    def _return_used(self, vq, mem, used: list) -> None:
+        """The chains a batch finished go back even when a bad chain after them broke the device
+        (vhost_add_used, chain by chain): the driver must not wait for them for ever."""
+        if used:
+            try:
+                self._add_used(vq, mem, used)
+            except GUEST_ERRORS as e:
+                self.vq_err(vq, e)
+
     def _idle(self, vq, mem, used: list) -> bool:
         """handle_tx/handle_rx ran out (no chain, or no rx buffers): publish what was used,
         re-enable notifications and look again (vhost_enable_notify); True if the guest added
@@ -465,8 +474,7 @@ class VhostNet(VhostDevice):
                         self._queue_work(self.handle_tx)
                         break
             finally:
-                if used and not self.broken:
-                    self._add_used(vq, mem, used)
+                self._return_used(vq, mem, used)
 
     def _exceeds_weight(self, total: int, pkts: int) -> bool:
         """vhost_exceeds_weight: the seed's byte weight, and the packet weight if one is set."""
@@ -542,8 +550,7 @@ class VhostNet(VhostDevice):
                         self._queue_work(self.handle_rx)
                         break
             finally:
-                if used and not self.broken:
-                    self._add_used(vq, mem, used)
+                self._return_used(vq, mem, used)
 
     def _get_rx_bufs(self, vq, mem, need: int):
         """get_rx_bufs: chains enough for `need` bytes (one without MRG_RXBUF); None when the ring

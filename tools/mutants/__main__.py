@@ -13,6 +13,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+from shared.cli import add_version
+
 from . import DEFAULT_THRESHOLD, __version__
 from .runner import (COUNTS_AS_KILLED, EQUIVALENT, INTERRUPTED, KILLED, STALE, SURVIVED, TIMEOUT,
                      CatalogError, Result, Runner, load_catalog, score)
@@ -37,12 +39,14 @@ def parse_args(argv):
                    help=f"exit 1 below this score (default {DEFAULT_THRESHOLD:g})")
     p.add_argument("--no-baseline", action="store_true",
                    help="skip the check that the related tests pass without any mutant")
-    p.add_argument("--catalog", default=str(HERE / "catalog.toml"), metavar="FILE",
+    p.add_argument("--catalog", default=None, metavar="FILE",
                    help="the mutant list (default: tools/mutants/catalog.toml)")
-    p.add_argument("--root", default=str(ROOT), metavar="DIR",
+    p.add_argument("--root", default=None, metavar="DIR",
                    help="the tree to copy and mutate (default: this checkout; never written)")
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    add_version(p)
     args = p.parse_args(argv)
+    args.catalog = args.catalog or str(HERE / "catalog.toml")
+    args.root = args.root or str(ROOT)
     if args.jobs < 1 or args.timeout <= 0:
         p.error("--jobs must be at least 1 and --timeout positive")
     return args

@@ -1,0 +1,141 @@
+"""Run to completion (shared/engine.py DoorbellThread.serve): a caller that must wait serves the
+doorbell itself, in one process, with LocalDoorbells and a ring stand-in."""
+from __future__ import annotations
+
+import threading
+import time
+
+from shared.doorbell import LocalDoorbell
+from shared.engine import MODERATE_S, Engine, PollOps
+
+
+class Ring:
+    """A stand-in ring: `items` the producer added, `taken` what the handler consumed; the
+    handler records which thread ran it."""
+
+    def __init__(self):
+        self.items = 0
+        self.taken = 0
+        self.threads: list[str] = []
+        self.delays: list[int] = []
+        self.notify_after = 1            # the consumer's "notify me after k more" (EVENT_IDX)
+
+    def handler(self):
+        self.threads.append(threading.current_thread().name)
+        self.taken = self.items
+
+    def pending(self) -> bool:
+        return self.items != self.taken
+
+    def delay(self, k: int) -> bool:
+        self.delays.append(k)
+        self.notify_after = k
+        return self.pending()
+
+    def produce(self, db, n: int = 1):
+        """Add n items; ring the doorbell only when the consumer's event index says so."""
+        before = self.items - self.taken
+        self.items += n
+        if before < self.notify_after <= before + n:
+            db.ring()
+
+
+def make(poll=True):
+    eng = Engine("t")
+    eng.start()
+    db = LocalDoorbell()
+    ring = Ring()
+    ops = PollOps(pending=ring.pending, delay=ring.delay) if poll else None
+    t = eng.add_doorbell(db, ring.handler, poll=ops, name="irq")
+    return eng, db, ring, t
+
+
+def test_a_waiting_caller_runs_the_ring_work_on_its_own_thread():
+    eng, db, ring, t = make()
+    try:
+        def producer():
+            time.sleep(0.05)
+            ring.produce(db)
+        threading.Thread(target=producer, name="producer").start()
+        with eng.lock:
+            assert t.serve(lambda: ring.taken >= 1, time.monotonic() + 5) is True
+        assert ring.threads == [threading.current_thread().name]   # not the doorbell thread
+        assert t.served >= 1 and t.lead_owner is None
+    finally:
+        eng.stop(timeout=2)
+
+
+def test_the_doorbell_thread_parks_while_a_caller_serves_and_serves_again_after():
+    eng, db, ring, t = make()
+    try:
+        with eng.lock:
+            assert t.serve(lambda: False, time.monotonic() + 0.05) is False     # timed out
+        ring.produce(db)                      # nobody serves now: the doorbell thread takes it
+        deadline = time.monotonic() + 3
+        while ring.taken < 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert ring.taken == 1 and ring.threads[-1] == "t-irq"
+    finally:
+        eng.stop(timeout=2)
+
+
+def test_a_second_caller_does_not_serve_while_the_first_does():
+    eng, db, ring, t = make()
+    try:
+        got = []
+        started = threading.Event()
+
+        def first():
+            with eng.lock:
+                started.set()
+                got.append(t.serve(lambda: ring.taken >= 1, time.monotonic() + 5))
+        th = threading.Thread(target=first, name="first")
+        th.start()
+        started.wait(2)
+        time.sleep(0.02)
+        with eng.lock:
+            assert t.serve(lambda: True, None) is None       # another thread serves
+        ring.produce(db)
+        th.join(5)
+        assert got == [True] and ring.threads == ["first"]
+    finally:
+        eng.stop(timeout=2)
+
+
+def test_work_done_elsewhere_ends_the_serve_when_nudged():
+    """The server sleeps on the doorbell; another thread makes done() true and nudges it (what a
+    socket's wake does): the serve returns at once, not at its timeout."""
+    eng, db, ring, t = make()
+    try:
+        flag = []
+
+        def other():
+            time.sleep(0.05)
+            with eng.lock:
+                flag.append(1)
+                t.nudge()
+        threading.Thread(target=other).start()
+        t0 = time.monotonic()
+        with eng.lock:
+            assert t.serve(lambda: bool(flag), time.monotonic() + 5) is True
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        eng.stop(timeout=2)
+
+
+def test_a_burst_reader_asks_for_the_doorbell_after_the_burst_and_sleeps_at_most_moderate_s():
+    eng, db, ring, t = make()
+    try:
+        def producer():
+            time.sleep(0.02)
+            ring.produce(db, 2)               # a burst shorter than the 4 asked for: no doorbell
+        threading.Thread(target=producer).start()
+        t0 = time.monotonic()
+        with eng.lock:
+            assert t.serve(lambda: ring.taken >= 2, time.monotonic() + 5, burst=4) is True
+        took = time.monotonic() - t0
+        assert 4 in ring.delays                       # asked to be told after 4 more
+        assert ring.notify_after == 1                 # and left armed for the very next one
+        assert took < 0.02 + 10 * MODERATE_S + 0.5    # found by its bounded sleep, not 0.2 s+
+    finally:
+        eng.stop(timeout=2)
