@@ -182,9 +182,6 @@ class DoorbellThread:
             with lock:
                 if self.stopped:
                     return
-                if self.want_lead or self.lead_owner is not None:
-                    continue        # a caller took the doorbell (and rang it to say so): it
-                                    # looks at the ring first thing, kick or not
                 if n:
                     stats["wakeups"] += 1
                     self.wakeups += 1

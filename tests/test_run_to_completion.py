@@ -21,7 +21,8 @@ class Ring:
         self.notify_after = 1            # the consumer's "notify me after k more" (EVENT_IDX)
 
     def handler(self):
-        self.threads.append(threading.current_thread().name)
+        if self.items != self.taken:      # who consumed (a handler run finding nothing is not)
+            self.threads.append(threading.current_thread().name)
         self.taken = self.items
 
     def pending(self) -> bool:

@@ -419,9 +419,22 @@ class VirtioVsockTransport:
     def send_rw(self, sk, payload) -> bool:
         """The core's fast path for one RW packet (VsockCore.send_rw): straight onto the tx ring
         when nothing waits before it (send_pkt's direct case, without a Packet). False: the
-        ordinary path (send_pkt: loopback, corking, queueing, capture) must take it."""
-        if (self.send_pkt_list or not self.tx_run or self.capture is not None
-                or sk.remote_cid == self.guest_cid):
+        ordinary path (send_pkt: loopback, corking, queueing, capture) must take it.
+        A small write that finds its socket's corked packet at the tail of send_pkt_list joins
+        it here too (autocork without a Packet)."""
+        lst = self.send_pkt_list
+        if lst:
+            tail = lst[-1]
+            n = len(payload)
+            if (self.coalesce and n < SMALL_WRITE and tail.owner is sk
+                    and tail.op == VIRTIO_VSOCK_OP_RW and type(tail.payload) is bytearray
+                    and len(tail.payload) + n <= VIRTIO_VSOCK_MAX_PKT_BUF_SIZE):
+                tail.payload += payload              # one packet, the newest credit fields
+                tail.buf_alloc, tail.fwd_cnt = sk.buf_alloc, sk.fwd_cnt
+                self.stats["tx_coalesced"] += 1
+                return True
+            return False
+        if not self.tx_run or self.capture is not None or sk.remote_cid == self.guest_cid:
             return False
         vq = self.vqs[VSOCK_VQ_TX]
         if self.coalesce and len(payload) < SMALL_WRITE and self._tx_busy(vq):

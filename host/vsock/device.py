@@ -361,8 +361,19 @@ class VhostVsock(VhostDevice):
         guest's next rx buffer when nothing waits before it and the payload fits that buffer
         (the seeds' do_send_pkt for one packet: header packed in place, payload copied once).
         False: the ordinary path (send_pkt) must take it."""
-        if (self.send_pkt_list or self.capture is not None or sk.remote_cid != self.guest_cid
-                or not self._ready()):
+        lst = self.send_pkt_list
+        if lst:
+            tail, off = lst[-1]
+            n = len(payload)
+            if (not off and tail.owner is sk and tail.op == VIRTIO_VSOCK_OP_RW
+                    and type(tail.payload) is bytearray
+                    and len(tail.payload) + n <= VIRTIO_VSOCK_MAX_PKT_BUF_SIZE):
+                tail.payload += payload      # autocork, as send_pkt does, without a Packet
+                tail.buf_alloc, tail.fwd_cnt = sk.buf_alloc, sk.fwd_cnt
+                self.stats["rx_coalesced"] += 1
+                return True
+            return False
+        if self.capture is not None or sk.remote_cid != self.guest_cid or not self._ready():
             return False
         vq, mem = self.vqs[VSOCK_VQ_RX], self.mem
         if not self.mem_ok(vq):
