@@ -213,8 +213,9 @@ class VirtQueue:
         return self._uv[1]
 
     def more_used(self) -> bool:
-        """more_used_split: has the device published used entries we have not consumed?"""
-        return self.last_used_idx != self._uv[1]
+        """more_used_split: has the device published used entries we have not consumed? Never
+        on a broken queue (virtqueue_poll): nothing more will be taken from it."""
+        return not self.broken and self.last_used_idx != self._uv[1]
 
     def _detach_buf(self, head: int):
         """detach_buf_split: give the chain's descriptors back to the free list."""
@@ -293,7 +294,10 @@ class VirtQueue:
                 self._av[0] = self.avail_flags_shadow
 
     def enable_cb(self) -> bool:
-        """virtqueue_enable_cb: re-arm interrupts; False when buffers raced in (poll again)."""
+        """virtqueue_enable_cb: re-arm interrupts; False when buffers raced in (poll again).
+        True on a broken queue (virtqueue_poll is false there): no loop spins on it."""
+        if self.broken:
+            return True
         self._enable_cb_prepare()
         last = self.last_used_idx
         if self.event_idx:
@@ -305,7 +309,7 @@ class VirtQueue:
         """enable_cb, asking for the interrupt only once k more buffers are used (EVENT_IDX's
         used_event k-1 ahead; interrupt moderation for a reader expecting a burst). Without
         EVENT_IDX it is enable_cb. False when buffers raced in."""
-        if k <= 1 or not self.event_idx:
+        if k <= 1 or not self.event_idx or self.broken:
             return self.enable_cb()
         self._enable_cb_prepare()
         last = self.last_used_idx
@@ -315,6 +319,8 @@ class VirtQueue:
 
     def enable_cb_delayed(self) -> bool:
         """virtqueue_enable_cb_delayed: interrupt after ~3/4 of the outstanding buffers are used."""
+        if self.broken:
+            return True
         self._enable_cb_prepare()
         last = self.last_used_idx
         bufs = ((self.avail_idx_shadow - last) & _U16) * 3 // 4

@@ -244,3 +244,27 @@ def test_recv_view_is_zero_copy_and_release_returns_the_buffer():
         assert HostVsock                               # (the host family exists too)
     finally:
         p.close()
+
+
+def test_a_lent_chain_holds_later_chains_back_so_used_idx_means_all_before_it_is_done():
+    """Lent tx chains are used in the order they were popped: a 64 KiB packet not yet read keeps
+    the small packet after it (copied at once) off the used ring, so a driver that reconnects
+    and resumes at used.idx never sees a chain twice."""
+    from tests.pair import VsockPair
+    p = VsockPair(coalesce=False)                     # the small write goes out, not corked
+    try:
+        gsk, hsk = p.connect()
+        txq = p.dev.vqs[1]
+        base = txq.used_idx(p.dev.mem)
+        with p.lock, p.t.batch:
+            p.t.core.send(gsk, b"L" * 65536)          # lent
+            p.t.core.send(gsk, b"s" * 10)             # copied
+        p.pump()
+        assert p.dev.loans == 1 and hsk.rx_bytes == 65546
+        assert txq.used_idx(p.dev.mem) == base          # both wait for the lent one
+        out = bytearray(1 << 17)
+        with p.lock:
+            assert p.dev.core.recv_into(hsk, memoryview(out)) == 65546
+        assert txq.used_idx(p.dev.mem) == base + 2 and p.dev.loans == 0
+    finally:
+        p.close()

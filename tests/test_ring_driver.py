@@ -361,3 +361,21 @@ def test_wraparound_past_65535(event_idx):
         assert vq.get_buf() == (k, k)
     assert vq.avail_idx_shadow == (65530 + 20) & 0xFFFF == u16(mem, vq.avail + 2)
     assert u16(mem, vq.used + 2) == 14 and vq.last_used_idx == 14
+
+
+def test_a_broken_queue_has_no_more_work_so_no_loop_spins_on_it():
+    """virtqueue_poll is false on a broken queue: enable_cb says "nothing raced in" and more_used
+    is false even with used entries the driver will never take (a device that reused a head)."""
+    from guest.ram import GuestRAM
+    from guest.virtqueue import VirtQueue
+    ram = GuestRAM("t", 1 << 20, buf=bytearray(1 << 20))
+    d, a, u = VirtQueue.alloc_rings(ram, 8)
+    vq = VirtQueue(ram.mem, 0, 8, d, a, u, event_idx=True)
+    g = ram.alloc.alloc(64)
+    assert vq.add_sgs([(g, 64)], [], "tok")
+    uv = ram.mem.u16_view(u, 2)
+    ram.mem.write(u + 4, (5).to_bytes(4, "little") + (64).to_bytes(4, "little"))   # id 5: not a head
+    uv[1] = 1
+    assert vq.get_buf() is None and vq.broken
+    assert not vq.more_used()
+    assert vq.enable_cb() and vq.enable_cb_delayed() and vq.enable_cb_after(4)

@@ -103,6 +103,7 @@ class VhostVsock(VhostDevice):
         # At most half the tx ring is lent, so control packets always find room.
         self.lend = lend
         self.loans = 0              # tx chains lent to sockets, not yet used
+        self.tx_order: deque[list] = deque()   # [head, len, done] of popped tx chains not yet used
         self.loan_gen = 0           # bumped when the rings go away: older loans are void
         self._notify_rx = lambda: self.notify(self.vqs[VSOCK_VQ_RX])
         # In-device programs (host/vsock/endpoint.py): start_hooks run at the end of start()
@@ -203,6 +204,7 @@ class VhostVsock(VhostDevice):
         # Lent views of guest RAM must be gone before the memory is released.
         self.loan_gen += 1
         self.loans = 0
+        self.tx_order.clear()
         self.core.drop_loans()
         super().stop()
         # Forget every connection: the guest's side goes away with the rings (release, purge).
@@ -264,7 +266,7 @@ class VhostVsock(VhostDevice):
 
     def _handle_tx(self) -> None:
         vq, mem = self.vqs[VSOCK_VQ_TX], self.mem
-        used: list[tuple[int, int]] = []
+        order = self.tx_order
         pkts = total = 0
         stats = self.stats
         try:
@@ -287,13 +289,12 @@ class VhostVsock(VhostDevice):
                 stats["bytes_in"] += HDR_SIZE + n
                 pkts += 1
                 total += HDR_SIZE + n
-                if not self._rx_rw_fast(chain, hdr):
+                entry = [chain.head, HDR_SIZE + n, True]
+                order.append(entry)
+                if not self._rx_rw_fast(chain, hdr, entry):
                     pkt = self._alloc_pkt(chain, hdr)
                     self._tap(pkt)                  # monitors see every packet received
-                    used.append((chain.head, HDR_SIZE + n))
                     self._route(pkt)
-                elif not self._lent:
-                    used.append((chain.head, HDR_SIZE + n))
                 # vhost_exceeds_weight: give the worker to others, continue later
                 if pkts >= VHOST_VSOCK_PKT_WEIGHT or total >= VHOST_VSOCK_WEIGHT:
                     stats["tx_requeued"] += 1
@@ -304,20 +305,31 @@ class VhostVsock(VhostDevice):
         finally:
             # The good chains popped before a bad one still go back (vhost_add_used, chain by
             # chain): a driver waiting for them must not wait for ever.
-            if used:
-                try:
-                    vq.add_used_n(mem, used)
-                    self.notify(vq)
-                except GUEST_ERRORS as e:
-                    self.vq_err(vq, e)
+            self._used_in_order(vq, mem)
+
+    def _used_in_order(self, vq, mem) -> None:
+        """Return the chains done so far, in the order they were popped: a lent chain holds the
+        ones after it back until its reader is done, so used.idx always says "everything before
+        me is done" (a driver that reconnects resumes at used.idx, as vhost-user does without
+        inflight tracking)."""
+        order = self.tx_order
+        if not order or not order[0][2]:
+            return
+        used = []
+        while order and order[0][2]:
+            head, length, _ = order.popleft()
+            used.append((head, length))
+        try:
+            vq.add_used_n(mem, used)
+            self.notify(vq)
+        except GUEST_ERRORS as e:
+            self.vq_err(vq, e)
 
     # --- the RW fast path (both directions) ------------------------------------------------------
-    _lent = False
-
-    def _rx_rw_fast(self, chain, hdr) -> bool:
+    def _rx_rw_fast(self, chain, hdr, entry) -> bool:
         """A guest RW packet for an ESTABLISHED host socket goes straight to the core's rx_rw,
-        its payload lent (the chain used later, when read) or copied once. False: the ordinary
-        path (a Packet through _route) must take it."""
+        its payload lent (`entry`, the chain's place in tx_order, is done only when it is read)
+        or copied once. False: the ordinary path (a Packet through _route) must take it."""
         (src_cid, dst_cid, src_port, dst_port, length, type_, op, _flags, buf_alloc, fwd_cnt) = hdr
         if (op != VIRTIO_VSOCK_OP_RW or type_ != VIRTIO_VSOCK_TYPE_STREAM or self.capture is not None
                 or src_cid != self.guest_cid or dst_cid != VMADDR_CID_HOST):
@@ -327,34 +339,28 @@ class VhostVsock(VhostDevice):
         if sk is None or sk.state is not SockState.ESTABLISHED:
             return False
         out = chain.out
-        self._lent = False
         if not length:
             payload = b""
         elif (self.lend and length >= LEND_MIN and len(out) == 2 and out[0].nbytes == HDR_SIZE
               and out[1].nbytes >= length and self.loans < self.vqs[VSOCK_VQ_TX].num // 2
               and not sk.released):
-            payload = Loan(out[1][:length], partial(self._loan_done, chain.head, HDR_SIZE + length,
-                                                    self.loan_gen))
+            payload = Loan(out[1][:length], partial(self._loan_done, entry, self.loan_gen))
+            entry[2] = False
             self.loans += 1
-            self._lent = True
         else:
             payload = self._payload(chain, length)
         core.rx_rw(sk, buf_alloc, fwd_cnt, payload)
         return True
 
-    def _loan_done(self, head: int, length: int, gen: int) -> None:
-        """A lent tx chain was read (or dropped): it goes back to the used ring now."""
+    def _loan_done(self, entry: list, gen: int) -> None:
+        """A lent tx chain was read (or dropped): it goes back to the used ring, with the chains
+        popped after it that were waiting for it."""
         if gen != self.loan_gen:
             return                  # the rings it came from are gone
         self.loans -= 1
-        if not self._ready():
-            return
-        vq = self.vqs[VSOCK_VQ_TX]
-        try:
-            vq.add_used(self.mem, head, length)
-            self.notify(vq)
-        except GUEST_ERRORS as e:
-            self.vq_err(vq, e)
+        entry[2] = True
+        if self._ready():
+            self._used_in_order(self.vqs[VSOCK_VQ_TX], self.mem)
 
     def send_rw(self, sk, payload) -> bool:
         """The host core's fast path for one RW packet (VsockCore.send_rw): straight into the
