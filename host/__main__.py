@@ -117,11 +117,12 @@ def main(argv: list[str] | None = None) -> int:
                        max_queue_size=args.max_queue_size, poll_us=args.poll_us,
                        buf_size=args.buf_size, services=args.service, run=args.run)
     if pairs or net_pairs:
-        from host.vhost_user.kinds import DEFAULT_MAC, NetKind
+        from host.devices import DEFAULT_MAC, NetKind, VsockKind
         from host.vhost_user.runner import serve
         from shared.resources import ensure_run_dir
-        kinds = list(pairs) + [(path, NetKind(spec, opts, DEFAULT_MAC[:5] + bytes([i + 1])))
-                               for i, (path, spec) in enumerate(net_pairs)]
+        kinds = [(path, VsockKind(cid, opts, "vhost-user")) for path, cid in pairs] + [
+            (path, NetKind(spec, opts, DEFAULT_MAC[:5] + bytes([i + 1]), "vhost-user"))
+            for i, (path, spec) in enumerate(net_pairs)]
         try:
             ensure_run_dir(opts.run_dir)
             return serve(kinds, opts)

@@ -1,4 +1,4 @@
-"""ControlSession (host/control_session.py) and VhostDevice (host/device.py), pure: bytearray guest
+"""The one Session (host/session.py) behind the native codec (host/native.py) and VhostDevice (host/device.py), pure: bytearray guest
 RAM, LocalDoorbells, the real split rings on both sides."""
 import struct
 
@@ -6,7 +6,7 @@ import pytest
 
 from guest.ram import GuestRAM
 from guest.virtqueue import VirtQueue
-from host.control_session import ControlSession
+from host.native import native_session
 from host.device import VHOST_FEATURES, VhostDevice
 from shared.constants import (VIRTIO_CONFIG_S_ACKNOWLEDGE as ACK, VIRTIO_CONFIG_S_DRIVER as DRIVER,
                               VIRTIO_CONFIG_S_DRIVER_OK as DRIVER_OK, VIRTIO_CONFIG_S_FAILED as FAILED,
@@ -92,9 +92,9 @@ class World:
         self.session = self.new_session(**session_kw)
 
     def attach(self, regions):
-        return CountingMemory([MemoryRegion(r["guest_phys_addr"], r["memory_size"],
-                                            memoryview(self.buf)[r["mmap_offset"]:r["mmap_offset"] + r["memory_size"]],
-                                            r["userspace_addr"]) for r in regions])
+        return CountingMemory([MemoryRegion(r.guest_phys_addr, r.memory_size,
+                                            memoryview(self.buf)[r.mmap_offset:r.mmap_offset + r.memory_size],
+                                            r.userspace_addr) for r in regions])
 
     def open_bell(self, spec):
         try:
@@ -108,7 +108,7 @@ class World:
         return dev
 
     def new_session(self, **kw):
-        self.session = ControlSession(kw.pop("factory", self.factory), attach_memory=self.attach,
+        self.session = native_session(kw.pop("factory", self.factory), attach_memory=self.attach,
                                       open_doorbell=self.open_bell, **kw)
         return self.session
 
@@ -489,7 +489,7 @@ def test_attach_failure_is_efault():
 
     def boom(regions):
         raise FileNotFoundError("no such segment")
-    w.session.attach_memory = boom
+    w.session.session.attach_memory = boom
     assert "no such segment" in w.bad("SET_MEM_TABLE", "EFAULT", regions=w.ram.table)["message"]
 
 
