@@ -40,10 +40,12 @@ from shared.constants import (VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVE
                               VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, has)
 from shared.control import PROTOCOL_VERSION, ControlError
 from shared.doorbell import SemDoorbell
+from shared.engine import Engine
 from shared.resources import unlink_sem
 from shared.ring_layout import used_idx_addr
 
 from .control_client import ControlClient
+from .virtqueue import VirtQueue
 
 log = logging.getLogger(__name__)
 IRQ_POLL = 0.2          # seconds the err watcher waits between looks
@@ -196,7 +198,6 @@ class VirtioDevice:
         kick_alias = dict(kick_alias or {})
         if any(j >= i or j in kick_alias for i, j in kick_alias.items()):
             raise ValueError("kick_alias maps a queue to an earlier queue with its own kick")
-        from .virtqueue import VirtQueue
         if self.rings:
             raise RuntimeError("find_vqs called twice without del_vqs")
         if len(callbacks) != len(sizes):
@@ -265,7 +266,6 @@ class VirtioDevice:
         """Free ring memory, close and unlink the doorbells, drop them from the owner record.
 
         Call after reset() (the device must no longer touch the rings)."""
-        from .virtqueue import VirtQueue
         rings, self.rings = self.rings, []
         self.vqs = []
         names: list[str] = []
@@ -306,7 +306,6 @@ class VirtioDevice:
         rings, with the engine's lock held (vring_interrupt); `poll(qidx)` may give the PollOps
         for busy-polling a queue (shared/engine.py). One more thread watches the err doorbells.
         They exit soon after stop_event is set and join_irq_threads() is called."""
-        from shared.engine import Engine
         if engine is None:
             engine = self._own_engine = Engine(f"{self.guest_name}-{self.device}")
         self._engine = engine

@@ -6,7 +6,13 @@ import sys
 from pathlib import Path
 
 from shared.cli import add_common, add_programs, check_programs, prog_name, queue_size, run_dir_arg, setup_logging
-from shared.resources import RunDirError, default_run_dir
+from shared.constants import RESERVED_CIDS
+from shared.net.spec import check_spec, claim_key
+from shared.resources import RunDirError, default_run_dir, ensure_run_dir
+
+from host.daemon import Daemon, HostOptions
+from host.devices import DEFAULT_MAC, NetKind, VsockKind
+from host.vhost_user.runner import serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def vhost_user_pairs(p: argparse.ArgumentParser, sockets: list[str], cids: list[int]) -> list[tuple[Path, int]]:
     """--vhost-user S --cid N (paired in order) or --vhost-user S,cid=N -> [(path, cid)]."""
-    from shared.constants import RESERVED_CIDS
     pairs: list[tuple[Path, int]] = []
     free = list(cids)
     for spec in sockets:
@@ -78,7 +83,6 @@ def vhost_user_pairs(p: argparse.ArgumentParser, sockets: list[str], cids: list[
 def vhost_user_net_pairs(p: argparse.ArgumentParser, sockets: list[str], specs: list[str],
                          taken: list[Path]) -> list[tuple[Path, str]]:
     """--vhost-user-net S --net-backend SPEC, paired in order -> [(path, spec)]."""
-    from host.net.backends.spec import check_spec, claim_key
     if len(specs) != len(sockets):
         if len(specs) < len(sockets):
             p.error(f"--vhost-user-net {sockets[len(specs)]}: no --net-backend (one per socket, in order)")
@@ -111,15 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     net_pairs = vhost_user_net_pairs(parser, args.vhost_user_net, args.net_backend,
                                      [q for q, _ in pairs])
     setup_logging("host", args.log_level)
-    from host.daemon import Daemon, HostOptions
     opts = HostOptions(run_dir=args.run_dir or default_run_dir(), pcap=args.pcap,
                        credit_policy=args.credit_policy, dialect=args.dialect,
                        max_queue_size=args.max_queue_size, poll_us=args.poll_us,
                        buf_size=args.buf_size, services=args.service, run=args.run)
     if pairs or net_pairs:
-        from host.devices import DEFAULT_MAC, NetKind, VsockKind
-        from host.vhost_user.runner import serve
-        from shared.resources import ensure_run_dir
         kinds = [(path, VsockKind(cid, opts, "vhost-user")) for path, cid in pairs] + [
             (path, NetKind(spec, opts, DEFAULT_MAC[:5] + bytes([i + 1]), "vhost-user"))
             for i, (path, spec) in enumerate(net_pairs)]

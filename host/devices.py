@@ -25,7 +25,8 @@ the session do not change.
 """
 from __future__ import annotations
 
-from host.net.backends.spec import check_spec, claim_key, open_backend
+from host.net.backends.spec import open_backend
+from shared.net.spec import check_spec, claim_key
 from host.net.device import VhostNet
 from host.net.runner import NetBackends
 from host.vsock.device import VhostVsock

@@ -33,6 +33,7 @@ from shared.stats import remove_stats, write_stats
 from host.devices import DEVICE_KINDS
 from host.native import native_session
 from host.session import Session
+from host.vsock.endpoint import HostEndpoint
 from host.worker import VhostWorker
 
 log = logging.getLogger("host.device")
@@ -152,7 +153,6 @@ class DeviceRunner:
         self.device = dev
         self.kicks.device = dev
         if (self.opts.services or self.opts.run) and hasattr(dev, "start_hooks"):
-            from host.vsock.endpoint import HostEndpoint     # imports the programs it runs
             self.endpoint = HostEndpoint(dev, self.opts.services, self.opts.run)
         return dev
 

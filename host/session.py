@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -118,7 +119,6 @@ class Request:
     fds: tuple = ()                # fds this request owns: closed when it is refused
 
     def close_fds(self) -> None:
-        import os
         for fd in self.fds:
             try:
                 os.close(fd)

@@ -14,7 +14,8 @@ import pytest
 
 from host.net.backends.loopback import Loopback
 from host.net.backends.sockets import Segment, UdpPair
-from host.net.backends.spec import check_spec, claim_key, open_backend
+from host.net.backends.spec import open_backend
+from shared.net.spec import check_spec, claim_key
 from shared.net.hdr import parse_ip
 from tests.net_rig import NetRig
 from tools.launch import free_udp_port
