@@ -20,7 +20,7 @@ from shared.errors import ProtocolError
 from shared.memory import GuestMemory, MemoryRegion
 from shared.resources import attach_shm, close_shm
 
-from host.session import Region, Request, Result, Session
+from host.session import Outcome, Region, Request, Result, Session
 
 # native field name -> Request field (fields not named here keep their name)
 _FIELDS = {"features": "value", "status": "value", "desc_user_addr": "desc",
@@ -63,7 +63,7 @@ class NativeCodec:
     def __init__(self, session: Session, decoder: Decoder | None = None):
         self.session = session
         self.decoder = decoder or Decoder()
-        self.started: list[int] = []      # rings started since the runner last looked
+        self.started: list[int] = []      # rings the last request started
 
     @property
     def device(self):
@@ -84,25 +84,26 @@ class NativeCodec:
             res = self.session.fail(e)
         else:
             res = self.session.handle(req)
-        self.started += res.started
+        self.started = res.started
         return encode_result(seq, res), res.close
 
-    def feed(self, data: bytes) -> tuple[list[bytes], bool]:
-        """Bytes from the connection: (encoded replies, close the connection). Rings that
-        started are added to `started` (the runner polls them once)."""
-        out: list[bytes] = []
+    def feed(self, data: bytes, fds=()) -> Outcome:
+        """Bytes (and the fds that came with them) from the connection -> Outcome."""
+        out = Outcome()
         if self.session.closed:
-            return out, True
+            out.close = True
+            return out
         try:
             for msg in self.decoder.iter_feed(data):
-                rep, close = self.handle(msg)
-                out.append(encode(rep))
-                if close:
-                    return out, True
+                rep, out.close = self.handle(msg)
+                out.replies.append(encode(rep))
+                out.started += self.started
+                if out.close:
+                    break
         except ProtocolError as e:
-            out.append(encode(encode_result(getattr(e, "seq", None), self.session.fail(e))))
-            return out, True
-        return out, False
+            out.replies.append(encode(encode_result(getattr(e, "seq", None), self.session.fail(e))))
+            out.close = True
+        return out
 
 
 def native_session(device_factory, *, attach_memory=None, open_doorbell=open_doorbell,

@@ -32,7 +32,7 @@ from shared.stats import remove_stats, write_stats
 
 from host.devices import DEVICE_KINDS
 from host.native import native_session
-from host.session import Session
+from host.session import Outcome, Session
 from host.vsock.endpoint import HostEndpoint
 from host.worker import VhostWorker
 
@@ -201,114 +201,144 @@ class DeviceRunner:
         remove_stats(self.opts.run_dir, "device")
 
 
-# --- a native guest's device process ----------------------------------------------------------------
-class NativeConnection:
-    """One native guest's control connection served by a DeviceRunner (after the daemon forked
-    us with the accepted socket and the HELLO it already read)."""
+# --- a control connection, whatever its codec ---------------------------------------------------------
+MAX_FDS = 8                    # fds one message may carry (vhost-user: the memory table's regions)
 
-    def __init__(self, conn: socket.socket, hello: dict, peer_pid: int, opts,
-                 decoder: Decoder | None = None, rest=()):
-        self.conn = conn
-        self.hello = hello
-        self.peer_pid = peer_pid
-        self.opts = opts
-        self.runner: DeviceRunner | None = None
-        self.rest = list(rest)
+
+def recv_stream(sock: socket.socket):
+    """A native connection's reader: whatever bytes (and SCM_RIGHTS fds) are there; None at EOF."""
+    data, fds, flags, _ = socket.recv_fds(sock, 65536, MAX_FDS)
+    return checked_recv(data, fds, flags)
+
+
+def checked_recv(data: bytes, fds: list, flags: int):
+    """recvmsg's (data, fds, flags) -> (data, fds); None at EOF; OSError when fds were cut."""
+    if flags & socket.MSG_CTRUNC or not data:
+        for fd in fds:
+            os.close(fd)
+        if data:
+            raise OSError("too many fds in one message (control data truncated)")
+        return None
+    return data, fds
+
+
+class Connection:
+    """One control connection on the engine's selector: `reader(sock)` gives bytes and fds, the
+    codec turns them into requests for the session and its results into replies, written back
+    without blocking; the runner hears of every message (after_control). `on_close` runs once
+    when the connection ends (EOF, an error that ends the session, a socket error)."""
+
+    def __init__(self, runner: DeviceRunner, sock: socket.socket, codec, reader, name: str, on_close):
+        self.runner = runner
+        self.sock = sock
+        self.codec = codec
+        self.reader = reader
+        self.name = name
+        self.on_close = on_close
+        self.closed = False
         self._out = bytearray()
-        kind = DEVICE_KINDS.get(hello.get("device"))
-        self.kind = kind.from_hello(hello, opts) if kind else None
-        self.runner = DeviceRunner(self.kind, opts, f"{hello['device']}-{hello['guest']}")
-        self.worker = self.runner.worker
-        # the daemon's decoder: bytes it read after HELLO stay in order
-        self.codec = native_session(self._make_device, decoder=decoder, name=f"control[{hello['guest']}]")
-        self.session = self.runner.session = self.codec.session
+        sock.setblocking(False)
+        runner.worker.register(sock, _R, self._on_event)
 
-    def _make_device(self, hello: dict):
-        try:
-            self.kind.open()
-        except (ValueError, OSError) as e:
-            raise ProtocolError(getattr(e, "strerror", None) or str(e), "EINVAL") from None
-        return self.runner.new_device(hello)
-
-    # --- the control socket ---------------------------------------------------------------------
-    def _send(self, chunks: list[bytes]) -> None:
-        for c in chunks:
-            self._out += c
+    def deliver(self, out) -> None:
+        """An Outcome of the codec: send its replies, tell the runner, close if it says so."""
+        self._out += b"".join(out.replies)
         self._flush()
+        self.runner.after_control(out.started)
+        if out.close and not self.closed:
+            log.warning("%s: closing the connection: %s", self.name,
+                        self.codec.session.error or "session closed")
+            self.close()
+
+    def _on_event(self, mask: int) -> None:
+        if mask & _W:
+            self._flush()
+        for _ in range(64):                      # a burst of messages, then let others run
+            if self.closed or not mask & _R:
+                return
+            try:
+                got = self.reader(self.sock)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.info("%s: connection error: %s", self.name, e)
+                self.close()
+                return
+            if got is None:
+                log.info("%s closed its control connection", self.name)
+                self.close()
+                return
+            self.deliver(self.codec.feed(*got))
 
     def _flush(self) -> None:
-        while self._out:
+        while self._out and not self.closed:
             try:
-                n = self.conn.send(self._out)
+                n = self.sock.send(self._out)
             except BlockingIOError:
-                self.worker.modify(self.conn, _R | _W, self._on_control)
+                self.runner.worker.modify(self.sock, _R | _W, self._on_event)
                 return
             except OSError:
                 self._out.clear()
-                self.worker.stop()
+                self.close()
                 return
             del self._out[:n]
-        self.worker.modify(self.conn, _R, self._on_control)
+        if not self.closed:
+            self.runner.worker.modify(self.sock, _R, self._on_event)
 
-    def _on_control(self, mask: int) -> None:
-        if mask & _W:
-            self._flush()
-        if not mask & _R:
+    def close(self) -> None:
+        if self.closed:
             return
-        try:
-            data = self.conn.recv(65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            log.info("guest %r (pid %d) closed its control connection", self.hello["guest"], self.peer_pid)
-            self.worker.stop()
-            return
-        replies, close = self.codec.feed(data)
-        self._send(replies)
-        self._after_control()
-        if close:
-            log.warning("closing the control connection of guest %r: %s", self.hello["guest"],
-                        self.session.error or "session closed")
-            self.worker.stop()
-
-    def _after_control(self) -> None:
-        started, self.codec.started = self.codec.started, []
-        self.runner.after_control(started)
-
-    def _write_stats(self) -> None:
-        self.runner.write_stats({"guest": self.hello["guest"], "device": self.hello["device"],
-                                 "cid": self.hello.get("params", {}).get("cid"),
-                                 "guest_pid": self.peer_pid})
-        if not self.worker.stopping:
-            self.worker.call_later(self.opts.stats_interval, self._write_stats)
-
-    def run(self) -> int:
-        signal.signal(signal.SIGTERM, lambda *_: self.worker.stop())
-        self.conn.setblocking(False)
-        replies, close = [], False
-        for msg in [self.hello] + self.rest:
-            reply, close = self.codec.handle(msg)
-            replies.append(encode(reply))
-            if close:
-                break
-        self.worker.register(self.conn, _R, self._on_control)
-        self._send(replies)
-        if close:
-            self.worker.stop()
-        self._after_control()
-        self._write_stats()
-        try:
-            self.worker.run()
-        finally:
-            self.runner.close()
+        self.closed = True
+        self.runner.worker.unregister(self.sock)
+        if self._out:                            # the last reply (an error) still goes out
             try:
-                self.conn.close()
+                self.sock.setblocking(True)
+                self.sock.settimeout(1.0)
+                self.sock.sendall(self._out)
             except OSError:
                 pass
-        return 0
+        self.sock.close()
+        self.on_close()
 
 
-def run_device(conn: socket.socket, hello: dict, peer_pid: int, opts, decoder=None, rest=()) -> int:
-    return NativeConnection(conn, hello, peer_pid, opts, decoder, rest).run()
+# --- a native guest's device process -----------------------------------------------------------------
+def run_device(conn: socket.socket, hello: dict, peer_pid: int, opts, decoder: Decoder | None = None,
+               rest=()) -> int:
+    """One native guest's device process (the daemon forked us with the accepted socket, the
+    HELLO it read and what followed it)."""
+    guest = hello["guest"]
+    kind = DEVICE_KINDS[hello["device"]].from_hello(hello, opts)
+    runner = DeviceRunner(kind, opts, f"{hello['device']}-{guest}")
+
+    def make_device(hello: dict):
+        try:
+            kind.open()
+        except (ValueError, OSError) as e:
+            raise ProtocolError(getattr(e, "strerror", None) or str(e), "EINVAL") from None
+        return runner.new_device(hello)
+
+    # the daemon's decoder: bytes it read after HELLO stay in order
+    codec = native_session(make_device, decoder=decoder, name=f"control[{guest}]")
+    runner.session = codec.session
+    signal.signal(signal.SIGTERM, lambda *_: runner.worker.stop())
+    connection = Connection(runner, conn, codec, recv_stream, f"guest {guest!r} (pid {peer_pid})",
+                            runner.worker.stop)
+    for msg in [hello] + list(rest):
+        rep, close = codec.handle(msg)
+        connection.deliver(Outcome([encode(rep)], close, codec.started))
+        if close:
+            break
+    fields = {"guest": guest, "device": hello["device"], "cid": hello.get("params", {}).get("cid"),
+              "guest_pid": peer_pid}
+
+    def stats() -> None:
+        runner.write_stats(fields)
+        if not runner.worker.stopping:
+            runner.worker.call_later(opts.stats_interval, stats)
+    stats()
+    try:
+        runner.worker.run()
+    finally:
+        connection.close()
+        runner.close()
+    return 0

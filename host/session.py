@@ -137,6 +137,15 @@ class Result:
 
 
 @dataclass
+class Outcome:
+    """What a codec hands its connection after some bytes: replies to send, close after them,
+    rings that just started (the runner polls them once)."""
+    replies: list = field(default_factory=list)
+    close: bool = False
+    started: list = field(default_factory=list)
+
+
+@dataclass
 class RingState:
     num: bool = False
     addr: bool = False

@@ -214,23 +214,24 @@ def test_feed_bytes_in_pieces_gives_encoded_replies():
                      "reconnect": False, "params": {}}) + encode({"op": "GET_FEATURES", "seq": 2})
     out = []
     for i in range(0, len(stream), 5):
-        replies, close = s.feed(stream[i:i + 5])
-        assert not close
-        out += replies
+        res = s.feed(stream[i:i + 5])
+        assert not res.close
+        out += res.replies
     msgs = Decoder(kind="reply").feed(b"".join(out))
     assert [m["seq"] for m in msgs] == [1, 2] and all(m["ok"] for m in msgs)
     assert msgs[1]["features"] == VHOST_FEATURES | bit(VIRTIO_VSOCK_F_STREAM)
     # garbage: an error reply and close
-    replies, close = s.feed(b"\xc1")
-    assert close and Decoder(kind="reply").feed(replies[0])[0]["error"] == "EPROTO"
-    assert s.feed(encode({"op": "GET_STATUS", "seq": 3})) == ([], True)
+    res = s.feed(b"\xc1")
+    assert res.close and Decoder(kind="reply").feed(res.replies[0])[0]["error"] == "EPROTO"
+    res = s.feed(encode({"op": "GET_STATUS", "seq": 3}))
+    assert res.replies == [] and res.close
 
 
 def test_feed_answers_a_schema_error_with_its_seq():
     w = World()
-    replies, close = w.session.feed(encode({"op": "HELLO", "seq": 9, "version": 1}))
-    rep = Decoder(kind="reply").feed(replies[0])[0]
-    assert close and rep["seq"] == 9 and rep["error"] == "EINVAL"
+    res = w.session.feed(encode({"op": "HELLO", "seq": 9, "version": 1}))
+    rep = Decoder(kind="reply").feed(res.replies[0])[0]
+    assert res.close and rep["seq"] == 9 and rep["error"] == "EINVAL"
 
 
 # --- the legal order ----------------------------------------------------------------------------

@@ -89,9 +89,9 @@ class Host:
                         continue
                     if not data:
                         break
-                    replies, close = s.feed(data)
-                    conn.sendall(b"".join(replies))
-                    if close:
+                    out = s.feed(data)
+                    conn.sendall(b"".join(out.replies))
+                    if out.close:
                         break
             finally:
                 s.close()
@@ -355,8 +355,7 @@ def test_client_against_a_session_reads_split_replies(sockdir):
     def run():
         conn, _ = srv.accept()
         while data := conn.recv(65536):
-            replies, _ = s.feed(data)
-            for r in replies:
+            for r in s.feed(data).replies:
                 for i in range(len(r)):
                     conn.send(r[i:i + 1])
         conn.close()

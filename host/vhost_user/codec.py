@@ -30,7 +30,7 @@ import struct
 from dataclasses import dataclass, field
 
 from host import session as typed
-from host.session import Session
+from host.session import Outcome, Session
 from shared.doorbell import EventFdDoorbell
 
 from .memfd import map_log_fd, map_regions
@@ -348,13 +348,6 @@ def encode_result(req: Request, res: typed.Result, ack: bool) -> list[bytes]:
     return [reply_ack(req, True)] if req.need_reply and ack else []
 
 
-@dataclass
-class Outcome:
-    replies: list[bytes] = field(default_factory=list)
-    close: bool = False
-    started: list[int] = field(default_factory=list)     # rings that just started: poll them once
-
-
 def vhost_user_session(device, *, attach_memory=None, open_doorbell=None, attach_log=None,
                        name: str = "vhost-user") -> "VhostUserCodec":
     """A Session for a vhost-user connection (status derived from the rings) behind its codec;
@@ -370,14 +363,36 @@ class VhostUserCodec:
 
     def __init__(self, session: Session):
         self.session = session
+        self.decoder = Decoder()
+
+    def feed(self, data: bytes, fds=()) -> Outcome:
+        """One message's bytes and fds (the runner reads a message at a time) -> Outcome."""
+        out = Outcome()
+        try:
+            reqs = self.decoder.feed(data, fds)
+        except VhostUserError as e:
+            log.warning("%s: malformed message: %s; closing the connection", self.session.name, e)
+            out.close = True
+            return out
+        for req in reqs:
+            o = self.handle(req)
+            out.replies += o.replies
+            out.started += o.started
+            if o.close:
+                log.warning("%s: %s refused: %s; closing the connection", self.session.name,
+                            req.op, self.session.error)
+                out.close = True
+                break
+        return out
+
+    def close(self) -> None:
+        """The connection is gone: fds not handed out, then Session.close."""
+        self.decoder.close()
+        self.session.close()
 
     @property
     def device(self):
         return self.session.device
-
-    def close(self) -> None:
-        """The connection is gone (Session.close)."""
-        self.session.close()
 
     def handle(self, req: Request) -> Outcome:
         """Never raises. Takes ownership of req's fds."""

@@ -29,13 +29,51 @@ from shared.signals import die_with_parent
 from shared.vsock.pcap import PcapWriter
 
 from host.devices import VsockKind
-from host.runner import DeviceRunner
+from host.runner import Connection, DeviceRunner, MAX_FDS, checked_recv
 
-from . import codec
+from .codec import HEADER, MAX_PAYLOAD, vhost_user_session
 
 log = logging.getLogger("host.vhost_user")
 
 _R = 1
+TIMEOUT = 5.0                    # s to read the rest of a message the frontend is sending
+
+
+def read_message(sock: socket.socket):
+    """A vhost-user connection's reader: one whole message and its fds; None at EOF.
+
+    The header is read alone with recvmsg: a frontend sends each message with one sendmsg, so
+    its fds come with its first bytes (libvhost-user's vu_message_read does the same); reading
+    more could join the next message and its fds to this one. The rest is read blocking, bounded
+    by TIMEOUT.
+    """
+    got = checked_recv(*socket.recv_fds(sock, HEADER.size, MAX_FDS)[:3])
+    if got is None:
+        return None
+    data, fds = got
+    try:
+        sock.settimeout(TIMEOUT)
+        data += _read_exact(sock, HEADER.size - len(data))
+        size = HEADER.unpack_from(data)[2]
+        if size <= MAX_PAYLOAD:                  # larger: the codec refuses the header alone
+            data += _read_exact(sock, size)
+    except OSError:
+        for fd in fds:
+            os.close(fd)
+        raise
+    finally:
+        sock.setblocking(False)
+    return data, fds
+
+
+def _read_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), 1 << 16))
+        if not chunk:
+            raise OSError("EOF in the middle of a message")
+        buf += chunk
+    return bytes(buf)
 
 
 class VhostUserBackend:
@@ -46,9 +84,7 @@ class VhostUserBackend:
         self.runner = DeviceRunner(self.kind, opts, f"vhost-user-{self.kind.device}-{self.path.name}")
         self.worker = self.runner.worker
         self.listener: socket.socket | None = None
-        self.conn: socket.socket | None = None
-        self.decoder: codec.Decoder | None = None
-        self.codec: codec.VhostUserCodec | None = None
+        self.conn: Connection | None = None
         self.connections = 0
         self.opened = False
 
@@ -83,125 +119,24 @@ class VhostUserBackend:
     # --- connections ----------------------------------------------------------------------------
     def _on_accept(self, mask: int) -> None:
         try:
-            conn, _ = self.listener.accept()
+            sock, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError):
             return
         if self.conn is not None:
             log.warning("vhost-user %s: refused a second frontend (one is connected)", self.path)
-            conn.close()
+            sock.close()
             return
         self.connections += 1
-        conn.setblocking(False)
-        self.conn = conn
-        self.decoder = codec.Decoder()
         dev = self.runner.new_device()
-        self.codec = codec.vhost_user_session(dev, name=f"vhost-user[{self.kind.label}]")
-        self.runner.session = self.codec.session
-        self.worker.register(conn, _R, self._on_conn)
+        codec = vhost_user_session(dev, name=f"vhost-user[{self.kind.label}]")
+        self.runner.session = codec.session
+        self.conn = Connection(self.runner, sock, codec, read_message, f"the frontend of {self.path}",
+                               self._disconnected)
         log.info("vhost-user %s: frontend connected (connection %d)", self.path, self.connections)
 
-    def _on_conn(self, mask: int) -> None:
-        for _ in range(64):                      # a burst of messages, then let others run
-            if self.conn is None or not self._read_message():
-                return
-
-    def _read_message(self) -> bool:
-        """Read and handle one message; False when there is nothing more to read now.
-
-        The header is read alone with recvmsg: a frontend sends each message with one sendmsg,
-        so its fds come with its first bytes (libvhost-user's vu_message_read does the same);
-        reading more could join the next message and its fds to this one.
-        """
-        conn = self.conn
-        try:
-            data, fds, flags, _ = socket.recv_fds(conn, codec.HEADER.size, codec.MAX_FDS)
-        except BlockingIOError:
-            return False
-        except OSError as e:
-            log.info("vhost-user %s: connection error: %s", self.path, e)
-            self._disconnect()
-            return False
-        if flags & socket.MSG_CTRUNC:
-            for fd in fds:
-                os.close(fd)
-            log.warning("vhost-user %s: too many fds in one message (control data truncated); "
-                        "closing the connection", self.path)
-            self._disconnect()
-            return False
-        if not data:
-            for fd in fds:
-                os.close(fd)
-            log.info("vhost-user %s: frontend closed the connection", self.path)
-            self._disconnect()
-            return False
-        try:
-            reqs = self.decoder.feed(data, fds)
-            if not reqs:
-                rest = self._read_exact(codec.HEADER.size - len(data)) if len(data) < codec.HEADER.size else b""
-                reqs = self.decoder.feed(rest)
-                if not reqs:
-                    size = codec.HEADER.unpack_from(bytes(self.decoder.buf))[2]
-                    reqs = self.decoder.feed(self._read_exact(size))
-        except codec.VhostUserError as e:
-            log.warning("vhost-user %s: malformed message: %s; closing the connection", self.path, e)
-            self._disconnect()
-            return False
-        except OSError as e:
-            log.warning("vhost-user %s: message cut short: %s; closing the connection", self.path, e)
-            self._disconnect()
-            return False
-        for req in reqs:
-            out = self.codec.handle(req)
-            if out.replies and not self._send(b"".join(out.replies)):
-                self._disconnect()
-                return False
-            self.runner.after_control(out.started)
-            if out.close:
-                log.warning("vhost-user %s: %s refused: %s; closing the connection", self.path,
-                            req.op, self.codec.session.error)
-                self._disconnect()
-                return False
-        return True
-
-    def _read_exact(self, n: int) -> bytes:
-        """The rest of a message the frontend is sending (blocking, bounded by a timeout)."""
-        buf = bytearray()
-        self.conn.settimeout(5.0)
-        try:
-            while len(buf) < n:
-                chunk = self.conn.recv(n - len(buf))
-                if not chunk:
-                    raise OSError("EOF in the middle of a message")
-                buf += chunk
-        finally:
-            self.conn.setblocking(False)
-        return bytes(buf)
-
-    def _send(self, data: bytes) -> bool:
-        try:
-            self.conn.setblocking(True)
-            self.conn.settimeout(5.0)
-            self.conn.sendall(data)
-            return True
-        except OSError as e:
-            log.info("vhost-user %s: cannot send a reply: %s", self.path, e)
-            return False
-        finally:
-            try:
-                self.conn.setblocking(False)
-            except OSError:
-                pass
-
-    def _disconnect(self) -> None:
-        conn, self.conn = self.conn, None
-        if conn is None:
-            return
-        self.worker.unregister(conn)
-        if self.decoder is not None:
-            self.decoder.close()
+    def _disconnected(self) -> None:
+        self.conn = None
         self.runner.detach()             # kicks unwatched, device reset: memory unmapped, fds closed
-        self.codec = None
-        conn.close()
         log.info("vhost-user %s: ready for the next frontend", self.path)
 
     # --- run ------------------------------------------------------------------------------------
@@ -223,7 +158,8 @@ class VhostUserBackend:
         return 0
 
     def close(self) -> None:
-        self._disconnect()
+        if self.conn is not None:
+            self.conn.close()
         if self.listener is not None:
             self.listener.close()
             self.listener = None

@@ -129,7 +129,8 @@ def run_case(rng: random.Random) -> dict:
             n = rng.choice([1, 7, 64, 1 << 20])
             chunk, pos = wire[pos:pos + n], pos + n
             try:
-                out, close = sess.feed(chunk)
+                res = sess.feed(chunk)
+                out, close = res.replies, res.close
             except Exception as e:
                 raise OracleMismatch(f"NativeCodec.feed raised {type(e).__name__}: {e}") from None
             for raw in out:
