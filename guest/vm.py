@@ -75,6 +75,7 @@ class GuestOptions:
     buf_size: int = 1 << 20
     rx_buf_size: int = 64 * 1024
     poll_us: int = 0
+    doorbell: str = "sem"           # sem | eventfd (guest/virtio_dev.py)
     connect_timeout: float = 5.0
     net: str | None = None          # a vhost-net backend spec (shared/net/spec.py)
     ip: object = None               # IPv4Interface of the net device
@@ -135,7 +136,7 @@ class VM:
         o = self.opts
         self.vdev = VirtioDevice(self.ram, run_dir, control_path, "vsock", o.name, {"cid": o.cid},
                                  resource_base=f"{base}-vsock", owner=self.owner,
-                                 timeout=o.connect_timeout)
+                                 timeout=o.connect_timeout, doorbell=o.doorbell)
         self._connect_waiting(run_dir)
         self.transport = VirtioVsockTransport(self.kernel, self.vdev, self.ram,
                                               queue_sizes=(o.queue_size, o.queue_size, 8),
@@ -159,7 +160,7 @@ class VM:
         mac = o.mac or default_mac(os.getpid())
         vdev = VirtioDevice(self.ram, run_dir, control_path, "net", o.name,
                             {"backend": o.net, "mac": format_mac(mac)},
-                            resource_base=f"{base}-net", owner=self.owner, timeout=o.connect_timeout)
+                            resource_base=f"{base}-net", owner=self.owner, timeout=o.connect_timeout, doorbell=o.doorbell)
         try:
             vdev.connect()
         except ControlError as e:

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from shared.cli import add_common, add_programs, check_programs, prog_name, queue_size, run_dir_arg, setup_logging
+from shared.cli import add_common, add_doorbell, add_programs, check_programs, prog_name, queue_size, run_dir_arg, setup_logging
 from shared.constants import RESERVED_CIDS
 from shared.net.spec import check_spec, claim_key
 from shared.resources import RunDirError, default_run_dir, ensure_run_dir
@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the matching --vhost-user-net socket's frames go: loopback, "
                         "udp:LPORT:RPORT, segment:NAME, tap:IFNAME[,vnet_hdr=on] or packet:IFNAME "
                         "(opened once, kept across frontends)")
+    add_doorbell(p, "the doorbells native guests may pass: sem (named POSIX semaphores, a thread "
+                    "per kick in the device process), eventfd (eventfds over the control socket, "
+                    "waited on by the device process's one selector) or any (default)", "any")
     add_common(p, "when host sockets send CREDIT_UPDATE: after every read (the 2016-17 seeds) or "
                   "only when free space falls below 64 KiB (Linux 2019)")
     return p
@@ -117,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("host", args.log_level)
     opts = HostOptions(run_dir=args.run_dir or default_run_dir(), pcap=args.pcap,
                        credit_policy=args.credit_policy, dialect=args.dialect,
-                       max_queue_size=args.max_queue_size, poll_us=args.poll_us,
+                       max_queue_size=args.max_queue_size, poll_us=args.poll_us, doorbell=args.doorbell,
                        buf_size=args.buf_size, services=args.service, run=args.run)
     if pairs or net_pairs:
         kinds = [(path, VsockKind(cid, opts, "vhost-user")) for path, cid in pairs] + [

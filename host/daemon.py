@@ -55,6 +55,7 @@ class HostOptions:
     max_queue_size: int = 1024
     stats_interval: float = 0.5
     poll_us: int = 0
+    doorbell: str = "any"                          # native doorbell kinds accepted: any, sem, eventfd
     buf_size: int = 1 << 20
     services: list = field(default_factory=list)   # [ServiceSpec]: in-device services per guest
     run: list = field(default_factory=list)        # ["module:function"]: run in each device process

@@ -8,13 +8,19 @@ shared-memory segments).
 
 Errors carry the request's seq when it can be read (nil otherwise); a refusal the session marks
 not fatal is answered with `"fatal": false` (PROTOCOL.md section 7).
+
+Doorbells are named POSIX semaphores ("posix_sem"), or eventfds ("eventfd", --doorbell eventfd):
+then the request carries the fd by SCM_RIGHTS on the sendmsg that sends it. fds are taken in the
+order they arrive, one per eventfd doorbell in request order (the kernel delivers an fd with the
+bytes of its own sendmsg, never after them); at most MAX_PENDING_FDS wait at a time.
 """
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Any
 
-from shared.doorbell import open_doorbell
+from shared.doorbell import EventFdDoorbell, open_doorbell
 from shared.control import Decoder, encode, error_reply, reply, request_seq, validate_request
 from shared.errors import ProtocolError
 from shared.memory import GuestMemory, MemoryRegion
@@ -22,6 +28,7 @@ from shared.resources import attach_shm, close_shm
 
 from host.session import Outcome, Region, Request, Result, Session
 
+MAX_PENDING_FDS = 8
 # native field name -> Request field (fields not named here keep their name)
 _FIELDS = {"features": "value", "status": "value", "desc_user_addr": "desc",
            "avail_user_addr": "avail", "used_user_addr": "used", "log_guest_addr": "log",
@@ -50,6 +57,17 @@ def to_request(msg: dict) -> Request:
     return Request(op, **kw)
 
 
+def open_native_doorbell(handle, kinds=("posix_sem", "eventfd")):
+    """open_doorbell for native sessions: a posix_sem spec, or (eventfd spec, its fd)."""
+    spec = handle if isinstance(handle, dict) else handle[0]
+    if spec["kind"] not in kinds:
+        raise ProtocolError(f"doorbell kind {spec['kind']!r} is not enabled on this host "
+                            f"(its --doorbell allows {', '.join(kinds)})", "EOPNOTSUPP")
+    if isinstance(handle, dict):
+        return open_doorbell(spec)
+    return EventFdDoorbell(handle[1], name=spec["name"])
+
+
 def encode_result(seq: int | None, res: Result) -> dict:
     if res.error is not None:
         rep = error_reply(seq, res.error.code, str(res.error))
@@ -63,14 +81,21 @@ class NativeCodec:
     def __init__(self, session: Session, decoder: Decoder | None = None):
         self.session = session
         self.decoder = decoder or Decoder()
+        self.fds: list[int] = []          # fds received, not yet taken by an eventfd doorbell
         self.started: list[int] = []      # rings the last request started
 
     @property
     def device(self):
         return self.session.device
 
+    def close_fds(self) -> None:
+        fds, self.fds = self.fds, []
+        for fd in fds:
+            os.close(fd)
+
     def close(self) -> None:
         """The connection is gone (Session.close)."""
+        self.close_fds()
         self.session.close()
 
     def handle(self, msg: Any) -> tuple[dict, bool]:
@@ -80,6 +105,11 @@ class NativeCodec:
             return error_reply(seq, "EPROTO", "session is closed after an earlier error"), True
         try:
             req = to_request(validate_request(msg))
+            if isinstance(req.doorbell, dict) and req.doorbell["kind"] == "eventfd":
+                if not self.fds:
+                    raise ProtocolError(f"{req.op}: an eventfd doorbell without its fd (SCM_RIGHTS)", "EBADF")
+                fd = self.fds.pop(0)
+                req.doorbell, req.fds = (req.doorbell, fd), (fd,)
         except ProtocolError as e:
             res = self.session.fail(e)
         else:
@@ -90,10 +120,14 @@ class NativeCodec:
     def feed(self, data: bytes, fds=()) -> Outcome:
         """Bytes (and the fds that came with them) from the connection -> Outcome."""
         out = Outcome()
+        self.fds += fds
         if self.session.closed:
             out.close = True
+            self.close_fds()
             return out
         try:
+            if len(self.fds) > MAX_PENDING_FDS:
+                raise ProtocolError(f"{len(self.fds)} fds sent and not taken by a request", "E2BIG")
             for msg in self.decoder.iter_feed(data):
                 rep, out.close = self.handle(msg)
                 out.replies.append(encode(rep))
@@ -106,12 +140,15 @@ class NativeCodec:
         return out
 
 
-def native_session(device_factory, *, attach_memory=None, open_doorbell=open_doorbell,
-                   attach_log=None, decoder: Decoder | None = None, **kw) -> NativeCodec:
-    """A Session for a native connection (the device made on HELLO) behind its codec."""
+def native_session(device_factory, *, attach_memory=None, open_doorbell=None,
+                   attach_log=None, decoder: Decoder | None = None, doorbells=None, **kw) -> NativeCodec:
+    """A Session for a native connection (the device made on HELLO) behind its codec;
+    `doorbells`: the doorbell kinds allowed (default both)."""
+    opener = open_doorbell or (partial(open_native_doorbell, kinds=tuple(doorbells))
+                               if doorbells else open_native_doorbell)
     return NativeCodec(Session(device_factory=device_factory,
                                attach_memory=attach_memory or attach_shm_memory,
-                               open_doorbell=open_doorbell, attach_log=attach_log or attach_shm_log,
+                               open_doorbell=opener, attach_log=attach_log or attach_shm_log,
                                **kw), decoder)
 
 

@@ -27,6 +27,7 @@ import socket
 from functools import partial
 
 from shared.control import Decoder, encode
+from shared.doorbell import selectable
 from shared.errors import ProtocolError
 from shared.stats import remove_stats, write_stats
 
@@ -39,11 +40,6 @@ from host.worker import VhostWorker
 log = logging.getLogger("host.device")
 
 _R, _W = 1, 2
-
-
-def selectable(db) -> bool:
-    """The Doorbell protocol's seam: a doorbell with fileno() can wait on a selector."""
-    return callable(getattr(db, "fileno", None))
 
 
 class Kicks:
@@ -203,6 +199,8 @@ class DeviceRunner:
 
 # --- a control connection, whatever its codec ---------------------------------------------------------
 MAX_FDS = 8                    # fds one message may carry (vhost-user: the memory table's regions)
+# --doorbell -> the native doorbell kinds a device process accepts
+DOORBELL_KINDS = {"any": None, "sem": ("posix_sem",), "eventfd": ("eventfd",)}
 
 
 def recv_stream(sock: socket.socket):
@@ -298,6 +296,7 @@ class Connection:
             except OSError:
                 pass
         self.sock.close()
+        self.codec.close_fds()
         self.on_close()
 
 
@@ -318,7 +317,8 @@ def run_device(conn: socket.socket, hello: dict, peer_pid: int, opts, decoder: D
         return runner.new_device(hello)
 
     # the daemon's decoder: bytes it read after HELLO stay in order
-    codec = native_session(make_device, decoder=decoder, name=f"control[{guest}]")
+    codec = native_session(make_device, decoder=decoder, name=f"control[{guest}]",
+                           doorbells=DOORBELL_KINDS[getattr(opts, "doorbell", "any")])
     runner.session = codec.session
     signal.signal(signal.SIGTERM, lambda *_: runner.worker.stop())
     connection = Connection(runner, conn, codec, recv_stream, f"guest {guest!r} (pid {peer_pid})",

@@ -385,9 +385,13 @@ class VhostUserCodec:
                 break
         return out
 
+    def close_fds(self) -> None:
+        """fds received and not handed to a request."""
+        self.decoder.close()
+
     def close(self) -> None:
         """The connection is gone: fds not handed out, then Session.close."""
-        self.decoder.close()
+        self.close_fds()
         self.session.close()
 
     @property
