@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-One `VhostVsock` serves one guest (one CID). Its three rings are the guest's (virtio-facts B.4):
+One `VhostVsock` serves one guest (one CID). Its three rings are the guest's (virtio spec §Socket Device "Virtqueues"):
 
     rx    (0)  guest posts empty buffers; `do_send_pkt` fills them with host -> guest packets
     tx    (1)  guest posts packets; `handle_tx_kick` takes them to the host's VsockCore
