@@ -29,6 +29,7 @@ from host.net.backends.spec import open_backend
 from shared.net.spec import check_spec, claim_key
 from host.net.device import VhostNet
 from host.net.runner import NetBackends
+from host.vsock import runner as vsock_runner
 from host.vsock.device import VhostVsock
 from shared.constants import RESERVED_CIDS
 from shared.errors import ProtocolError
@@ -41,10 +42,11 @@ DEFAULT_MAC = bytes.fromhex("525400ee0000")     # vhost-user-net: + the socket's
 class VsockKind:
     device = "vsock"
 
-    def __init__(self, cid: int, opts, transport: str = "native"):
+    def __init__(self, cid: int, opts, transport: str = "native", worker=None):
         self.cid = cid
         self.opts = opts
         self.transport = transport
+        self.worker = worker               # set by the runner before new_device
         self.capture = None
         self.label = f"CID {cid}"
 
@@ -68,12 +70,13 @@ class VsockKind:
 
     def new_device(self, hello: dict | None = None):
         opts = self.opts
-        return VhostVsock(self.cid, run_dir=opts.run_dir, credit_policy=opts.credit_policy,
-                          capture=self.capture, dialect=opts.dialect,
-                          reconnect=bool((hello or {}).get("reconnect")),
-                          num_queues=2 if self.transport == "vhost-user" else None,
-                          buf_size=getattr(opts, "buf_size", None),
-                          lend=opts.credit_policy != "every-read")    # the seeds copy every payload
+        dev = VhostVsock(self.cid, credit_policy=opts.credit_policy, capture=self.capture,
+                         reconnect=bool((hello or {}).get("reconnect")),
+                         num_queues=2 if self.transport == "vhost-user" else None,
+                         buf_size=getattr(opts, "buf_size", None),
+                         lend=opts.credit_policy != "every-read")    # the seeds copy every payload
+        vsock_runner.attach(dev, self.worker, run_dir=opts.run_dir, dialect=opts.dialect)
+        return dev
 
     def sync(self, dev) -> None:
         pass
