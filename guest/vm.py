@@ -248,10 +248,13 @@ class VM:
         log.info("guest %s: reconnected to the host", self.opts.name)
 
     def _check_errors(self) -> None:
-        """Every IRQ_POLL: the devices' err doorbells (SET_VRING_ERR), with no lock held."""
+        """Every IRQ_POLL, with no lock held (control round trips): the devices' err doorbells
+        (SET_VRING_ERR), and the CID after a TRANSPORT_RESET."""
         for vdev in [self.vdev] + [d.vdev for d in self.devices]:
             if vdev is not None:
                 vdev.check_errors()
+        if self.transport is not None and self.transport.refresh_guest_cid():
+            log.info("guest %s: CID %d after a transport reset", self.opts.name, self.transport.guest_cid)
 
     def write_stats(self) -> None:
         t = self.transport
