@@ -186,7 +186,11 @@ def test_frames_loop_through_the_backend_and_the_next_frontend_is_served(served,
         dev = b.device
         assert dev.backends == [lo, lo] and dev.vhost_hlen == 12 and dev.sock_hlen == 0
         assert dev.stats["tx_frames"] == 50 and dev.stats["rx_frames"] == 50
-        time.sleep(0.2)
+        deadline = time.monotonic() + 5                         # a stats snapshot after the frames
+        while not [d for d in read_all(tmp_path / "run") if d.get("role") == "device"
+                   and d["stats"].get("tx_packets") == 50]:
+            assert time.monotonic() < deadline, "no stats snapshot with the 50 frames"
+            time.sleep(0.01)
         (st,) = [d for d in read_all(tmp_path / "run") if d.get("role") == "device"]
         assert st["device"] == "net" and st["stats"]["tx_packets"] == 50 and st["connections"] == 1
         from tools.monitor.model import split_net               # the monitor's net view finds it
