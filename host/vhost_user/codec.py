@@ -400,8 +400,7 @@ class VhostUserCodec:
 
     def handle(self, req: Request) -> Outcome:
         """Never raises. Takes ownership of req's fds."""
-        log.debug("%s: <- %s%s %s", self.session.name, req.op, " (NEED_REPLY)" if req.need_reply else "",
-                  _describe(req))
+        log.debug("%s: <- %r", self.session.name, req)
         if self.session.closed:
             req.close_fds()
             return Outcome(close=True)
@@ -411,20 +410,3 @@ class VhostUserCodec:
             log.debug("%s: -> %s reply %s", self.session.name, req.op, r[HEADER.size:].hex())
         return out
 
-
-def _describe(req: Request) -> str:
-    if req.regions:
-        return " ".join(f"gpa={r.guest_phys_addr:#x} size={r.memory_size:#x} uva={r.userspace_addr:#x} "
-                        f"off={r.mmap_offset:#x}" for r in req.regions) + f" fds={len(req.fds)}"
-    if req.op == "SET_VRING_ADDR":
-        return (f"index={req.index} flags={req.addr_flags:#x} desc={req.desc:#x} used={req.used:#x} "
-                f"avail={req.avail:#x}")
-    if req.index is not None and req.num is not None:
-        return f"index={req.index} num={req.num}"
-    if req.op in ("SET_VRING_KICK", "SET_VRING_CALL", "SET_VRING_ERR"):
-        return f"index={req.index} fd={'none' if req.fd is None else 'yes'}"
-    if req.op in ("GET_CONFIG", "SET_CONFIG"):
-        return f"offset={req.offset} size={req.size}"
-    if req.u64 is not None:
-        return f"{req.u64:#x}"
-    return ""
