@@ -61,3 +61,27 @@ def test_a_host_that_takes_semaphores_only_refuses_eventfds_in_one_line(cluster)
     g = cluster.guest(3, "--doorbell", "eventfd", wait=False)
     assert g.p.wait(30) == 1
     assert "EOPNOTSUPP" in g.text() and "--doorbell" in g.text() and "Traceback" not in g.text()
+
+
+def test_a_guest_with_eventfds_reconnects_to_a_new_host_and_moves_data(cluster, tmp_path):
+    """reconnect() sends every ring's eventfds again, to a device process that never saw them."""
+    import signal
+    host = cluster.host("--doorbell", "eventfd")
+    g = cluster.guest(3, "--doorbell", "eventfd", "--service", "echo=5000")
+    host.signal(signal.SIGKILL)
+    host.p.wait(10)
+    assert g.wait_log("lost the host", 10)
+    cluster.host("--doorbell", "eventfd")
+    assert g.wait_log("reconnected to the host", 20), g.text()
+    import socket
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(20)
+    s.connect(str(cluster.run_dir / "vsock-3.sock"))
+    s.sendall(b"CONNECT 5000\n" + b"x" * 70000)
+    got = b""
+    while got.count(b"x") < 70000:
+        chunk = s.recv(65536)
+        assert chunk, got[:80]
+        got += chunk
+    s.close()
+    assert got.startswith(b"OK ") and got.endswith(b"x" * 70000)
