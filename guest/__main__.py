@@ -8,9 +8,14 @@ import re
 import sys
 from pathlib import Path
 
-from shared.cli import (add_common, add_programs, check_programs, prog_name, queue_size, run_dir_arg,
+from shared.cli import (add_common, add_doorbell, add_programs, check_programs, prog_name, queue_size, run_dir_arg,
                         seconds, setup_logging)
 from shared.constants import RESERVED_CIDS
+from shared.net.hdr import parse_ip, parse_mac
+from shared.net.spec import check_spec
+from shared.signals import on_stop_signals
+
+from guest.vm import VM, BootError, GuestOptions
 from shared.resources import default_run_dir
 
 SIZE_RE = re.compile(r"^(\d+)([KMG]?)$", re.I)
@@ -47,7 +52,6 @@ def parse_name(text: str) -> str:
 
 
 def parse_net(text: str) -> str:
-    from host.net.backends.spec import check_spec
     try:
         check_spec(text)
     except ValueError as e:
@@ -56,7 +60,6 @@ def parse_net(text: str) -> str:
 
 
 def parse_ip_arg(text: str):
-    from shared.net.hdr import parse_ip
     try:
         return parse_ip(text)
     except ValueError as e:
@@ -64,7 +67,6 @@ def parse_ip_arg(text: str):
 
 
 def parse_mac_arg(text: str) -> bytes:
-    from shared.net.hdr import parse_mac
     try:
         return parse_mac(text)
     except ValueError as e:
@@ -104,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--connect-timeout", type=seconds, default=5.0, metavar="SECONDS",
                    help="how long to wait at boot for a host to serve the run directory, and for "
                         "each control reply (default 5)")
+    add_doorbell(p, "kick, call and err doorbells: sem (named POSIX semaphores, the default) or "
+                    "eventfd (eventfds passed over the control socket with SCM_RIGHTS, as vhost-user "
+                    "does; the host's device process then waits on one selector)", "sem")
     add_common(p, "CREDIT_UPDATE after every read (2016-17 seeds) or when free space < 64 KiB")
     return p
 
@@ -126,16 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     if check_programs("guest", args.service, args.run, args.net_run):
         return 2
     setup_logging("guest", args.log_level)
-    from guest.vm import VM, BootError, GuestOptions
     opts = GuestOptions(run_dir=args.run_dir or default_run_dir(), cid=args.cid,
                         name=args.name or (f"guest-{args.cid}" if args.cid is not None else f"guest-net-{os.getpid()}"), mem=args.mem, services=args.service,
                         run=args.run, pcap=args.pcap, queue_size=args.queue_size,
                         credit_policy=args.credit_policy, buf_size=args.buf_size,
-                        rx_buf_size=args.rx_buf_size, poll_us=args.poll_us,
+                        rx_buf_size=args.rx_buf_size, poll_us=args.poll_us, doorbell=args.doorbell,
                         connect_timeout=args.connect_timeout, net=args.net, ip=args.ip, mac=args.mac,
                         net_run=args.net_run)
     vm = VM(opts)
-    from shared.signals import on_stop_signals
     on_stop_signals(lambda _signum: vm.stop_event.set())   # during boot too: it still shuts down cleanly
     try:
         vm.boot()

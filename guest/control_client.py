@@ -51,15 +51,20 @@ class ControlClient:
             raise ConnectionError(f"cannot connect to the host at {self.path}: {e}") from None
         self.sock = sock
 
-    def request(self, op: str, **fields) -> dict:
-        """Send one request and wait for its reply; returns the reply map (ok is True)."""
+    def request(self, op: str, fds=(), **fields) -> dict:
+        """Send one request and wait for its reply; returns the reply map (ok is True).
+        `fds` go with the request's bytes (SCM_RIGHTS: an eventfd doorbell)."""
         with self._lock:
             if self.closed:
                 raise ConnectionError(f"control connection to {self.path} is closed")
             self._seq += 1
             seq = self._seq
             try:
-                self.sock.sendall(encode({"op": op, "seq": seq, **fields}))
+                data = encode({"op": op, "seq": seq, **fields})
+                if fds:                  # the fds ride on the first bytes; the rest follows
+                    data = data[socket.send_fds(self.sock, [data], list(fds)):]
+                if data:                 # (nothing left: a peer that already answered and closed
+                    self.sock.sendall(data)   # must not turn the reply into EPIPE)
                 rep = self._read_reply()
             except (socket.timeout, TimeoutError):
                 self._close_locked()

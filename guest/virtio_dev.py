@@ -20,7 +20,9 @@ get_status | reconnect)* reset del_vqs close. `reset` followed by `probe` starts
 
 Doorbells are per queue (kick, call, err), POSIX semaphores created here 0600 with the names
 f"/{resource_base}-q{i}k|c|e", recorded in the owner record BEFORE they are created (so a
-SIGKILL between the two leaks nothing) and unlinked by del_vqs. `reconnect()` replays the whole
+SIGKILL between the two leaks nothing) and unlinked by del_vqs; or, with doorbell="eventfd"
+(--doorbell eventfd), eventfds passed to the host with SCM_RIGHTS on the SET_VRING_* request that
+names them (nothing named to leak). `reconnect()` replays the whole
 device state to a new host connection (HELLO.reconnect = True) with SET_VRING_BASE = the ring's
 current used.idx, read from guest memory, as a vhost-user frontend does without inflight tracking.
 
@@ -39,11 +41,13 @@ from shared.constants import (VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVE
                               VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
                               VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, has)
 from shared.control import PROTOCOL_VERSION, ControlError
-from shared.doorbell import SemDoorbell
+from shared.doorbell import EventFdDoorbell, SemDoorbell
+from shared.engine import Engine
 from shared.resources import unlink_sem
 from shared.ring_layout import used_idx_addr
 
 from .control_client import ControlClient
+from .virtqueue import VirtQueue
 
 log = logging.getLogger(__name__)
 IRQ_POLL = 0.2          # seconds the err watcher waits between looks
@@ -67,7 +71,7 @@ class _Ring:
 
 class VirtioDevice:
     def __init__(self, ram, run_dir, control_path, device: str, guest_name: str, params: dict | None = None,
-                 *, resource_base: str, owner, timeout: float = 5.0):
+                 *, resource_base: str, owner, timeout: float = 5.0, doorbell: str = "sem"):
         self.ram = ram
         self.run_dir = run_dir
         self.control_path = str(control_path)
@@ -77,6 +81,9 @@ class VirtioDevice:
         self.resource_base = resource_base
         self.owner = owner
         self.timeout = timeout
+        if doorbell not in ("sem", "eventfd"):
+            raise ValueError(f"unknown doorbell kind {doorbell!r} (sem or eventfd)")
+        self.doorbell = doorbell         # named POSIX semaphores, or eventfds passed by SCM_RIGHTS
         self.client: ControlClient | None = None
         self.info: dict = {}             # HELLO reply: device_id, num_queues, max_queue_size, config_size
         self.offered = 0                 # GET_FEATURES
@@ -101,10 +108,14 @@ class VirtioDevice:
     def num_queues(self) -> int:
         return self.info.get("num_queues", 0)
 
-    def _req(self, op: str, **fields) -> dict:
+    def _req(self, op: str, fds=(), **fields) -> dict:
         if self.client is None:
             raise ConnectionError(f"{self.device}: not connected (call connect())")
-        return self.client.request(op, **fields)
+        return self.client.request(op, fds=fds, **fields)
+
+    def _set_doorbell(self, op: str, i: int, db) -> None:
+        """SET_VRING_KICK/CALL/ERR: a semaphore by name, an eventfd with its fd (SCM_RIGHTS)."""
+        self._req(op, [db.fileno()] if isinstance(db, EventFdDoorbell) else (), index=i, doorbell=db.spec())
 
     def connect(self, *, reconnect: bool = False) -> dict:
         """Open the control connection: HELLO, then SET_OWNER. Returns the HELLO reply."""
@@ -196,7 +207,6 @@ class VirtioDevice:
         kick_alias = dict(kick_alias or {})
         if any(j >= i or j in kick_alias for i, j in kick_alias.items()):
             raise ValueError("kick_alias maps a queue to an earlier queue with its own kick")
-        from .virtqueue import VirtQueue
         if self.rings:
             raise RuntimeError("find_vqs called twice without del_vqs")
         if len(callbacks) != len(sizes):
@@ -226,9 +236,13 @@ class VirtioDevice:
                 call_from = self.rings[0] if shared_irq and i else None
                 own = "".join(k for k, shared in (("k", kick_from), ("c", call_from), ("e", None))
                               if shared is None)
-                ring.names = [f"/{self.resource_base}-q{i}{k}" for k in own]
-                self.owner.add(sems=ring.names)        # record before creating
-                made = {k: SemDoorbell(n, create=True) for k, n in zip(own, ring.names)}
+                names = [f"/{self.resource_base}-q{i}{k}" for k in own]
+                if self.doorbell == "eventfd":     # nothing named to record or unlink
+                    made = {k: EventFdDoorbell(name=n) for k, n in zip(own, names)}
+                else:
+                    ring.names = names
+                    self.owner.add(sems=ring.names)    # record before creating
+                    made = {k: SemDoorbell(n, create=True) for k, n in zip(own, ring.names)}
                 ring.kick = kick_from.kick if kick_from is not None else made["k"]
                 ring.call = call_from.call if call_from is not None else made["c"]
                 ring.err = made["e"]
@@ -254,9 +268,9 @@ class VirtioDevice:
                       avail_user_addr=self.ram.gpa_to_uva(r.avail),
                       used_user_addr=self.ram.gpa_to_uva(r.used), log_guest_addr=0)
             self._req("SET_VRING_BASE", index=i, num=0 if bases is None else bases[i])
-            self._req("SET_VRING_KICK", index=i, doorbell=r.kick.spec())
-            self._req("SET_VRING_CALL", index=i, doorbell=r.call.spec())
-            self._req("SET_VRING_ERR", index=i, doorbell=r.err.spec())
+            self._set_doorbell("SET_VRING_KICK", i, r.kick)
+            self._set_doorbell("SET_VRING_CALL", i, r.call)
+            self._set_doorbell("SET_VRING_ERR", i, r.err)
             self._req("SET_VRING_ENABLE", index=i, enable=True)
         self.log.info("rings set up: %s", ", ".join(
             f"q{r.index} num {r.num} desc {r.desc:#x} avail {r.avail:#x} used {r.used:#x}" for r in self.rings))
@@ -265,7 +279,6 @@ class VirtioDevice:
         """Free ring memory, close and unlink the doorbells, drop them from the owner record.
 
         Call after reset() (the device must no longer touch the rings)."""
-        from .virtqueue import VirtQueue
         rings, self.rings = self.rings, []
         self.vqs = []
         names: list[str] = []
@@ -306,7 +319,6 @@ class VirtioDevice:
         rings, with the engine's lock held (vring_interrupt); `poll(qidx)` may give the PollOps
         for busy-polling a queue (shared/engine.py). One more thread watches the err doorbells.
         They exit soon after stop_event is set and join_irq_threads() is called."""
-        from shared.engine import Engine
         if engine is None:
             engine = self._own_engine = Engine(f"{self.guest_name}-{self.device}")
         self._engine = engine

@@ -18,6 +18,7 @@ unlink RAM and doorbells (owner record released).
 from __future__ import annotations
 
 import logging
+import os
 import select
 import socket
 import threading
@@ -27,11 +28,18 @@ from pathlib import Path
 
 from shared.control import ControlError
 from shared.resources import OwnerRecord, RunDirError, ensure_run_dir, reap, resource_base
+from shared.net.hdr import default_mac, format_mac
 from shared.stats import remove_stats, write_stats
+from shared.vsock.pcap import PcapWriter
 
 from .kernel import Kernel
+from .net.device import VirtioNetDevice
 from .virtio_dev import IRQ_POLL
 from .ram import GuestRAM
+from .virtio_dev import VirtioDevice
+from .vsock import services
+from .vsock.socket import GuestVsock
+from .vsock.transport import VirtioVsockTransport
 
 log = logging.getLogger("guest")
 
@@ -67,8 +75,9 @@ class GuestOptions:
     buf_size: int = 1 << 20
     rx_buf_size: int = 64 * 1024
     poll_us: int = 0
+    doorbell: str = "sem"           # sem | eventfd (guest/virtio_dev.py)
     connect_timeout: float = 5.0
-    net: str | None = None          # a vhost-net backend spec (host/net/backends/spec.py)
+    net: str | None = None          # a vhost-net backend spec (shared/net/spec.py)
     ip: object = None               # IPv4Interface of the net device
     mac: bytes | None = None
     net_run: list = field(default_factory=list)       # ["module:function"] run with the NetDev
@@ -104,7 +113,6 @@ class VM:
             log.info("reaped the resources of %d dead process(es)", n)
         control_path = run_dir / "control.sock"
         if o.pcap:
-            from shared.vsock.pcap import PcapWriter
             try:
                 self.capture = PcapWriter(o.pcap)       # header now, packets as they go
             except OSError as e:
@@ -126,12 +134,9 @@ class VM:
 
     def _boot_vsock(self, run_dir, control_path, base) -> None:
         o = self.opts
-        from guest.virtio_dev import VirtioDevice
-        from guest.vsock.socket import GuestVsock
-        from guest.vsock.transport import VirtioVsockTransport
         self.vdev = VirtioDevice(self.ram, run_dir, control_path, "vsock", o.name, {"cid": o.cid},
                                  resource_base=f"{base}-vsock", owner=self.owner,
-                                 timeout=o.connect_timeout)
+                                 timeout=o.connect_timeout, doorbell=o.doorbell)
         self._connect_waiting(run_dir)
         self.transport = VirtioVsockTransport(self.kernel, self.vdev, self.ram,
                                               queue_sizes=(o.queue_size, o.queue_size, 8),
@@ -151,15 +156,11 @@ class VM:
 
     def _boot_net(self, run_dir, control_path, base) -> None:
         """The virtio-net device: its own control connection, rings and doorbells."""
-        from guest.net.device import VirtioNetDevice
-        from guest.virtio_dev import VirtioDevice
-        from shared.net.hdr import default_mac, format_mac
         o = self.opts
-        import os
         mac = o.mac or default_mac(os.getpid())
         vdev = VirtioDevice(self.ram, run_dir, control_path, "net", o.name,
                             {"backend": o.net, "mac": format_mac(mac)},
-                            resource_base=f"{base}-net", owner=self.owner, timeout=o.connect_timeout)
+                            resource_base=f"{base}-net", owner=self.owner, timeout=o.connect_timeout, doorbell=o.doorbell)
         try:
             vdev.connect()
         except ControlError as e:
@@ -196,7 +197,6 @@ class VM:
                 raise BootError(str(e)) from None
 
     def _start_services(self) -> None:
-        from guest.vsock import services
         for spec in self.opts.services:
             self.services.append(services.start_service(self.vsock, spec))
             log.info("service %s listening on vsock port %d", spec.name, spec.port)
@@ -248,10 +248,13 @@ class VM:
         log.info("guest %s: reconnected to the host", self.opts.name)
 
     def _check_errors(self) -> None:
-        """Every IRQ_POLL: the devices' err doorbells (SET_VRING_ERR), with no lock held."""
+        """Every IRQ_POLL, with no lock held (control round trips): the devices' err doorbells
+        (SET_VRING_ERR), and the CID after a TRANSPORT_RESET."""
         for vdev in [self.vdev] + [d.vdev for d in self.devices]:
             if vdev is not None:
                 vdev.check_errors()
+        if self.transport is not None and self.transport.refresh_guest_cid():
+            log.info("guest %s: CID %d after a transport reset", self.opts.name, self.transport.guest_cid)
 
     def write_stats(self) -> None:
         t = self.transport

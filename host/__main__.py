@@ -5,8 +5,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from shared.cli import add_common, add_programs, check_programs, prog_name, queue_size, run_dir_arg, setup_logging
-from shared.resources import RunDirError, default_run_dir
+from shared.cli import add_common, add_doorbell, add_programs, check_programs, prog_name, queue_size, run_dir_arg, setup_logging
+from shared.constants import RESERVED_CIDS
+from shared.net.spec import check_spec, claim_key
+from shared.resources import RunDirError, default_run_dir, ensure_run_dir
+
+from host.daemon import Daemon, HostOptions
+from host.devices import DEFAULT_MAC, NetKind, VsockKind
+from host.vhost_user.runner import serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the matching --vhost-user-net socket's frames go: loopback, "
                         "udp:LPORT:RPORT, segment:NAME, tap:IFNAME[,vnet_hdr=on] or packet:IFNAME "
                         "(opened once, kept across frontends)")
+    add_doorbell(p, "the doorbells native guests may pass: sem (named POSIX semaphores, a thread "
+                    "per kick in the device process), eventfd (eventfds over the control socket, "
+                    "waited on by the device process's one selector) or any (default)", "any")
     add_common(p, "when host sockets send CREDIT_UPDATE: after every read (the 2016-17 seeds) or "
                   "only when free space falls below 64 KiB (Linux 2019)")
     return p
@@ -47,7 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def vhost_user_pairs(p: argparse.ArgumentParser, sockets: list[str], cids: list[int]) -> list[tuple[Path, int]]:
     """--vhost-user S --cid N (paired in order) or --vhost-user S,cid=N -> [(path, cid)]."""
-    from shared.constants import RESERVED_CIDS
     pairs: list[tuple[Path, int]] = []
     free = list(cids)
     for spec in sockets:
@@ -78,7 +86,6 @@ def vhost_user_pairs(p: argparse.ArgumentParser, sockets: list[str], cids: list[
 def vhost_user_net_pairs(p: argparse.ArgumentParser, sockets: list[str], specs: list[str],
                          taken: list[Path]) -> list[tuple[Path, str]]:
     """--vhost-user-net S --net-backend SPEC, paired in order -> [(path, spec)]."""
-    from host.net.backends.spec import check_spec, claim_key
     if len(specs) != len(sockets):
         if len(specs) < len(sockets):
             p.error(f"--vhost-user-net {sockets[len(specs)]}: no --net-backend (one per socket, in order)")
@@ -111,17 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     net_pairs = vhost_user_net_pairs(parser, args.vhost_user_net, args.net_backend,
                                      [q for q, _ in pairs])
     setup_logging("host", args.log_level)
-    from host.daemon import Daemon, HostOptions
     opts = HostOptions(run_dir=args.run_dir or default_run_dir(), pcap=args.pcap,
                        credit_policy=args.credit_policy, dialect=args.dialect,
-                       max_queue_size=args.max_queue_size, poll_us=args.poll_us,
+                       max_queue_size=args.max_queue_size, poll_us=args.poll_us, doorbell=args.doorbell,
                        buf_size=args.buf_size, services=args.service, run=args.run)
     if pairs or net_pairs:
-        from host.vhost_user.kinds import DEFAULT_MAC, NetKind
-        from host.vhost_user.runner import serve
-        from shared.resources import ensure_run_dir
-        kinds = list(pairs) + [(path, NetKind(spec, opts, DEFAULT_MAC[:5] + bytes([i + 1])))
-                               for i, (path, spec) in enumerate(net_pairs)]
+        kinds = [(path, VsockKind(cid, opts, "vhost-user")) for path, cid in pairs] + [
+            (path, NetKind(spec, opts, DEFAULT_MAC[:5] + bytes([i + 1]), "vhost-user"))
+            for i, (path, spec) in enumerate(net_pairs)]
         try:
             ensure_run_dir(opts.run_dir)
             return serve(kinds, opts)

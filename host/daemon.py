@@ -6,9 +6,9 @@
       a vsock CID, a tap, a MAC: valid and not in use), then
       forks a device process and forgets the socket. It reaps children, frees their CIDs, reaps
       the resources of dead guests (shared.resources.reap), and on SIGINT/SIGTERM stops them all.
-    device process (run_device)
-      one VhostWorker thread: the control socket and the device's own file objects on a selector,
-      kick doorbells polled by threads that queue work. A guest's mistakes mark only its device
+    device process (host/runner.py run_device)
+      one DeviceRunner: the engine's thread runs the control socket, the device's own file
+      objects and selectable kicks; a semaphore kick doorbell has a thread of its own. A guest's mistakes mark only its device
       NEEDS_RESET; a guest that dies (control EOF) only ends its own device process.
 
 A process per device keeps one guest's work off every other guest's GIL.
@@ -33,9 +33,12 @@ from shared.errors import ProtocolError
 from shared.ratelimit import RateLimitedLog
 from shared import unixsock
 from shared.resources import ensure_run_dir, reap
+from shared.signals import die_with_parent
 from shared.stats import prune as prune_stats
+from shared.vsock.pcap import PcapWriter
 
 from host.devices import DEVICE_KINDS
+from host.runner import run_device
 
 log = logging.getLogger("host")
 
@@ -52,6 +55,7 @@ class HostOptions:
     max_queue_size: int = 1024
     stats_interval: float = 0.5
     poll_us: int = 0
+    doorbell: str = "any"                          # native doorbell kinds accepted: any, sem, eventfd
     buf_size: int = 1 << 20
     services: list = field(default_factory=list)   # [ServiceSpec]: in-device services per guest
     run: list = field(default_factory=list)        # ["module:function"]: run in each device process
@@ -119,7 +123,6 @@ class Daemon:
     def bind(self) -> None:
         unixsock.claim(self.path, f"host: another host is already serving {self.run_dir}")
         if self.opts.pcap:
-            from shared.vsock.pcap import PcapWriter
             try:
                 PcapWriter(self.opts.pcap).close()   # the file header; device processes append records
             except OSError as e:
@@ -225,10 +228,9 @@ class Daemon:
             code = 1
             try:
                 self.listener.close()
-                _die_with_parent(self.parent_pid)
+                die_with_parent(self.parent_pid)
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                from host.device_process import run_device
                 code = run_device(conn, hello, peer, self.opts, decoder, rest)
             except BaseException:  # never let the child run the parent's loop
                 log.exception("device process failed")
@@ -286,18 +288,6 @@ class Daemon:
         reap(self.run_dir)
         prune_stats(self.run_dir)
         log.info("host stopped")
-
-
-def _die_with_parent(parent: int) -> None:
-    """A device process must not outlive a SIGKILLed daemon (its guest would never see EOF)."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)          # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent:                 # the parent died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _status(status: int) -> str:

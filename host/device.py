@@ -15,7 +15,7 @@ A `VhostDevice` is the state behind one control connection (drivers/vhost/vhost.
                     interrupt), err (device -> frontend: "this ring is broken", vhost's error_ctx)
     stats           counters for monitors (GET_STATS)
 
-The ControlSession configures it; a runner (host/worker.py) delivers kicks with `kick_received`
+The Session (host/session.py) configures it; the runner (host/runner.py) delivers kicks with `kick_received`
 and holds `lock` while doing so, as the session holds it for every control message (vhost's
 per-vq mutex, simplified to one per device). Subclasses implement `handle_kick(qidx)` and may
 override `start()` (DRIVER_OK), `stop()` and `reset()`, calling the base methods.
@@ -77,7 +77,7 @@ class VhostDevice:
         factory = vq_factory or _default_vq_factory
         self.vqs = [factory(i, f"{self.name}-q{i}") for i in range(self.num_queues)]
         self.kicks: list = [None] * self.num_queues
-        # The runner's doorbell threads per queue (host/device_process.py KickPollers), for
+        # The runner's doorbell threads per queue (host/runner.py Kicks; none for eventfds), for
         # program threads that serve a ring themselves (run to completion, shared/engine.py).
         self.kick_threads: dict = {}
         self.calls: list = [None] * self.num_queues

@@ -3,7 +3,7 @@
 The log is a bitmap, one bit per 4 KiB page of guest-physical memory (VHOST_PAGE_SIZE), bit
 (page % 8) of byte (page / 8). Every device write into guest RAM (rx buffers and the used ring)
 marks the pages it touched. Unlike the 2010 code, a page beyond the bitmap is not written: it is
-reported (the audit note in virtio-facts B.10), and `overflow` counts it.
+reported (an out-of-bounds write in the 2010 seed), and `overflow` counts it.
 """
 from __future__ import annotations
 

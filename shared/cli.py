@@ -107,6 +107,14 @@ def add_common(p: argparse.ArgumentParser, credit_help: str) -> None:
     add_version(p)
 
 
+DOORBELLS = ("sem", "eventfd")
+
+
+def add_doorbell(p: argparse.ArgumentParser, help_text: str, default: str) -> None:
+    p.add_argument("--doorbell", choices=DOORBELLS + (("any",) if default == "any" else ()),
+                   default=default, help=help_text)
+
+
 LOG_LEVEL_ENV = "VIRTIO_EMU_LOG_LEVEL"
 
 

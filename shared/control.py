@@ -32,7 +32,7 @@ MAX_REGIONS = 8                # SET_MEM_TABLE: vhost-user's VHOST_MEMORY_BASELI
 MAX_CONFIG = 256               # GET_CONFIG size: VhostUserConfig.region[256]
 MAX_STR = 255                  # any str field
 DEVICE_TYPES = ("vsock", "net")
-DOORBELL_KINDS = ("posix_sem",)
+DOORBELL_KINDS = ("posix_sem", "eventfd")   # eventfd: the fd rides on the request (SCM_RIGHTS)
 _FEED_PIECE = 4096             # feed the Unpacker in pieces so a burst of small messages is not E2BIG
 
 

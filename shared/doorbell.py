@@ -9,9 +9,11 @@ Implementations:
                  "posix_sem" in the control protocol)
   LocalDoorbell  a threading.Condition counter, for single-process tests and in-process peers
 
-  EventFdDoorbell  an eventfd received over SCM_RIGHTS (vhost-user SET_VRING_KICK/CALL/ERR);
-                 select()able through fileno(), so a worker can watch kicks on its selector
+  EventFdDoorbell  an eventfd passed over SCM_RIGHTS (vhost-user SET_VRING_KICK/CALL/ERR, or the
+                 native "eventfd" kind with --doorbell eventfd); select()able through fileno()
 
+The seam: a doorbell is *selectable* when it has `fileno()` (`selectable(db)`). A runner waits on
+a selectable kick on its engine's selector (no thread); a semaphore needs a thread of its own.
 Device logic only ever sees the Doorbell protocol.
 """
 from __future__ import annotations
@@ -32,6 +34,12 @@ class Doorbell(Protocol):
     def ring(self) -> None: ...
     def wait(self, timeout: float | None) -> int: ...
     def close(self) -> None: ...
+    # optional: def fileno(self) -> int, for doorbells a selector can wait on (read() drains)
+
+
+def selectable(db) -> bool:
+    """Can a selector wait on this doorbell (it has fileno(); an eventfd, not a semaphore)?"""
+    return callable(getattr(db, "fileno", None))
 
 
 class SemDoorbell:
@@ -147,10 +155,14 @@ class EventFdDoorbell:
 
     kind = "eventfd"
 
-    def __init__(self, fd: int | None = None):
+    def __init__(self, fd: int | None = None, name: str | None = None):
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) if fd is None else fd
         os.set_blocking(self.fd, False)
-        self.name = f"eventfd:{self.fd}"
+        self.name = name or f"eventfd:{self.fd}"   # the frontend's label: queues sharing it share a waiter
+
+    def spec(self) -> dict:
+        """How a native control message names it; the fd goes with the message (SCM_RIGHTS)."""
+        return {"kind": "eventfd", "name": self.name}
 
     def fileno(self) -> int:
         return self.fd

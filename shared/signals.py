@@ -9,9 +9,15 @@ way on Ctrl-C until SIGKILL, leaving its shared memory behind.
 
 installs handlers that only write the signal number to a pipe; a daemon thread reads the pipe and
 calls `callback(signum)` there, where taking locks is safe.
+
+    die_with_parent(parent_pid)
+
+makes a forked child get SIGTERM when its parent dies (a device process must not outlive a
+SIGKILLed host: its guest would never see EOF).
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import threading
@@ -43,3 +49,14 @@ def on_stop_signals(callback: Callable[[int], None],
     threading.Thread(target=watch, name="stop-signals", daemon=True).start()
     for s in signals:
         signal.signal(s, handler)
+
+
+def die_with_parent(parent: int) -> None:
+    """PR_SET_PDEATHSIG(SIGTERM) in a forked child; SIGTERM now if the parent is already gone."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)          # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:                 # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)

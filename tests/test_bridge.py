@@ -18,6 +18,7 @@ import pytest
 pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 
 from host.vsock.api import VsockHost
+from host.vsock import runner as vsock_runner
 from host.vsock.bridge import HOST_PORT_FIRST, BridgeConn, parse_connect
 from host.vsock.device import VhostVsock
 from host.worker import VhostWorker
@@ -45,8 +46,9 @@ class Harness:
 
     def __init__(self, run_dir, dialect: str = "firecracker"):
         self.worker = VhostWorker("t-vsock")
-        self.dev = VhostVsock(GUEST_CID, run_dir=run_dir, dialect=dialect)
+        self.dev = VhostVsock(GUEST_CID)
         self.dev.worker = self.worker
+        vsock_runner.attach(self.dev, self.worker, run_dir=run_dir, dialect=dialect)
         self.kicks = [LocalDoorbell() for _ in range(3)]
         self.g = FakeGuest(self.dev, kick=lambda i: self.kicks[i].ring(), start=False)
         self.glock = threading.Lock()

@@ -211,7 +211,7 @@ def test_unknown_device_and_doorbell_kind():
         validate_request(req("HELLO", device="blk"))
     assert ei.value.code == "ENODEV"
     with pytest.raises(ProtocolError) as ei:
-        validate_request(req("SET_VRING_CALL", doorbell={"kind": "eventfd", "name": "x"}))
+        validate_request(req("SET_VRING_CALL", doorbell={"kind": "vfio_irq", "name": "x"}))
     assert ei.value.code == "EOPNOTSUPP"
 
 

@@ -1,4 +1,4 @@
-"""ControlSession (host/control_session.py) and VhostDevice (host/device.py), pure: bytearray guest
+"""The one Session (host/session.py) behind the native codec (host/native.py) and VhostDevice (host/device.py), pure: bytearray guest
 RAM, LocalDoorbells, the real split rings on both sides."""
 import struct
 
@@ -6,7 +6,7 @@ import pytest
 
 from guest.ram import GuestRAM
 from guest.virtqueue import VirtQueue
-from host.control_session import ControlSession
+from host.native import native_session
 from host.device import VHOST_FEATURES, VhostDevice
 from shared.constants import (VIRTIO_CONFIG_S_ACKNOWLEDGE as ACK, VIRTIO_CONFIG_S_DRIVER as DRIVER,
                               VIRTIO_CONFIG_S_DRIVER_OK as DRIVER_OK, VIRTIO_CONFIG_S_FAILED as FAILED,
@@ -92,9 +92,9 @@ class World:
         self.session = self.new_session(**session_kw)
 
     def attach(self, regions):
-        return CountingMemory([MemoryRegion(r["guest_phys_addr"], r["memory_size"],
-                                            memoryview(self.buf)[r["mmap_offset"]:r["mmap_offset"] + r["memory_size"]],
-                                            r["userspace_addr"]) for r in regions])
+        return CountingMemory([MemoryRegion(r.guest_phys_addr, r.memory_size,
+                                            memoryview(self.buf)[r.mmap_offset:r.mmap_offset + r.memory_size],
+                                            r.userspace_addr) for r in regions])
 
     def open_bell(self, spec):
         try:
@@ -108,7 +108,7 @@ class World:
         return dev
 
     def new_session(self, **kw):
-        self.session = ControlSession(kw.pop("factory", self.factory), attach_memory=self.attach,
+        self.session = native_session(kw.pop("factory", self.factory), attach_memory=self.attach,
                                       open_doorbell=self.open_bell, **kw)
         return self.session
 
@@ -214,23 +214,24 @@ def test_feed_bytes_in_pieces_gives_encoded_replies():
                      "reconnect": False, "params": {}}) + encode({"op": "GET_FEATURES", "seq": 2})
     out = []
     for i in range(0, len(stream), 5):
-        replies, close = s.feed(stream[i:i + 5])
-        assert not close
-        out += replies
+        res = s.feed(stream[i:i + 5])
+        assert not res.close
+        out += res.replies
     msgs = Decoder(kind="reply").feed(b"".join(out))
     assert [m["seq"] for m in msgs] == [1, 2] and all(m["ok"] for m in msgs)
     assert msgs[1]["features"] == VHOST_FEATURES | bit(VIRTIO_VSOCK_F_STREAM)
     # garbage: an error reply and close
-    replies, close = s.feed(b"\xc1")
-    assert close and Decoder(kind="reply").feed(replies[0])[0]["error"] == "EPROTO"
-    assert s.feed(encode({"op": "GET_STATUS", "seq": 3})) == ([], True)
+    res = s.feed(b"\xc1")
+    assert res.close and Decoder(kind="reply").feed(res.replies[0])[0]["error"] == "EPROTO"
+    res = s.feed(encode({"op": "GET_STATUS", "seq": 3}))
+    assert res.replies == [] and res.close
 
 
 def test_feed_answers_a_schema_error_with_its_seq():
     w = World()
-    replies, close = w.session.feed(encode({"op": "HELLO", "seq": 9, "version": 1}))
-    rep = Decoder(kind="reply").feed(replies[0])[0]
-    assert close and rep["seq"] == 9 and rep["error"] == "EINVAL"
+    res = w.session.feed(encode({"op": "HELLO", "seq": 9, "version": 1}))
+    rep = Decoder(kind="reply").feed(res.replies[0])[0]
+    assert res.close and rep["seq"] == 9 and rep["error"] == "EINVAL"
 
 
 # --- the legal order ----------------------------------------------------------------------------
@@ -489,7 +490,7 @@ def test_attach_failure_is_efault():
 
     def boom(regions):
         raise FileNotFoundError("no such segment")
-    w.session.attach_memory = boom
+    w.session.session.attach_memory = boom
     assert "no such segment" in w.bad("SET_MEM_TABLE", "EFAULT", regions=w.ram.table)["message"]
 
 

@@ -114,7 +114,7 @@ def wait_blocked(sock, timeout: float = 10.0) -> None:
     """Wait until a thread is blocked on the socket's wait queue (its Condition has a waiter):
     synchronise on the state itself instead of sleeping and hoping."""
     end = time.monotonic() + timeout
-    while not sock._cv._waiters:          # CPython's Condition keeps one lock per waiter
+    while not sock.waiting:
         assert time.monotonic() < end, "no thread blocked on the socket"
         time.sleep(0.001)
 

@@ -528,6 +528,20 @@ def test_cancel_pkt_purges_a_sockets_packets_and_restarts_rx():
 
 
 # --- events ------------------------------------------------------------------------------------
+def _held(lock) -> bool:
+    """Is `lock` held by anyone (tried from another thread, without waiting)?"""
+    got = []
+
+    def probe() -> None:
+        if lock.acquire(timeout=0):
+            lock.release()
+            got.append(True)
+    t = threading.Thread(target=probe)
+    t.start()
+    t.join()
+    return not got
+
+
 def test_transport_reset_resets_connected_keeps_listeners(env):
     gsk, hsk = connected_pair(env)
     with env.kernel.lock:
@@ -537,11 +551,17 @@ def test_transport_reset_resets_connected_keeps_listeners(env):
     woke = []
     gsk.wake = lambda: woke.append(1)
     env.vdev.cid = 42                                  # migrated: a new CID
+    reads = []
+    read = env.vdev.config_get
+    env.vdev.config_get = lambda off, size: (reads.append(_held(env.kernel.lock)), read(off, size))[1]
     env.host.send_event(0)
     settle(env.kernel, env.host)
     assert gsk.state == SockState.CLOSE and gsk.err == errno.ECONNRESET and woke
     assert lst.state == SockState.LISTEN
+    assert reads == []                                 # no control round trip from the interrupt
+    assert env.t.refresh_guest_cid() and reads == [False]      # later, with no lock held
     assert env.t.guest_cid == 42 and env.core.local_cid == 42
+    assert not env.t.refresh_guest_cid()               # once per reset
     assert env.t.stats["transport_resets"] == 1
     assert len(peek_chains(env, VSOCK_VQ_EVENT)) == 8      # the buffer went back
     # a short event is ignored, and its buffer still goes back

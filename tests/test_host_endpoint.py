@@ -148,7 +148,7 @@ def test_device_stop_fails_sockets_and_services_listen_again_on_start(h):
     srv.settimeout(TIMEOUT)
     tr, rbox = in_thread(c.recv, 10)
     ta, abox = in_thread(srv.accept)
-    wait_for(lambda: c._cv._waiters and srv._cv._waiters, what="both asleep")
+    wait_for(lambda: c.waiting and srv.waiting, what="both asleep")
     old_services = list(ep.services)
     h.on_worker(h.dev.stop)                      # guest reset / reconnect
     tr.join(TIMEOUT)

@@ -4,7 +4,7 @@ import os
 import signal
 import types
 
-from host.control_session import attach_shm_memory
+from host.native import attach_shm_memory, shm_region
 from host.device import VhostDevice
 from shared.constants import VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_NEEDS_RESET
 from shared.resources import close_shm, create_shm, resource_base, unlink_shm
@@ -16,8 +16,8 @@ GPA = 0x4000_0000
 def _segment(run_dir):
     name = f"{resource_base(run_dir)}-ram"
     shm = create_shm(name, SIZE)
-    mem = attach_shm_memory([{"shm": name, "mmap_offset": 0, "memory_size": SIZE,
-                              "guest_phys_addr": GPA, "userspace_addr": GPA}])
+    mem = attach_shm_memory([shm_region({"shm": name, "mmap_offset": 0, "memory_size": SIZE,
+                                         "guest_phys_addr": GPA, "userspace_addr": GPA})])
     return name, shm, mem
 
 

@@ -217,11 +217,9 @@ def test_the_guest_vmm_acks_the_header_bit_only_for_backends_without_vnet_hdr(sp
 
 # --- item 9 over vhost-user: VHOST_USER_PROTOCOL_F_LOG_SHMFD ----------------------------------------
 def _vu_session():
-    from host.vhost_user.memfd import map_memory_table
-    from host.vhost_user.session import VhostUserSession
-    from shared.doorbell import EventFdDoorbell
+    from host.vhost_user.codec import vhost_user_session
     dev = VhostNet(MAC, hdr_from_backend=True)
-    return VhostUserSession(dev, attach_memory=map_memory_table, open_doorbell=EventFdDoorbell)
+    return vhost_user_session(dev)
 
 
 def _log_fd(size):
@@ -241,15 +239,15 @@ def test_vhost_user_log_shmfd_and_log_all_on_running_rings():
     # offered: LOG_ALL and LOG_SHMFD; without a log, LOG_ALL is EFAULT (the connection closes)
     s = _vu_session()
     f = negotiate(s)
-    assert f & LOG_ALL and s.protocol_features & (1 << codec.PROTOCOL_F_LOG_SHMFD)
+    assert f & LOG_ALL and s.session.protocol_features & (1 << codec.PROTOCOL_F_LOG_SHMFD)
     out = s.handle(req("SET_FEATURES", u64((1 << 32) | LOG_ALL), need_reply=True))
-    assert out.close and s.error.code == "EFAULT" and out.replies[-1][-8:] == u64(1)
+    assert out.close and s.session.error.code == "EFAULT" and out.replies[-1][-8:] == u64(1)
     s.close()
     # too small a log for the memory table: EFAULT, no traceback
     s = _vu_session()
     setup_rings(s, negotiate(s))
     out = s.handle(req("SET_LOG_BASE", struct.pack("<QQ", need - 1, 0), [_log_fd(need)]))
-    assert out.close and s.error.code == "EFAULT"
+    assert out.close and s.session.error.code == "EFAULT"
     s.close()
     # the sequence QEMU sends when migration starts, on running rings
     s = _vu_session()

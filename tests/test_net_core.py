@@ -319,7 +319,7 @@ def test_driver_drops_bad_used_lengths():
 
 # --- SET_BACKEND over the control plane ------------------------------------------------------------
 def test_set_backend_message_needs_the_owner_and_swaps():
-    from host.control_session import ControlSession
+    from host.native import native_session
     from shared.control import PROTOCOL_VERSION
     opened = []
 
@@ -327,7 +327,7 @@ def test_set_backend_message_needs_the_owner_and_swaps():
         dev = VhostNet(MAC)
         dev.backend_opener = lambda spec: opened.append(Sink(name=spec)) or opened[-1]
         return dev
-    s = ControlSession(make, attach_memory=lambda regions: None)
+    s = native_session(make, attach_memory=lambda regions: None)
     seq = iter(range(1, 100))
 
     def call(op, **f):
@@ -338,7 +338,7 @@ def test_set_backend_message_needs_the_owner_and_swaps():
     assert not close
     rep, close = call("SET_BACKEND", index=1, backend="loopback")
     assert close and rep["error"] == "EPERM"               # the owner check (vhost_dev_check_owner)
-    s = ControlSession(make, attach_memory=lambda regions: None)
+    s = native_session(make, attach_memory=lambda regions: None)
     call("HELLO", version=PROTOCOL_VERSION, device="net", guest="g", reconnect=False, params={})
     call("SET_OWNER")
     rep, close = call("SET_BACKEND", index=1, backend="a")
@@ -352,7 +352,7 @@ def test_set_backend_message_needs_the_owner_and_swaps():
 def test_reset_owner_message_detaches_and_closes_the_backends():
     """RESET_OWNER over the control plane is vhost_net_reset_owner: the backends are stopped
     (vhost_net_stop) and closed, the device forgets its rings, and ownership is dropped."""
-    from host.control_session import ControlSession
+    from host.native import native_session
     from shared.control import PROTOCOL_VERSION
     closed = []
 
@@ -361,7 +361,7 @@ def test_reset_owner_message_detaches_and_closes_the_backends():
         dev.backend_opener = lambda spec: Sink(name=spec)
         dev.backend_closer = closed.append
         return dev
-    s = ControlSession(make, attach_memory=lambda regions: None)
+    s = native_session(make, attach_memory=lambda regions: None)
     seq = iter(range(1, 100))
 
     def call(op, **f):

@@ -39,7 +39,7 @@ def device_use(mem, vq, elems):
 @pytest.mark.parametrize("num,used_off,total", [(64, 4096, 4614), (128, 4096, 5126),
                                                 (256, 8192, 10246), (1024, 20480, 28678)])
 def test_legacy_vring_size_and_init_match_linux(num, used_off, total):
-    """virtio-facts B.1: uapi vring_size/vring_init at align 4096."""
+    """uapi virtio_ring.h vring_size/vring_init at align 4096 (docs/ring-rules.md)."""
     assert vring_size(num, 4096) == total
     a = vring_init(num, 0x10000, 4096)
     assert a.desc == 0x10000

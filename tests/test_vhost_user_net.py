@@ -26,7 +26,7 @@ from host.daemon import HostOptions
 from host.net.backends.loopback import Loopback, Sink
 from host.vhost_user import codec
 from host.vhost_user.codec import MemRegion
-from host.vhost_user.kinds import NetKind
+from host.devices import NetKind
 from host.vhost_user.runner import VhostUserBackend
 from shared.constants import VIRTIO_F_VERSION_1, bit
 from shared.net.hdr import VIRTIO_NET_F_MRG_RXBUF
@@ -152,7 +152,7 @@ def served(tmp_path):
     def start(backend):
         opts = HostOptions(run_dir=tmp_path / "run", stats_interval=0.05)
         opts.run_dir.mkdir(mode=0o700)
-        kind = NetKind("loopback", opts, MAC)
+        kind = NetKind("loopback", opts, MAC, "vhost-user")
         kind.open = lambda: setattr(kind, "backend", backend)       # this test's backend object
         b = VhostUserBackend(tmp_path / "n.sock", kind, opts)
         b.bind()
@@ -186,7 +186,11 @@ def test_frames_loop_through_the_backend_and_the_next_frontend_is_served(served,
         dev = b.device
         assert dev.backends == [lo, lo] and dev.vhost_hlen == 12 and dev.sock_hlen == 0
         assert dev.stats["tx_frames"] == 50 and dev.stats["rx_frames"] == 50
-        time.sleep(0.2)
+        deadline = time.monotonic() + 5                         # a stats snapshot after the frames
+        while not [d for d in read_all(tmp_path / "run") if d.get("role") == "device"
+                   and d["stats"].get("tx_packets") == 50]:
+            assert time.monotonic() < deadline, "no stats snapshot with the 50 frames"
+            time.sleep(0.01)
         (st,) = [d for d in read_all(tmp_path / "run") if d.get("role") == "device"]
         assert st["device"] == "net" and st["stats"]["tx_packets"] == 50 and st["connections"] == 1
         from tools.monitor.model import split_net               # the monitor's net view finds it
@@ -350,12 +354,10 @@ def test_one_ring_started_the_other_unconfigured_is_left_alone():
     """QEMU enables both rings before configuring them; when rx starts, the backend is attached
     and the tx work it queues must not touch the unconfigured tx ring (ring rule 13 otherwise)."""
     from host.net.device import VhostNet
-    from host.vhost_user.memfd import map_memory_table
-    from host.vhost_user.session import VhostUserSession
-    from shared.doorbell import EventFdDoorbell
+    from host.vhost_user.codec import vhost_user_session
 
     dev = VhostNet(MAC)
-    s = VhostUserSession(dev, attach_memory=map_memory_table, open_doorbell=EventFdDoorbell)
+    s = vhost_user_session(dev)
 
     def req(op, payload=b"", fds=()):
         (r,) = codec.Decoder().feed(codec.encode_request(op, payload), list(fds))

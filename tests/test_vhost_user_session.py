@@ -1,4 +1,4 @@
-"""VhostUserSession over a real VhostVsock, in one process: memfds for memory, eventfds for doorbells.
+"""The one Session behind the vhost-user codec (vhost_user_session) over a real VhostVsock, in one process: memfds for memory, eventfds for doorbells.
 
 Drives the message sequence QEMU 7.2 sends for vhost-user-vsock (real-peers.md) and the rules
 around it: REPLY_ACK, GET_CONFIG, rings starting only when configured, fds replaced at any time,
@@ -14,7 +14,8 @@ import pytest
 from host.vhost_user import codec
 from host.vhost_user.codec import Decoder, MemRegion
 from host.vhost_user.memfd import map_memory_table
-from host.vhost_user.session import PROTOCOL_FEATURES, VhostUserSession
+from host.session import PROTOCOL_FEATURES
+from host.vhost_user.codec import vhost_user_session
 from host.vsock.device import VhostVsock
 from shared.constants import VIRTIO_CONFIG_S_DRIVER_OK
 from shared.doorbell import EventFdDoorbell
@@ -41,7 +42,7 @@ def state(i, n):
 @pytest.fixture
 def sess():
     dev = VhostVsock(3, num_queues=2)
-    s = VhostUserSession(dev, attach_memory=map_memory_table, open_doorbell=EventFdDoorbell)
+    s = vhost_user_session(dev)
     yield s
     s.close()
 
@@ -75,7 +76,7 @@ def setup_rings(s, features):
     table = codec.mem_table_payload([MemRegion(GPA, MEM, UVA, 0)])
     out = s.handle(req("SET_MEM_TABLE", table, [ram], need_reply=True))
     ack = bytes.fromhex("05000000 05000000 08000000") + u64(0)    # REPLY_ACK: success
-    assert out.replies == ([ack] if s.protocol_features & 8 else []) and not out.close
+    assert out.replies == ([ack] if s.session.protocol_features & 8 else []) and not out.close
     kicks = []
     for q in (0, 1):
         s.handle(req("SET_VRING_NUM", state(q, NUM)))
@@ -118,7 +119,7 @@ def test_qemu_sequence_starts_the_device(sess):
 def test_without_protocol_features_the_kick_starts_the_ring(sess):
     sess.handle(req("SET_OWNER"))
     kicks = setup_rings(sess, (1 << 32))
-    assert sess.ring_started(0) and sess.ring_started(1) and sess.device.running
+    assert sess.session.ring_started(0) and sess.session.ring_started(1) and sess.device.running
     for k in kicks:
         os.close(k)
 
@@ -146,7 +147,7 @@ def test_errors_nack_and_close(sess, bad):
     op, payload = bad
     fds = [os.eventfd(0)] if op == "SET_LOG_BASE" else []
     out = sess.handle(req(op, payload, fds, need_reply=True))
-    assert out.close and sess.error is not None
+    assert out.close and sess.session.error is not None
     if out.replies and op not in ("GET_CONFIG",):
         assert out.replies[-1][-8:] == u64(1)                    # REPLY_ACK: failure
 
@@ -196,7 +197,7 @@ def test_kick_fd_replaced_while_running(sess):
     sess.handle(req("SET_VRING_ENABLE", state(1, 1)))
     old = sess.device.kicks[1]
     out = sess.handle(req("SET_VRING_KICK", u64(1), [os.eventfd(0)]))
-    assert not out.close and sess.ring_started(1)
+    assert not out.close and sess.session.ring_started(1)
     assert sess.device.kicks[1] is not old and old.fd == -1     # the old fd is closed
     for k in kicks:
         os.close(k)

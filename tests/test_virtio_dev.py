@@ -14,7 +14,7 @@ import pytest
 from guest.control_client import ControlClient, ControlError
 from guest.ram import GuestRAM
 from guest.virtio_dev import ProbeError, VirtioDevice
-from host.control_session import ControlSession, attach_shm_memory
+from host.native import NativeCodec, attach_shm_memory, native_session, shm_region
 from host.device import VhostDevice
 from shared.constants import (VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_VERSION_1, VIRTIO_ID_VSOCK,
                               VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
@@ -57,7 +57,7 @@ class Host:
         self.listener.bind(self.path)
         self.listener.listen(4)
         self.listener.settimeout(0.1)
-        self.sessions: list[ControlSession] = []
+        self.sessions: list[NativeCodec] = []
         self.devices: list[EchoDevice] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -78,7 +78,7 @@ class Host:
                 conn, _ = self.listener.accept()
             except socket.timeout:
                 continue
-            s = ControlSession(self.factory, attach_memory=attach_shm_memory)
+            s = native_session(self.factory)
             self.sessions.append(s)
             conn.settimeout(0.1)
             try:
@@ -89,9 +89,9 @@ class Host:
                         continue
                     if not data:
                         break
-                    replies, close = s.feed(data)
-                    conn.sendall(b"".join(replies))
-                    if close:
+                    out = s.feed(data)
+                    conn.sendall(b"".join(out.replies))
+                    if out.close:
                         break
             finally:
                 s.close()
@@ -350,13 +350,12 @@ def test_client_against_a_session_reads_split_replies(sockdir):
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(str(sockdir / "d.sock"))
     srv.listen(1)
-    s = ControlSession(lambda h: EchoDevice(3), attach_memory=attach_shm_memory)
+    s = native_session(lambda h: EchoDevice(3))
 
     def run():
         conn, _ = srv.accept()
         while data := conn.recv(65536):
-            replies, _ = s.feed(data)
-            for r in replies:
+            for r in s.feed(data).replies:
                 for i in range(len(r)):
                     conn.send(r[i:i + 1])
         conn.close()
@@ -374,7 +373,7 @@ def test_client_against_a_session_reads_split_replies(sockdir):
 def test_attach_shm_memory_checks_the_table(guest):
     dev, host, stop = guest
     table = dev.ram.table
-    mem = attach_shm_memory(table)
+    mem = attach_shm_memory([shm_region(r) for r in table])
     try:
         gpa = table[1]["guest_phys_addr"]
         dev.ram.mem.write(gpa + 8, b"shared")
@@ -383,6 +382,6 @@ def test_attach_shm_memory_checks_the_table(guest):
     finally:
         mem.release()
     with pytest.raises(ValueError, match="beyond segment"):
-        attach_shm_memory([{**table[1], "mmap_offset": table[1]["mmap_offset"] + 4096}])
+        attach_shm_memory([shm_region({**table[1], "mmap_offset": table[1]["mmap_offset"] + 4096})])
     with pytest.raises(ValueError, match="not one of ours"):
-        attach_shm_memory([{**table[0], "shm": "other-ram"}])
+        attach_shm_memory([shm_region({**table[0], "shm": "other-ram"})])

@@ -1,4 +1,4 @@
-"""Ports of Linux tools/testing/vsock/vsock_test.c stream cases (virtio-facts E.1) that apply
+"""Ports of Linux tools/testing/vsock/vsock_test.c stream cases (its test_cases[]) that apply
 to a stream-only core, run on two VsockCore endpoints over the fake link of test_vsock_proto.
 
 The C tests run a client and a server process synchronised by a TCP control channel

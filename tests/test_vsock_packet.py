@@ -1,4 +1,4 @@
-"""shared/vsock/packet.py: the 44-byte virtio_vsock_hdr, byte for byte (virtio-facts B.6)."""
+"""shared/vsock/packet.py: the 44-byte virtio_vsock_hdr, byte for byte (uapi linux/virtio_vsock.h)."""
 
 import struct
 

@@ -245,7 +245,10 @@ def test_device_reset_fails_sockets_cleanly(pair):
     srv2.settimeout(TIMEOUT)
     tr, rbox = in_thread(conn.recv, 10)
     ta, abox = in_thread(srv2.accept)
-    time.sleep(0.05)                          # both are asleep in _wait
+    end = time.monotonic() + TIMEOUT          # both are blocked in their calls
+    while not (conn.waiting and srv2.waiting):
+        assert time.monotonic() < end, "the calls never blocked"
+        time.sleep(0.001)
     h.replace_core()                          # the host side's device was reset
     tr.join(TIMEOUT)
     ta.join(TIMEOUT)

@@ -138,6 +138,7 @@ class VirtioVsockTransport:
         self.vqs: list = []
         self.features = 0
         self.guest_cid = VMADDR_CID_ANY
+        self.cid_stale = False      # a TRANSPORT_RESET came: refresh_guest_cid() re-reads the CID
         self.core: VsockCore | None = None
 
         self.send_pkt_list: deque[Packet] = deque()     # waiting for the tx ring
@@ -271,6 +272,17 @@ class VirtioVsockTransport:
         """virtio_vsock_update_guest_cid: le64 guest_cid at offset 0 of the config space."""
         raw = self.vdev.config_get(0, CONFIG_GUEST_CID.size)
         self.guest_cid = CONFIG_GUEST_CID.unpack(bytes(raw))[0]
+
+    def refresh_guest_cid(self) -> bool:
+        """After a TRANSPORT_RESET: re-read the CID and give it to the core. Call with no lock
+        held (GET_CONFIG is a blocking control round trip); True when it ran."""
+        if not self.cid_stale:
+            return False
+        self.cid_stale = False
+        self.update_guest_cid()
+        with self.kernel.lock:
+            self.core.set_local_cid(self.guest_cid)
+        return True
 
     def get_local_cid(self) -> int:
         return self.guest_cid
@@ -714,9 +726,10 @@ class VirtioVsockTransport:
         if event_id == VIRTIO_VSOCK_EVENT_TRANSPORT_RESET:
             # The device was migrated or its host restarted: our CID may have changed and every
             # connection is gone; listeners stay (virtio_vsock_reset_sock is for connected ones).
+            # The new CID is read from the config space by refresh_guest_cid(), a control round
+            # trip the VM makes with no lock held, not here (an interrupt thread, lock held).
             self.stats["transport_resets"] += 1
-            self.update_guest_cid()
-            self.core.set_local_cid(self.guest_cid)
+            self.cid_stale = True
             self.core.reset_connected(errno.ECONNRESET)
         else:
             log.debug("virtio-vsock: ignoring unknown event %d", event_id)

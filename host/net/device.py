@@ -269,9 +269,9 @@ class VhostNet(VhostDevice):
         old = self.set_backend(index, new)
         self.backend_name = spec if spec else self.backend_name
         if old is not None:
-            self._close_backend(old)
+            self.close_backend(old)
 
-    def _close_backend(self, b) -> None:
+    def close_backend(self, b) -> None:
         try:
             (self.backend_closer or (lambda x: x.close()))(b)
         except OSError:
@@ -280,7 +280,7 @@ class VhostNet(VhostDevice):
     def close(self) -> None:
         """The connection is gone: detach and close the backends (nothing left behind)."""
         for b in self.reset_owner():
-            self._close_backend(b)
+            self.close_backend(b)
 
     def _ready(self) -> bool:
         return (self.running and not self.broken and self.mem is not None

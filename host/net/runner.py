@@ -18,6 +18,8 @@ import selectors
 
 from shared.net.hdr import NET_VQ_RX, NET_VQ_TX
 
+from host.net.backends.spec import open_backend
+
 TX_RETRY = 0.0005          # s between tries on a backend whose POLLOUT is blind (segment)
 TX_ERROR_RETRY = 0.01      # s between tries after a send error (the frame is kept meanwhile)
 
@@ -43,7 +45,6 @@ class NetBackends:
         dev.on_rx_wait = dev.on_tx_poll
 
     def open(self, spec: str):
-        from host.net.backends.spec import open_backend
         b = open_backend(spec, run_dir=self.run_dir, mac=self.dev.mac)
         self.watch(b)
         return b

@@ -13,6 +13,10 @@ libvhost-user.h and rust-vmm vhost's message.rs:
     config        u32 offset | u32 size | u32 flags | u8 payload[size]
     log           u64 mmap_size | u64 mmap_offset
 
+`VhostUserCodec(session)` turns each wire `Request` into the session's typed request
+(host/session.py, the one session both transports share) and its result into reply bytes:
+REPLY_ACK when negotiated and asked for, the op's own reply otherwise; any error closes.
+
 `Decoder.feed(data, fds)` buffers bytes and fds (fds arrive with the first byte of the message
 they belong to: SCM_RIGHTS on the recvmsg that read the header) and yields `Request`s; a
 malformed message raises `VhostUserError` (the runner logs it and closes the connection). Fds
@@ -20,9 +24,18 @@ handed to a request belong to it; the decoder closes any it cannot hand out.
 """
 from __future__ import annotations
 
+import logging
 import os
 import struct
 from dataclasses import dataclass, field
+
+from host import session as typed
+from host.session import Outcome, Session
+from shared.doorbell import EventFdDoorbell
+
+from .memfd import map_log_fd, map_regions
+
+log = logging.getLogger(__name__)
 
 HEADER = struct.Struct("<III")
 U64 = struct.Struct("<Q")
@@ -62,10 +75,10 @@ CODES = {v: k for k, v in REQUESTS.items()}
 
 # Protocol feature bits (vhost-user.rst "Protocol features")
 PROTOCOL_F_MQ = 0
-PROTOCOL_F_LOG_SHMFD = 1
-PROTOCOL_F_REPLY_ACK = 3
-PROTOCOL_F_CONFIG = 9
-PROTOCOL_F_RESET_DEVICE = 13
+PROTOCOL_F_LOG_SHMFD = typed.PROTOCOL_F_LOG_SHMFD        # what the session offers: host/session.py
+PROTOCOL_F_REPLY_ACK = typed.PROTOCOL_F_REPLY_ACK
+PROTOCOL_F_CONFIG = typed.PROTOCOL_F_CONFIG
+PROTOCOL_F_RESET_DEVICE = typed.PROTOCOL_F_RESET_DEVICE
 PROTOCOL_F_STATUS = 16
 VHOST_USER_F_PROTOCOL_FEATURES = 30   # a virtio feature bit: GET/SET_PROTOCOL_FEATURES exist
 
@@ -290,3 +303,110 @@ def parse_reply(data: bytes) -> tuple[str, int, bytes]:
     if not flags & F_REPLY:
         raise VhostUserError("not a reply")
     return REQUESTS.get(code, str(code)), flags, bytes(data[HEADER.size:HEADER.size + size])
+
+
+# --- the session's typed requests and results ---------------------------------------------------------
+_STATE = ("SET_VRING_NUM", "SET_VRING_BASE", "GET_VRING_BASE", "SET_VRING_ENABLE")
+
+
+def to_request(req: Request) -> typed.Request:
+    """A decoded vhost-user message -> the session's Request (fds go with it)."""
+    op = req.op
+    if op in _STATE:
+        return typed.Request(op, index=req.index, num=req.num, fds=req.fds)
+    if op in ("SET_VRING_KICK", "SET_VRING_CALL", "SET_VRING_ERR"):
+        return typed.Request(op, index=req.index, doorbell=req.fd, fds=req.fds)
+    if op == "SET_VRING_ADDR":
+        return typed.Request(op, index=req.index, flags=req.addr_flags, desc=req.desc,
+                             avail=req.avail, used=req.used, log=req.log)
+    if op == "SET_MEM_TABLE":
+        return typed.Request(op, regions=tuple(
+            typed.Region(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, fd)
+            for r, fd in zip(req.regions, req.fds)), fds=req.fds)
+    if op in ("GET_CONFIG", "SET_CONFIG"):
+        return typed.Request(op, offset=req.offset, size=req.size)
+    if op == "SET_LOG_BASE":
+        return typed.Request(op, source=req.fd, offset=req.offset, size=req.size, fds=req.fds)
+    return typed.Request(op, value=req.u64, fds=req.fds)
+
+
+def encode_result(req: Request, res: typed.Result, ack: bool) -> list[bytes]:
+    if res.error is not None:
+        return [reply_ack(req, False)] if req.need_reply and ack else []
+    f = res.fields
+    if f is not None:
+        if req.op in ("GET_FEATURES", "GET_PROTOCOL_FEATURES"):
+            return [reply_u64(req, f["features"])]
+        if req.op == "GET_QUEUE_NUM":
+            return [reply_u64(req, f["num"])]
+        if req.op == "GET_VRING_BASE":
+            return [reply_state(req, f["index"], f["num"])]
+        if req.op == "GET_CONFIG":
+            return [reply_config(req, f["data"])]
+        if req.op == "SET_LOG_BASE":            # answered whatever REPLY_ACK says (QEMU waits)
+            return [reply_u64(req, 0)]
+    return [reply_ack(req, True)] if req.need_reply and ack else []
+
+
+def vhost_user_session(device, *, attach_memory=None, open_doorbell=None, attach_log=None,
+                       name: str = "vhost-user") -> "VhostUserCodec":
+    """A Session for a vhost-user connection (status derived from the rings) behind its codec;
+    by default memory and log come from fds (memfd.py) and doorbells are eventfds."""
+    return VhostUserCodec(Session(device=device, derived_status=True,
+                                  attach_memory=attach_memory or map_regions,
+                                  open_doorbell=open_doorbell or EventFdDoorbell,
+                                  attach_log=attach_log or map_log_fd, name=name))
+
+
+class VhostUserCodec:
+    """One vhost-user connection's messages <-> its Session (derived_status: no F_STATUS)."""
+
+    def __init__(self, session: Session):
+        self.session = session
+        self.decoder = Decoder()
+
+    def feed(self, data: bytes, fds=()) -> Outcome:
+        """One message's bytes and fds (the runner reads a message at a time) -> Outcome."""
+        out = Outcome()
+        try:
+            reqs = self.decoder.feed(data, fds)
+        except VhostUserError as e:
+            log.warning("%s: malformed message: %s; closing the connection", self.session.name, e)
+            out.close = True
+            return out
+        for req in reqs:
+            o = self.handle(req)
+            out.replies += o.replies
+            out.started += o.started
+            if o.close:
+                log.warning("%s: %s refused: %s; closing the connection", self.session.name,
+                            req.op, self.session.error)
+                out.close = True
+                break
+        return out
+
+    def close_fds(self) -> None:
+        """fds received and not handed to a request."""
+        self.decoder.close()
+
+    def close(self) -> None:
+        """The connection is gone: fds not handed out, then Session.close."""
+        self.close_fds()
+        self.session.close()
+
+    @property
+    def device(self):
+        return self.session.device
+
+    def handle(self, req: Request) -> Outcome:
+        """Never raises. Takes ownership of req's fds."""
+        log.debug("%s: <- %r", self.session.name, req)
+        if self.session.closed:
+            req.close_fds()
+            return Outcome(close=True)
+        res = self.session.handle(to_request(req))     # derived_status: any refusal closes
+        out = Outcome(encode_result(req, res, self.session.reply_ack), res.close, res.started)
+        for r in out.replies:
+            log.debug("%s: -> %s reply %s", self.session.name, req.op, r[HEADER.size:].hex())
+        return out
+

@@ -30,6 +30,28 @@ class MmapGuestMemory(GuestMemory):
                 pass
 
 
+def map_regions(regions) -> MmapGuestMemory:
+    """attach_memory for vhost-user: each Region's source is its fd (closed once mapped)."""
+    return map_memory_table(regions, [r.source for r in regions])
+
+
+def map_log_fd(fd: int, offset: int, size: int):
+    """attach_log for vhost-user (LOG_SHMFD): map [offset, +size) of fd as the dirty bitmap.
+    Returns (bitmap view, the mapping to close with it); the fd is closed in any case."""
+    try:
+        end = offset + size
+        have = os.fstat(fd).st_size
+        if have < end:
+            raise ValueError(f"the fd holds {have} bytes, the log ends at {end}")
+        m = mmap.mmap(fd, end, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)                     # the mapping keeps the memory
+    view = memoryview(m)
+    bitmap = view[offset:end]
+    view.release()
+    return bitmap, m
+
+
 def map_memory_table(regions, fds) -> MmapGuestMemory:
     """regions: MemRegion-likes (guest_phys_addr, memory_size, userspace_addr, mmap_offset)."""
     maps: list[mmap.mmap] = []

@@ -1,15 +1,15 @@
-"""The vhost-user backend loop: a listening socket, one frontend at a time, one VhostWorker.
+"""The vhost-user transport: a listening socket, one frontend at a time, one DeviceRunner.
 
     VhostUserBackend(socket_path, kind, opts).run()
 
-serves one device kind (kinds.py: VsockKind(cid) or NetKind(spec); the runner itself is
-device-neutral: the kind makes a device per frontend and attaches what it owns). It listens on
-`socket_path` (QEMU's `-chardev socket,path=...` connects to it), accepts one frontend (a second
-one is refused while the first is connected), reads with recvmsg (socket.recv_fds: the
-memory table's and the rings' fds arrive by SCM_RIGHTS), feeds the codec and the session and sends
-the replies. Kick eventfds are registered on the worker's selector directly (no poller threads):
-when one is readable the runner drains it and calls device.kick_received. On EOF or a malformed
-message the connection is closed, the device reset and a new one made for the next frontend.
+serves one device kind (host/devices.py: VsockKind(cid) or NetKind(spec), transport
+"vhost-user"). It listens on `socket_path` (QEMU's `-chardev socket,path=...` connects to it),
+accepts one frontend (a second one is refused while the first is connected), reads with recvmsg
+(socket.recv_fds: the memory table's and the rings' fds arrive by SCM_RIGHTS), feeds the codec
+(which drives the one Session, host/session.py) and sends the replies. Everything else, kicks
+included (eventfds on the engine's selector, no threads), is the DeviceRunner's (host/runner.py),
+as for a native guest. On EOF or a malformed message the connection is closed, the device reset
+and a new one made for the next frontend.
 
 `serve(pairs, opts)` runs one such backend per (socket, kind) pair (a bare int is a vsock CID),
 each in a process of its own (as the daemon does for native guests), and forwards SIGTERM/SIGINT
@@ -22,45 +22,83 @@ import os
 import signal
 import socket
 import time
-from functools import partial
 from pathlib import Path
 
-from shared.doorbell import EventFdDoorbell
-from shared.stats import remove_stats, write_stats
-
-from host.worker import VhostWorker
 from shared import unixsock
+from shared.signals import die_with_parent
+from shared.vsock.pcap import PcapWriter
 
-from . import codec
-from .kinds import VsockKind
-from .memfd import map_memory_table
-from .session import VhostUserSession
+from host.devices import VsockKind
+from host.runner import Connection, DeviceRunner, MAX_FDS, checked_recv
+
+from .codec import HEADER, MAX_PAYLOAD, vhost_user_session
 
 log = logging.getLogger("host.vhost_user")
 
-RECV_SIZE = 4096
-_R, _W = 1, 2
+_R = 1
+TIMEOUT = 5.0                    # s to read the rest of a message the frontend is sending
+
+
+def read_message(sock: socket.socket):
+    """A vhost-user connection's reader: one whole message and its fds; None at EOF.
+
+    The header is read alone with recvmsg: a frontend sends each message with one sendmsg, so
+    its fds come with its first bytes (libvhost-user's vu_message_read does the same); reading
+    more could join the next message and its fds to this one. The rest is read blocking, bounded
+    by TIMEOUT.
+    """
+    got = checked_recv(*socket.recv_fds(sock, HEADER.size, MAX_FDS)[:3])
+    if got is None:
+        return None
+    data, fds = got
+    try:
+        sock.settimeout(TIMEOUT)
+        data += _read_exact(sock, HEADER.size - len(data))
+        size = HEADER.unpack_from(data)[2]
+        if size <= MAX_PAYLOAD:                  # larger: the codec refuses the header alone
+            data += _read_exact(sock, size)
+    except OSError:
+        for fd in fds:
+            os.close(fd)
+        raise
+    finally:
+        sock.setblocking(False)
+    return data, fds
+
+
+def _read_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), 1 << 16))
+        if not chunk:
+            raise OSError("EOF in the middle of a message")
+        buf += chunk
+    return bytes(buf)
 
 
 class VhostUserBackend:
     def __init__(self, path: Path, kind, opts):
         self.path = Path(path)
-        self.kind = VsockKind(kind, opts) if isinstance(kind, int) else kind
+        self.kind = VsockKind(kind, opts, "vhost-user") if isinstance(kind, int) else kind
         self.opts = opts
-        self.worker = VhostWorker(name=f"vhost-user-{self.kind.device}-{self.path.name}")
+        self.runner = DeviceRunner(self.kind, opts, f"vhost-user-{self.kind.device}-{self.path.name}")
+        self.worker = self.runner.worker
         self.listener: socket.socket | None = None
-        self.conn: socket.socket | None = None
-        self.decoder: codec.Decoder | None = None
-        self.session: VhostUserSession | None = None
-        self.device = None
-        self.kicks: dict[int, object] = {}       # queue -> registered kick doorbell
+        self.conn: Connection | None = None
         self.connections = 0
         self.opened = False
 
-    # --- setup ----------------------------------------------------------------------------------
     @property
     def cid(self):
         return getattr(self.kind, "cid", None)
+
+    @property
+    def device(self):
+        return self.runner.device
+
+    @property
+    def session(self):
+        return self.runner.session
 
     def bind(self) -> None:
         """Claim and listen on the socket, then open what the kind holds for its whole life."""
@@ -78,191 +116,36 @@ class VhostUserBackend:
         log.info("vhost-user-%s backend for %s listening on %s", self.kind.device, self.kind.label,
                  self.path)
 
-    def _new_device(self):
-        dev = self.kind.new_device(self.worker)
-        dev.worker = self.worker
-        dev.lock = self.worker.lock        # one big lock: engine work, kicks and control
-        return dev
-
     # --- connections ----------------------------------------------------------------------------
     def _on_accept(self, mask: int) -> None:
         try:
-            conn, _ = self.listener.accept()
+            sock, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError):
             return
         if self.conn is not None:
             log.warning("vhost-user %s: refused a second frontend (one is connected)", self.path)
-            conn.close()
+            sock.close()
             return
         self.connections += 1
-        conn.setblocking(False)
-        self.conn = conn
-        self.decoder = codec.Decoder()
-        self.device = self._new_device()
-        self.session = VhostUserSession(self.device, attach_memory=map_memory_table,
-                                        open_doorbell=EventFdDoorbell,
-                                        name=f"vhost-user[{self.kind.label}]")
-        self.worker.register(conn, _R, self._on_conn)
+        dev = self.runner.new_device()
+        codec = vhost_user_session(dev, name=f"vhost-user[{self.kind.label}]")
+        self.runner.session = codec.session
+        self.conn = Connection(self.runner, sock, codec, read_message, f"the frontend of {self.path}",
+                               self._disconnected)
         log.info("vhost-user %s: frontend connected (connection %d)", self.path, self.connections)
 
-    def _on_conn(self, mask: int) -> None:
-        for _ in range(64):                      # a burst of messages, then let others run
-            if self.conn is None or not self._read_message():
-                return
-
-    def _read_message(self) -> bool:
-        """Read and handle one message; False when there is nothing more to read now.
-
-        The header is read alone with recvmsg: a frontend sends each message with one sendmsg,
-        so its fds come with its first bytes (libvhost-user's vu_message_read does the same);
-        reading more could join the next message and its fds to this one.
-        """
-        conn = self.conn
-        try:
-            data, fds, flags, _ = socket.recv_fds(conn, codec.HEADER.size, codec.MAX_FDS)
-        except BlockingIOError:
-            return False
-        except OSError as e:
-            log.info("vhost-user %s: connection error: %s", self.path, e)
-            self._disconnect()
-            return False
-        if flags & socket.MSG_CTRUNC:
-            for fd in fds:
-                os.close(fd)
-            log.warning("vhost-user %s: too many fds in one message (control data truncated); "
-                        "closing the connection", self.path)
-            self._disconnect()
-            return False
-        if not data:
-            for fd in fds:
-                os.close(fd)
-            log.info("vhost-user %s: frontend closed the connection", self.path)
-            self._disconnect()
-            return False
-        try:
-            reqs = self.decoder.feed(data, fds)
-            if not reqs:
-                rest = self._read_exact(codec.HEADER.size - len(data)) if len(data) < codec.HEADER.size else b""
-                reqs = self.decoder.feed(rest)
-                if not reqs:
-                    size = codec.HEADER.unpack_from(bytes(self.decoder.buf))[2]
-                    reqs = self.decoder.feed(self._read_exact(size))
-        except codec.VhostUserError as e:
-            log.warning("vhost-user %s: malformed message: %s; closing the connection", self.path, e)
-            self._disconnect()
-            return False
-        except OSError as e:
-            log.warning("vhost-user %s: message cut short: %s; closing the connection", self.path, e)
-            self._disconnect()
-            return False
-        for req in reqs:
-            out = self.session.handle(req)
-            if out.replies and not self._send(b"".join(out.replies)):
-                self._disconnect()
-                return False
-            self._sync_kicks()
-            self.kind.sync(self.device)          # e.g. the net backend attached at the start
-            for q in out.started:
-                self.worker.queue_work(partial(self._kick, q))   # kicks that came before the start
-            if out.close:
-                self._disconnect()
-                return False
-        return True
-
-    def _read_exact(self, n: int) -> bytes:
-        """The rest of a message the frontend is sending (blocking, bounded by a timeout)."""
-        buf = bytearray()
-        self.conn.settimeout(5.0)
-        try:
-            while len(buf) < n:
-                chunk = self.conn.recv(n - len(buf))
-                if not chunk:
-                    raise OSError("EOF in the middle of a message")
-                buf += chunk
-        finally:
-            self.conn.setblocking(False)
-        return bytes(buf)
-
-    def _send(self, data: bytes) -> bool:
-        try:
-            self.conn.setblocking(True)
-            self.conn.settimeout(5.0)
-            self.conn.sendall(data)
-            return True
-        except OSError as e:
-            log.info("vhost-user %s: cannot send a reply: %s", self.path, e)
-            return False
-        finally:
-            try:
-                self.conn.setblocking(False)
-            except OSError:
-                pass
-
-    def _disconnect(self) -> None:
-        conn, self.conn = self.conn, None
-        if conn is None:
-            return
-        self.worker.unregister(conn)
-        for q in list(self.kicks):
-            self.worker.unregister(self.kicks.pop(q))
-        if self.decoder is not None:
-            self.decoder.close()
-        if self.device is not None:
-            with self.device.lock:
-                self.kind.detach(self.device)
-        if self.session is not None:
-            self.session.close()         # stop, reset: memory unmapped, fds closed, bridge down
-        self.session = None
-        self.device = None
-        conn.close()
+    def _disconnected(self) -> None:
+        self.conn = None
+        self.runner.detach()             # kicks unwatched, device reset: memory unmapped, fds closed
         log.info("vhost-user %s: ready for the next frontend", self.path)
 
-    # --- kicks ----------------------------------------------------------------------------------
-    def _sync_kicks(self) -> None:
-        """Register exactly the kick eventfds the device holds now (replaced at any time)."""
-        dev = self.device
-        for q in range(dev.num_queues):
-            db = dev.kicks[q]
-            cur = self.kicks.get(q)
-            if cur is db:
-                continue
-            if cur is not None:
-                self.worker.unregister(cur)
-                del self.kicks[q]
-            if db is not None:
-                self.worker.register(db, _R, partial(self._on_kick, q, db))
-                self.kicks[q] = db
-
-    def _on_kick(self, q: int, db, mask: int) -> None:
-        if self.kicks.get(q) is not db:
-            return
-        db.read()
-        self._kick(q)
-
-    def _kick(self, q: int) -> None:
-        dev, sess = self.device, self.session
-        if dev is None or sess is None or not sess.ring_started(q):
-            return                       # not started: the eventfd keeps it until the start
-        db = dev.kicks[q]
-        if db is not None:
-            db.read()
-        with dev.lock:
-            dev.kick_received(q)
-
-    # --- stats ----------------------------------------------------------------------------------
+    # --- run ------------------------------------------------------------------------------------
     def _write_stats(self) -> None:
-        dev = self.device
-        try:
-            write_stats(self.opts.run_dir, "device", {
-                "guest": f"vhost-user:{self.path.name}", **self.kind.stats_fields(),
-                "guest_pid": 0, "status": dev.status if dev else 0,
-                "stats": dev.get_stats() if dev else {}, "connections": self.connections})
-        except OSError as e:
-            log.debug("cannot write stats: %s", e)
+        self.runner.write_stats({"guest": f"vhost-user:{self.path.name}", **self.kind.stats_fields(),
+                                 "guest_pid": 0, "connections": self.connections})
         if not self.worker.stopping:
             self.worker.call_later(self.opts.stats_interval, self._write_stats)
 
-    # --- run ------------------------------------------------------------------------------------
     def run(self) -> int:
         if self.listener is None:
             self.bind()
@@ -275,19 +158,20 @@ class VhostUserBackend:
         return 0
 
     def close(self) -> None:
-        self._disconnect()
+        if self.conn is not None:
+            self.conn.close()
         if self.listener is not None:
             self.listener.close()
             self.listener = None
             unixsock.unlink(self.path)
-        self.kind.close()
-        remove_stats(self.opts.run_dir, "device")
+        self.runner.close()
 
 
 def serve(pairs: list[tuple[Path, object]], opts) -> int:
     """One backend process per (socket, kind or vsock CID); returns when all have ended or on
     SIGTERM/SIGINT."""
-    from host.daemon import _die_with_parent
+    if opts.pcap:
+        PcapWriter(opts.pcap).close()        # the file header; backends append records
     backends = []
     for path, kind in pairs:
         b = VhostUserBackend(path, kind, opts)
@@ -302,9 +186,6 @@ def serve(pairs: list[tuple[Path, object]], opts) -> int:
                 raise
             raise SystemExit(f"host: cannot listen on {path}: {e.strerror}") from None
         backends.append(b)
-    if opts.pcap:
-        from shared.vsock.pcap import PcapWriter
-        PcapWriter(opts.pcap).close()        # the file header; backends append records
     parent = os.getpid()
     children: dict[int, VhostUserBackend] = {}
     for b in backends:
@@ -315,7 +196,7 @@ def serve(pairs: list[tuple[Path, object]], opts) -> int:
                 for other in backends:
                     if other is not b:
                         other.listener.close()
-                _die_with_parent(parent)
+                die_with_parent(parent)
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
                 signal.signal(signal.SIGTERM, lambda *_: b.worker.stop())
                 code = b.run()

@@ -1,4 +1,4 @@
-"""Hybrid vsock: Unix sockets on the host bridged to vsock streams in one guest (virtio-facts B.14).
+"""Hybrid vsock: Unix sockets on the host bridged to vsock streams in one guest (the Firecracker and vhost-device-vsock hybrid protocol).
 
 Theory of operation
 -------------------

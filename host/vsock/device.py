@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-One `VhostVsock` serves one guest (one CID). Its three rings are the guest's (virtio-facts B.4):
+One `VhostVsock` serves one guest (one CID). Its three rings are the guest's (virtio spec §Socket Device "Virtqueues"):
 
     rx    (0)  guest posts empty buffers; `do_send_pkt` fills them with host -> guest packets
     tx    (1)  guest posts packets; `handle_tx_kick` takes them to the host's VsockCore
@@ -41,9 +41,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
-import os
 import struct
-import time
 from collections import deque
 from functools import partial
 
@@ -63,8 +61,6 @@ log = logging.getLogger(__name__)
 
 VSOCK_CONFIG = struct.Struct("<Q")          # struct virtio_vsock_config { le64 guest_cid; }
 VSOCK_EVENT = struct.Struct("<I")           # struct virtio_vsock_event { le32 id; }
-TICK_INTERVAL = 0.5                         # how often the core's close timeouts are run (s)
-DIALECTS = ("firecracker", "vhost-device-vsock")
 GUEST_ERRORS = (VringError, GuestMemoryError)
 
 
@@ -73,29 +69,24 @@ class VhostVsock(VhostDevice):
     device_id = VIRTIO_ID_VSOCK
     num_queues = 3
 
-    def __init__(self, guest_cid: int, *, run_dir=None, credit_policy: str = "every-read",
-                 capture=None, dialect: str = "firecracker", reconnect: bool = False,
+    def __init__(self, guest_cid: int, *, credit_policy: str = "every-read",
+                 capture=None, reconnect: bool = False,
                  name: str = "", buf_size: int | None = None, lend: bool = True, **kw):
         if not isinstance(guest_cid, int) or guest_cid in RESERVED_CIDS or not 2 < guest_cid <= 0xFFFFFFFF:
             raise ValueError(f"guest CID {guest_cid!r} is reserved or out of range "
                              f"(a guest CID is 3..0xFFFFFFFE)")
-        if dialect not in DIALECTS:
-            raise ValueError(f"unknown hybrid vsock dialect {dialect!r} (one of {', '.join(DIALECTS)})")
         super().__init__(name or f"vsock-{guest_cid}", **kw)
         self.guest_cid = guest_cid
-        self.run_dir = run_dir
         self.credit_policy = credit_policy
         self.buf_size = buf_size        # the host sockets' receive buffer (None: the core's default)
-        self.dialect = dialect
         self.reconnect = reconnect
-        self.capture = self._open_capture(capture)
+        self.capture = capture      # an object with write(pkt) (a PcapWriter the runner opened)
         self.core = self._new_core()
         self.send_pkt_list: deque[list] = deque()   # [packet, bytes of its payload already sent]
         self.queued_replies = 0     # replies in send_pkt_list: bounds how much tx we accept
         self.reset_pending = False  # a TRANSPORT_RESET waits for an event buffer
         self._reset_on_start = reconnect
-        self.bridge = None
-        self._tick_handle = None
+        self.bridge = None          # set by the runner (host/vsock/runner.py) while it runs one
         self.batch = Batch()        # with dev.batch: one rx interrupt decision for many packets
         # Lending (our addition; vhost-vsock copies every payload into an skb): an RW payload in
         # one tx descriptor is queued on its socket as a view of the guest's buffer, and its chain
@@ -108,7 +99,10 @@ class VhostVsock(VhostDevice):
         self._notify_rx = lambda: self.notify(self.vqs[VSOCK_VQ_RX])
         # In-device programs (host/vsock/endpoint.py): start_hooks run at the end of start()
         # (DRIVER_OK), stop_hooks(old_core) at the end of stop(), both with self.lock held.
+        # The runner's own (host/vsock/runner.py: the bridge, the clock) go in start_hooks and in
+        # stopping_hooks, run at the start of stop() while the old core still serves.
         self.start_hooks: list = []
+        self.stopping_hooks: list = []
         self.stop_hooks: list = []
         self.stats.update({
             "tx_packets": 0, "tx_bytes": 0,     # guest -> host (taken off the tx ring)
@@ -131,15 +125,6 @@ class VhostVsock(VhostDevice):
         core = VsockCore(VMADDR_CID_HOST, self.send_pkt, credit_policy=self.credit_policy, **kw)
         core.send_rw = self.send_rw
         return core
-
-    @staticmethod
-    def _open_capture(capture):
-        if capture is None or hasattr(capture, "write"):
-            return capture
-        if isinstance(capture, (str, os.PathLike)):
-            from shared.vsock.pcap import PcapWriter
-            return PcapWriter(capture)
-        raise TypeError(f"capture must be a path or have write(pkt), not {type(capture).__name__}")
 
     def _tap(self, pkt: Packet) -> None:
         if self.capture is not None:
@@ -168,17 +153,6 @@ class VhostVsock(VhostDevice):
     # --- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
         super().start()
-        if self.run_dir is not None and self.worker is not None and self.bridge is None:
-            from host.vsock.bridge import VsockBridge
-            try:
-                self.bridge = VsockBridge(self, self.worker, self.run_dir, self.guest_cid,
-                                          dialect=self.dialect)
-                self.bridge.start()
-            except OSError as e:
-                log.error("%s: cannot start the vsock bridge: %s", self.name, e)
-                self.bridge = None
-        if self.worker is not None:
-            self._tick_handle = self.worker.call_later(TICK_INTERVAL, self._tick)
         if self._reset_on_start:
             # Host restart: the guest's connections died with the old host (B.6 TRANSPORT_RESET).
             self._reset_on_start = False
@@ -195,12 +169,8 @@ class VhostVsock(VhostDevice):
         # The device is going away: what the host's sockets say as they close (SHUTDOWN, RST)
         # must not reach the guest's rings any more (vhost_vsock_dev_release resets them locally).
         self.running = False
-        if self.bridge is not None:
-            bridge, self.bridge = self.bridge, None
-            bridge.stop()           # closes the bridged Unix sockets, releases their core sockets
-        if self._tick_handle is not None:
-            self._tick_handle.cancel()
-            self._tick_handle = None
+        for hook in list(self.stopping_hooks):
+            hook()                  # the bridge closes its Unix sockets, releases their core sockets
         # Lent views of guest RAM must be gone before the memory is released.
         self.loan_gen += 1
         self.loans = 0
@@ -224,14 +194,11 @@ class VhostVsock(VhostDevice):
             except Exception:
                 pass
 
-    def _tick(self) -> None:
+    def tick(self, now: float) -> None:
+        """The core's close timeouts, at `now` (the runner's clock, host/vsock/runner.py)."""
         with self.lock:
-            self._tick_handle = None
-            if not self.running:
-                return
-            self.core.tick(time.monotonic())
-            if self.worker is not None:
-                self._tick_handle = self.worker.call_later(TICK_INTERVAL, self._tick)
+            if self.running:
+                self.core.tick(now)
 
     # --- kicks ----------------------------------------------------------------------------------
     def handle_kick(self, qidx: int) -> None:

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 On Linux a host program opens an AF_VSOCK socket and talks to a guest through kernel vhost-vsock;
-here the counterpart runs inside the device process that serves one guest (host/device_process.py),
+here the counterpart runs inside the device process that serves one guest (host/runner.py),
 directly over that device's own `VsockCore` (local CID 2), with no Unix bridge and no extra process
 in between. `HostVsock(device)` is the host family of the one socket layer (shared/vsock/socket.py):
 

@@ -1,4 +1,4 @@
-"""virtio-net constants and layouts (uapi virtio_net.h; virtio-facts B.10/B.11; spec 5.1).
+"""virtio-net constants and layouts (uapi virtio_net.h; drivers/vhost/net.c; spec 5.1).
 
     struct virtio_net_hdr            { u8 flags; u8 gso_type; le16 hdr_len; le16 gso_size;
                                        le16 csum_start; le16 csum_offset; }            10 bytes

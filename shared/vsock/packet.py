@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 Every vsock packet on the rx/tx virtqueues starts with the packed little-endian header
-(virtio spec §Socket Device "Device Operation", uapi linux/virtio_vsock.h; virtio-facts B.6):
+(virtio spec §Socket Device "Device Operation", uapi linux/virtio_vsock.h):
 
     off size field      notes
       0    8 src_cid    upper 32 bits reserved

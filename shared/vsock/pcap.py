@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 Linux's vsockmon tap (drivers/net/vsockmon.c, fed by virtio_transport_deliver_tap_pkt) hands
-each virtio-vsock packet to a capture socket as one frame (virtio-facts B.12):
+each virtio-vsock packet to a capture socket as one frame (uapi linux/vsockmon.h, virtio_transport_build_skb):
 
     af_vsockmon_hdr (32 B, '<QQIIHHH2x')   src_cid dst_cid src_port dst_port op transport len
     virtio_vsock_hdr (44 B, raw LE)        the packet header as on the ring

@@ -47,7 +47,7 @@ RST; the packet's buf_alloc/fwd_cnt are copied into the socket from EVERY packet
     CLOSING      (other)          ignored
     CLOSE        (any)            RST (reply): bound but neither listening nor connected
 
-Credit (virtio spec §Socket Device "Flow control"; virtio-facts B.7). The sender may have at
+Credit (virtio spec §Socket Device "Flow control"; virtio_transport_common.c). The sender may have at
 most `peer_free = peer_buf_alloc - (tx_cnt - peer_fwd_cnt)` bytes in flight, all counters u32
 with wrap-around. Every outgoing packet of a socket advertises the socket's own buf_alloc and
 fwd_cnt (virtio_transport_inc_tx_pkt) and records last_fwd_cnt = fwd_cnt. After a dequeue

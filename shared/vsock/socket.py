@@ -232,6 +232,12 @@ class VsockSocket:
         if db is not None and db.lead_owner != threading.get_ident():
             db.nudge()          # our thread serves the ring, asleep on its doorbell: wake it
 
+    @property
+    def waiting(self) -> int:
+        """Threads blocked in a call on this socket (asleep on its Condition, or serving its
+        ring); tests synchronise on it instead of sleeping."""
+        return self._waiters + (self._serving is not None)
+
     def _stale(self) -> bool:
         """The family's core was replaced (device reset): this socket's core is gone."""
         return self._family.current_core is not self._core

@@ -22,7 +22,7 @@ def cpu_self(thread: bool = False) -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _quiet() -> None:
+def quiet() -> None:
     """In a forked child: the bench handles Ctrl-C and ends its children itself."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -31,7 +31,7 @@ def _quiet() -> None:
 def child(fn):
     """A forked child's target: Ctrl-C is the bench's; a peer that went away ends it quietly."""
     def run(*args):
-        _quiet()
+        quiet()
         try:
             fn(*args)
         except (OSError, EOFError):

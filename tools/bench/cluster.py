@@ -51,6 +51,7 @@ class Features:
     rx_buf_flag: str | None = None  # the guest's rx buffer size option, if any
     credit_policy: bool = True
     host_run: bool = False          # python -m host --run MODULE:FUNCTION (the zero-copy sink)
+    doorbell: bool = False          # --doorbell eventfd on host and guest
 
     @classmethod
     def detect(cls) -> "Features":
@@ -61,7 +62,8 @@ class Features:
                    poll_us="--poll-us" in h and "--poll-us" in g,
                    rx_buf_flag=m.group(1) if m else None,
                    credit_policy="--credit-policy" in h and "--credit-policy" in g,
-                   host_run="--run" in h)
+                   host_run="--run" in h,
+                   doorbell="--doorbell" in h and "--doorbell" in g)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)

@@ -18,7 +18,7 @@ import socket
 import time
 from pathlib import Path
 
-from tools.bench.baselines import CTX, _quiet, cpu_self, reap
+from tools.bench.baselines import CTX, quiet, cpu_self, reap
 
 
 def bridge_connect(run_dir: str, cid: int, port: int, timeout: float = 10) -> socket.socket:
@@ -105,7 +105,7 @@ PROGRAMS = {"h2g": _h2g, "sink": _sink, "rr": _rr}
 
 
 def _main(name, args, conn):
-    _quiet()
+    quiet()
     c0 = cpu_self()
     try:
         if name == "sink":

@@ -308,7 +308,8 @@ def targets_table(rows: list[dict]) -> Table:
 
 
 def threads_text(figs: list[dict]) -> Text | None:
-    bare = {p: find(figs, kind="threads", path=p) for p in ("guest", "device")}
+    bare = {p: find(figs, kind="threads", path=p, mode="bare") for p in ("guest", "device")}
+    ev = {p: find(figs, kind="threads", path=p, mode="bare eventfd") for p in ("guest", "device")}
     idle = find(figs, kind="idle") or {}
     busy = idle.get("threads") or {}
     if not any(bare.values()) and not busy:
@@ -317,6 +318,9 @@ def threads_text(figs: list[dict]) -> Text | None:
     if any(bare.values()):
         parts.append("idle, nothing served: " + ", ".join(
             f"{p} {value(f):.0f}" if value(f) is not None else f"{p} n/a" for p, f in bare.items() if f))
+    if any(ev.values()):
+        parts.append("idle, --doorbell eventfd: " + ", ".join(
+            f"{p} {value(f):.0f}" if value(f) is not None else f"{p} n/a" for p, f in ev.items() if f))
     if busy:
         parts.append("with the bench's services and agent: " + ", ".join(
             f"{p} {'n/a' if n is None else n}" for p, n in busy.items()))

@@ -115,7 +115,13 @@ class Plan:
             cfg["semaphores"] = Config("semaphores", ["--poll-us", "0"], ["--poll-us", "0"])
             p = ["--poll-us", str(self.o.poll_us)]
             cfg[f"poll {self.o.poll_us} µs"] = Config(f"poll {self.o.poll_us} µs", p, p)
+        if self.f.doorbell:
+            ev = ["--doorbell", "eventfd", "--poll-us", "0"]
+            cfg["eventfd"] = Config("eventfd", ev, ev)
         cfg["bare"] = Config("bare", bare=True)
+        if self.f.doorbell:
+            cfg["bare eventfd"] = Config("bare eventfd", ["--doorbell", "eventfd"], ["--doorbell", "eventfd"],
+                                         bare=True)
         self.modes[CEILING] = ("the ceiling (tools/bench/ceiling.py): two processes, one split ring of 256 "
                                "descriptors per direction, 44-byte headers, EVENT_IDX, semaphores, no sockets layer")
         self.modes[ZERO_COPY] = "defaults; the receiving app uses recv_view (no copy into its buffer)"
@@ -201,13 +207,15 @@ class Plan:
                                         lambda p=path, n=n: self.vpairs(d, p, n),
                                         [dict(kind="pairs", path=path, pairs=n, dir="g2h", size=PAIR_SIZE,
                                               metric="MB/s")], d))
-        poll_modes = ["semaphores", f"poll {o.poll_us} µs"]
+        poll_modes = ["semaphores", f"poll {o.poll_us} µs", "eventfd"]
         for mode in poll_modes:
             for path in ("in-device", "bridge"):
                 out.append(self._rr_step(path, mode, cfgs.get(mode)))
-        out.append(Step("threads of an idle guest and its device process", self.threads,
-                        [dict(kind="threads", path=p, mode="bare", metric="threads") for p in ("guest", "device")],
-                        cfgs["bare"]))
+        for bare in ("bare", "bare eventfd"):
+            out.append(Step(f"threads of an idle guest and its device process ({bare})",
+                            lambda b=bare: self.threads(b),
+                            [dict(kind="threads", path=p, mode=bare, metric="threads") for p in ("guest", "device")],
+                            cfgs.get(bare)))
         return out
 
     def _rr_step(self, path: str, mode: str, cfg: Config | None) -> Step:
@@ -294,19 +302,23 @@ class Plan:
         return [figure("idle", "guest+device", "% core", samples=[sum(v or 0 for v in per.values())],
                        processes=per, threads=c.threads(cid))]
 
-    def threads(self) -> list[dict]:
+    def threads(self, mode: str = "bare") -> list[dict]:
         """Threads per process of a guest and its device with nothing to serve (issue 15's target:
-        the bench's own clusters run services and an agent, which have threads of their own)."""
-        c = self.use(self.configs()["bare"])
+        the bench's own clusters run services and an agent, which have threads of their own), with
+        semaphore doorbells ("bare") or eventfds ("bare eventfd")."""
+        cfg = self.configs().get(mode)
+        if cfg is None:
+            raise NA("this build has no --doorbell on host and guest")
+        c = self.use(cfg)
         cid = c.cids[0]
         time.sleep(1.0)                     # settled: whatever starts lazily has started
         n = c.threads(cid)
         out = []
         for p in ("guest", "device"):
             if n[p] is None:
-                out.append(figure("threads", p, "threads", mode="bare", na=f"the {p} process was not found"))
+                out.append(figure("threads", p, "threads", mode=mode, na=f"the {p} process was not found"))
             else:
-                out.append(figure("threads", p, "threads", mode="bare", samples=[n[p]]))
+                out.append(figure("threads", p, "threads", mode=mode, samples=[n[p]]))
         return out
 
     def _group(self, c: Cluster, cids, body: Callable[[], tuple[int, dict]]):
@@ -386,7 +398,7 @@ class Plan:
 
     def vrr(self, cfg: Config | None, mode: str, path: str) -> list[dict]:
         if cfg is None:
-            raise NA("this build has no --poll-us on host and guest")
+            raise NA(f"this build has no {mode!r} mode (--poll-us, --doorbell) on host and guest")
         self._need(path)
         c = self.use(cfg)
         cid = c.cids[0]

@@ -10,7 +10,7 @@ from the spec's rules (virtio 1.x 2.7, docs/ring-rules.md) says what must happen
     vsock.py    vsock tx packets and rx/event buffers -> VhostVsock.kick_received: valid packets
                 consumed, the first malformed one makes the device NEEDS_RESET without being consumed
     control.py  control messages (valid sequences, mutated fields, wrong order, garbage bytes)
-                -> Decoder + ControlSession with a real VhostVsock: every request gets a reply,
+                -> Decoder + NativeCodec + Session with a real VhostVsock: every request gets a reply,
                 never an internal error
 
 Every target: nothing raises out of the host code, nothing hangs (a case must finish in

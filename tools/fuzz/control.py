@@ -1,4 +1,4 @@
-"""Fuzz target: the control plane (shared/control.py Decoder + host/control_session.py) with a real
+"""Fuzz target: the control plane (shared/control.py Decoder + host/native.py codec + host/session.py) with a real
 VhostVsock behind it, fed the legal setup sequence with structure-aware mutations (dropped,
 repeated, swapped messages; fields of the wrong type or out of range; extra or missing fields;
 unknown ops) and byte-level damage (random splits, garbage inserted).
@@ -73,7 +73,8 @@ def mutate(rng: random.Random, msgs: list[dict]) -> list:
 def run_case(rng: random.Random) -> dict:
     from guest.ram import GuestRAM
     from guest.virtqueue import VirtQueue
-    from host.control_session import ControlSession
+    from host.native import NativeCodec
+    from host.session import Session
     from host.vsock.device import VhostVsock
     from shared.memory import GuestMemory, MemoryRegion
 
@@ -85,9 +86,9 @@ def run_case(rng: random.Random) -> dict:
     bells = {f"/fz-q{i}{k}": LocalDoorbell() for i in range(3) for k in "kce"}
 
     def attach(regions):
-        return GuestMemory([MemoryRegion(r["guest_phys_addr"], r["memory_size"],
-                                         memoryview(buf)[r["mmap_offset"]:r["mmap_offset"] + r["memory_size"]],
-                                         r["userspace_addr"]) for r in regions])
+        return GuestMemory([MemoryRegion(r.guest_phys_addr, r.memory_size,
+                                         memoryview(buf)[r.mmap_offset:r.mmap_offset + r.memory_size],
+                                         r.userspace_addr) for r in regions])
 
     def open_bell(spec):
         try:
@@ -103,7 +104,8 @@ def run_case(rng: random.Random) -> dict:
             raise ProtocolError(f"refused HELLO {hello['params']!r}", "EINVAL")
         return VhostVsock(cid)
 
-    sess = ControlSession(factory, attach_memory=attach, open_doorbell=open_bell, name="fuzz")
+    sess = NativeCodec(Session(device_factory=factory, attach_memory=attach, open_doorbell=open_bell,
+                               name="fuzz"))
     legal = legal_sequence(ram, rings, rng.choice([3, 3, 3, 7, 0xFFFFFFFE]))
     pristine = rng.random() < 0.1
     msgs = legal if pristine else mutate(rng, legal)
@@ -127,9 +129,10 @@ def run_case(rng: random.Random) -> dict:
             n = rng.choice([1, 7, 64, 1 << 20])
             chunk, pos = wire[pos:pos + n], pos + n
             try:
-                out, close = sess.feed(chunk)
+                res = sess.feed(chunk)
+                out, close = res.replies, res.close
             except Exception as e:
-                raise OracleMismatch(f"ControlSession.feed raised {type(e).__name__}: {e}") from None
+                raise OracleMismatch(f"NativeCodec.feed raised {type(e).__name__}: {e}") from None
             for raw in out:
                 for rep in dec.feed(raw):
                     stats["replies"] += 1

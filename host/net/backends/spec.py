@@ -1,4 +1,4 @@
-"""Backend specs: the text after --net, parsed into a backend (one registry, one line per kind).
+"""Backend specs opened into backends (one registry, one line per kind; the grammar is shared/net/spec.py).
 
     loopback                 reflect every frame back to the guest
     udp:LPORT:RPORT          UDP on 127.0.0.1, bound to LPORT, sending to RPORT
@@ -10,11 +10,7 @@ Errors are ValueError with one clear line (the CLI prints it and exits non-zero)
 """
 from __future__ import annotations
 
-
-def _port(text: str, spec: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise ValueError(f"bad port {text!r} in net backend {spec!r}")
-    return int(text)
+from shared.net.spec import check_spec, port
 
 
 def _loopback(args, spec, ctx):
@@ -28,7 +24,7 @@ def _udp(args, spec, ctx):
     if len(args) != 2:
         raise ValueError(f"net backend {spec!r}: want udp:LPORT:RPORT")
     from host.net.backends.sockets import UdpPair
-    return UdpPair(_port(args[0], spec), _port(args[1], spec))
+    return UdpPair(port(args[0], spec), port(args[1], spec))
 
 
 def _segment(args, spec, ctx):
@@ -58,43 +54,7 @@ def _packet(args, spec, ctx):
     return PacketSocket(args[0])
 
 
-USAGE = {"loopback": (0, "loopback"), "udp": (2, "udp:LPORT:RPORT"), "segment": (1, "segment:NAME"),
-         "tap": (1, "tap:IFNAME[,vnet_hdr=on]"), "packet": (1, "packet:IFNAME")}
 BACKENDS = {"loopback": _loopback, "udp": _udp, "segment": _segment, "tap": _tap, "packet": _packet}
-
-
-def check_spec(spec) -> tuple[str, list[str]]:
-    """Syntax only (the guest checks before connecting): (kind, args) or ValueError."""
-    if not isinstance(spec, str) or not spec:
-        raise ValueError("empty net backend spec")
-    kind, *args = spec.split(":")
-    if kind not in BACKENDS:
-        raise ValueError(f"unknown net backend {kind!r} in {spec!r} (one of {', '.join(BACKENDS)})")
-    if any(not a for a in args):
-        raise ValueError(f"malformed net backend spec {spec!r}")
-    want, usage = USAGE[kind]
-    if len(args) != want:
-        raise ValueError(f"net backend {spec!r}: " + ("loopback takes no arguments" if kind == "loopback"
-                                                       else f"want {usage}"))
-    if kind == "udp":
-        _port(args[0], spec), _port(args[1], spec)
-    if kind == "tap":
-        for o in args[0].split(",")[1:]:
-            if o not in ("vnet_hdr=on", "vnet_hdr=off"):
-                raise ValueError(f"net backend {spec!r}: unknown tap option {o!r}")
-    if kind == "segment" and not args[0].replace("-", "").replace("_", "").isalnum():
-        raise ValueError(f"segment backend: bad segment name {args[0]!r} (letters, digits, - and _)")
-    return kind, args
-
-
-def claim_key(spec: str) -> str | None:
-    """What two guests may not share (the daemon refuses the second): a tap or a UDP port."""
-    kind, args = check_spec(spec)
-    if kind == "tap":
-        return "tap:" + args[0].split(",")[0]
-    if kind == "udp":
-        return "udp:" + args[0]
-    return None
 
 
 def open_backend(spec: str, *, run_dir=None, mac: bytes = b""):
