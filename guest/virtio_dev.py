@@ -368,9 +368,11 @@ class VirtioDevice:
 
     def _shared_interrupt(self, group: list[_Ring]) -> None:
         """vp_vring_interrupt: one vector for several queues; each queue with used buffers
-        (vring_interrupt's more_used check) gets its callback."""
+        (vring_interrupt's more_used check) gets its callback, unless its driver disabled
+        callbacks on it (ours: the lazily reaped tx queue; Linux would call it anyway)."""
         for r in group:
-            if r.vq.more_used():
+            vq = r.vq
+            if vq.more_used() and vq.cb_enabled:
                 self.interrupts[r.index] += 1
                 r.callback(r.vq)
 

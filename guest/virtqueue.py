@@ -268,6 +268,11 @@ class VirtQueue:
         return None
 
     # --- interrupt suppression ---------------------------------------------------------------
+    @property
+    def cb_enabled(self) -> bool:
+        """Does the driver want interrupts for this queue now (not disabled by disable_cb)?"""
+        return not self.avail_flags_shadow & VRING_AVAIL_F_NO_INTERRUPT
+
     def disable_cb(self) -> None:
         """virtqueue_disable_cb_split: ask the device not to interrupt.
 

@@ -268,3 +268,24 @@ def test_a_lent_chain_holds_later_chains_back_so_used_idx_means_all_before_it_is
         assert txq.used_idx(p.dev.mem) == base + 2 and p.dev.loans == 0
     finally:
         p.close()
+
+
+def test_a_corked_packet_carries_the_newest_credit_fields():
+    """Autocork (guest): small writes joining the socket's queued RW packet leave it with the
+    credit fields of the newest write (virtio_transport_inc_tx_pkt advertises the current
+    buf_alloc and fwd_cnt), not the first one's."""
+    from tests.pair import VsockPair
+    p = VsockPair()
+    try:
+        gsk, hsk = p.connect()
+        with p.lock, p.t.batch:
+            p.t.core.send(gsk, b"a" * 64)          # straight onto the ring: it is now busy
+            p.t.core.send(gsk, b"b" * 64)          # queued (corked behind the busy ring)
+            gsk.fwd_cnt = 777                     # the socket consumed more meanwhile
+            gsk.buf_alloc = 123456
+            p.t.core.send(gsk, b"c" * 64)          # joins the queued packet
+        (tail,) = p.t.send_pkt_list
+        assert bytes(tail.payload) == b"b" * 64 + b"c" * 64
+        assert (tail.buf_alloc, tail.fwd_cnt) == (123456, 777)
+    finally:
+        p.close()

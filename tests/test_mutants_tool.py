@@ -145,7 +145,7 @@ def test_the_project_catalog_covers_the_data_path():
     assert len(mutants) >= 40
     files = {m.file for m in mutants}
     for f in ("guest/virtqueue.py", "host/vhost_vq.py", "shared/vsock/proto.py", "host/vsock/device.py",
-              "guest/vsock/transport.py", "host/net/device.py", "host/control_session.py",
+              "guest/vsock/transport.py", "host/net/device.py", "host/session.py",
               "host/dirty_log.py"):
         assert f in files, f
     for m in mutants:

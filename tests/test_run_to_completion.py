@@ -94,8 +94,10 @@ def test_a_second_caller_does_not_serve_while_the_first_does():
         th.start()
         started.wait(2)
         time.sleep(0.02)
+        rings = db.rings
         with eng.lock:
             assert t.serve(lambda: True, None) is None       # another thread serves
+        assert db.rings == rings      # and it was left alone: not rung out of its sleep
         ring.produce(db)
         th.join(5)
         assert got == [True] and ring.threads == ["first"]

@@ -350,17 +350,9 @@ class VirtioVsockTransport:
 
     def _queue_pkt(self, pkt: Packet) -> None:
         lst = self.send_pkt_list
-        if self.coalesce and pkt.op == VIRTIO_VSOCK_OP_RW and lst:
-            tail = lst[-1]
-            if (tail.op == VIRTIO_VSOCK_OP_RW and tail.owner is pkt.owner and pkt.owner is not None
-                    and type(tail.payload) is bytearray
-                    and len(tail.payload) + len(pkt.payload) <= VIRTIO_VSOCK_MAX_PKT_BUF_SIZE
-                    and (tail.src_port, tail.dst_cid, tail.dst_port) == (pkt.src_port, pkt.dst_cid,
-                                                                         pkt.dst_port)):
-                tail.payload += pkt.payload            # one packet, the newest credit fields
-                tail.buf_alloc, tail.fwd_cnt = pkt.buf_alloc, pkt.fwd_cnt
-                self.stats["tx_coalesced"] += 1
-                return
+        if (pkt.op == VIRTIO_VSOCK_OP_RW and pkt.owner is not None
+                and self._cork(pkt.owner, pkt.payload, pkt.buf_alloc, pkt.fwd_cnt)):
+            return
         payload = pkt.payload
         if self.coalesce and pkt.op == VIRTIO_VSOCK_OP_RW:
             pkt.payload = bytearray(payload)           # our copy, open for later small writes
@@ -428,24 +420,31 @@ class VirtioVsockTransport:
         stats["tx_bytes"] += n
         return TX_OK
 
+    def _cork(self, sk, payload, buf_alloc: int, fwd_cnt: int) -> bool:
+        """Autocork (with `coalesce`): an RW payload of `sk` joins the socket's RW packet at the
+        tail of send_pkt_list, which then carries the newest credit fields; False when there is
+        no such packet or it would pass 64 KiB."""
+        lst = self.send_pkt_list
+        if not self.coalesce or not lst:
+            return False
+        tail = lst[-1]
+        if (tail.owner is not sk or tail.op != VIRTIO_VSOCK_OP_RW
+                or type(tail.payload) is not bytearray
+                or len(tail.payload) + len(payload) > VIRTIO_VSOCK_MAX_PKT_BUF_SIZE):
+            return False
+        tail.payload += payload
+        tail.buf_alloc, tail.fwd_cnt = buf_alloc, fwd_cnt
+        self.stats["tx_coalesced"] += 1
+        return True
+
     def send_rw(self, sk, payload) -> bool:
         """The core's fast path for one RW packet (VsockCore.send_rw): straight onto the tx ring
         when nothing waits before it (send_pkt's direct case, without a Packet). False: the
         ordinary path (send_pkt: loopback, corking, queueing, capture) must take it.
         A small write that finds its socket's corked packet at the tail of send_pkt_list joins
         it here too (autocork without a Packet)."""
-        lst = self.send_pkt_list
-        if lst:
-            tail = lst[-1]
-            n = len(payload)
-            if (self.coalesce and n < SMALL_WRITE and tail.owner is sk
-                    and tail.op == VIRTIO_VSOCK_OP_RW and type(tail.payload) is bytearray
-                    and len(tail.payload) + n <= VIRTIO_VSOCK_MAX_PKT_BUF_SIZE):
-                tail.payload += payload              # one packet, the newest credit fields
-                tail.buf_alloc, tail.fwd_cnt = sk.buf_alloc, sk.fwd_cnt
-                self.stats["tx_coalesced"] += 1
-                return True
-            return False
+        if self.send_pkt_list:
+            return self._cork(sk, payload, sk.buf_alloc, sk.fwd_cnt)
         if not self.tx_run or self.capture is not None or sk.remote_cid == self.guest_cid:
             return False
         vq = self.vqs[VSOCK_VQ_TX]

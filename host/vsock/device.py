@@ -334,18 +334,8 @@ class VhostVsock(VhostDevice):
         guest's next rx buffer when nothing waits before it and the payload fits that buffer
         (the seeds' do_send_pkt for one packet: header packed in place, payload copied once).
         False: the ordinary path (send_pkt) must take it."""
-        lst = self.send_pkt_list
-        if lst:
-            tail, off = lst[-1]
-            n = len(payload)
-            if (not off and tail.owner is sk and tail.op == VIRTIO_VSOCK_OP_RW
-                    and type(tail.payload) is bytearray
-                    and len(tail.payload) + n <= VIRTIO_VSOCK_MAX_PKT_BUF_SIZE):
-                tail.payload += payload      # autocork, as send_pkt does, without a Packet
-                tail.buf_alloc, tail.fwd_cnt = sk.buf_alloc, sk.fwd_cnt
-                self.stats["rx_coalesced"] += 1
-                return True
-            return False
+        if self.send_pkt_list:
+            return self._cork(sk, payload, sk.buf_alloc, sk.fwd_cnt)
         if self.capture is not None or sk.remote_cid != self.guest_cid or not self._ready():
             return False
         vq, mem = self.vqs[VSOCK_VQ_RX], self.mem
@@ -505,20 +495,30 @@ class VhostVsock(VhostDevice):
             self._own(pkt)
             self.send_pkt_list.append(entry)
             return n
+        if (pkt.op == VIRTIO_VSOCK_OP_RW and pkt.owner is not None
+                and self._cork(pkt.owner, pkt.payload, pkt.buf_alloc, pkt.fwd_cnt)):
+            return n
         self._own(pkt)
-        lst = self.send_pkt_list
-        if lst and pkt.op == VIRTIO_VSOCK_OP_RW and pkt.owner is not None:
-            tail, off = lst[-1]
-            if (off == 0 and tail.op == VIRTIO_VSOCK_OP_RW and tail.owner is pkt.owner
-                    and len(tail.payload) + n <= VIRTIO_VSOCK_MAX_PKT_BUF_SIZE
-                    and type(tail.payload) is bytearray):
-                tail.payload += pkt.payload          # coalesced: the newest credit fields
-                tail.buf_alloc, tail.fwd_cnt = pkt.buf_alloc, pkt.fwd_cnt
-                self.stats["rx_coalesced"] += 1
-                return n
-        lst.append([pkt, 0])
+        self.send_pkt_list.append([pkt, 0])
         self._queue_work(self.do_send_pkt)
         return n
+
+    def _cork(self, sk, payload, buf_alloc: int, fwd_cnt: int) -> bool:
+        """Autocork: an RW payload of `sk` joins the socket's RW packet at the tail of
+        send_pkt_list (not yet started), which then carries the newest credit fields; False
+        when there is no such packet or it would pass 64 KiB."""
+        lst = self.send_pkt_list
+        if not lst:
+            return False
+        tail, off = lst[-1]
+        if (off or tail.owner is not sk or tail.op != VIRTIO_VSOCK_OP_RW
+                or type(tail.payload) is not bytearray
+                or len(tail.payload) + len(payload) > VIRTIO_VSOCK_MAX_PKT_BUF_SIZE):
+            return False
+        tail.payload += payload
+        tail.buf_alloc, tail.fwd_cnt = buf_alloc, fwd_cnt
+        self.stats["rx_coalesced"] += 1
+        return True
 
     @staticmethod
     def _own(pkt: Packet) -> None:
