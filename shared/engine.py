@@ -174,6 +174,7 @@ class DoorbellThread:
             try:
                 if self.want_lead:
                     continue
+                t0 = time.perf_counter_ns()
                 n = self.db.wait(IDLE_WAIT)
             except Exception:       # closed or unlinked under us: the queue is going away
                 return
@@ -185,14 +186,16 @@ class DoorbellThread:
                 if n:
                     stats["wakeups"] += 1
                     self.wakeups += 1
+                    self._grow_budget(t0)
                 elif poll is not None and poll.pending():
                     stats["missed_wakeups"] += 1      # work waited for a doorbell that never rang
                 else:
                     continue
                 stats["handler_runs"] += 1
                 self._run_handler(polled=not n)
-            if self.poll_ns and poll is not None and not self._parked():
-                self._busy_poll()
+                if (self.poll_ns and poll is not None and self.budget_ns >= POLL_MIN_NS
+                        and not self._parked()):
+                    self._poll_for(lambda: False, None)     # vhost busyloop, NAPI: then sleep
 
     # --- run to completion: a caller serves the ring itself ------------------------------------
     def serve(self, done: Callable[[], bool], deadline: float | None,
@@ -291,9 +294,7 @@ class DoorbellThread:
             if n:
                 stats["wakeups"] += 1
                 self.wakeups += 1
-                if self.poll_ns and time.perf_counter_ns() - t0 < self.poll_ns:
-                    # polling would have caught this one: poll again next time (halt polling)
-                    self.budget_ns = min(self.poll_ns, max(2 * self.budget_ns, self.poll_ns // 4))
+                self._grow_budget(t0)
                 stats["handler_runs"] += 1
                 self._run_handler(polled=False)
             elif moderate:
@@ -304,6 +305,12 @@ class DoorbellThread:
                 stats["missed_wakeups"] += 1
             if done():      # another thread's work (a timer, requeued work) may have done it
                 return True
+
+    def _grow_budget(self, t0: int) -> None:
+        """A sleep that ended sooner than the poll budget would have polled: poll again next
+        time (KVM's halt polling grows its window the same way)."""
+        if self.poll_ns and time.perf_counter_ns() - t0 < self.poll_ns:
+            self.budget_ns = min(self.poll_ns, max(2 * self.budget_ns, self.poll_ns // 4))
 
     def _poll_for(self, done, deadline: float | None) -> bool:
         """Poll the ring for up to budget_ns with notifications suppressed, running the ring work
@@ -348,41 +355,6 @@ class DoorbellThread:
             self.polled_ns += spent
             if not hit and not ok:
                 self.budget_ns //= 2            # polls keep finding nothing: poll less
-
-    def _busy_poll(self) -> None:
-        eng = self.engine
-        lock = eng.lock
-        stats = eng.stats
-        poll = self.poll
-        clock = time.perf_counter_ns
-        t0 = clock()
-        deadline = t0 + self.poll_ns
-        suppressed = False
-        while True:
-            with lock:
-                if self.stopped:
-                    return
-                if not suppressed and poll.suppress is not None:
-                    poll.suppress()
-                    suppressed = True
-                if poll.pending():
-                    stats["poll_hits"] += 1
-                    stats["handler_runs"] += 1
-                    self._run_handler(polled=True)
-                    suppressed = False        # the handler re-armed on its way out
-                    deadline = clock() + self.poll_ns
-                    continue
-                now = clock()
-                if now >= deadline:
-                    if poll.rearm is not None and poll.rearm():
-                        stats["poll_hits"] += 1
-                        stats["handler_runs"] += 1
-                        self._run_handler(polled=True)
-                    break
-            time.sleep(0)                     # let the other threads of this process run
-        spent = clock() - t0
-        stats["poll_ns"] += spent
-        self.polled_ns += spent
 
 
 class Engine:

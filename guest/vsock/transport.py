@@ -78,7 +78,7 @@ from shared.constants import (
 )
 from guest.bufpool import BufPool
 from shared.batch import Batch
-from shared.vsock.packet import HDR, Packet
+from shared.vsock.packet import HDR, Packet, cork
 from shared.constants import VIRTIO_VSOCK_MAX_PKT_BUF_SIZE, VIRTIO_VSOCK_OP_RW, VIRTIO_VSOCK_TYPE_STREAM
 from shared.vsock.proto import LEND_MIN, Loan, SockState, VsockCore
 
@@ -421,19 +421,11 @@ class VirtioVsockTransport:
         return TX_OK
 
     def _cork(self, sk, payload, buf_alloc: int, fwd_cnt: int) -> bool:
-        """Autocork (with `coalesce`): an RW payload of `sk` joins the socket's RW packet at the
-        tail of send_pkt_list, which then carries the newest credit fields; False when there is
-        no such packet or it would pass 64 KiB."""
+        """Autocork (with `coalesce`; shared/vsock/packet.py cork) onto the tail of
+        send_pkt_list."""
         lst = self.send_pkt_list
-        if not self.coalesce or not lst:
+        if not self.coalesce or not lst or not cork(lst[-1], sk, payload, buf_alloc, fwd_cnt):
             return False
-        tail = lst[-1]
-        if (tail.owner is not sk or tail.op != VIRTIO_VSOCK_OP_RW
-                or type(tail.payload) is not bytearray
-                or len(tail.payload) + len(payload) > VIRTIO_VSOCK_MAX_PKT_BUF_SIZE):
-            return False
-        tail.payload += payload
-        tail.buf_alloc, tail.fwd_cnt = buf_alloc, fwd_cnt
         self.stats["tx_coalesced"] += 1
         return True
 

@@ -54,7 +54,7 @@ from shared.constants import (RESERVED_CIDS, VHOST_VSOCK_PKT_WEIGHT, VHOST_VSOCK
                               VSOCK_VQ_RX, VSOCK_VQ_TX)
 from shared.batch import Batch
 from shared.errors import GuestMemoryError, VringError
-from shared.vsock.packet import HDR, HDR_SIZE, Packet
+from shared.vsock.packet import HDR, HDR_SIZE, Packet, cork
 from shared.vsock.proto import LEND_MIN, Loan, SockState
 
 log = logging.getLogger(__name__)
@@ -504,19 +504,11 @@ class VhostVsock(VhostDevice):
         return n
 
     def _cork(self, sk, payload, buf_alloc: int, fwd_cnt: int) -> bool:
-        """Autocork: an RW payload of `sk` joins the socket's RW packet at the tail of
-        send_pkt_list (not yet started), which then carries the newest credit fields; False
-        when there is no such packet or it would pass 64 KiB."""
+        """Autocork (shared/vsock/packet.py cork) onto the tail of send_pkt_list, unless that
+        packet is already partly in rx buffers."""
         lst = self.send_pkt_list
-        if not lst:
+        if not lst or lst[-1][1] or not cork(lst[-1][0], sk, payload, buf_alloc, fwd_cnt):
             return False
-        tail, off = lst[-1]
-        if (off or tail.owner is not sk or tail.op != VIRTIO_VSOCK_OP_RW
-                or type(tail.payload) is not bytearray
-                or len(tail.payload) + len(payload) > VIRTIO_VSOCK_MAX_PKT_BUF_SIZE):
-            return False
-        tail.payload += payload
-        tail.buf_alloc, tail.fwd_cnt = buf_alloc, fwd_cnt
         self.stats["rx_coalesced"] += 1
         return True
 

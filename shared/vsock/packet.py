@@ -43,6 +43,7 @@ from shared.constants import (
     VIRTIO_VSOCK_OP_RST,
     VIRTIO_VSOCK_OP_RW,
     VIRTIO_VSOCK_OP_SHUTDOWN,
+    VIRTIO_VSOCK_MAX_PKT_BUF_SIZE,
 )
 
 # struct virtio_vsock_hdr: src_cid dst_cid src_port dst_port len type op flags buf_alloc fwd_cnt
@@ -139,6 +140,21 @@ class Packet:
         return (f"Packet({op_name(self.op)} {self.src_cid}:{self.src_port}->"
                 f"{self.dst_cid}:{self.dst_port} type={self.type} flags={self.flags} "
                 f"buf_alloc={self.buf_alloc} fwd_cnt={self.fwd_cnt} len={len(self.payload)}{r})")
+
+
+def cork(tail: Packet, sk, payload, buf_alloc: int, fwd_cnt: int) -> bool:
+    """Autocork, for a transport's queue of packets not yet on the ring: an RW payload of
+    socket `sk` joins `tail` when that is the socket's own queued RW packet (its payload our
+    bytearray) and the two fit one packet; the packet then carries the newest credit fields
+    (virtio_transport_inc_tx_pkt advertises the current buf_alloc and fwd_cnt). False: queue a
+    packet of its own."""
+    if (tail.owner is not sk or tail.op != VIRTIO_VSOCK_OP_RW
+            or type(tail.payload) is not bytearray
+            or len(tail.payload) + len(payload) > VIRTIO_VSOCK_MAX_PKT_BUF_SIZE):
+        return False
+    tail.payload += payload
+    tail.buf_alloc, tail.fwd_cnt = buf_alloc, fwd_cnt
+    return True
 
 
 def peek_len(hdr: bytes | bytearray | memoryview) -> int:
