@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from types import SimpleNamespace
 
 from guest.ram import GuestRAM
 from guest.virtqueue import VirtQueue
@@ -21,51 +20,21 @@ from shared.constants import (VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVE
                               VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK,
                               VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, bit, has)
 from shared.memory import GuestMemory, MemoryRegion
+from tests.test_guest_transport import FakeKernel
 
 GUEST_CID = 3
 DRIVER_OK = (VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK
              | VIRTIO_CONFIG_S_DRIVER_OK)
 
 
-class _Work:
-    """queue_work / call_later for one side: work runs when the pair is pumped."""
-
-    def __init__(self, lock):
-        self.lock = lock
-        self.queue: deque = deque()
-        self.timers: list = []
-
-    def queue_work(self, fn) -> bool:
-        if fn in self.queue:
-            return False
-        self.queue.append(fn)
-        return True
-
-    def call_later(self, delay, fn):
-        h = SimpleNamespace(delay=delay, fn=fn, cancelled=False)
-        h.cancel = lambda: setattr(h, "cancelled", True)
-        self.timers.append(h)
-        return h
-
-    def run(self) -> int:
-        n = 0
-        while self.queue:
-            fn = self.queue.popleft()
-            with self.lock:
-                fn()
-            n += 1
-        return n
-
-
-class _Kernel:
-    """The guest kernel's surface the transport uses (lock, queue_work, call_later)."""
-
-    def __init__(self, lock, work: _Work):
-        self.lock = lock
-        self.queue_work = work.queue_work
-        self.call_later = work.call_later
-        self.poll_us = 0
-        self.stats: dict = {}
+def _work(lock) -> FakeKernel:
+    """queue_work / call_later for one side (tests/test_guest_transport.py FakeKernel): the
+    work runs, with the pair's one lock held, when the pair is pumped."""
+    w = FakeKernel()
+    w.lock = lock
+    w.poll_us = 0
+    w.stats = {}
+    return w
 
 
 class _Bell:
@@ -143,11 +112,10 @@ class VsockPair:
         self.buf = bytearray(ram_size)
         self.ram = GuestRAM("pair", ram_size, buf=self.buf)
         self.lock = threading.RLock()          # one lock for both sides: one thread pumps
-        self.guest_work = _Work(self.lock)
-        self.kernel = _Kernel(self.lock, self.guest_work)
+        self.guest_work = self.kernel = _work(self.lock)
         self.dev = VhostVsock(GUEST_CID, credit_policy=credit_policy, buf_size=buf_size, **dev_kw)
         self.dev.lock = self.lock
-        self.host_work = _Work(self.lock)
+        self.host_work = _work(self.lock)
         self.dev.worker = self.host_work
         self.kicks: deque = deque()
         self.irqs: deque = deque()
