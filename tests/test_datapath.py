@@ -289,3 +289,34 @@ def test_a_corked_packet_carries_the_newest_credit_fields():
         assert (tail.buf_alloc, tail.fwd_cnt) == (123456, 777)
     finally:
         p.close()
+
+
+def test_a_serving_thread_keeps_the_tx_ring_past_the_weight_and_a_timer_covers_it():
+    """vhost_exceeds_weight requeues tx to the worker; while a program thread serves the tx ring
+    (run to completion) it loops back itself, so no worker hand-off, only a timer in case it
+    leaves: the rest of the ring is taken when that timer fires."""
+    import threading
+    from types import SimpleNamespace
+    from tests.pair import VsockPair
+    for serving in (False, True):
+        p = VsockPair()
+        try:
+            gsk, hsk = p.connect()
+            if serving:
+                p.dev.kick_threads[1] = SimpleNamespace(lead_owner=threading.get_ident())
+            with p.lock, p.t.batch:
+                assert p.t.core.send(gsk, b"w" * (12 * 65536)) == 12 * 65536   # > 0x80000
+            while p.kicks:                                  # the kick, nothing else
+                with p.lock:
+                    p.dev.kick_received(p.kicks.popleft())
+            assert p.dev.stats["tx_requeued"] == 1
+            requeued = p.dev.handle_tx_work in p.host_work.queue
+            timers = [h for h in p.host_work.timers if not h.cancelled]
+            assert requeued is not serving and bool(timers) is serving
+            assert hsk.rx_bytes == 8 * 65536                # the weight's worth so far
+            if serving:
+                timers[0].fn()                              # the serving thread left: timer
+            p.pump()
+            assert hsk.rx_bytes == 12 * 65536
+        finally:
+            p.close()

@@ -42,6 +42,7 @@ import dataclasses
 import errno
 import logging
 import struct
+import threading
 from collections import deque
 from functools import partial
 
@@ -62,6 +63,7 @@ log = logging.getLogger(__name__)
 VSOCK_CONFIG = struct.Struct("<Q")          # struct virtio_vsock_config { le64 guest_cid; }
 VSOCK_EVENT = struct.Struct("<I")           # struct virtio_vsock_event { le32 id; }
 GUEST_ERRORS = (VringError, GuestMemoryError)
+TX_MORE_DELAY = 0.02        # s: the worker takes over a tx ring its serving thread left unfinished
 
 
 class VhostVsock(VhostDevice):
@@ -95,6 +97,7 @@ class VhostVsock(VhostDevice):
         self.lend = lend
         self.loans = 0              # tx chains lent to sockets, not yet used
         self.tx_order: deque[list] = deque()   # [head, len, done] of popped tx chains not yet used
+        self._tx_more = None        # the timer of _requeue_tx while a program thread serves tx
         self.loan_gen = 0           # bumped when the rings go away: older loans are void
         self._notify_rx = lambda: self.notify(self.vqs[VSOCK_VQ_RX])
         # In-device programs (host/vsock/endpoint.py): start_hooks run at the end of start()
@@ -175,6 +178,9 @@ class VhostVsock(VhostDevice):
         self.loan_gen += 1
         self.loans = 0
         self.tx_order.clear()
+        if self._tx_more is not None:
+            self._tx_more.cancel()
+            self._tx_more = None
         self.core.drop_loans()
         super().stop()
         # Forget every connection: the guest's side goes away with the rings (release, purge).
@@ -265,7 +271,7 @@ class VhostVsock(VhostDevice):
                 # vhost_exceeds_weight: give the worker to others, continue later
                 if pkts >= VHOST_VSOCK_PKT_WEIGHT or total >= VHOST_VSOCK_WEIGHT:
                     stats["tx_requeued"] += 1
-                    self._queue_work(self.handle_tx_work)
+                    self._requeue_tx()
                     break
         except GUEST_ERRORS as e:
             self.vq_err(vq, e)
@@ -273,6 +279,22 @@ class VhostVsock(VhostDevice):
             # The good chains popped before a bad one still go back (vhost_add_used, chain by
             # chain): a driver waiting for them must not wait for ever.
             self._used_in_order(vq, mem)
+
+    def _requeue_tx(self) -> None:
+        """The rest of the tx ring, after the weight: the worker's queued work (vhost_poll_queue),
+        unless a program thread serves the tx ring (run to completion, shared/engine.py). That
+        thread loops back to the ring on its own, so waking the worker would only hand the ring
+        to a second thread; a timer (TX_MORE_DELAY) takes over if it leaves and does not come
+        back. (Our addition: vhost has no caller that serves a ring.)"""
+        t = self.kick_threads.get(VSOCK_VQ_TX)
+        if t is None or t.lead_owner != threading.get_ident() or self.worker is None:
+            self._queue_work(self.handle_tx_work)
+        elif self._tx_more is None:
+            self._tx_more = self.worker.call_later(TX_MORE_DELAY, self._tx_more_due)
+
+    def _tx_more_due(self) -> None:
+        self._tx_more = None
+        self.handle_tx_work()
 
     def _used_in_order(self, vq, mem) -> None:
         """Return the chains done so far, in the order they were popped: a lent chain holds the
