@@ -202,31 +202,21 @@ def _profile() -> None:  # pragma: no cover - a tool: python -m tests.pair [size
     data = memoryview(b"x" * size)
     out = memoryview(bytearray(max(size, 65536)))
 
-    def g2h():
+    def stream(sender, ssk, sbatch, receiver, rsk, rbatch):
         for _ in range(count):
-            with p.lock, p.t.batch:
-                g.send(gsk, data)
+            with p.lock, sbatch:
+                sender.send(ssk, data)
             p.pump()
-            while hsk.rx_bytes:
-                with p.lock, p.dev.batch:
-                    h.recv_into(hsk, out)
+            while rsk.rx_bytes:
+                with p.lock, rbatch:
+                    receiver.recv_into(rsk, out)
             p.pump()
-
-    def h2g():
-        for _ in range(count):
-            with p.lock, p.dev.batch:
-                h.send(hsk, data)
-            p.pump()
-            while gsk.rx_bytes:
-                with p.lock, p.t.batch:
-                    g.recv_into(gsk, out)
-            p.pump()
-    for fn in (g2h, h2g):
+    for name, args in (("g2h", (g, gsk, p.t.batch, h, hsk, p.dev.batch)),
+                       ("h2g", (h, hsk, p.dev.batch, g, gsk, p.t.batch))):
         pr = cProfile.Profile()
-        pr.runcall(fn)
+        pr.runcall(stream, *args)
         st = pstats.Stats(pr)
-        calls = st.total_calls
-        print(f"== {fn.__name__} {size} B x {count}: {calls / count:.1f} calls per packet "
+        print(f"== {name} {size} B x {count}: {st.total_calls / count:.1f} calls per packet "
               f"(both sides, incl. the pump)")
         st.sort_stats("tottime").print_stats(18)
     p.close()
