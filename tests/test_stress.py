@@ -129,6 +129,22 @@ def test_cli_refuses_bad_arguments_with_one_line(tmp_path):
     assert r.returncode == 0 and json.loads(r.stdout)["seed"] == 9
 
 
+def _why_failed(summary, logs):
+    """The violated rows of a failed run's summary and the tracebacks in its logs: what CI prints."""
+    lines = []
+    try:
+        doc = json.loads(summary.read_text())
+        lines += [f"VIOLATED {i['invariant']}: {i['count']} {i['detail']}" for i in doc["invariants"] if not i["ok"]]
+        lines += [f"outcome {o}" for o in doc.get("outcomes", []) if o.get("result") != "ok"][:20]
+    except (OSError, ValueError, KeyError) as e:
+        lines.append(f"no summary: {e}")
+    for log in sorted(logs.rglob("*.log")) if logs.exists() else ():
+        text = log.read_text(errors="replace")
+        if "Traceback" in text:
+            lines.append(f"--- {log.name}\n" + text[text.index("Traceback"):][:3000])
+    return "\n".join(lines)[:12000] + "\n"
+
+
 @pytest.mark.multiprocess
 def test_short_stress_run_with_faults_keeps_every_invariant(tmp_path):
     import shutil
@@ -139,9 +155,10 @@ def test_short_stress_run_with_faults_keeps_every_invariant(tmp_path):
         r = _cli("--pairs", "2", "--guests-per-host", "1", "--seconds", "18", "--faults", "all",
                  "--fault-rate", "0.7", "--seed", "84", "--plain", "--json", str(out), "--dir", str(short / "s"),
                  timeout=400)
+        why = "" if r.returncode == 0 else _why_failed(out, short / "s") + r.stderr[-2000:]
     finally:
         shutil.rmtree(short, ignore_errors=True)
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert r.returncode == 0, why
     doc = json.loads(out.read_text())
     assert doc["ok"] and doc["seed"] == 84 and doc["rounds"] >= 4
     # seed 84 plans a hostile guest, then stops (group 0) and a guest kill, then a host kill
