@@ -41,6 +41,8 @@ _U16 = 0xFFFF
 class VirtQueue:
     """One split virtqueue as the driver sees it (struct vring_virtqueue, split half)."""
 
+    packed = False
+
     def __init__(self, mem: GuestMemory, index: int, num: int, desc: int, avail: int, used: int,
                  *, event_idx: bool = False, indirect: bool = False, alloc=None, name: str = ""):
         check_num(num)
@@ -216,6 +218,15 @@ class VirtQueue:
         """more_used_split: has the device published used entries we have not consumed? Never
         on a broken queue (virtqueue_poll): nothing more will be taken from it."""
         return not self.broken and self.last_used_idx != self._uv[1]
+
+    def device_pending(self) -> bool:
+        """Has the device not yet used everything the driver made available? (avail.idx !=
+        used.idx: autocork's "in flight")"""
+        return self.avail_idx_shadow != self._uv[1]
+
+    def resume_base(self) -> int:
+        """Where a new device resumes after a reconnect without inflight tracking: used.idx."""
+        return self._uv[1]
 
     def _detach_buf(self, head: int):
         """detach_buf_split: give the chain's descriptors back to the free list."""

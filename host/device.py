@@ -38,7 +38,7 @@ from collections import deque
 from typing import Any, Callable
 
 from shared.constants import (VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
-                              VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_VERSION_1,
+                              VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1,
                               VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, bit, has)
 from shared.errors import GuestMemoryError, VringError
 from shared.ratelimit import RateLimitedLog
@@ -53,6 +53,11 @@ VHOST_FEATURES = (bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_RING_F_EVENT_IDX)
 def _default_vq_factory(index: int, name: str):
     from host.vhost_vq import VhostVirtqueue
     return VhostVirtqueue(index, name)
+
+
+def _packed_vq_factory(index: int, name: str):
+    from host.vhost_vq_packed import VhostVirtqueuePacked
+    return VhostVirtqueuePacked(index, name)
 
 
 class VhostDevice:
@@ -75,6 +80,7 @@ class VhostDevice:
         self.status = 0
         self.mem = None
         factory = vq_factory or _default_vq_factory
+        self._vq_factory = factory
         self.vqs = [factory(i, f"{self.name}-q{i}") for i in range(self.num_queues)]
         self.kicks: list = [None] * self.num_queues
         # The runner's doorbell threads per queue (host/runner.py Kicks; none for eventfds), for
@@ -116,9 +122,35 @@ class VhostDevice:
         """
         return has(features, VIRTIO_F_VERSION_1) and features & ~self.features == 0
 
+    def offer_packed(self, on: bool = True) -> None:
+        """Offer VIRTIO_F_RING_PACKED (the host's --packed): the driver may then choose the packed
+        layout; split stays the default."""
+        if on:
+            self.features |= bit(VIRTIO_F_RING_PACKED)
+        else:
+            self.features &= ~bit(VIRTIO_F_RING_PACKED)
+
+    def _select_layout(self, packed: bool) -> None:
+        """Give every queue the ring layout the features chose (VIRTIO_F_RING_PACKED), keeping
+        whatever the control plane already set on it. The devices reach their rings through
+        self.vqs[i] each time, so the new objects are what they use from here on."""
+        factory = _packed_vq_factory if packed else self._vq_factory
+        for i, vq in enumerate(self.vqs):
+            if bool(getattr(vq, "packed", False)) == packed:
+                continue
+            new = factory(vq.index, vq.name)
+            for attr in ("num", "desc", "avail", "used"):
+                setattr(new, attr, getattr(vq, attr))
+            new.enabled = getattr(vq, "enabled", False)
+            unmap = getattr(vq, "unmap", None)
+            if callable(unmap):
+                unmap()
+            self.vqs[i] = new
+
     def set_features(self, features: int) -> None:
         """SET_FEATURES: record and apply the ring features to every queue (vhost_set_features)."""
         self.acked_features = features
+        self._select_layout(has(features, VIRTIO_F_RING_PACKED))
         for vq in self.vqs:
             vq.event_idx = has(features, VIRTIO_RING_F_EVENT_IDX)
             vq.indirect = has(features, VIRTIO_RING_F_INDIRECT_DESC)
@@ -175,6 +207,7 @@ class VhostDevice:
                 reset()
             else:
                 vq.__init__(vq.index, vq.name)   # back to the freshly constructed state, in place
+        self._select_layout(False)               # split again until features say otherwise
         if self.mem is not None:
             self.mem.release()
             self.mem = None

@@ -191,13 +191,16 @@ def check_memory_table(regions) -> None:
                 raise _err("EINVAL", f"memory regions overlap at {key} {getattr(b, key):#x}")
 
 
-def ring_gpas(mem: GuestMemory, num: int, desc: int, avail: int, used: int) -> tuple[int, int, int]:
-    """SET_VRING_ADDR: the frontend's ring addresses -> guest-physical (desc, avail, used)."""
+def ring_gpas(mem: GuestMemory, num: int, desc: int, avail: int, used: int,
+              parts=None) -> tuple[int, int, int]:
+    """SET_VRING_ADDR: the frontend's ring addresses -> guest-physical (desc, avail, used).
+    `parts`: the ring's ((size, align) x 3) when not the split ring's (a packed ring: the
+    descriptor ring and the driver and device areas, 16 / 4 / 4)."""
     gpas = []
     # vhost_vring_set_addr: alignment of each part (virtio 1.x 2.7: 16 / 2 / 4)
-    for part, uva, size, align in (("desc", desc, desc_table_size(num), 16),
-                                   ("avail", avail, avail_size(num), 2),
-                                   ("used", used, used_size(num), 4)):
+    if parts is None:
+        parts = ((desc_table_size(num), 16), (avail_size(num), 2), (used_size(num), 4))
+    for part, uva, (size, align) in zip(("desc", "avail", "used"), (desc, avail, used), parts):
         if uva & (align - 1):
             raise _err("EINVAL", f"SET_VRING_ADDR: {part} address {uva:#x} is not {align}-byte aligned")
         try:
@@ -205,6 +208,12 @@ def ring_gpas(mem: GuestMemory, num: int, desc: int, avail: int, used: int) -> t
         except GuestMemoryError as e:
             raise _err("EFAULT", f"SET_VRING_ADDR: {part} ring: {e}") from None
     return gpas[0], gpas[1], gpas[2]
+
+
+def _parts(vq):
+    """The ring's part sizes and alignments (None: the split ring's)."""
+    parts = getattr(vq, "parts", None)
+    return parts(vq.num) if callable(parts) else None
 
 
 class Session:
@@ -604,7 +613,8 @@ class Session:
             raise _err("EPROTO", "SET_VRING_ADDR before SET_MEM_TABLE")
         if not self.rings[i].num:
             raise _err("EPROTO", "SET_VRING_ADDR before SET_VRING_NUM")
-        vq.desc, vq.avail, vq.used = ring_gpas(dev.mem, vq.num, req.desc, req.avail, req.used)
+        vq.desc, vq.avail, vq.used = ring_gpas(dev.mem, vq.num, req.desc, req.avail, req.used,
+                                                   _parts(vq))
         if self.logs:
             dev.log_addr[i] = req.log if req.flags & VRING_F_LOG else None
         self.rings[i].addr = True
@@ -620,7 +630,8 @@ class Session:
             return False
         vq = dev.vqs[i]
         try:
-            if ring_gpas(dev.mem, vq.num, req.desc, req.avail, req.used) != (vq.desc, vq.avail, vq.used):
+            if ring_gpas(dev.mem, vq.num, req.desc, req.avail, req.used,
+                         _parts(vq)) != (vq.desc, vq.avail, vq.used):
                 return False
         except ProtocolError:
             return False
@@ -641,8 +652,10 @@ class Session:
         self.rings[vq.index].enabled = False
         if self.derived_status:
             self.device.set_doorbell("kick", vq.index, None)   # the ring is stopped; kick fd dropped
-        log.info("%s: queue %d stopped at base %d", self.name, vq.index, vq.last_avail_idx)
-        return {"index": vq.index, "num": vq.last_avail_idx}
+        vring_base = getattr(vq, "vring_base", None)    # packed: both positions and wrap counters
+        base = vring_base() if callable(vring_base) else vq.last_avail_idx
+        log.info("%s: queue %d stopped at base %#x", self.name, vq.index, base)
+        return {"index": vq.index, "num": base}
 
     def _set_doorbell(self, req, kind: str) -> None:
         # vhost-user may replace doorbells of running rings (QEMU does); native sets them up before

@@ -32,7 +32,7 @@ from shared.constants import (INDIRECT_MAX_DESC, VRING_AVAIL_F_NO_INTERRUPT, VRI
                               VIRTQUEUE_MAX_SIZE)
 from shared.barrier import mb
 from shared.errors import GuestMemoryError, VringError
-from shared.ring_layout import DESC, USED_ELEM, vring_need_event
+from shared.ring_layout import DESC, USED_ELEM, split_parts, vring_need_event
 
 _U16 = 0xFFFF
 _U32 = 0xFFFFFFFF
@@ -52,6 +52,8 @@ class DescChain:
 
 class VhostVirtqueue:
     """struct vhost_virtqueue: one ring as the backend sees it."""
+
+    packed = False
 
     def __init__(self, index: int, name: str = ""):
         self.index = index
@@ -91,6 +93,15 @@ class VhostVirtqueue:
     used = _cfg("used")
     event_idx = _cfg("event_idx")
     del _cfg
+
+    @staticmethod
+    def parts(num: int):
+        """((size, align) of the descriptor table, avail ring, used ring) for SET_VRING_ADDR."""
+        return split_parts(num)
+
+    def vring_base(self) -> int:
+        """GET_VRING_BASE's value: last_avail_idx."""
+        return self._last_avail
 
     @property
     def last_avail_idx(self) -> int:
@@ -445,6 +456,16 @@ class VhostVirtqueue:
         self._uv[self._avail_event] = (self._last_avail + k - 1) & _U16
         mb()                                     # smp_mb, as in enable_notify
         return self._read_avail_idx() != self._last_avail
+
+    def used_log_ranges(self, first: int, count: int, base: int) -> list[tuple[int, int]]:
+        """Guest ranges add_used_n wrote for `count` elements from used index `first`, the used
+        ring being logged at `base` (dirty logging): the elements, then used.idx."""
+        num = self._num
+        return [(base + 4 + 8 * ((first + k) % num), 8) for k in range(count)] + [(base + 2, 2)]
+
+    def notify_log_ranges(self, base: int) -> list[tuple[int, int]]:
+        """What enable/disable_notify wrote: used.flags and avail_event."""
+        return [(base, 2), (base + 4 + 8 * self._num, 2)]
 
     def snapshot(self) -> dict:
         """A read-only picture of the device's side of the queue, for monitors (GET_STATS).

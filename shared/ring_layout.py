@@ -103,3 +103,76 @@ def avail_event_addr(used: int, num: int) -> int:
 def vring_need_event(event_idx: int, new_idx: int, old: int) -> bool:
     """uapi vring_need_event: did [old, new) cross event_idx? All arithmetic mod 2^16."""
     return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old) & 0xFFFF)
+
+
+# --- packed virtqueue (virtio 1.1+ 2.8, linux/virtio_ring.h) -------------------------------------
+#
+#     struct vring_packed_desc       { le64 addr; le32 len; le16 id; le16 flags; }   16 B, align 16
+#     struct vring_packed_desc_event { le16 off_wrap; le16 flags; }                   4 B, align 4
+#
+# One descriptor ring (16*N bytes) instead of desc/avail/used; the "driver area" holds the driver's
+# event suppression structure (the device reads it before interrupting), the "device area" the
+# device's (the driver reads it before kicking). Over SET_VRING_ADDR they travel as the avail and
+# used addresses. A descriptor's flags word is its handover: it is written last, with one aligned
+# 16-bit store, after the rest of the descriptor (and, for a chain, after all of the chain).
+PACKED_DESC = struct.Struct("<QIHH")        # addr, len, id, flags
+PACKED_DESC_BODY = struct.Struct("<QIH")    # addr, len, id: everything before the flags word
+PACKED_USED_BODY = struct.Struct("<IH")     # len, id at offset 8 (the device leaves addr alone)
+VRING_PACKED_DESC_F_AVAIL = 7               # bit numbers, as linux/virtio_ring.h
+VRING_PACKED_DESC_F_USED = 15
+DESC_F_AVAIL = 1 << VRING_PACKED_DESC_F_AVAIL
+DESC_F_USED = 1 << VRING_PACKED_DESC_F_USED
+VRING_PACKED_EVENT_FLAG_ENABLE = 0
+VRING_PACKED_EVENT_FLAG_DISABLE = 1
+VRING_PACKED_EVENT_FLAG_DESC = 2
+VRING_PACKED_EVENT_F_WRAP_CTR = 15
+PACKED_EVENT_SIZE = 4
+PACKED_MAX_SIZE = 1 << 15                   # spec 2.8: queue size up to 32768, any number
+
+
+def check_packed_num(num: int) -> None:
+    """Packed queue size: 1..32768; unlike split it need not be a power of 2 (spec 2.8)."""
+    if not isinstance(num, int) or isinstance(num, bool) or num < 1 or num > PACKED_MAX_SIZE:
+        raise ValueError(f"packed queue size {num!r} is not in 1..{PACKED_MAX_SIZE}")
+
+
+def packed_parts(num: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """((size, align) of the descriptor ring, the driver area, the device area)."""
+    return (16 * num, 16), (PACKED_EVENT_SIZE, 4), (PACKED_EVENT_SIZE, 4)
+
+
+def split_parts(num: int) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """((size, align) of the descriptor table, the avail ring, the used ring)."""
+    return (desc_table_size(num), 16), (avail_size(num), 2), (used_size(num), 4)
+
+
+def packed_flags_avail(wrap: int) -> int:
+    """The AVAIL/USED bits a driver writes for a descriptor it makes available in lap `wrap`:
+    AVAIL = wrap, USED = !wrap (spec 2.8.1)."""
+    return DESC_F_AVAIL if wrap else DESC_F_USED
+
+
+def packed_flags_used(wrap: int) -> int:
+    """The AVAIL/USED bits a device writes for a used descriptor in lap `wrap`: both = wrap."""
+    return (DESC_F_AVAIL | DESC_F_USED) if wrap else 0
+
+
+def packed_is_avail(flags: int, wrap: int) -> bool:
+    """Is a descriptor with these flags available to a device whose avail wrap counter is `wrap`?"""
+    return bool(flags & DESC_F_AVAIL) == bool(wrap) and bool(flags & DESC_F_USED) != bool(wrap)
+
+
+def packed_is_used(flags: int, wrap: int) -> bool:
+    """Is it used, for a driver whose used wrap counter is `wrap` (AVAIL == USED == wrap)?"""
+    return bool(flags & DESC_F_AVAIL) == bool(wrap) and bool(flags & DESC_F_USED) == bool(wrap)
+
+
+def packed_need_event(off_wrap: int, wrap: int, num: int, new: int, old: int) -> bool:
+    """vring_need_event for a packed ring: [old, new) are positions in the lap of wrap counter
+    `wrap` (old may be negative, a position of the lap before); an event offset published for the
+    other lap is moved back by num (Linux virtqueue_kick_prepare_packed, QEMU
+    vring_packed_need_event)."""
+    off = off_wrap & 0x7FFF
+    if (off_wrap >> VRING_PACKED_EVENT_F_WRAP_CTR) != wrap:
+        off -= num
+    return vring_need_event(off & 0xFFFF, new & 0xFFFF, old & 0xFFFF)

@@ -333,17 +333,13 @@ class VhostNet(VhostDevice):
     def _log_used(self, vq, first: int, count: int) -> None:
         """Log used-ring writes: `count` elements from index `first`, and used.idx."""
         dl = self.dirty_log
-        used = self._log_base(vq)
-        num = vq.num
-        for k in range(count):
-            dl.log_write(used + 4 + 8 * ((first + k) % num), 8)
-        dl.log_write(used + 2, 2)
+        for gpa, n in vq.used_log_ranges(first, count, self._log_base(vq)):
+            dl.log_write(gpa, n)
 
     def _log_notify(self, vq) -> None:
         """enable/disable_notify wrote used.flags or avail_event."""
-        used = self._log_base(vq)
-        self.dirty_log.log_write(used, 2)
-        self.dirty_log.log_write(used + 4 + 8 * vq.num, 2)
+        for gpa, n in vq.notify_log_ranges(self._log_base(vq)):
+            self.dirty_log.log_write(gpa, n)
 
     def _disable_notify(self, vq, mem) -> None:
         vq.disable_notify(mem)
