@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--connect-timeout", type=seconds, default=5.0, metavar="SECONDS",
                    help="how long to wait at boot for a host to serve the run directory, and for "
                         "each control reply (default 5)")
+    p.add_argument("--packed", action="store_true",
+                   help="ask every device for the packed virtqueue layout (VIRTIO_F_RING_PACKED, "
+                        "virtio 1.1); used when the host offers it (host --packed), split rings "
+                        "otherwise (the default)")
     add_doorbell(p, "kick, call and err doorbells: sem (named POSIX semaphores, the default) or "
                     "eventfd (eventfds passed over the control socket with SCM_RIGHTS, as vhost-user "
                     "does; the host's device process then waits on one selector)", "sem")
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                         credit_policy=args.credit_policy, buf_size=args.buf_size,
                         rx_buf_size=args.rx_buf_size, poll_us=args.poll_us, doorbell=args.doorbell,
                         connect_timeout=args.connect_timeout, net=args.net, ip=args.ip, mac=args.mac,
-                        net_run=args.net_run)
+                        net_run=args.net_run, packed=args.packed)
     vm = VM(opts)
     on_stop_signals(lambda _signum: vm.stop_event.set())   # during boot too: it still shuts down cleanly
     try:

@@ -39,15 +39,16 @@ from typing import Callable
 from shared.constants import (VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER,
                               VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED,
                               VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
-                              VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, has)
+                              VIRTIO_F_RING_PACKED, VIRTIO_RING_F_EVENT_IDX,
+                              VIRTIO_RING_F_INDIRECT_DESC, bit, has)
 from shared.control import PROTOCOL_VERSION, ControlError
 from shared.doorbell import EventFdDoorbell, SemDoorbell
 from shared.engine import Engine
 from shared.resources import unlink_sem
-from shared.ring_layout import used_idx_addr
 
 from .control_client import ControlClient
 from .virtqueue import VirtQueue
+from .virtqueue_packed import VirtQueuePacked
 
 log = logging.getLogger(__name__)
 IRQ_POLL = 0.2          # seconds the err watcher waits between looks
@@ -71,7 +72,8 @@ class _Ring:
 
 class VirtioDevice:
     def __init__(self, ram, run_dir, control_path, device: str, guest_name: str, params: dict | None = None,
-                 *, resource_base: str, owner, timeout: float = 5.0, doorbell: str = "sem"):
+                 *, resource_base: str, owner, timeout: float = 5.0, doorbell: str = "sem",
+                 packed: bool = False):
         self.ram = ram
         self.run_dir = run_dir
         self.control_path = str(control_path)
@@ -84,6 +86,7 @@ class VirtioDevice:
         if doorbell not in ("sem", "eventfd"):
             raise ValueError(f"unknown doorbell kind {doorbell!r} (sem or eventfd)")
         self.doorbell = doorbell         # named POSIX semaphores, or eventfds passed by SCM_RIGHTS
+        self.packed = packed             # ask for VIRTIO_F_RING_PACKED in every probe
         self.client: ControlClient | None = None
         self.info: dict = {}             # HELLO reply: device_id, num_queues, max_queue_size, config_size
         self.offered = 0                 # GET_FEATURES
@@ -178,6 +181,8 @@ class VirtioDevice:
 
     def probe(self, driver_features_wanted: int) -> int:
         """Reset, ACKNOWLEDGE, DRIVER, negotiate, FEATURES_OK and check it stuck. Returns the features."""
+        if self.packed:
+            driver_features_wanted |= bit(VIRTIO_F_RING_PACKED)
         f = self._negotiate(driver_features_wanted, exact=False)
         self.log.info("probed: offered %#x, wanted %#x, negotiated %#x", self.offered,
                       driver_features_wanted, f)
@@ -220,12 +225,13 @@ class VirtioDevice:
             if n > maxq:
                 raise ValueError(f"queue size {n} is larger than the host's maximum {maxq} "
                                  f"(see the host's --max-queue-size)")
+        ring_cls = VirtQueuePacked if has(self.features, VIRTIO_F_RING_PACKED) else VirtQueue
         try:
             for i, (cb, num) in enumerate(zip(callbacks, sizes)):
-                desc, avail, used = VirtQueue.alloc_rings(self.ram, num)
+                desc, avail, used = ring_cls.alloc_rings(self.ram, num)
                 ring = _Ring(i, num, desc, avail, used)
                 self.rings.append(ring)
-                ring.vq = VirtQueue(self.ram.mem, i, num, desc, avail, used,
+                ring.vq = ring_cls(self.ram.mem, i, num, desc, avail, used,
                                     event_idx=has(self.features, VIRTIO_RING_F_EVENT_IDX),
                                     indirect=has(self.features, VIRTIO_RING_F_INDIRECT_DESC),
                                     alloc=self.ram.alloc, name=f"{self.device}-q{i}")
@@ -267,7 +273,8 @@ class VirtioDevice:
                       desc_user_addr=self.ram.gpa_to_uva(r.desc),
                       avail_user_addr=self.ram.gpa_to_uva(r.avail),
                       used_user_addr=self.ram.gpa_to_uva(r.used), log_guest_addr=0)
-            self._req("SET_VRING_BASE", index=i, num=0 if bases is None else bases[i])
+            # a new ring starts at 0 (packed: 0 with the avail wrap counter 1 in bit 15)
+            self._req("SET_VRING_BASE", index=i, num=r.vq.resume_base() if bases is None else bases[i])
             self._set_doorbell("SET_VRING_KICK", i, r.kick)
             self._set_doorbell("SET_VRING_CALL", i, r.call)
             self._set_doorbell("SET_VRING_ERR", i, r.err)
@@ -292,7 +299,7 @@ class VirtioDevice:
                 unlink_sem(n)
             names.extend(r.names)
             try:
-                VirtQueue.free_rings(self.ram, r.desc, r.avail, r.used)
+                VirtQueue.free_rings(self.ram, r.desc, r.avail, r.used)   # either layout
             except KeyError:
                 pass
         if names:
@@ -411,7 +418,7 @@ class VirtioDevice:
             raise RuntimeError("reconnect before find_vqs")
         self.connect(reconnect=True)
         self._negotiate(self.features, exact=True)
-        bases = [self.ram.mem.load16(used_idx_addr(r.used)) for r in self.rings]
+        bases = [r.vq.resume_base() for r in self.rings]     # split: used.idx; packed: + wrap
         self._setup_rings(bases=bases)
         self.driver_ok()
         self.log.info("reconnected; rings resume at used.idx %s", bases)

@@ -81,6 +81,7 @@ class GuestOptions:
     ip: object = None               # IPv4Interface of the net device
     mac: bytes | None = None
     net_run: list = field(default_factory=list)       # ["module:function"] run with the NetDev
+    packed: bool = False            # ask for VIRTIO_F_RING_PACKED (--packed)
 
 
 class VM:
@@ -136,7 +137,8 @@ class VM:
         o = self.opts
         self.vdev = VirtioDevice(self.ram, run_dir, control_path, "vsock", o.name, {"cid": o.cid},
                                  resource_base=f"{base}-vsock", owner=self.owner,
-                                 timeout=o.connect_timeout, doorbell=o.doorbell)
+                                 timeout=o.connect_timeout, doorbell=o.doorbell,
+                                 packed=o.packed)
         self._connect_waiting(run_dir)
         self.transport = VirtioVsockTransport(self.kernel, self.vdev, self.ram,
                                               queue_sizes=(o.queue_size, o.queue_size, 8),
@@ -160,7 +162,8 @@ class VM:
         mac = o.mac or default_mac(os.getpid())
         vdev = VirtioDevice(self.ram, run_dir, control_path, "net", o.name,
                             {"backend": o.net, "mac": format_mac(mac)},
-                            resource_base=f"{base}-net", owner=self.owner, timeout=o.connect_timeout, doorbell=o.doorbell)
+                            resource_base=f"{base}-net", owner=self.owner, timeout=o.connect_timeout, doorbell=o.doorbell,
+                            packed=o.packed)
         try:
             vdev.connect()
         except ControlError as e:

@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the matching --vhost-user-net socket's frames go: loopback, "
                         "udp:LPORT:RPORT, segment:NAME, tap:IFNAME[,vnet_hdr=on] or packet:IFNAME "
                         "(opened once, kept across frontends)")
+    p.add_argument("--packed", action="store_true",
+                   help="offer the packed virtqueue layout (VIRTIO_F_RING_PACKED, virtio 1.1) to every "
+                        "device, native and vhost-user; a driver that acks it gets packed rings, "
+                        "others keep split rings (the default without --packed)")
     add_doorbell(p, "the doorbells native guests may pass: sem (named POSIX semaphores, a thread "
                     "per kick in the device process), eventfd (eventfds over the control socket, "
                     "waited on by the device process's one selector) or any (default)", "any")
@@ -121,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     opts = HostOptions(run_dir=args.run_dir or default_run_dir(), pcap=args.pcap,
                        credit_policy=args.credit_policy, dialect=args.dialect,
                        max_queue_size=args.max_queue_size, poll_us=args.poll_us, doorbell=args.doorbell,
-                       buf_size=args.buf_size, services=args.service, run=args.run)
+                       buf_size=args.buf_size, services=args.service, run=args.run,
+                       packed=args.packed)
     if pairs or net_pairs:
         kinds = [(path, VsockKind(cid, opts, "vhost-user")) for path, cid in pairs] + [
             (path, NetKind(spec, opts, DEFAULT_MAC[:5] + bytes([i + 1]), "vhost-user"))

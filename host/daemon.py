@@ -59,6 +59,7 @@ class HostOptions:
     buf_size: int = 1 << 20
     services: list = field(default_factory=list)   # [ServiceSpec]: in-device services per guest
     run: list = field(default_factory=list)        # ["module:function"]: run in each device process
+    packed: bool = False                           # offer VIRTIO_F_RING_PACKED (--packed)
 
 
 @dataclass

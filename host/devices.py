@@ -75,6 +75,7 @@ class VsockKind:
                          num_queues=2 if self.transport == "vhost-user" else None,
                          buf_size=getattr(opts, "buf_size", None),
                          lend=opts.credit_policy != "every-read")    # the seeds copy every payload
+        dev.offer_packed(getattr(opts, "packed", False))
         vsock_runner.attach(dev, self.worker, run_dir=opts.run_dir, dialect=opts.dialect)
         return dev
 
@@ -140,6 +141,7 @@ class NetKind:
     def new_device(self, hello: dict | None = None):
         if self.transport == "native":
             dev = VhostNet(self.mac, name=f"net-{self.guest}", backend_name=self.spec)
+            dev.offer_packed(getattr(self.opts, "packed", False))
             self.glue = NetBackends(dev, self.worker, self.opts.run_dir)
             self.glue.attach(self.backend)         # the device owns it from here (SET_BACKEND)
             self.backend = None
@@ -150,6 +152,7 @@ class NetKind:
         # stays offered: the session offers LOG_SHMFD for it.
         dev = VhostNet(self.mac, name=f"vhost-user-net[{self.spec}]", backend_name=self.spec,
                        max_queue_size=self.opts.max_queue_size, hdr_from_backend=True)
+        dev.offer_packed(getattr(self.opts, "packed", False))
         if self.glue is None:
             self.glue = NetBackends(None, self.worker, self.opts.run_dir)
             self.glue.watch(self.backend)          # drained while no device holds it

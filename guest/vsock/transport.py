@@ -372,7 +372,7 @@ class VirtioVsockTransport:
     @staticmethod
     def _tx_busy(vq) -> bool:
         """Has the device not yet used everything on the tx ring? (autocork's "in flight")"""
-        return vq.avail_idx_shadow != vq.used_idx()
+        return vq.device_pending()
 
     def _tx_one(self, vq, pkt: Packet) -> int:
         """Put one packet on the tx ring: TX_OK, TX_NOBUF or TX_FULL (nothing changed)."""
