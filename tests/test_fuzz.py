@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tools.fuzz import control, rings, vsock
+from tools.fuzz import control, packed, rings, vsock
 
 SETTINGS = settings(max_examples=150, deadline=2000, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -36,13 +36,19 @@ def test_vsock_device_consumes_valid_packets_and_resets_on_malformed(seed):
     vsock.run_case(random.Random(seed))
 
 
+@settings(max_examples=400, deadline=2000, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(0, 2**64 - 1))
+def test_packed_ring_chains_and_used_descriptors_follow_the_spec(seed):
+    packed.run_case(random.Random(seed))
+
+
 @settings(max_examples=100, deadline=2000, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(0, 2**64 - 1))
 def test_control_session_answers_every_message_without_internal_errors(seed):
     control.run_case(random.Random(seed))
 
 
-@pytest.mark.parametrize("target", ["rings", "vsock", "control"])
+@pytest.mark.parametrize("target", ["rings", "vsock", "control", "packed"])
 def test_fixed_seeds_from_the_cli(target):
     """The CLI's case numbering (python -m tools.fuzz --target T --start I) stays reproducible."""
     from tools.fuzz.__main__ import TARGETS, case_rng
@@ -65,7 +71,7 @@ def test_cli_prints_the_seed_and_a_verdict():
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.strip().splitlines()
     assert "seed 77" in lines[0]
-    assert lines[-1] == "fuzz OK: 15 case(s) of rings, vsock, control passed (seed 77)", lines
+    assert lines[-1] == "fuzz OK: 20 case(s) of rings, vsock, control, packed passed (seed 77)", lines
     r = _fuzz("--cases", "2", "--target", "rings")          # no --seed: a random one, printed
     import re
     m = re.search(r"seed (\d+)", r.stdout)

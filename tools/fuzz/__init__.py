@@ -9,6 +9,10 @@ from the spec's rules (virtio 1.x 2.7, docs/ring-rules.md) says what must happen
                 their buffers, an invalid one raises VringError and is not consumed
     vsock.py    vsock tx packets and rx/event buffers -> VhostVsock.kick_received: valid packets
                 consumed, the first malformed one makes the device NEEDS_RESET without being consumed
+    packed.py   packed descriptor rings (any size, any lap, mutated lap bits, ids, indirect tables)
+                -> VhostVirtqueuePacked.get_vq_desc/add_used(_n): valid chains consumed with their
+                buffers and slots, invalid ones raise and move nothing, used descriptors written
+                at the right slots with the right id, length and lap bits
     control.py  control messages (valid sequences, mutated fields, wrong order, garbage bytes)
                 -> Decoder + NativeCodec + Session with a real VhostVsock: every request gets a reply,
                 never an internal error

@@ -19,9 +19,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from shared.cli import add_version
 
-from . import CASE_DEADLINE, control, rings, vsock
+from . import CASE_DEADLINE, control, packed, rings, vsock
 
-TARGETS = {"rings": rings.run_case, "vsock": vsock.run_case, "control": control.run_case}
+TARGETS = {"rings": rings.run_case, "vsock": vsock.run_case, "control": control.run_case,
+           "packed": packed.run_case}
 
 
 def case_rng(seed: int, target: str, i: int) -> random.Random:
