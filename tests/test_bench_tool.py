@@ -275,3 +275,24 @@ def test_recv_view_is_na_without_the_method():
     fam = Family()
     r = bench_apps._recv_view(fam, {"cid": 2, "port": 5003, "size": 65536, "total": 1 << 20})
     assert r == {"na": bench_apps.NO_RECV_VIEW} and fam.sock.closed
+
+
+def test_the_plan_puts_packed_rows_next_to_split_and_the_packed_ring_bench_runs(tmp_path):
+    """Issue 19: 64 B and 64 KiB both ways and the 64 B rr with --packed, beside the defaults'
+    (split) rows of the same run; the ring round trips on a packed ring beside the split ones."""
+    from tools.bench.cluster import Features
+    from tools.bench.ring import bench_ring
+    from tools.bench.scenarios import Options, Plan
+    plan = Plan(Options(quick=True), Features(host_services=True, guest_sink=True, packed=True), tmp_path)
+    labels = [s.label for s in plan.steps()]
+    for d in ("g2h", "h2g"):
+        for size in ("64 B", "64 KiB"):
+            assert f"in-device {d} {size} writes (packed)" in labels
+            assert f"in-device {d} {size} writes (defaults)" in labels
+    assert "in-device 64 B request/response (packed)" in labels
+    assert "ring round trips, packed, suppression on" in labels and "ring round trips, suppression on" in labels
+    assert plan.configs()["packed"].host_args == ["--packed"] == plan.configs()["packed"].guest_args
+    old = Plan(Options(quick=True), Features(host_services=True), tmp_path)
+    assert "packed" not in old.configs()                       # a build without --packed: n/a rows
+    r = bench_ring(0.1, 64, 1, True, packed=True)
+    assert r["rt"] > 10 and 0 < r["kicks"] <= 1 and 0 < r["irqs"] <= 1

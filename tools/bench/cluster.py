@@ -52,6 +52,7 @@ class Features:
     credit_policy: bool = True
     host_run: bool = False          # python -m host --run MODULE:FUNCTION (the zero-copy sink)
     doorbell: bool = False          # --doorbell eventfd on host and guest
+    packed: bool = False            # --packed on host and guest (VIRTIO_F_RING_PACKED)
 
     @classmethod
     def detect(cls) -> "Features":
@@ -63,7 +64,8 @@ class Features:
                    rx_buf_flag=m.group(1) if m else None,
                    credit_policy="--credit-policy" in h and "--credit-policy" in g,
                    host_run="--run" in h,
-                   doorbell="--doorbell" in h and "--doorbell" in g)
+                   doorbell="--doorbell" in h and "--doorbell" in g,
+                   packed="--packed" in h and "--packed" in g)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)

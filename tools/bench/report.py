@@ -249,7 +249,8 @@ def rr_table(figs, tgt, width) -> Table:
                       "" if f["path"] == "socketpair" else rat(ratio(figs, f)), _vs(figs, f, "ceiling"),
                       _target_cell(tgt, label) if label else "")
         elif f["kind"] == "ring":
-            t.add_row(f"split ring, 1 queue, mean ({f['mode']})", num(value(f)), span(f), "", rat(ratio(figs, f)),
+            layout = "packed" if str(f.get("mode", "")).startswith("packed") else "split"
+            t.add_row(f"{layout} ring, 1 queue, mean ({f['mode']})", num(value(f)), span(f), "", rat(ratio(figs, f)),
                       "", "")
     return t
 

@@ -1,4 +1,5 @@
-"""Round trips through one split ring between two processes (the bench's "ring" scenario).
+"""Round trips through one ring, split or packed, between two processes (the bench's "ring"
+scenario).
 
 The bench process plays the guest (it creates the guest RAM and the kick/call semaphores, as a
 VMM does); a forked child plays the vhost backend. The guest posts a 64-byte buffer, the host
@@ -27,8 +28,9 @@ WAIT = 0.1            # doorbell wait timeout: how fast a waiter notices shutdow
 
 
 # --- host side (child process) ------------------------------------------------------------------
-def _host_main(shm_name, table, ring, kick_name, call_name, suppress, stop, conn):
+def _host_main(shm_name, table, ring, kick_name, call_name, suppress, stop, conn, packed=False):
     from host.vhost_vq import VhostVirtqueue
+    from host.vhost_vq_packed import VhostVirtqueuePacked
     from shared.doorbell import SemDoorbell
     from shared.memory import GuestMemory, MemoryRegion
     from shared.resources import attach_shm, close_shm
@@ -42,9 +44,11 @@ def _host_main(shm_name, table, ring, kick_name, call_name, suppress, stop, conn
                                     base[r["mmap_offset"]:r["mmap_offset"] + r["memory_size"]],
                                     r["userspace_addr"]) for r in table])
     base.release()
-    h = VhostVirtqueue(0, "bench")
+    h = (VhostVirtqueuePacked if packed else VhostVirtqueue)(0, "bench")
     h.num, h.desc, h.avail, h.used = ring
     h.event_idx = suppress
+    if packed:
+        h.last_avail_idx = h.last_used_idx = 0x8000     # slot 0, wrap counters 1
     handled = signals = wakeups = 0
     try:
         if not h.access_ok(mem):
@@ -90,9 +94,10 @@ def _host_main(shm_name, table, ring, kick_name, call_name, suppress, stop, conn
 
 
 # --- guest side (this process) ------------------------------------------------------------------
-def bench_ring(seconds: float, ring_size: int, depth: int, suppress: bool) -> dict:
+def bench_ring(seconds: float, ring_size: int, depth: int, suppress: bool, packed: bool = False) -> dict:
     from guest.ram import GuestRAM
     from guest.virtqueue import VirtQueue
+    from guest.virtqueue_packed import VirtQueuePacked
     from shared.doorbell import SemDoorbell
     from shared.resources import OwnerRecord, ensure_run_dir, resource_base
 
@@ -107,8 +112,9 @@ def bench_ring(seconds: float, ring_size: int, depth: int, suppress: bool) -> di
         ram = GuestRAM(shm_name, 1 << 20)
         kick = SemDoorbell(kick_name, create=True)
         call = SemDoorbell(call_name, create=True)
-        d, a, u = VirtQueue.alloc_rings(ram, ring_size)
-        vq = VirtQueue(ram.mem, 0, ring_size, d, a, u, event_idx=suppress, name="bench")
+        cls = VirtQueuePacked if packed else VirtQueue
+        d, a, u = cls.alloc_rings(ram, ring_size)
+        vq = cls(ram.mem, 0, ring_size, d, a, u, event_idx=suppress, name="bench")
         depth = max(1, min(depth, ring_size))
         bufs = [ram.alloc.alloc(PAYLOAD) for _ in range(depth)]
         for i, b in enumerate(bufs):
@@ -117,7 +123,7 @@ def bench_ring(seconds: float, ring_size: int, depth: int, suppress: bool) -> di
         parent_conn, child_conn = ctx.Pipe()
         child = ctx.Process(target=_host_main, name="bench-host",
                             args=(shm_name, ram.table, (ring_size, d, a, u), kick_name, call_name,
-                                  suppress, stop, child_conn))
+                                  suppress, stop, child_conn, packed))
         child.start()
         kicks = interrupts = rt = 0
         for i, b in enumerate(bufs):

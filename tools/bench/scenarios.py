@@ -27,6 +27,8 @@ SIZES = [64, 4096, 65536, 1 << 20]
 ZC_SIZES = [65536, 1 << 20]          # zero-copy receive: the bulk sizes it is for
 CEILING = "bare ring"                # the mode name of the ceiling's figures
 ZERO_COPY = "zero copy"              # the in-device figures whose receiver uses recv_view
+PACKED = "packed"                   # --packed on host and guest: the same rows as defaults, packed rings
+PACKED_SIZES = [64, 65536]
 PAIRS = [1, 2, 4, 8]
 PAIR_SIZE = 65536
 MAX_TOTAL = 2 << 30
@@ -118,6 +120,8 @@ class Plan:
         if self.f.doorbell:
             ev = ["--doorbell", "eventfd", "--poll-us", "0"]
             cfg["eventfd"] = Config("eventfd", ev, ev)
+        if getattr(self.f, "packed", False):
+            cfg[PACKED] = Config(PACKED, ["--packed"], ["--packed"])
         cfg["bare"] = Config("bare", bare=True)
         if self.f.doorbell:
             cfg["bare eventfd"] = Config("bare eventfd", ["--doorbell", "eventfd"], ["--doorbell", "eventfd"],
@@ -175,10 +179,11 @@ class Plan:
                                       metric="MB/s")]))
         out.append(Step("ceiling 64 B request/response", self.ceiling_rr,
                         [dict(kind="rr", path="ceiling", mode=CEILING, metric=m) for m in ("median µs", "p99 µs")]))
-        for sup in (True, False):
-            out.append(Step(f"ring round trips, suppression {'on' if sup else 'off'}", lambda s=sup: self.ring(s),
-                            [dict(kind="ring", path="ring", mode=f"suppression {'on' if sup else 'off'}",
-                                  metric="mean µs")]))
+        for packed in (False, True):
+            for sup in (True, False):
+                m = f"{'packed, ' if packed else ''}suppression {'on' if sup else 'off'}"
+                out.append(Step(f"ring round trips, {m}", lambda s=sup, p=packed: self.ring(s, p),
+                                [dict(kind="ring", path="ring", mode=m, metric="mean µs")]))
         d = cfgs["defaults"]
         out.append(Step("idle pair", self.idle, [dict(kind="idle", path="guest+device", metric="% core")], d))
         primary = "in-device" if self.f.host_services else "bridge"
@@ -207,6 +212,16 @@ class Plan:
                                         lambda p=path, n=n: self.vpairs(d, p, n),
                                         [dict(kind="pairs", path=path, pairs=n, dir="g2h", size=PAIR_SIZE,
                                               metric="MB/s")], d))
+        # the packed ring next to the split one (defaults above): the same sizes and the rr
+        pk = cfgs.get(PACKED)
+        for direction in ("g2h", "h2g"):
+            for size in (s for s in PACKED_SIZES if s in o.sizes):
+                out.append(Step(f"in-device {direction} {_sz(size)} writes ({PACKED})",
+                                lambda dr=direction, s=size: self._packed(lambda c: self.vstream(
+                                    c, PACKED, "in-device", dr, s)),
+                                [dict(kind="stream", path="in-device", dir=direction, size=size,
+                                      mode=PACKED, metric="MB/s")], pk))
+        out.append(self._rr_step("in-device", PACKED, pk))
         poll_modes = ["semaphores", f"poll {o.poll_us} µs", "eventfd"]
         for mode in poll_modes:
             for path in ("in-device", "bridge"):
@@ -217,6 +232,12 @@ class Plan:
                             [dict(kind="threads", path=p, mode=bare, metric="threads") for p in ("guest", "device")],
                             cfgs.get(bare)))
         return out
+
+    def _packed(self, run):
+        cfg = self.configs().get(PACKED)
+        if cfg is None:
+            raise NA("this build has no --packed on host and guest")
+        return run(cfg)
 
     def _rr_step(self, path: str, mode: str, cfg: Config | None) -> Step:
         return Step(f"{path} 64 B request/response ({mode})", lambda: self.vrr(cfg, mode, path),
@@ -249,10 +270,11 @@ class Plan:
         runs = [baselines.pairs(n, PAIR_SIZE, total) for _ in range(self.o.repeats)]
         return [figure("pairs", "socketpair", "MB/s", pairs=n, dir="g2h", size=PAIR_SIZE, samples=runs)]
 
-    def ring(self, suppress: bool) -> list[dict]:
+    def ring(self, suppress: bool, packed: bool = False) -> list[dict]:
         from tools.bench.ring import bench_ring
-        runs = [bench_ring(self.o.target_s, 256, 1, suppress) for _ in range(self.o.repeats)]
-        return [figure("ring", "ring", "mean µs", mode=f"suppression {'on' if suppress else 'off'}",
+        runs = [bench_ring(self.o.target_s, 256, 1, suppress, packed) for _ in range(self.o.repeats)]
+        mode = f"{'packed, ' if packed else ''}suppression {'on' if suppress else 'off'}"
+        return [figure("ring", "ring", "mean µs", mode=mode,
                        samples=[1e6 / r["rt_s"] for r in runs],
                        per_packet={"kicks": sum(r["kicks"] * r["rt"] for r in runs),
                                    "interrupts": sum(r["irqs"] * r["rt"] for r in runs),
