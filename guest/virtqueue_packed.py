@@ -376,7 +376,6 @@ class VirtQueuePacked:
                     "driver_event": (drv[0], drv[1]), "device_event": (dev[0], dev[1]),
                     "num_free": self.num_free, "in_flight": self.in_flight(),
                     "cb_disabled": self.event_flags_shadow == VRING_PACKED_EVENT_FLAG_DISABLE,
-                    "desc_flags": self.ring_flags(),
                     "broken": self.broken, "broken_reason": self.broken_reason}
         except ValueError:
             return {}

@@ -454,8 +454,7 @@ class VhostVirtqueuePacked:
             try:
                 snap = self._drv32[0]
                 out.update(driver_event=(snap & 0xFFFF, snap >> 16),
-                           device_event=(self._devw[0], self._devw[1]),
-                           desc_flags=self.ring_flags())
+                           device_event=(self._devw[0], self._devw[1]))
             except (ValueError, IndexError):
                 pass
         return out

@@ -36,6 +36,7 @@ from .model import History, build_frame, ring_sources
 from .panels import (VIEWS, conns_parts, decode_all, guests_panel, guests_summary, header, legend,
                      net_panel, problem_lines, queues_parts, ring_parts)
 from .ring import ring_legend
+from .ring_packed import packed_legend
 from .ram import RamError, ReadOnlyRAM
 
 RATE_PERIOD = 1.0       # rates are taken over at least this many seconds of snapshots
@@ -55,7 +56,8 @@ def view_parts(frame: dict, view: str, width: int, guest: int | None, rings, rin
     if view == "net":
         return [net_panel(frame, width, guest)]
     name = next((g["name"] for g in frame["guests"] if g["cid"] == guest), f"guest {guest}")
-    return ring_parts(rings, name, width, ring_error) + [ring_legend()]
+    packed = [packed_legend()] if any(getattr(r["picture"], "packed", False) for r in rings or []) else []
+    return ring_parts(rings, name, width, ring_error) + [ring_legend()] + packed
 
 
 def render_view(frame: dict, view: str = "queues", width: int = 100, guest: int | None = None,

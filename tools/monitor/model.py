@@ -286,6 +286,14 @@ def ring_sources(raw: list[dict], cid: int) -> dict | None:
                        "desc": src["desc"], "avail": src["avail"], "used": src["used"],
                        "event_idx": bool(src.get("event_idx")),
                        "last_avail": dq.get("last_avail"), "last_used": gq.get("last_used")})
+        if src.get("packed"):       # each position with its wrap counter (ring_packed.py)
+            def at(q, k, w):
+                return (q[k], q[w]) if q.get(k) is not None and q.get(w) is not None else None
+            queues[-1].update(packed=True, positions={
+                "driver_avail": at(gq, "avail_idx", "avail_wrap"),
+                "driver_used": at(gq, "last_used", "used_wrap"),
+                "device_avail": at(dq, "last_avail", "avail_wrap"),
+                "device_used": at(dq, "last_used", "used_wrap")})
     return {"cid": cid, "name": g.get("name") or d.get("guest") or f"cid{cid}", "shm": shm,
             "table": table, "queues": queues}
 

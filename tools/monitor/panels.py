@@ -16,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .ring import decode_ring, ring_legend, ring_text
+from .ring_packed import decode_packed, packed_legend, packed_text
 
 DASH = "–"
 SPARKS = "▁▂▃▄▅▆▇█"
@@ -328,7 +329,9 @@ NET_LEGEND = ("tx = guest→network (taken off the tx ring), rx = network→gues
 
 def ring_panel(rings: list[dict] | None, name: str, width: int, error: str = "") -> Group:
     """`rings` = [{"title", "picture": RingPicture}] decoded by the caller from guest RAM."""
-    return Group(*ring_parts(rings, name, width, error), ring_legend())
+    legends = [ring_legend()] + ([packed_legend()] if any(getattr(r["picture"], "packed", False)
+                                                          for r in rings or []) else [])
+    return Group(*ring_parts(rings, name, width, error), *legends)
 
 
 def ring_parts(rings: list[dict] | None, name: str, width: int, error: str = "") -> list:
@@ -337,7 +340,9 @@ def ring_parts(rings: list[dict] | None, name: str, width: int, error: str = "")
     if error:
         parts.append(Text(f"  {error}", "yellow"))
     for r in rings or []:
-        parts.append(ring_text(r["picture"], r["title"], width))
+        pic = r["picture"]
+        parts.append(packed_text(pic, r["title"], width) if getattr(pic, "packed", False)
+                     else ring_text(pic, r["title"], width))
     if not rings and not error:
         parts.append(Text("  no rings set up", "dim"))
     return [Group(*parts)]
@@ -347,6 +352,11 @@ def decode_all(read, sources: dict) -> list[dict]:
     """Decode every queue of a ring_sources() entry with `read`; raises what `read` raises."""
     out = []
     for q in sources["queues"]:
+        if q.get("packed"):
+            p = decode_packed(read, q["num"], q["desc"], q["avail"], q["used"],
+                              event_idx=q["event_idx"], **q["positions"])
+            out.append({"title": f"q{q['q']} {q['name']}", "q": q["q"], "picture": p})
+            continue
         p = decode_ring(read, q["num"], q["desc"], q["avail"], q["used"], last_avail=q["last_avail"],
                         last_used=q["last_used"], event_idx=q["event_idx"])
         out.append({"title": f"q{q['q']} {q['name']}", "q": q["q"], "picture": p})
