@@ -32,17 +32,19 @@ def frame(i: int, size: int = 64) -> bytes:
 
 
 class Testpmd:
-    """dpdk-testpmd with a virtio_user port on SOCK; stopped by pid, its runtime dir removed."""
+    """dpdk-testpmd with a virtio_user port on SOCK (packed: a packed ring, `packed_vq=1`); stopped
+    by pid, its runtime dir removed."""
 
     __test__ = False                # not a test class where a test module imports it
 
-    def __init__(self, sock: Path, log: Path):
+    def __init__(self, sock: Path, log: Path, packed: bool = False):
         self.prefix = f"ve{uuid.uuid4().hex[:10]}"
         self.log = log
         self._f = open(log, "wb")
         line_buffered = ["stdbuf", "-oL"] if shutil.which("stdbuf") else []    # a readable log
         cmd = [*line_buffered, TESTPMD, "--no-huge", "-m", "256", "--no-pci", "--no-shconf",
-               f"--file-prefix={self.prefix}", "--vdev", f"net_virtio_user0,path={sock},queues=1", "--",
+               f"--file-prefix={self.prefix}", "--vdev",
+               f"net_virtio_user0,path={sock},queues=1" + (",packed_vq=1" if packed else ""), "--",
                "--forward-mode=io", "--auto-start", "--port-topology=loop", "--total-num-mbufs=4096"]
         # stdin stays open: without -i, testpmd runs until enter (or a signal)
         self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=self._f, stderr=subprocess.STDOUT,
