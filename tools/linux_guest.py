@@ -216,17 +216,21 @@ def _qemu_cmd(guest: LinuxGuest, initrd: Path, socket_path: Path, mem_mb: int) -
             "-nic", "none", "-chardev", f"socket,id=c0,path={socket_path}"]
 
 
-def qemu_vsock_cmd(guest: LinuxGuest, initrd: Path, socket_path: Path, mem_mb: int = 256) -> list[str]:
-    """QEMU with a vhost-user-vsock-pci (the CID comes from the backend's GET_CONFIG)."""
-    return _qemu_cmd(guest, initrd, socket_path, mem_mb) + ["-device", "vhost-user-vsock-pci,chardev=c0"]
+def qemu_vsock_cmd(guest: LinuxGuest, initrd: Path, socket_path: Path, mem_mb: int = 256,
+                   packed: bool = False) -> list[str]:
+    """QEMU with a vhost-user-vsock-pci (the CID comes from the backend's GET_CONFIG); packed:
+    `packed=on` (VIRTIO_F_RING_PACKED offered to the guest)."""
+    return _qemu_cmd(guest, initrd, socket_path, mem_mb) + [
+        "-device", "vhost-user-vsock-pci,chardev=c0" + (",packed=on" if packed else "")]
 
 
 def qemu_net_cmd(guest: LinuxGuest, initrd: Path, socket_path: Path, mem_mb: int = 256,
-                 mac: str = "52:54:00:12:34:56") -> list[str]:
+                 mac: str = "52:54:00:12:34:56", packed: bool = False) -> list[str]:
     """QEMU with a virtio-net-pci on a vhost-user-net backend (real-peers.md: `vectors=0`, or
     QEMU 7.2 crashes when the guest driver negotiates; shared memfd RAM for the backend)."""
     return _qemu_cmd(guest, initrd, socket_path, mem_mb) + [
-        "-netdev", "vhost-user,id=n0,chardev=c0", "-device", f"virtio-net-pci,netdev=n0,vectors=0,mac={mac}"]
+        "-netdev", "vhost-user,id=n0,chardev=c0",
+        "-device", f"virtio-net-pci,netdev=n0,vectors=0,mac={mac}" + (",packed=on" if packed else "")]
 
 
 def main(argv: list[str] | None = None) -> int:
