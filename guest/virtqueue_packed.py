@@ -81,6 +81,7 @@ class VirtQueuePacked:
         self._next = list(range(1, num)) + [num]
         # desc_state[id] = (token, slots used, indirect table gpa or None)
         self._state: list[tuple | None] = [None] * num
+        self._inflight = 0                # buffers in _state (in_flight() without a scan)
         self._dv = mem.view(desc, 16 * num)
         self._dw = mem.u16_view(desc, 8 * num)     # flags of slot i: word 8*i + 7
         self._drv = mem.u16_view(driver, 2)        # [off_wrap, flags] we write
@@ -187,6 +188,7 @@ class VirtQueuePacked:
                         wrap ^= 1
                         au ^= _AU
         self._state[bid] = (token, descs, table)
+        self._inflight += 1
         self.num_free -= descs
         self.next_avail_idx = i
         self.avail_wrap_counter = wrap
@@ -224,6 +226,7 @@ class VirtQueuePacked:
     def _detach_buf(self, bid: int):
         token, descs, table = self._state[bid]
         self._state[bid] = None
+        self._inflight -= 1
         self._next[bid] = self.free_head
         self.free_head = bid
         self.num_free += descs
@@ -287,8 +290,14 @@ class VirtQueuePacked:
     def device_pending(self) -> bool:
         """Has the device not yet used everything the driver made available? (autocork's
         "in flight"; split: avail.idx != used.idx)"""
-        inflight = self.in_flight()
-        return inflight > 0 and self._scan_used()[0] < inflight
+        inflight = self._inflight
+        if not inflight:
+            return False
+        # the next used slot is not used: the device has not used everything (no walk); else
+        # walk the used descriptors waiting to be reaped (at most the buffers in flight)
+        if not self._is_used(self.last_used_idx, self.used_wrap_counter):
+            return True
+        return self._scan_used()[0] < inflight
 
     def resume_base(self) -> int:
         """Where a new device resumes after a reconnect without inflight tracking: the slot after
@@ -357,7 +366,7 @@ class VirtQueuePacked:
 
     # --- introspection -----------------------------------------------------------------------
     def in_flight(self) -> int:
-        return sum(1 for s in self._state if s is not None)
+        return self._inflight
 
     def ring_flags(self) -> list[int]:
         """Every slot's flags word as it is now (the monitor's ring picture)."""
