@@ -346,10 +346,13 @@ class VirtQueuePacked:
         return not self._is_used(self.last_used_idx, self.used_wrap_counter)
 
     def enable_cb_after(self, k: int) -> bool:
-        """enable_cb asking for the interrupt only k slots ahead (EVENT_IDX; else enable_cb)."""
+        """enable_cb asking for the interrupt only once about k more buffers are used (EVENT_IDX;
+        else enable_cb). False when buffers raced in."""
         if k <= 1 or not self.event_idx or self.broken:
             return self.enable_cb()
-        self._enable_at(*self._ahead(min(k - 1, self.num - 1)))
+        # events count slots, not buffers: k-1 buffers of the average length in flight ahead
+        per = max(1, (self.num - self.num_free) // max(1, self._inflight))
+        self._enable_at(*self._ahead(min((k - 1) * per, self.num - 1)))
         mb()
         return not self._is_used(self.last_used_idx, self.used_wrap_counter)
 

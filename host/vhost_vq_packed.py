@@ -79,6 +79,7 @@ class VhostVirtqueuePacked:
         self._last_used = 0
         self._used_wrap = 1
         self._seen = (0, 1)             # furthest position popped (enable_notify(seen=True))
+        self._chain_slots = 1           # slots the last chain took (k chains ~ k * this slots)
         self.notify_disabled = False    # our intent in the device area
         self.signalled_used = (0, 1)
         self.signalled_used_valid = False
@@ -257,6 +258,7 @@ class VhostVirtqueuePacked:
         if bid in self._inflight:
             raise VringError(16, f"buffer id {bid} is already in flight, slot {start}")
         self._inflight[bid] = count
+        self._chain_slots = count
         self._history.append((start, self._avail_wrap, bid))
         if len(self._history) > num:
             self._history.popleft()
@@ -422,13 +424,17 @@ class VhostVirtqueuePacked:
         return self._is_avail(off, wrap)
 
     def enable_notify_after(self, mem, k: int) -> bool:
+        """enable_notify asking for the kick only when about k more chains are available
+        (EVENT_IDX; the event is a slot: k chains of the last chain's length ahead)."""
         if mem is not self._mem:
             self._map(mem)
         if k <= 1 or not self._event_idx:
             self.disable_notify(mem)
             return self.enable_notify(mem)
         self.notify_disabled = False
-        off, wrap = self._last_avail + min(k - 1, self._num - 1), self._avail_wrap
+        # events count slots, not buffers: k chains ahead, if they are as long as the last one
+        off = self._last_avail + min((k - 1) * self._chain_slots, self._num - 1)
+        wrap = self._avail_wrap
         if off >= self._num:
             off -= self._num
             wrap ^= 1

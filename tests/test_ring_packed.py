@@ -529,3 +529,32 @@ def test_signal_compares_positions_across_the_wrap():
     h.add_used(ram.mem, chains[1].head, 1)             # used position: slot 1, lap 0
     assert not h.signal(ram.mem)
     drv.release()
+
+
+def test_moderation_counts_buffers_not_slots():
+    """enable_cb_after(k) / enable_notify_after(k) ask for the k-th buffer, also when every
+    buffer takes two slots (a vsock header and its payload)."""
+    ram = make_ram()
+    vq, h = pair(ram, 16, event_idx=True)
+    buf = ram.alloc.alloc(4096, 16)
+    assert vq.add_sgs([(buf, 4), (buf + 4, 4)], [], token="first")   # the device learns: 2 slots
+    h.get_vq_desc(ram.mem)
+    h.disable_notify(ram.mem)
+    assert not h.enable_notify_after(ram.mem, 3)
+    kicks = []
+    for n in range(3):
+        assert vq.add_sgs([(buf, 4), (buf + 4, 4)], [], token=n)
+        kicks.append(vq.kick_prepare())
+    assert kicks == [False, False, True], kicks
+    chains = [h.get_vq_desc(ram.mem) for _ in range(3)]
+    vq.disable_cb()
+    h.add_used(ram.mem, 0, 0)                       # "first"
+    assert not h.signal(ram.mem)                    # disabled (and signalled_used now valid)
+    while vq.get_buf():
+        pass
+    assert vq.enable_cb_after(3)
+    sig = []
+    for c in chains:
+        h.add_used(ram.mem, c.head, 0)
+        sig.append(h.signal(ram.mem))
+    assert sig == [False, False, True], sig
