@@ -96,3 +96,30 @@ def test_a_packed_guest_reconnects_to_a_new_host_and_moves_data(cluster):
         host = cluster.host("--packed")
         assert g.wait_log("reconnected to the host", 20, start), g.text()
     echo(70000)
+
+
+def test_net_guests_on_packed_rings_ping_echo_and_flood(cluster, tmp_path):
+    """virtio-net with --packed: guest f floods broadcast frames (every ring laps many times, the
+    receivers' rx rings with them) while b pings and UDP-echoes f; both net devices run packed
+    rings and nothing breaks."""
+    from shared.stats import read_all
+    from .test_net_e2e import net_guest, wait_file
+    cluster.host("--packed")
+    fout, bout = tmp_path / "f.json", tmp_path / "b.json"
+    net_guest(cluster, "f", "--packed", "--net", "segment:lan", "--ip", "169.254.10.9/24",
+              "--mac", "52:54:00:00:50:09", "--net-run", "tests.net_apps:flood",
+              env={"VE_APP_OUT": str(fout), "VE_APP_SECONDS": "3"})
+    time.sleep(0.5)
+    net_guest(cluster, "b", "--packed", "--net", "segment:lan", "--ip", "169.254.10.2/24",
+              "--mac", "52:54:00:00:50:02", "--net-run", "tests.net_apps:ping_peer",
+              env={"VE_APP_OUT": str(bout), "VE_APP_PEER": "169.254.10.9", "VE_APP_COUNT": "5"})
+    rb, flooded = wait_file(bout), wait_file(fout)
+    assert flooded and flooded[0]["flooded"] > 500, flooded
+    assert rb and rb[0]["replies"] == 5 and rb[0]["udp_echo_ok"], rb
+    time.sleep(0.7)
+    nets = [d["stats"] for d in read_all(cluster.run_dir)
+            if d.get("role") == "device" and d.get("stats", {}).get("device") == "net"]
+    assert len(nets) == 2, nets
+    for s in nets:
+        assert s["features"] >> VIRTIO_F_RING_PACKED & 1 and all(q.get("packed") for q in s["vqs"]), s["vqs"]
+        assert s["errors"] == 0 and not s["broken"], s["last_error"]
