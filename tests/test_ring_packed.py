@@ -558,3 +558,23 @@ def test_moderation_counts_buffers_not_slots():
         h.add_used(ram.mem, c.head, 0)
         sig.append(h.signal(ram.mem))
     assert sig == [False, False, True], sig
+
+
+def test_dirty_log_ranges_name_the_used_descriptors_and_the_device_area():
+    """Dirty logging (host/net/device.py) asks the ring what it wrote: a packed ring writes its
+    used descriptors into the descriptor ring, and its kick intent into the device area."""
+    ram = make_ram()
+    vq, h = pair(ram, 4)
+    buf = ram.alloc.alloc(4096, 16)
+    for n in range(3):
+        assert vq.add_sgs([(buf, 4)], [(buf + 8, 4)], token=n)      # slots 0-1, 2-3, 0-1 (lap 0)
+        if n == 1:
+            chains = [h.get_vq_desc(ram.mem) for _ in range(2)]
+            h.add_used_n(ram.mem, [(c.head, 4) for c in chains])
+            assert h.used_log_ranges(0, 2, 0x999) == [(vq.desc + 8, 8), (vq.desc + 32 + 8, 8)]
+            while vq.get_buf():
+                pass
+    c = h.get_vq_desc(ram.mem)
+    h.add_used(ram.mem, c.head, 4)
+    assert h.used_log_ranges(2, 1, 0x999) == [(vq.desc + 8, 8)]          # slot 0 again
+    assert h.notify_log_ranges(vq.used) == [(vq.used, 4)]
