@@ -13,11 +13,13 @@ import pytest
 
 from guest.ram import GuestRAM
 from guest.virtqueue import VirtQueue
+from guest.virtqueue_packed import VirtQueuePacked
 from host.vsock.device import VhostVsock, iov_read, iov_write
 from shared.constants import (VHOST_VSOCK_PKT_WEIGHT, VIRTIO_CONFIG_S_ACKNOWLEDGE,
                               VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
                               VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
-                              VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_VSOCK_OP_REQUEST,
+                              VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+                              VIRTIO_VSOCK_OP_REQUEST,
                               VIRTIO_VSOCK_OP_RESPONSE, VIRTIO_VSOCK_OP_RST, VIRTIO_VSOCK_OP_RW,
                               VIRTIO_VSOCK_TYPE_STREAM, VSOCK_VQ_EVENT, VSOCK_VQ_RX, VSOCK_VQ_TX,
                               bit)
@@ -68,7 +70,7 @@ class FakeGuest:
 
     def __init__(self, dev: VhostVsock, *, cid: int = GUEST_CID, sizes=(64, 64, 8),
                  event_idx: bool = True, rx_layout: str = "two", rx_buf: int = 4096,
-                 kick=None, start: bool = True):
+                 kick=None, start: bool = True, packed: bool = False):
         self.dev = dev
         self.buf = bytearray(RAM_SIZE)
         self.ram = GuestRAM("t", RAM_SIZE, buf=self.buf)
@@ -78,15 +80,19 @@ class FakeGuest:
         self.rx_buf = rx_buf
         self.irq = LocalDoorbell()
         self.vqs: list[VirtQueue] = []
+        cls = VirtQueuePacked if packed else VirtQueue
         for i, num in enumerate(sizes):
-            d, a, u = VirtQueue.alloc_rings(self.ram, num)
-            self.vqs.append(VirtQueue(self.mem, i, num, d, a, u, event_idx=event_idx))
+            d, a, u = cls.alloc_rings(self.ram, num)
+            self.vqs.append(cls(self.mem, i, num, d, a, u, event_idx=event_idx))
             hvq = dev.vqs[i]
             hvq.num, hvq.desc, hvq.avail, hvq.used = num, d, a, u
             hvq.enabled = True
             dev.calls[i] = self.irq
             dev.errs[i] = LocalDoorbell()
-        dev.set_features(bit(VIRTIO_F_VERSION_1) | (bit(VIRTIO_RING_F_EVENT_IDX) if event_idx else 0))
+        dev.set_features(bit(VIRTIO_F_VERSION_1) | (bit(VIRTIO_RING_F_EVENT_IDX) if event_idx else 0)
+                         | (bit(VIRTIO_F_RING_PACKED) if packed else 0))
+        for i, vq in enumerate(self.vqs):          # SET_VRING_BASE: split 0, packed 0x8000
+            dev.vqs[i].last_avail_idx = dev.vqs[i].last_used_idx = vq.resume_base()
         dev.set_mem(self.host_view())
         dev.status = DRIVER_OK
         self._kick = kick or (lambda i: dev.kick_received(i))
@@ -610,3 +616,84 @@ def test_good_chains_before_a_bad_one_are_returned_on_the_used_ring():
     used = g.reap_tx()
     assert [ln for _, ln in used] == [HDR_SIZE, HDR_SIZE]   # both good chains came back
     assert dev.vqs[VSOCK_VQ_TX].used_idx(dev.mem) == 2
+
+
+# --- issue 19: the same device on packed rings ---------------------------------------------------
+@pytest.mark.parametrize("event_idx", [True, False])
+def test_packed_rings_carry_a_connection_both_ways_over_many_laps(event_idx):
+    """VhostVsock does not know which layout it serves: the same verbs on packed rings of 8
+    slots; 200 KB each way laps them many times (4 KiB rx buffers, two slots each)."""
+    dev, g, w = make(packed=True, sizes=(8, 8, 4), event_idx=event_idx)
+    assert all(getattr(q, "packed", False) for q in dev.vqs)
+    g.post_rx()
+    lst = dev.core.socket()
+    dev.core.bind(lst, 1234)
+    dev.core.listen(lst, 4)
+    sk = g.core.socket()
+    g.core.connect(sk, 2, 1234)
+    g.settle(w)
+    child = dev.core.accept(lst)
+    assert sk.state == SockState.ESTABLISHED and child is not None
+    data = bytes(range(256)) * 800
+    got_host, got_guest = b"", b""
+    sent_g = sent_h = 0
+    for _ in range(2000):
+        if sent_g < len(data):
+            sent_g += g.core.send(sk, data[sent_g:sent_g + 8192])
+        if sent_h < len(data):
+            sent_h += dev.core.send(child, data[sent_h:sent_h + 8192])
+        g.settle(w)
+        got_host += dev.core.recv(child, 65536)
+        got_guest += g.core.recv(sk, 65536)
+        g.settle(w)
+        if len(got_host) == len(got_guest) == len(data):
+            break
+    assert got_host == data and got_guest == data
+    assert not dev.broken and dev.stats["errors"] == 0
+    assert g.vqs[VSOCK_VQ_RX].avail_wrap_counter in (0, 1) and dev.stats["rx_packets"] > 50
+
+
+@pytest.mark.parametrize("case, rule", [("second descriptor of another lap", 15),
+                                        ("buffer id out of range", 16),
+                                        ("buffer id already in flight", 16),
+                                        ("indirect without INDIRECT_DESC", 8)])
+def test_packed_hostile_tx_needs_reset_and_other_device_unaffected(case, rule):
+    """Wrong flags or ids on a packed tx ring: NEEDS_RESET with the rule, the err doorbell, the
+    error counted, nothing else disturbed (the same reaction as on split rings)."""
+    from shared.ring_layout import DESC_F_AVAIL, DESC_F_USED, PACKED_DESC
+    from shared.constants import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT
+    dev, g, w = make(packed=True)
+    other, g2, w2 = make(packed=True)
+    vq = g.vqs[VSOCK_VQ_TX]
+    ring = g.mem.view(vq.desc, 16 * vq.num)
+    hdr = g.alloc.alloc(HDR_SIZE)
+    g.mem.write(hdr, raw_hdr(0, op=VIRTIO_VSOCK_OP_REQUEST))
+    if case == "second descriptor of another lap":
+        PACKED_DESC.pack_into(ring, 16, hdr, 4, 0, DESC_F_USED)
+        PACKED_DESC.pack_into(ring, 0, hdr, HDR_SIZE, 0, VRING_DESC_F_NEXT | DESC_F_AVAIL)
+    elif case == "buffer id out of range":
+        PACKED_DESC.pack_into(ring, 0, hdr, HDR_SIZE, vq.num, DESC_F_AVAIL)
+    elif case == "buffer id already in flight":
+        PACKED_DESC.pack_into(ring, 0, hdr, HDR_SIZE, 3, DESC_F_AVAIL)
+        PACKED_DESC.pack_into(ring, 16, hdr, HDR_SIZE, 3, DESC_F_AVAIL)
+        other_lst = dev.core.socket()            # the first REQUEST is taken and answered
+        dev.core.bind(other_lst, 1234)
+        dev.core.listen(other_lst, 4)
+    else:
+        PACKED_DESC.pack_into(ring, 0, hdr, 16, 0, VRING_DESC_F_INDIRECT | DESC_F_AVAIL)
+    ring.release()
+    g.kick(VSOCK_VQ_TX, force=True)
+    w.run()
+    assert dev.broken and dev.status & VIRTIO_CONFIG_S_NEEDS_RESET
+    assert dev.stats["errors"] == 1 and dev.stats["last_rule"] == rule, dev.stats["last_error"]
+    assert dev.errs[VSOCK_VQ_TX].pending() == 1
+    g2.post_rx()
+    l2 = other.core.socket()
+    other.core.bind(l2, 1234)
+    other.core.listen(l2, 4)
+    sk = g2.core.socket()
+    g2.core.connect(sk, 2, 1234)
+    g2.settle(w2)
+    assert sk.state == SockState.ESTABLISHED and not other.broken
+    dev.reset()
+    assert not dev.broken and all(not getattr(q, "packed", False) for q in dev.vqs)
