@@ -212,8 +212,7 @@ class VirtQueuePacked:
 
     # --- used buffers ------------------------------------------------------------------------
     def _is_used(self, i: int, wrap: int) -> bool:
-        f = self._dw[8 * i + 7]
-        return bool(f & DESC_F_AVAIL) == bool(wrap) and bool(f & DESC_F_USED) == bool(wrap)
+        return self._dw[8 * i + 7] & _AU == (_AU if wrap else 0)
 
     def more_used(self) -> bool:
         """more_used_packed; never on a broken queue."""
@@ -240,7 +239,7 @@ class VirtQueuePacked:
             return None
         i = self.last_used_idx
         wrap = self.used_wrap_counter
-        if not self._is_used(i, wrap):
+        if self._dw[8 * i + 7] & _AU != (_AU if wrap else 0):     # not used (yet)
             return None
         # flags were read first (virtio_rmb): id and len are the device's
         ln, bid = PACKED_USED_BODY.unpack_from(self._dv, 16 * i + 8)

@@ -165,6 +165,8 @@ class VhostVirtqueuePacked:
             raise VringError(13, f"vq_access_ok failed: {exc}") from None
         self._dv, self._dw, self._drvb, self._devw = dv, dw, drvb, devw
         self._drv32 = drvb.cast("I")            # one aligned load of {off_wrap, flags}
+        if self._history.maxlen != num:         # discard_vq_desc looks back at most N chains
+            self._history = deque(self._history, maxlen=num)
         self._mem = mem
 
     def unmap(self) -> None:
@@ -188,8 +190,7 @@ class VhostVirtqueuePacked:
 
     # --- avail side ---------------------------------------------------------------------------
     def _is_avail(self, i: int, wrap: int) -> bool:
-        f = self._dw[8 * i + 7]
-        return bool(f & DESC_F_AVAIL) == bool(wrap) and bool(f & DESC_F_USED) != bool(wrap)
+        return self._dw[8 * i + 7] & _AU == (DESC_F_AVAIL if wrap else DESC_F_USED)
 
     def get_vq_desc(self, mem) -> DescChain | None:
         """The next available chain (head = its buffer id), or None when the ring is empty."""
@@ -197,8 +198,8 @@ class VhostVirtqueuePacked:
             self._map(mem)
         num = self._num
         i, wrap = self._last_avail, self._avail_wrap
-        f = self._dw[8 * i + 7]                     # one aligned load: the handover
-        if bool(f & DESC_F_AVAIL) != bool(wrap) or bool(f & DESC_F_USED) == bool(wrap):
+        au = DESC_F_AVAIL if wrap else DESC_F_USED  # the AVAIL/USED bits of this lap
+        if self._dw[8 * i + 7] & _AU != au:         # one aligned load: the handover
             return None                             # ring rule 2: not available, empty
         # flags first, then the rest (virtio_rmb; x86 keeps loads in order)
         start = i
@@ -209,7 +210,6 @@ class VhostVirtqueuePacked:
         seen_write = False
         translate = mem.translate
         dv = self._dv
-        au = DESC_F_AVAIL if wrap else DESC_F_USED  # the AVAIL/USED bits of this lap
         count = 0
         while True:
             if count >= num:
@@ -259,9 +259,7 @@ class VhostVirtqueuePacked:
             raise VringError(16, f"buffer id {bid} is already in flight, slot {start}")
         self._inflight[bid] = count
         self._chain_slots = count
-        self._history.append((start, self._avail_wrap, bid))
-        if len(self._history) > num:
-            self._history.popleft()
+        self._history.append((start, self._avail_wrap, bid))      # bounded: maxlen num
         self._last_avail, self._avail_wrap = i, wrap
         self._seen = (i, wrap)
         return DescChain(bid, out, in_, out_len, in_len, in_addrs)
@@ -326,8 +324,7 @@ class VhostVirtqueuePacked:
         i = self._last_used
         _pack_used(self._dv, (i << 4) + 8, length & _U32, head)
         if publish:
-            self._dw[8 * i + 7] = ((_AU if self._used_wrap else 0)
-                                   | (VRING_DESC_F_WRITE if length else 0))
+            self._dw[(i << 3) + 7] = (_AU if self._used_wrap else 0) | (VRING_DESC_F_WRITE if length else 0)
         j = i + count
         if j >= self._num:
             j -= self._num
