@@ -118,14 +118,16 @@ def send_and_collect(peer, lport: int, ids, timeout: float = 10.0, burst: int = 
 def measure(frames: int = 20000, windows=(64, 256), workdir: Path | None = None) -> dict:
     """Frames/s through our backend and testpmd's io loop, next to a Python UDP reflector process
     (recv -> send: the socket work of our backend without the rings) in the same run, for each
-    window of frames in flight. Needs dpdk-testpmd and root."""
+    window of frames in flight; testpmd on split rings and on packed ones (`packed_vq=1` against
+    the backend's --packed) in the same run. Needs dpdk-testpmd and root."""
     import sys
     import tempfile
     out: dict = {}
     with tempfile.TemporaryDirectory(prefix="ve-testpmd-", dir=workdir) as tmp:
         base = Path(tmp)
         for window in windows:
-            for what in ("python-udp-reflector", "testpmd-via-vhost-user-net"):
+            for what in ("python-udp-reflector", "testpmd-via-vhost-user-net",
+                         "testpmd-packed-via-vhost-user-net"):
                 peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
                 peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
                 peer.bind(("127.0.0.1", 0))
@@ -140,17 +142,19 @@ def measure(frames: int = 20000, windows=(64, 256), workdir: Path | None = None)
                             "while True: s.send(s.recv(2048))\n")]))
                         ready = _probe(peer, lport, 20)
                     else:
-                        sock = base / "pmd.sock"
+                        packed = "packed" in what
+                        sock = base / f"pmd-{window}{'-packed' if packed else ''}.sock"
                         log = open(base / "host.log", "ab")
                         procs.append(subprocess.Popen(
                             [sys.executable, "-m", "host", "--vhost-user-net", str(sock), "--net-backend",
-                             f"udp:{lport}:{peer.getsockname()[1]}", "--run-dir", str(base / "run")],
+                             f"udp:{lport}:{peer.getsockname()[1]}", "--run-dir", str(base / "run")]
+                            + (["--packed"] if packed else []),
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
                         log.close()
                         end = time.monotonic() + 20
                         while not sock.exists() and time.monotonic() < end:
                             time.sleep(0.05)
-                        pmd = Testpmd(sock, base / "testpmd.log")
+                        pmd = Testpmd(sock, base / "testpmd.log", packed=packed)
                         ready = pmd.wait_forwarding(peer, lport)
                     if not ready:
                         out[f"{what} w{window}"] = {"error": "never forwarded"}
