@@ -201,3 +201,51 @@ def test_kick_fd_replaced_while_running(sess):
     assert sess.device.kicks[1] is not old and old.fd == -1     # the old fd is closed
     for k in kicks:
         os.close(k)
+
+
+def test_packed_rings_over_vhost_user_carry_both_wrap_counters(sess):
+    """Issue 19: with VIRTIO_F_RING_PACKED offered and acked the device serves packed rings;
+    SET_VRING_ADDR checks the packed parts (driver and device areas 4-aligned), SET_VRING_BASE
+    takes QEMU's 32-bit value (avail slot/wrap low, used slot/wrap high) and GET_VRING_BASE gives
+    it back in the same layout, after the ring moved on a lap."""
+    from guest.virtqueue_packed import VirtQueuePacked
+    from shared.memory import GuestMemory
+    from shared.constants import VIRTIO_F_RING_PACKED
+    dev = sess.device
+    dev.offer_packed()
+    f = negotiate(sess)
+    assert f >> VIRTIO_F_RING_PACKED & 1
+    assert sess.handle(req("SET_FEATURES", u64((1 << 32) | (1 << 30) | (1 << VIRTIO_F_RING_PACKED)))).replies == []
+    assert all(getattr(q, "packed", False) for q in dev.vqs)
+    ram = memfd()
+    sess.handle(req("SET_MEM_TABLE", codec.mem_table_payload([MemRegion(GPA, MEM, UVA, 0)]), [os.dup(ram)]))
+    num = 8
+    desc, drv, devarea = 0x1000, 0x2000, 0x2004               # offsets in the RAM
+    sess.handle(req("SET_VRING_NUM", state(1, num)))
+    # vhost_vring_addr: desc, used, avail (the device area travels as used, the driver's as avail)
+    bad = struct.pack("<IIQQQQ", 1, 0, UVA + desc, UVA + devarea, UVA + drv + 2, 0)
+    assert sess.handle(req("SET_VRING_ADDR", bad)).close       # driver area not 4-aligned
+    sess = vhost_user_session(dev)                              # a new connection
+    negotiate(sess)
+    sess.handle(req("SET_FEATURES", u64((1 << 32) | (1 << 30) | (1 << VIRTIO_F_RING_PACKED))))
+    sess.handle(req("SET_MEM_TABLE", codec.mem_table_payload([MemRegion(GPA, MEM, UVA, 0)]), [ram]))
+    sess.handle(req("SET_VRING_NUM", state(1, num)))
+    sess.handle(req("SET_VRING_BASE", state(1, 0x80008000)))   # QEMU: a new ring
+    sess.handle(req("SET_VRING_ADDR", struct.pack("<IIQQQQ", 1, 0, UVA + desc, UVA + devarea, UVA + drv, 0)))
+    vq = dev.vqs[1]
+    assert (vq.desc, vq.avail, vq.used) == (GPA + desc, GPA + drv, GPA + devarea)
+    assert vq.last_avail_idx == 0x8000 and vq.last_used_idx == 0x8000
+    # the driver (our packed driver on the same memory) moves the ring 11 slots: past the end once
+    gmem = GuestMemory.from_buffer(dev.mem.view(GPA, MEM), GPA)
+    g = VirtQueuePacked(gmem, 1, num, GPA + desc, GPA + drv, GPA + devarea)
+    for n in range(11):
+        assert g.add_sgs([(GPA + 0x8000, 44)], [], n)
+        c = vq.get_vq_desc(dev.mem)
+        vq.add_used(dev.mem, c.head, 0)
+        assert g.get_buf() == (n, 0)
+    g.close()
+    gmem.release()
+    out = sess.handle(req("GET_VRING_BASE", state(1, 0)))
+    want = 3 | 0 << 15 | (3 | 0 << 15) << 16                  # slot 3 of lap 0, both sides
+    assert out.replies == [codec.reply_state(req("GET_VRING_BASE", state(1, 0)), 1, want)]
+    sess.close()
