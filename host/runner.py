@@ -33,7 +33,7 @@ from shared.stats import remove_stats, write_stats
 
 from host.devices import DEVICE_KINDS
 from host.native import native_session
-from host.session import Outcome, Session
+from host.session import Result, Session
 from host.vsock.endpoint import HostEndpoint
 from host.worker import VhostWorker
 
@@ -325,7 +325,7 @@ def run_device(conn: socket.socket, hello: dict, peer_pid: int, opts, decoder: D
                             runner.worker.stop)
     for msg in [hello] + list(rest):
         rep, close = codec.handle(msg)
-        connection.deliver(Outcome([encode(rep)], close, codec.started))
+        connection.deliver(Result(replies=[encode(rep)], close=close, started=codec.started))
         if close:
             break
     fields = {"guest": guest, "device": hello["device"], "cid": hello.get("params", {}).get("cid"),

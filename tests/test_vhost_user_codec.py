@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import os
 import struct
+from dataclasses import replace
 
 import pytest
 
 from host.vhost_user import codec
-from host.vhost_user.codec import Decoder, MemRegion, VhostUserError, decode
+from host.vhost_user.codec import Decoder, VhostUserError, decode
+from host.session import Region as MemRegion, Result
+from shared.errors import ProtocolError
 
 
 def hdr(code: int, flags: int, size: int) -> bytes:
@@ -42,12 +45,12 @@ def test_header_u64_and_need_reply():
     wire = hdr(2, 0x9, 8) + struct.pack("<Q", 0x1_7000_0000)
     assert wire == bytes.fromhex("02000000" "09000000" "08000000" "0000007001000000")
     (r,) = Decoder().feed(wire)
-    assert (r.op, r.u64, r.need_reply, r.flags) == ("SET_FEATURES", 0x170000000, True, 0x9)
+    assert (r.op, r.value, r.need_reply) == ("SET_FEATURES", 0x170000000, True)
 
 
 def test_no_payload_message():
     (r,) = Decoder().feed(bytes.fromhex("01000000 01000000 00000000"))
-    assert r.op == "GET_FEATURES" and not r.need_reply and r.u64 is None
+    assert r.op == "GET_FEATURES" and not r.need_reply and r.value is None
 
 
 def test_vring_state_and_enable():
@@ -72,7 +75,8 @@ def test_mem_table_two_regions_with_fds():
     assert payload[:8] == bytes.fromhex("02000000 00000000")
     assert payload[8 + 32:8 + 64] == struct.pack("<QQQQ", 0xc0000, 0xff40000, 0x7f00000c0000, 0xc0000)
     (r,) = Decoder().feed(codec.encode_request("SET_MEM_TABLE", payload, need_reply=True), fds)
-    assert r.regions == tuple(regions) and r.fds == tuple(fds) and r.need_reply
+    assert r.regions == tuple(replace(g, source=fd) for g, fd in zip(regions, fds))   # each with its fd
+    assert r.fds == tuple(fds) and r.need_reply
     r.close_fds()
 
 
@@ -90,10 +94,10 @@ def test_mem_table_rules():
 def test_vring_fd_messages():
     (fd,) = eventfds(1)
     (r,) = Decoder().feed(hdr(12, 1, 8) + struct.pack("<Q", 1), [fd])
-    assert (r.op, r.index, r.fd) == ("SET_VRING_KICK", 1, fd)
+    assert (r.op, r.index, r.doorbell) == ("SET_VRING_KICK", 1, fd)
     r.close_fds()
     (r,) = Decoder().feed(hdr(13, 1, 8) + struct.pack("<Q", 0x100))   # bit 8: no fd
-    assert (r.op, r.index, r.fd) == ("SET_VRING_CALL", 0, None)
+    assert (r.op, r.index, r.doorbell) == ("SET_VRING_CALL", 0, None)
     with pytest.raises(VhostUserError, match="expected one fd"):
         Decoder().feed(hdr(13, 1, 8) + struct.pack("<Q", 0))
     with pytest.raises(VhostUserError, match="reserved bits"):
@@ -104,19 +108,22 @@ def test_config_request_and_reply():
     payload = struct.pack("<III", 0, 8, 0) + bytes(8)
     (r,) = Decoder().feed(hdr(24, 1, len(payload)) + payload)
     assert (r.op, r.offset, r.size) == ("GET_CONFIG", 0, 8)
-    rep = codec.reply_config(r, struct.pack("<Q", 3))
+    (rep,) = codec.encode_result(r, Result(fields={"data": struct.pack("<Q", 3)}), ack=False)
     assert rep == bytes.fromhex("18000000 05000000 14000000" "00000000 08000000 00000000" "0300000000000000")
 
 
 def test_replies():
     (r,) = Decoder().feed(hdr(1, 1, 0))
-    assert codec.reply_u64(r, 0x140000000) == bytes.fromhex("01000000 05000000 08000000 0000004001000000")
+    assert codec.encode_result(r, Result(fields={"features": 0x140000000}), ack=False) == [ bytes.fromhex("01000000 05000000 08000000 0000004001000000")]
     (r,) = Decoder().feed(hdr(11, 1, 8) + struct.pack("<II", 1, 0))
-    assert codec.reply_state(r, 1, 6) == bytes.fromhex("0b000000 05000000 08000000 01000000 06000000")
+    assert codec.encode_result(r, Result(fields={"index": 1, "num": 6}), ack=False) == [
+        bytes.fromhex("0b000000 05000000 08000000 01000000 06000000")]
     (r,) = Decoder().feed(hdr(3, 9, 0))                  # SET_OWNER with NEED_REPLY
     assert r.need_reply
-    assert codec.reply_ack(r, True) == bytes.fromhex("03000000 05000000 08000000 0000000000000000")
-    assert codec.reply_ack(r, False) == bytes.fromhex("03000000 05000000 08000000 0100000000000000")
+    assert codec.encode_result(r, Result(), ack=True) == [bytes.fromhex("03000000 05000000 08000000 0000000000000000")]
+    assert codec.encode_result(r, Result(error=ProtocolError("no", "EINVAL")), ack=True) == [
+        bytes.fromhex("03000000 05000000 08000000 0100000000000000")]
+    assert codec.encode_result(r, Result(), ack=False) == []          # REPLY_ACK not negotiated
 
 
 def test_stream_split_and_joined():
@@ -135,7 +142,7 @@ def test_fds_go_to_the_message_they_came_with():
     kick = hdr(12, 1, 8) + struct.pack("<Q", 0)
     assert [r.op for r in d.feed(first)] == ["SET_OWNER"]
     reqs = d.feed(kick[:4], [fd]) + d.feed(kick[4:])
-    assert reqs[0].fd == fd
+    assert reqs[0].doorbell == fd
     reqs[0].close_fds()
 
 
@@ -162,8 +169,8 @@ def test_net_messages_decode_for_a_future_vhost_net():
     """Wire level only (the vhost-net device is not here yet): the u64 payloads of net's messages."""
     mac = bytes.fromhex("525400123456")
     (r,) = Decoder().feed(hdr(19, 1, 8) + mac + bytes(2))          # SEND_RARP: MAC in the low bytes
-    assert r.op == "SEND_RARP" and r.u64.to_bytes(8, "little")[:6] == mac
+    assert r.op == "SEND_RARP" and r.value.to_bytes(8, "little")[:6] == mac
     (r,) = Decoder().feed(hdr(20, 9, 8) + struct.pack("<Q", 1500))
-    assert (r.op, r.u64, r.need_reply) == ("NET_SET_MTU", 1500, True)
+    assert (r.op, r.value, r.need_reply) == ("NET_SET_MTU", 1500, True)
     (r,) = Decoder().feed(hdr(17, 1, 0))
     assert r.op == "GET_QUEUE_NUM"

@@ -25,7 +25,7 @@ from host.__main__ import build_parser, vhost_user_net_pairs
 from host.daemon import HostOptions
 from host.net.backends.loopback import Loopback, Sink
 from host.vhost_user import codec
-from host.vhost_user.codec import MemRegion
+from host.session import Region as MemRegion
 from host.devices import NetKind
 from host.vhost_user.runner import VhostUserBackend
 from shared.constants import VIRTIO_F_VERSION_1, bit
