@@ -1,9 +1,9 @@
 """One device process, whatever the transport: the engine, the device, its kicks and its stats.
 
     runner = DeviceRunner(kind, opts, name)      # kind: host/devices.py (VsockKind, NetKind, ...)
-    runner.attach(session)                       # a Session whose device the runner made
-    runner.after_control(started)                # after every control message
-    runner.detach()                              # the frontend is gone: stop, reset, release
+    dev = runner.new_device(hello)               # then runner.session = the codec's Session
+    Connection(runner, sock, codec, reader, ...) # the control socket on the engine
+    runner.run(stats_fields, close)              # until SIGTERM or the connection ends
 
 The VhostWorker (shared/engine.py) runs control messages, queued work, timers and the device's own
 file objects (the vsock bridge, a net backend) on this process's main thread. Kicks (`Kicks`) are
@@ -13,10 +13,11 @@ on one thread; a POSIX semaphore cannot be select()ed, so it gets a DoorbellThre
 device's handler itself (vhost_poll; with --poll-us it polls the ring before it sleeps). All hold
 the one device lock, so device state never sees two threads at once.
 
-The transports feed it: `run_native` below (one native guest's connection, forked by the daemon
+The transports feed it: `run_device` below (one native guest's connection, forked by the daemon
 with the HELLO it read) and host/vhost_user/runner.py (a vhost-user socket, one frontend at a time).
 Lifetime: EOF, an error reply that ends the session, or SIGTERM ends the connection; kick waiters
-are stopped *before* the device releases its doorbells and memory.
+are stopped *before* the device releases its doorbells and memory. `Children` forks and stops
+those processes.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from shared.stats import remove_stats, write_stats
 
 from host.devices import DEVICE_KINDS
 from host.native import native_session
-from host.session import Result, Session
+from host.session import Result, Session, close_fds
 from host.vsock.endpoint import HostEndpoint
 from host.worker import VhostWorker
 
@@ -220,8 +221,7 @@ def recv_stream(sock: socket.socket):
 def checked_recv(data: bytes, fds: list, flags: int):
     """recvmsg's (data, fds, flags) -> (data, fds); None at EOF; OSError when fds were cut."""
     if flags & socket.MSG_CTRUNC or not data:
-        for fd in fds:
-            os.close(fd)
+        close_fds(fds)
         if data:
             raise OSError("too many fds in one message (control data truncated)")
         return None
@@ -246,8 +246,8 @@ class Connection:
         sock.setblocking(False)
         runner.worker.register(sock, _R, self._on_event)
 
-    def deliver(self, out) -> None:
-        """An Outcome of the codec: send its replies, tell the runner, close if it says so."""
+    def deliver(self, out: Result) -> None:
+        """A Result of the codec: send its replies, tell the runner, close if it says so."""
         self._out += b"".join(out.replies)
         self._flush()
         self.runner.after_control(out.started)

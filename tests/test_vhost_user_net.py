@@ -360,8 +360,7 @@ def test_one_ring_started_the_other_unconfigured_is_left_alone():
     s = vhost_user_session(dev)
 
     def req(op, payload=b"", fds=()):
-        (r,) = codec.Decoder().feed(codec.encode_request(op, payload), list(fds))
-        return s.handle(r)
+        return s.handle(codec.decode_message(codec.encode_request(op, payload), list(fds)))
     fd = os.memfd_create("ve-vunet-test-ram")
     os.ftruncate(fd, 1 << 20)
     try:

@@ -12,7 +12,6 @@ import struct
 import pytest
 
 from host.vhost_user import codec
-from host.vhost_user.codec import Decoder
 from host.session import Region as MemRegion
 from host.guest_memory import attach_memory
 from host.session import PROTOCOL_FEATURES
@@ -28,8 +27,7 @@ NUM = 128
 
 
 def req(op: str, payload: bytes = b"", fds=(), need_reply: bool = False):
-    (r,) = Decoder().feed(codec.encode_request(op, payload, need_reply), list(fds))
-    return r
+    return codec.decode_message(codec.encode_request(op, payload, need_reply), list(fds))
 
 
 def u64(v):

@@ -15,13 +15,11 @@ libvhost-user.h and rust-vmm vhost's message.rs:
     log           u64 mmap_size | u64 mmap_offset
 
 `PAYLOADS` says, per request, which layout its payload has, which `Request` fields it fills and
-which fds come with it; `REPLIES`, which reply carries what. `Decoder.feed(data, fds)` buffers
-bytes and fds (fds arrive with the first byte of the message they belong to: SCM_RIGHTS on the
-recvmsg that read the header) and yields the session's `Request`s (host/session.py); a malformed
-message raises `VhostUserError` (the connection is closed). Fds handed to a request belong to it;
-the decoder closes any it cannot hand out. `VhostUserCodec(session)` feeds them to the one
-Session and answers: the op's own reply, else REPLY_ACK when negotiated and asked for; any error
-closes.
+which fds come with it; `REPLIES`, which reply carries what. `decode_message(data, fds)` turns one
+whole message and the fds that came with its header into the session's `Request` (host/session.py),
+which owns them from then on; a malformed message raises `VhostUserError` (its fds closed, the
+connection closed). `VhostUserCodec(session)` hands each to the one Session and answers: the op's
+own reply, else REPLY_ACK when negotiated and asked for; any error closes.
 """
 from __future__ import annotations
 
@@ -144,53 +142,23 @@ def decode(code: int, flags: int, payload: bytes, fds: tuple[int, ...] = ()) -> 
     return Request(op, need_reply=bool(flags & F_NEED_REPLY), fds=tuple(fds), **kw)
 
 
-class Decoder:
-    """Stream decoder: bytes and fds in the order recvmsg returned them.
-
-    Fds arrive with the first byte of the sendmsg that carried them (SCM_RIGHTS on a stream
-    socket), so each batch is tagged with the stream offset of the data it came with and is
-    given to the message that holds that byte.
-    """
-
-    def __init__(self) -> None:
-        self.buf = bytearray()
-        self.pos = 0                                   # stream offset of buf[0]
-        self.marks: list[tuple[int, list[int]]] = []   # (stream offset, fds)
-
-    def feed(self, data: bytes, fds=()) -> list[Request]:
-        if fds:
-            self.marks.append((self.pos + len(self.buf), list(fds)))
-        self.buf += data
-        out: list[Request] = []
-        mine: list[int] = []
-        try:
-            while len(self.buf) >= HEADER.size:
-                code, flags, size = HEADER.unpack_from(self.buf)
-                if size > MAX_PAYLOAD:
-                    raise VhostUserError(f"{REQUESTS.get(code, code)}: payload size {size} "
-                                         f"exceeds {MAX_PAYLOAD}")
-                end = HEADER.size + size
-                if len(self.buf) < end:
-                    break
-                payload = bytes(self.buf[HEADER.size:end])
-                del self.buf[:end]
-                self.pos += end
-                while self.marks and self.marks[0][0] < self.pos:
-                    mine += self.marks.pop(0)[1]
-                out.append(decode(code, flags, payload, tuple(mine)))
-                mine = []
-        except VhostUserError:
-            close_fds(mine)
-            for r in out:
-                r.close_fds()
-            self.close()
-            raise
-        return out
-
-    def close(self) -> None:
-        for _, fds in self.marks:
-            close_fds(fds)
-        self.marks = []
+def decode_message(data: bytes, fds=()) -> Request:
+    """One whole message as the runner reads it (host/vhost_user/runner.py read_message: the
+    header, then its payload; its fds came with the header) -> Request. On VhostUserError the
+    fds are closed."""
+    try:
+        if len(data) < HEADER.size:
+            raise VhostUserError(f"a message of {len(data)} bytes has no header")
+        code, flags, size = HEADER.unpack_from(data)
+        if size > MAX_PAYLOAD:
+            raise VhostUserError(f"{REQUESTS.get(code, code)}: payload size {size} exceeds {MAX_PAYLOAD}")
+        if len(data) != HEADER.size + size:
+            raise VhostUserError(f"{REQUESTS.get(code, code)}: {len(data) - HEADER.size} payload bytes, "
+                                 f"the header says {size}")
+        return decode(code, flags, bytes(data[HEADER.size:]), tuple(fds))
+    except VhostUserError:
+        close_fds(fds)
+        raise
 
 
 def reply(op: str, payload: bytes) -> bytes:
@@ -237,7 +205,6 @@ class VhostUserCodec:
 
     def __init__(self, session: Session):
         self.session = session
-        self.decoder = Decoder()
 
     @property
     def device(self):
@@ -245,23 +212,16 @@ class VhostUserCodec:
 
     def feed(self, data: bytes, fds=()) -> Result:
         """One message's bytes and fds (the runner reads a message at a time) -> Result."""
-        out = Result()
         try:
-            reqs = self.decoder.feed(data, fds)
+            req = decode_message(data, fds)
         except VhostUserError as e:
             log.warning("%s: malformed message: %s; closing the connection", self.session.name, e)
-            out.close = True
-            return out
-        for req in reqs:
-            o = self.handle(req)
-            out.replies += o.replies
-            out.started += o.started
-            if o.close:
-                log.warning("%s: %s refused: %s; closing the connection", self.session.name,
-                            req.op, self.session.error)
-                out.close = True
-                break
-        return out
+            return Result(close=True)
+        res = self.handle(req)
+        if res.close:
+            log.warning("%s: %s refused: %s; closing the connection", self.session.name, req.op,
+                        self.session.error)
+        return res
 
     def handle(self, req: Request) -> Result:
         """Never raises. Takes ownership of req's fds."""
@@ -276,10 +236,8 @@ class VhostUserCodec:
         return res
 
     def close_fds(self) -> None:
-        """fds received and not handed to a request."""
-        self.decoder.close()
+        """Nothing waits: every message's fds go with its request."""
 
     def close(self) -> None:
-        """The connection is gone: fds not handed out, then Session.close."""
-        self.close_fds()
+        """The connection is gone: Session.close."""
         self.session.close()

@@ -1,24 +1,17 @@
 """The vhost-user transport: a listening socket, one frontend at a time, one DeviceRunner.
 
-    VhostUserBackend(socket_path, kind, opts).run()
-
-serves one device kind (host/devices.py: VsockKind(cid) or NetKind(spec), transport
-"vhost-user"). It listens on `socket_path` (QEMU's `-chardev socket,path=...` connects to it),
-accepts one frontend (a second one is refused while the first is connected), reads with recvmsg
-(socket.recv_fds: the memory table's and the rings' fds arrive by SCM_RIGHTS), feeds the codec
-(which drives the one Session, host/session.py) and sends the replies. Everything else, kicks
-included (eventfds on the engine's selector, no threads), is the DeviceRunner's (host/runner.py),
-as for a native guest. On EOF or a malformed message the connection is closed, the device reset
-and a new one made for the next frontend.
-
-`serve(pairs, opts)` runs one such backend per (socket, kind) pair (a bare int is a vsock CID),
-each in a process of its own (as the daemon does for native guests), and forwards SIGTERM/SIGINT
-to them.
+`VhostUserBackend(socket_path, kind, opts).run()` serves one device kind (host/devices.py,
+transport "vhost-user") on `socket_path` (QEMU's `-chardev socket,path=...` connects to it). It
+accepts one frontend at a time (a second one is refused while the first is connected) and hands
+the connection to the DeviceRunner (host/runner.py) with the vhost-user codec; kicks are eventfds
+on the engine's selector, no threads. On EOF or a malformed message the connection is closed, the
+device reset and a new one made for the next frontend. `serve(pairs, opts)` runs one backend per
+(socket, kind) in a process of its own (host/runner.py Children, as the daemon does for native
+guests) and stops them on SIGTERM/SIGINT.
 """
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import socket
 import time
@@ -27,8 +20,8 @@ from pathlib import Path
 from shared import unixsock
 from shared.vsock.pcap import PcapWriter
 
-from host.devices import VsockKind
 from host.runner import MAX_FDS, Children, Connection, DeviceRunner, checked_recv, exit_status
+from host.session import close_fds
 
 from .codec import HEADER, MAX_PAYLOAD, vhost_user_session
 
@@ -57,8 +50,7 @@ def read_message(sock: socket.socket):
         if size <= MAX_PAYLOAD:                  # larger: the codec refuses the header alone
             data += _read_exact(sock, size)
     except OSError:
-        for fd in fds:
-            os.close(fd)
+        close_fds(fds)
         raise
     finally:
         sock.setblocking(False)
@@ -78,7 +70,7 @@ def _read_exact(sock: socket.socket, n: int) -> bytes:
 class VhostUserBackend:
     def __init__(self, path: Path, kind, opts):
         self.path = Path(path)
-        self.kind = VsockKind(kind, opts, "vhost-user") if isinstance(kind, int) else kind
+        self.kind = kind
         self.opts = opts
         self.runner = DeviceRunner(self.kind, opts, f"vhost-user-{self.kind.device}-{self.path.name}")
         self.worker = self.runner.worker
@@ -144,8 +136,7 @@ class VhostUserBackend:
 
 
 def serve(pairs: list[tuple[Path, object]], opts) -> int:
-    """One backend process per (socket, kind or vsock CID); returns when all have ended or on
-    SIGTERM/SIGINT."""
+    """One backend process per (socket, kind); returns when all have ended or on SIGTERM/SIGINT."""
     if opts.pcap:
         PcapWriter(opts.pcap).close()        # the file header; backends append records
     backends: list[VhostUserBackend] = []
