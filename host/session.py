@@ -210,10 +210,9 @@ class Session:
                  open_doorbell: Callable[[Any], Any],
                  attach_log: Callable[[Any, int, int], tuple] | None = None,
                  device=None, device_factory: Callable[[dict], Any] | None = None,
-                 derived_status: bool = False,
-                 hello_check: Callable[[dict], None] | None = None, name: str = "control"):
+                 derived_status: bool = False, name: str = "control"):
         self.attach_memory, self.open_doorbell, self.attach_log = attach_memory, open_doorbell, attach_log
-        self.device_factory, self.hello_check = device_factory, hello_check
+        self.device_factory = device_factory
         self.derived_status = derived_status
         self.name = name
         self.owner = self.closed = False
@@ -234,10 +233,6 @@ class Session:
 
     def _reset_rings(self) -> None:
         self.rings = [RingState() for _ in range(self.device.num_queues)]
-
-    @property
-    def reply_ack(self) -> bool:
-        return bool(self.protocol_features & (1 << PROTOCOL_F_REPLY_ACK))
 
     # --- one request -----------------------------------------------------------------------------
     def handle(self, req: Request) -> Result:
@@ -298,8 +293,6 @@ class Session:
         if msg["version"] != PROTOCOL_VERSION:
             raise _err("EPROTONOSUPPORT",
                        f"protocol version {msg['version']} not supported (this host speaks {PROTOCOL_VERSION})")
-        if self.hello_check is not None:
-            self.hello_check(msg)
         dev = self.device_factory(msg) if self.device_factory else None
         if dev is None:
             raise _err("ENODEV", f"no {msg['device']} device for {msg['guest']!r}")

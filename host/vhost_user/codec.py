@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import struct
 
-from host.session import Region, Request, Result, Session, close_fds
+from host.session import PROTOCOL_F_REPLY_ACK, Region, Request, Result, Session, close_fds
 from shared.doorbell import EventFdDoorbell
 
 from host import guest_memory
@@ -53,12 +53,6 @@ REQUESTS = dict(enumerate((
     "GET_INFLIGHT_FD SET_INFLIGHT_FD GPU_SET_SOCKET RESET_DEVICE VRING_KICK GET_MAX_MEM_SLOTS "
     "ADD_MEM_REG REM_MEM_REG SET_STATUS GET_STATUS").split(), 1))
 CODES = {v: k for k, v in REQUESTS.items()}
-
-# Protocol feature bits (vhost-user.rst "Protocol features"); what the session offers: host/session.py
-PROTOCOL_F_MQ = 0
-PROTOCOL_F_LOG_SHMFD = 1
-PROTOCOL_F_STATUS = 16
-VHOST_USER_F_PROTOCOL_FEATURES = 30   # a virtio feature bit: GET/SET_PROTOCOL_FEATURES exist
 
 # payload layouts: (struct, the Request / result fields it holds, in wire order)
 U64 = (struct.Struct("<Q"), ("value",))
@@ -230,7 +224,7 @@ class VhostUserCodec:
             req.close_fds()
             return Result(close=True)
         res = self.session.handle(req)                 # derived_status: any refusal closes
-        res.replies = encode_result(req, res, self.session.reply_ack)
+        res.replies = encode_result(req, res, bool(self.session.protocol_features & (1 << PROTOCOL_F_REPLY_ACK)))
         for r in res.replies:
             log.debug("%s: -> %s reply %s", self.session.name, req.op, r[HEADER.size:].hex())
         return res
