@@ -15,7 +15,6 @@ A process per device keeps one guest's work off every other guest's GIL.
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import selectors
@@ -67,7 +66,6 @@ class Child:
     guest: str
     cid: int | None
     claims: list = field(default_factory=list)
-    started: float = field(default_factory=time.monotonic)
 
 
 def peer_pid(sock: socket.socket) -> int:
@@ -192,11 +190,6 @@ class Daemon:
             log.info("guest %r (pid %d): %s device in process %d%s", hello["guest"], pid,
                      hello["device"], child.pid, f", cid {cid}" if cid is not None else "")
 
-    @property
-    def cids(self) -> dict[int, int]:
-        """vsock CIDs in use -> device process pid."""
-        return {int(k[4:]): p for k, p in self.claims.items() if k.startswith("cid:")}
-
     def _check_hello(self, hello: dict) -> list:
         if hello["version"] != control.PROTOCOL_VERSION:
             raise ProtocolError(f"protocol version {hello['version']} is not supported "
@@ -251,4 +244,4 @@ class Daemon:
         log.info("host stopped")
 
 
-__all__ = ["Daemon", "HostOptions", "peer_pid", "read_hello", "errno"]
+__all__ = ["Daemon", "HostOptions", "peer_pid", "read_hello"]
