@@ -401,17 +401,11 @@ class Session:
         dev = self.device
         enabled = [i for i, r in enumerate(self.rings) if r.enabled]
         for i in enabled:
-            r = self.rings[i]
-            if dev.mem is None or not r.num or not r.addr:
+            if not self._set_up(i):
                 raise _err("EINVAL", f"DRIVER_OK: queue {i} is enabled but not set up (num, addr, memory table)")
             if dev.kicks[i] is None or dev.calls[i] is None:
                 raise _err("EINVAL", f"DRIVER_OK: queue {i} has no kick or call doorbell")
-            if not dev.vqs[i].access_ok(dev.mem):    # ring rule 13, vhost_vq_access_ok
-                raise _err("EFAULT", f"DRIVER_OK: queue {i} ring memory is not accessible")
-        for i in enabled:
-            self._start_ring(i, out)
-        dev.status |= VIRTIO_CONFIG_S_DRIVER_OK
-        dev.start()
+        self._start(enabled, out)
         log.info("%s: DRIVER_OK, enabled queues %s", self.name, enabled)
 
     # --- features ----------------------------------------------------------------------------------
@@ -628,28 +622,34 @@ class Session:
         log.info("%s: queue %d %s", self.name, vq.index, "enabled" if req.num else "disabled")
 
     # --- starting and stopping rings ---------------------------------------------------------------
+    def _set_up(self, i: int) -> bool:
+        return self.device.mem is not None and self.rings[i].num and self.rings[i].addr
+
     def _try_start(self, i: int, out: Result) -> None:
         """vhost-user: start ring i once it is enabled and fully configured (else it waits)."""
-        dev, ring = self.device, self.rings[i]
-        if ring.started or not ring.enabled or dev.kicks[i] is None or dev.mem is None \
-                or not ring.num or not ring.addr or not dev.status & VIRTIO_CONFIG_S_FEATURES_OK:
-            return
-        if not dev.vqs[i].access_ok(dev.mem):        # ring rule 13, vhost_vq_access_ok
-            raise _err("EFAULT", f"queue {i}: ring memory is not accessible")
-        self._start_ring(i, out)
+        ring = self.rings[i]
+        if not ring.started and ring.enabled and self.device.kicks[i] is not None and self._set_up(i) \
+                and self.device.status & VIRTIO_CONFIG_S_FEATURES_OK:
+            self._start([i], out)
+
+    def _start(self, rings: list, out: Result) -> None:
+        """Start `rings`, and the device (DRIVER_OK, start()) if it is not running."""
+        dev = self.device
+        for i in rings:
+            if not dev.vqs[i].access_ok(dev.mem):    # ring rule 13, vhost_vq_access_ok
+                raise _err("EFAULT", f"queue {i}: ring memory is not accessible")
+        for i in rings:
+            vq = dev.vqs[i]
+            try:
+                vq.last_used_idx = vq.used_idx(dev.mem)   # vhost_vq_init_access: resume from used.idx
+            except GuestMemoryError as e:
+                raise _err("EFAULT", f"queue {i}: {e}") from None
+            self.rings[i].started = vq.enabled = True
+            out.started.append(i)
+            log.info("%s: queue %d started (num %d, base %d)", self.name, i, vq.num, vq.last_avail_idx)
         if not dev.running:
             dev.status |= VIRTIO_CONFIG_S_DRIVER_OK
             dev.start()
-
-    def _start_ring(self, i: int, out: Result) -> None:
-        vq = self.device.vqs[i]
-        try:
-            vq.last_used_idx = vq.used_idx(self.device.mem)   # vhost_vq_init_access: resume from used.idx
-        except GuestMemoryError as e:
-            raise _err("EFAULT", f"queue {i}: {e}") from None
-        self.rings[i].started = vq.enabled = True
-        out.started.append(i)
-        log.info("%s: queue %d started (num %d, base %d)", self.name, i, vq.num, vq.last_avail_idx)
 
     def _stop_ring(self, i: int) -> None:
         ring, vq = self.rings[i], self.device.vqs[i]

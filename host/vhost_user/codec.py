@@ -169,7 +169,7 @@ def encode_result(req: Request, res: Result, ack: bool) -> list[bytes]:
     return [reply(req.op, U64[0].pack(res.error is not None))] if req.need_reply and ack else []
 
 
-# --- encoding front-end messages (tests and the tools' probes) ----------------------------------------
+# --- the frontend's side of the same layouts (tests play QEMU with them) -----------------------------
 def encode_request(op: str, payload: bytes = b"", need_reply: bool = False) -> bytes:
     return HEADER.pack(CODES[op], VERSION | (F_NEED_REPLY if need_reply else 0), len(payload)) + payload
 
