@@ -15,7 +15,6 @@ A process per device keeps one guest's work off every other guest's GIL.
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import selectors
@@ -33,12 +32,11 @@ from shared.errors import ProtocolError
 from shared.ratelimit import RateLimitedLog
 from shared import unixsock
 from shared.resources import ensure_run_dir, reap
-from shared.signals import die_with_parent
 from shared.stats import prune as prune_stats
 from shared.vsock.pcap import PcapWriter
 
 from host.devices import DEVICE_KINDS
-from host.runner import run_device
+from host.runner import Children, exit_status, run_device
 
 log = logging.getLogger("host")
 
@@ -69,7 +67,6 @@ class Child:
     guest: str
     cid: int | None
     claims: list = field(default_factory=list)
-    started: float = field(default_factory=time.monotonic)
 
 
 def peer_pid(sock: socket.socket) -> int:
@@ -113,12 +110,11 @@ class Daemon:
         self.opts = opts
         self.run_dir = ensure_run_dir(opts.run_dir)
         self.path = self.run_dir / "control.sock"
-        self.children: dict[int, Child] = {}
+        self.children = Children(self._ended)   # device process pid -> Child
         self.claims: dict[str, int] = {}        # "cid:3", "tap:tap0", "mac:..." -> device process pid
         self._stop = False
         self.listener: socket.socket | None = None
         self._refusals = RateLimitedLog()
-        self.parent_pid = os.getpid()
 
     # --- setup --------------------------------------------------------------------------------
     def bind(self) -> None:
@@ -195,11 +191,6 @@ class Daemon:
             log.info("guest %r (pid %d): %s device in process %d%s", hello["guest"], pid,
                      hello["device"], child.pid, f", cid {cid}" if cid is not None else "")
 
-    @property
-    def cids(self) -> dict[int, int]:
-        """vsock CIDs in use -> device process pid."""
-        return {int(k[4:]): p for k, p in self.claims.items() if k.startswith("cid:")}
-
     def _check_hello(self, hello: dict) -> list:
         if hello["version"] != control.PROTOCOL_VERSION:
             raise ProtocolError(f"protocol version {hello['version']} is not supported "
@@ -220,65 +211,28 @@ class Daemon:
     def _spawn(self, conn: socket.socket, hello: dict, peer: int, cid: int | None,
                decoder: control.Decoder, rest: list) -> Child | None:
         try:
-            pid = os.fork()
+            pid = self.children.fork(lambda: run_device(conn, hello, peer, self.opts, decoder, rest),
+                                     close=[self.listener])
         except OSError as e:
             log.error("fork failed: %s", e)
             send_msg(conn, control.error_reply(hello.get("seq", 0), "EAGAIN", f"host cannot fork: {e}"))
             return None
-        if pid == 0:  # the device process
-            code = 1
-            try:
-                self.listener.close()
-                die_with_parent(self.parent_pid)
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                code = run_device(conn, hello, peer, self.opts, decoder, rest)
-            except BaseException:  # never let the child run the parent's loop
-                log.exception("device process failed")
-            finally:
-                logging.shutdown()
-                os._exit(code)
         return Child(pid, hello["device"], hello["guest"], cid)
 
+    def _ended(self, pid: int, child: Child, status: int) -> None:
+        for key in child.claims:
+            if self.claims.get(key) == pid:
+                del self.claims[key]
+        log.info("device process %d (%s of guest %r) ended, %s", pid, child.device, child.guest,
+                 exit_status(status))
+
     def _reap_children(self) -> None:
-        reaped = False
-        while self.children:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
-            child = self.children.pop(pid, None)
-            if child is None:
-                continue
-            reaped = True
-            for key in child.claims:
-                if self.claims.get(key) == pid:
-                    del self.claims[key]
-            log.info("device process %d (%s of guest %r) ended, %s", pid, child.device, child.guest,
-                     _status(status))
-        if reaped:
+        if self.children.reap():
             reap(self.run_dir)
             prune_stats(self.run_dir)     # snapshots of device processes that were killed
 
     def shutdown(self) -> None:
-        for pid in list(self.children):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        end = time.monotonic() + 3.0
-        while self.children and time.monotonic() < end:
-            self._reap_children()
-            time.sleep(0.02)
-        for pid in list(self.children):
-            try:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
-            self.children.pop(pid, None)
+        self.children.stop()
         if self.listener is not None:
             self.listener.close()
             self.listener = None
@@ -291,10 +245,4 @@ class Daemon:
         log.info("host stopped")
 
 
-def _status(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        return f"killed by signal {os.WTERMSIG(status)}"
-    return f"exit code {os.WEXITSTATUS(status)}"
-
-
-__all__ = ["Daemon", "HostOptions", "peer_pid", "read_hello", "errno"]
+__all__ = ["Daemon", "HostOptions", "peer_pid", "read_hello"]

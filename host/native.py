@@ -1,13 +1,13 @@
 """The native codec: msgpack maps (shared/control.py, docs/PROTOCOL.md) <-> the session's typed
-requests and results, and how a native device reaches the guest's memory and log (named
-shared-memory segments).
+requests and results.
 
     codec = native_session(device_factory)     # NativeCodec(Session(...)) for real guests
-    replies, close = codec.feed(data)          # bytes in, encoded replies out
+    result = codec.feed(data, fds)             # bytes in, Result with the encoded replies out
     reply, close = codec.handle(msg)           # one decoded map in, one reply map out
 
 Errors carry the request's seq when it can be read (nil otherwise); a refusal the session marks
-not fatal is answered with `"fatal": false` (PROTOCOL.md section 7).
+not fatal is answered with `"fatal": false` (PROTOCOL.md section 7). Memory and log come from
+named shared-memory segments (host/guest_memory.py).
 
 Doorbells are named POSIX semaphores ("posix_sem"), or eventfds ("eventfd", --doorbell eventfd):
 then the request carries the fd by SCM_RIGHTS on the sendmsg that sends it. fds are taken in the
@@ -16,23 +16,20 @@ bytes of its own sendmsg, never after them); at most MAX_PENDING_FDS wait at a t
 """
 from __future__ import annotations
 
-import os
-from functools import partial
 from typing import Any
 
-from shared.doorbell import EventFdDoorbell, open_doorbell
 from shared.control import Decoder, encode, error_reply, reply, request_seq, validate_request
+from shared.doorbell import EventFdDoorbell, open_doorbell
 from shared.errors import ProtocolError
-from shared.memory import GuestMemory, MemoryRegion
-from shared.resources import attach_shm, close_shm
 
-from host.session import Outcome, Region, Request, Result, Session
+from host.guest_memory import attach_log, attach_memory
+from host.session import Region, Request, Result, Session, close_fds
 
 MAX_PENDING_FDS = 8
 # native field name -> Request field (fields not named here keep their name)
 _FIELDS = {"features": "value", "status": "value", "desc_user_addr": "desc",
            "avail_user_addr": "avail", "used_user_addr": "used", "log_guest_addr": "log",
-           "backend": "source", "shm": "source"}
+           "backend": "source", "shm": "source", "enable": "num"}
 
 
 def shm_region(r: dict) -> Region:
@@ -42,19 +39,14 @@ def shm_region(r: dict) -> Region:
 
 def to_request(msg: dict) -> Request:
     """A validated native request (shared.control.SCHEMA) -> Request."""
-    op = msg["op"]
-    if op == "HELLO":
-        return Request(op, hello=msg)
-    kw: dict[str, Any] = {}
-    for k, v in msg.items():
-        if k in ("op", "seq"):
-            continue
-        if k == "regions":
-            v = tuple(map(shm_region, v))
-        elif k == "enable":
-            k, v = "num", int(v)
-        kw[_FIELDS.get(k, k)] = v
-    return Request(op, **kw)
+    if msg["op"] == "HELLO":
+        return Request("HELLO", hello=msg)
+    kw: dict[str, Any] = {_FIELDS.get(k, k): v for k, v in msg.items() if k not in ("op", "seq")}
+    if "regions" in kw:
+        kw["regions"] = tuple(map(shm_region, kw["regions"]))
+    if msg["op"] == "SET_VRING_ENABLE":
+        kw["num"] = int(kw["num"])
+    return Request(msg["op"], **kw)
 
 
 def open_native_doorbell(handle, kinds=("posix_sem", "eventfd")):
@@ -63,16 +55,14 @@ def open_native_doorbell(handle, kinds=("posix_sem", "eventfd")):
     if spec["kind"] not in kinds:
         raise ProtocolError(f"doorbell kind {spec['kind']!r} is not enabled on this host "
                             f"(its --doorbell allows {', '.join(kinds)})", "EOPNOTSUPP")
-    if isinstance(handle, dict):
-        return open_doorbell(spec)
-    return EventFdDoorbell(handle[1], name=spec["name"])
+    return open_doorbell(spec) if isinstance(handle, dict) else EventFdDoorbell(handle[1], name=spec["name"])
 
 
 def encode_result(seq: int | None, res: Result) -> dict:
-    if res.error is not None:
-        rep = error_reply(seq, res.error.code, str(res.error))
-        return rep if res.fatal else {**rep, "fatal": False}
-    return reply(seq, **(res.fields or {}))
+    if res.error is None:
+        return reply(seq, **(res.fields or {}))
+    rep = error_reply(seq, res.error.code, str(res.error))
+    return rep if res.fatal else {**rep, "fatal": False}
 
 
 class NativeCodec:
@@ -90,8 +80,7 @@ class NativeCodec:
 
     def close_fds(self) -> None:
         fds, self.fds = self.fds, []
-        for fd in fds:
-            os.close(fd)
+        close_fds(fds)
 
     def close(self) -> None:
         """The connection is gone (Session.close)."""
@@ -100,9 +89,8 @@ class NativeCodec:
 
     def handle(self, msg: Any) -> tuple[dict, bool]:
         """One decoded request -> (reply, close). Never raises."""
-        seq = request_seq(msg)
         if self.session.closed:
-            return error_reply(seq, "EPROTO", "session is closed after an earlier error"), True
+            return error_reply(request_seq(msg), "EPROTO", "session is closed after an earlier error"), True
         try:
             req = to_request(validate_request(msg))
             if isinstance(req.doorbell, dict) and req.doorbell["kind"] == "eventfd":
@@ -110,16 +98,15 @@ class NativeCodec:
                     raise ProtocolError(f"{req.op}: an eventfd doorbell without its fd (SCM_RIGHTS)", "EBADF")
                 fd = self.fds.pop(0)
                 req.doorbell, req.fds = (req.doorbell, fd), (fd,)
+            res = self.session.handle(req)
         except ProtocolError as e:
             res = self.session.fail(e)
-        else:
-            res = self.session.handle(req)
         self.started = res.started
-        return encode_result(seq, res), res.close
+        return encode_result(request_seq(msg), res), res.close
 
-    def feed(self, data: bytes, fds=()) -> Outcome:
-        """Bytes (and the fds that came with them) from the connection -> Outcome."""
-        out = Outcome()
+    def feed(self, data: bytes, fds=()) -> Result:
+        """Bytes (and the fds that came with them) from the connection -> Result with replies."""
+        out = Result()
         self.fds += fds
         if self.session.closed:
             out.close = True
@@ -140,90 +127,10 @@ class NativeCodec:
         return out
 
 
-def native_session(device_factory, *, attach_memory=None, open_doorbell=None,
-                   attach_log=None, decoder: Decoder | None = None, doorbells=None, **kw) -> NativeCodec:
+def native_session(device_factory, *, attach_memory=attach_memory, open_doorbell=None,
+                   attach_log=attach_log, decoder: Decoder | None = None, doorbells=None, **kw) -> NativeCodec:
     """A Session for a native connection (the device made on HELLO) behind its codec;
     `doorbells`: the doorbell kinds allowed (default both)."""
-    opener = open_doorbell or (partial(open_native_doorbell, kinds=tuple(doorbells))
-                               if doorbells else open_native_doorbell)
-    return NativeCodec(Session(device_factory=device_factory,
-                               attach_memory=attach_memory or attach_shm_memory,
-                               open_doorbell=opener, attach_log=attach_log or attach_shm_log,
-                               **kw), decoder)
-
-
-# --- the memory, log and doorbells of a native guest: named shared memory ------------------------
-class ShmGuestMemory(GuestMemory):
-    """A GuestMemory over attached shared-memory segments; release() also closes them."""
-
-    def __init__(self, regions: list[MemoryRegion], shms: list, needed: dict | None = None):
-        super().__init__(regions)
-        self._shms = shms
-        self._needed = needed or {}        # segment name -> bytes the memory table maps of it
-
-    def mem_ok(self) -> str | None:
-        """The segment's current size (fstat of its fd) must still cover what we mapped: a guest
-        that ftruncate()s its RAM smaller would otherwise SIGBUS us on the next access."""
-        for shm in self._shms:
-            need = self._needed.get(shm.name, 0)
-            try:
-                size = os.fstat(shm._fd).st_size
-            except (OSError, AttributeError, TypeError) as e:
-                return f"guest memory {shm.name} cannot be checked: {e}"
-            if size < need:
-                return (f"guest memory {shm.name} shrank to {size:#x} bytes; the memory table "
-                        f"maps {need:#x}")
-        return None
-
-    def release(self) -> None:
-        super().release()
-        shms, self._shms = self._shms, []
-        for shm in shms:
-            close_shm(shm)
-
-
-def attach_shm_log(name: str, offset: int, size: int) -> tuple[memoryview, Any]:
-    """attach_log for native guests: `size` bytes at `offset` of our segment `name`, writable.
-    Returns (bitmap view, the segment to close with it); ValueError / OSError when unusable."""
-    shm = attach_shm(name)
-    if offset + size > shm.size:
-        close_shm(shm)
-        raise ValueError(f"[{offset:#x}, +{size:#x}) is beyond the segment ({shm.size:#x} bytes)")
-    base = memoryview(shm.buf)
-    view = base[offset:offset + size]
-    base.release()
-    return view, shm
-
-
-def attach_shm_memory(regions) -> ShmGuestMemory:
-    """attach_memory for native guests: map each Region from its named segment (source) at
-    mmap_offset."""
-    shms: dict[str, Any] = {}
-    views: list[memoryview] = []
-    out: list[MemoryRegion] = []
-    try:
-        for r in regions:
-            shm = shms.get(r.source)
-            if shm is None:
-                shm = shms[r.source] = attach_shm(r.source)
-            off, size = r.mmap_offset, r.memory_size
-            if off + size > shm.size:
-                raise ValueError(f"region [{off:#x}, +{size:#x}) is beyond segment {r.source} ({shm.size:#x} bytes)")
-            base = memoryview(shm.buf)
-            views.append(base)
-            out.append(MemoryRegion(r.guest_phys_addr, size, base[off:off + size], r.userspace_addr))
-        for v in views:
-            v.release()
-        needed: dict[str, int] = {}
-        for r in regions:
-            name = shms[r.source].name
-            needed[name] = max(needed.get(name, 0), r.mmap_offset + r.memory_size)
-        return ShmGuestMemory(out, list(shms.values()), needed)
-    except Exception:
-        for region in out:
-            region.release()
-        for v in views:
-            v.release()
-        for shm in shms.values():
-            close_shm(shm)
-        raise
+    opener = open_doorbell or (lambda h: open_native_doorbell(h, tuple(doorbells or ("posix_sem", "eventfd"))))
+    return NativeCodec(Session(device_factory=device_factory, attach_memory=attach_memory,
+                               open_doorbell=opener, attach_log=attach_log, **kw), decoder)

@@ -1,9 +1,9 @@
 """One device process, whatever the transport: the engine, the device, its kicks and its stats.
 
     runner = DeviceRunner(kind, opts, name)      # kind: host/devices.py (VsockKind, NetKind, ...)
-    runner.attach(session)                       # a Session whose device the runner made
-    runner.after_control(started)                # after every control message
-    runner.detach()                              # the frontend is gone: stop, reset, release
+    dev = runner.new_device(hello)               # then runner.session = the codec's Session
+    Connection(runner, sock, codec, reader, ...) # the control socket on the engine
+    runner.run(stats_fields, close)              # until SIGTERM or the connection ends
 
 The VhostWorker (shared/engine.py) runs control messages, queued work, timers and the device's own
 file objects (the vsock bridge, a net backend) on this process's main thread. Kicks (`Kicks`) are
@@ -13,10 +13,11 @@ on one thread; a POSIX semaphore cannot be select()ed, so it gets a DoorbellThre
 device's handler itself (vhost_poll; with --poll-us it polls the ring before it sleeps). All hold
 the one device lock, so device state never sees two threads at once.
 
-The transports feed it: `run_native` below (one native guest's connection, forked by the daemon
+The transports feed it: `run_device` below (one native guest's connection, forked by the daemon
 with the HELLO it read) and host/vhost_user/runner.py (a vhost-user socket, one frontend at a time).
 Lifetime: EOF, an error reply that ends the session, or SIGTERM ends the connection; kick waiters
-are stopped *before* the device releases its doorbells and memory.
+are stopped *before* the device releases its doorbells and memory. `Children` forks and stops
+those processes.
 """
 from __future__ import annotations
 
@@ -24,16 +25,19 @@ import logging
 import os
 import signal
 import socket
+import time
 from functools import partial
+from typing import Callable
 
 from shared.control import Decoder, encode
 from shared.doorbell import selectable
 from shared.errors import ProtocolError
+from shared.signals import die_with_parent
 from shared.stats import remove_stats, write_stats
 
 from host.devices import DEVICE_KINDS
 from host.native import native_session
-from host.session import Outcome, Session
+from host.session import Result, Session, close_fds
 from host.vsock.endpoint import HostEndpoint
 from host.worker import VhostWorker
 
@@ -53,10 +57,6 @@ class Kicks:
         self.waiters: dict[tuple, tuple[object, object]] = {}   # queues -> (DoorbellThread or None, doorbell)
         self._done: dict[int, tuple[int, int]] = {}   # counters of stopped threads, per queue
 
-    @staticmethod
-    def _key(db) -> object:
-        return getattr(db, "name", None) or id(db)
-
     def sync(self, session: Session) -> None:
         """Match the waiters to the kick doorbells of the started rings (after every message).
 
@@ -67,30 +67,27 @@ class Kicks:
         for i in range(dev.num_queues):
             db = dev.kicks[i] if dev.running and session.ring_started(i) else None
             if db is not None:
-                groups.setdefault(self._key(db), []).append(i)
+                groups.setdefault(getattr(db, "name", None) or id(db), []).append(i)
         want = {tuple(qs): dev.kicks[qs[0]] for qs in groups.values()}
-        for qs in list(self.waiters):
-            if qs in want and self.waiters[qs][1] is want[qs]:
-                continue
+        for qs in [qs for qs, (_, db) in self.waiters.items() if want.get(qs) is not db]:
             self._stop(qs)
         for qs, db in want.items():
             if qs in self.waiters:
                 continue
-            name = "kick-q" + "+".join(map(str, qs))
             if selectable(db):
                 self.worker.register(db, _R, partial(self._readable, qs, db))
                 self.waiters[qs] = (None, db)
                 continue
-            t = self.worker.add_doorbell(db, partial(self.kick, qs), poll=dev.poll_ops(qs[0]), name=name)
+            t = self.worker.add_doorbell(db, partial(self.kick, qs), poll=dev.poll_ops(qs[0]),
+                                         name="kick-q" + "+".join(map(str, qs)))
             self.waiters[qs] = (t, db)
             for i in qs:
                 dev.kick_threads[i] = t      # run to completion: program threads serve the ring
 
     def _readable(self, qs: tuple, db, mask: int) -> None:
-        if self.waiters.get(qs, (None, None))[1] is not db:
-            return
-        db.read()                            # drain the eventfd, then look at the rings
-        self.kick(qs)
+        if self.waiters.get(qs, (None, None))[1] is db:
+            db.read()                        # drain the eventfd, then look at the rings
+            self.kick(qs)
 
     def kick(self, queues: tuple) -> None:
         for i in queues:
@@ -101,11 +98,10 @@ class Kicks:
         if t is None:
             self.worker.unregister(db)
             return
+        self.worker.remove_doorbell(t)
         for i in qs:
             if self.device.kick_threads.get(i) is t:
                 del self.device.kick_threads[i]
-        self.worker.remove_doorbell(t)
-        for i in qs:
             w, p = self._done.get(i, (0, 0))
             self._done[i] = (w + t.wakeups, p + t.polled_ns)
 
@@ -115,9 +111,8 @@ class Kicks:
         wake, poll = [0] * n, [0.0] * n
         for i in range(n):
             w, p = self._done.get(i, (0, 0))
-            for qs, (t, _) in self.waiters.items():
-                if i in qs and t is not None:
-                    w, p = w + t.wakeups, p + t.polled_ns
+            for t in (t for qs, (t, _) in self.waiters.items() if i in qs and t is not None):
+                w, p = w + t.wakeups, p + t.polled_ns
             wake[i], poll[i] = w, p / 1e9
         return {"vq_wakeups": wake, "vq_poll_time": poll}
 
@@ -181,15 +176,29 @@ class DeviceRunner:
         self.session = None
         self.device = None
 
-    def write_stats(self, fields: dict) -> None:
+    def write_stats(self, fields: Callable[[], dict]) -> None:
+        """The stats file now (identity `fields()`, the device's and the engine's counters), and
+        again every --stats-interval."""
         dev = self.device
         try:
             write_stats(self.opts.run_dir, "device", {
-                **fields, "status": dev.status if dev else 0, "pid": os.getpid(),
+                **fields(), "status": dev.status if dev else 0, "pid": os.getpid(),
                 "stats": dict(dev.get_stats() if dev else {}, **self.worker.stats,
                               **self.kicks.queue_stats())})
         except OSError as e:
             log.debug("cannot write stats: %s", e)
+        if not self.worker.stopping:
+            self.worker.call_later(self.opts.stats_interval, partial(self.write_stats, fields))
+
+    def run(self, fields: Callable[[], dict], close: Callable[[], None]) -> int:
+        """Run the engine until stopped; then `close()` (the transport's), detach and release."""
+        self.write_stats(fields)
+        try:
+            self.worker.run()
+        finally:
+            close()
+            self.close()
+        return 0
 
     def close(self) -> None:
         self.detach()
@@ -212,8 +221,7 @@ def recv_stream(sock: socket.socket):
 def checked_recv(data: bytes, fds: list, flags: int):
     """recvmsg's (data, fds, flags) -> (data, fds); None at EOF; OSError when fds were cut."""
     if flags & socket.MSG_CTRUNC or not data:
-        for fd in fds:
-            os.close(fd)
+        close_fds(fds)
         if data:
             raise OSError("too many fds in one message (control data truncated)")
         return None
@@ -238,8 +246,8 @@ class Connection:
         sock.setblocking(False)
         runner.worker.register(sock, _R, self._on_event)
 
-    def deliver(self, out) -> None:
-        """An Outcome of the codec: send its replies, tell the runner, close if it says so."""
+    def deliver(self, out: Result) -> None:
+        """A Result of the codec: send its replies, tell the runner, close if it says so."""
         self._out += b"".join(out.replies)
         self._flush()
         self.runner.after_control(out.started)
@@ -325,20 +333,79 @@ def run_device(conn: socket.socket, hello: dict, peer_pid: int, opts, decoder: D
                             runner.worker.stop)
     for msg in [hello] + list(rest):
         rep, close = codec.handle(msg)
-        connection.deliver(Outcome([encode(rep)], close, codec.started))
+        connection.deliver(Result(replies=[encode(rep)], close=close, started=codec.started))
         if close:
             break
     fields = {"guest": guest, "device": hello["device"], "cid": hello.get("params", {}).get("cid"),
               "guest_pid": peer_pid}
+    return runner.run(lambda: fields, connection.close)
 
-    def stats() -> None:
-        runner.write_stats(fields)
-        if not runner.worker.stopping:
-            runner.worker.call_later(opts.stats_interval, stats)
-    stats()
-    try:
-        runner.worker.run()
-    finally:
-        connection.close()
-        runner.close()
-    return 0
+
+class Children(dict):
+    """Processes forked to run one device (or backend) each, pid -> what the caller keeps of it:
+    the daemon's device processes and the vhost-user backends. On the way out each gets SIGTERM,
+    then SIGKILL after `grace` seconds."""
+
+    def __init__(self, on_exit: Callable[[int, object, int], None]):
+        super().__init__()
+        self.on_exit = on_exit               # (pid, what was kept, wait status) of a reaped child
+        self.parent = os.getpid()
+
+    def fork(self, run: Callable[[], int], close=(), on_term: Callable[[], None] | None = None) -> int:
+        """A child that closes `close` (the parent's listeners), dies with its parent, ignores
+        SIGINT (the parent stops it), runs `run` and exits with its code. Returns the pid."""
+        pid = os.fork()
+        if pid:
+            return pid
+        code = 1
+        try:
+            for f in close:
+                f.close()
+            die_with_parent(self.parent)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, (lambda *_: on_term()) if on_term else signal.SIG_DFL)
+            code = run()
+        except BaseException:                # never let the child run the parent's loop
+            log.exception("device process failed")
+        finally:
+            logging.shutdown()
+            os._exit(code)
+
+    def reap(self) -> int:
+        """Reap the children that ended (on_exit for each); how many."""
+        n = 0
+        while self:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            if pid in self:
+                n += 1
+                self.on_exit(pid, self.pop(pid), status)
+        return n
+
+    def stop(self, grace: float = 3.0) -> None:
+        for pid in list(self):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        end = time.monotonic() + grace
+        while self and time.monotonic() < end:
+            if not self.reap():
+                time.sleep(0.02)
+        for pid in list(self):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+            self.pop(pid)
+
+
+def exit_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exit code {os.WEXITSTATUS(status)}"

@@ -104,8 +104,8 @@ class Request:
     op: str
     index: int | None = None       # vring requests, SET_BACKEND
     num: int | None = None         # SET_VRING_NUM / BASE: the number; SET_VRING_ENABLE: 0 or 1
-    value: int | None = None       # SET_FEATURES, SET_PROTOCOL_FEATURES, SET_STATUS
-    flags: int = 0                 # SET_VRING_ADDR: VHOST_VRING_F_LOG
+    value: int | None = None       # SET_FEATURES, SET_PROTOCOL_FEATURES, SET_STATUS, other u64s
+    flags: int = 0                 # SET_VRING_ADDR: VHOST_VRING_F_LOG; GET/SET_CONFIG: its flags
     desc: int = 0
     avail: int = 0
     used: int = 0
@@ -116,33 +116,24 @@ class Request:
     size: int = 0
     source: Any = None             # SET_LOG_BASE: shm name or fd ("" drops the log); SET_BACKEND: spec
     hello: dict | None = None      # HELLO (native): the whole message
+    need_reply: bool = False       # vhost-user: NEED_REPLY
     fds: tuple = ()                # fds this request owns: closed when it is refused
 
     def close_fds(self) -> None:
-        for fd in self.fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        close_fds(self.fds)
 
 
 @dataclass
 class Result:
-    """What the session answers: reply fields (None: nothing but an ack) or an error."""
+    """What the session answers: reply fields (None: nothing but an ack) or an error; and what a
+    codec hands its connection: the encoded `replies`, `close` after them, rings just `started`
+    (the runner polls them once)."""
     fields: dict | None = None
     error: ProtocolError | None = None
     fatal: bool = True             # with an error: does the session end?
     close: bool = False            # send the reply, then close the connection
-    started: list = field(default_factory=list)   # rings that just started: poll them once
-
-
-@dataclass
-class Outcome:
-    """What a codec hands its connection after some bytes: replies to send, close after them,
-    rings that just started (the runner polls them once)."""
-    replies: list = field(default_factory=list)
-    close: bool = False
     started: list = field(default_factory=list)
+    replies: list = field(default_factory=list)
 
 
 @dataclass
@@ -153,19 +144,24 @@ class RingState:
     started: bool = False      # running: the device's vq.enabled mirrors this
 
 
-def _err(code: str, message: str) -> ProtocolError:
-    return ProtocolError(message, code)
+def close_fds(fds) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
-def _soft(code: str, message: str) -> ProtocolError:
-    """An ioctl-like refusal: answered with `fatal: false`, the connection and device go on."""
+def _err(code: str, message: str, fatal: bool = True) -> ProtocolError:
+    """A refusal; `fatal=False`: an ioctl-like one, answered `fatal: false` (the device goes on)."""
     e = ProtocolError(message, code)
-    e.fatal = False  # type: ignore[attr-defined]
+    e.fatal = fatal  # type: ignore[attr-defined]
     return e
 
 
-def _errno_code(e: OSError, default: str = "EINVAL") -> str:
-    return errno.errorcode.get(e.errno, default) if e.errno else default
+def _os_err(e: OSError, default: str = "EINVAL") -> ProtocolError:
+    """A device's OSError as a soft refusal with its errno name."""
+    return _err(errno.errorcode.get(e.errno, default) if e.errno else default, e.strerror or str(e), False)
 
 
 # --- rules both transports need --------------------------------------------------------------------
@@ -223,19 +219,12 @@ class Session:
                  open_doorbell: Callable[[Any], Any],
                  attach_log: Callable[[Any, int, int], tuple] | None = None,
                  device=None, device_factory: Callable[[dict], Any] | None = None,
-                 derived_status: bool = False,
-                 hello_check: Callable[[dict], None] | None = None, name: str = "control"):
-        self.attach_memory = attach_memory
-        self.open_doorbell = open_doorbell
-        self.attach_log = attach_log
+                 derived_status: bool = False, name: str = "control"):
+        self.attach_memory, self.open_doorbell, self.attach_log = attach_memory, open_doorbell, attach_log
         self.device_factory = device_factory
         self.derived_status = derived_status
-        self.hello_check = hello_check
         self.name = name
-        self.hello: dict | None = None
-        self.owner = False
-        self.closed = False
-        self.requests = 0
+        self.owner = self.closed = False
         self.error: ProtocolError | None = None
         self.protocol_features = 0
         self.protocol_acked = False     # VHOST_USER_F_PROTOCOL_FEATURES negotiated
@@ -246,30 +235,26 @@ class Session:
 
     def _adopt(self, dev) -> None:
         self.device = dev
-        self.rings = [RingState() for _ in range(dev.num_queues)]
+        self._reset_rings()
         # dirty logging only where the device can do it (VhostNet)
         self.logs = bool(dev.features & LOG_ALL) and hasattr(dev, "set_log_base")
         self.protocol_offer = PROTOCOL_FEATURES | ((1 << PROTOCOL_F_LOG_SHMFD) if self.logs else 0)
 
-    @property
-    def reply_ack(self) -> bool:
-        return bool(self.protocol_features & (1 << PROTOCOL_F_REPLY_ACK))
+    def _reset_rings(self) -> None:
+        self.rings = [RingState() for _ in range(self.device.num_queues)]
 
     # --- one request -----------------------------------------------------------------------------
     def handle(self, req: Request) -> Result:
         """Handle one request. Never raises; takes ownership of req's fds."""
-        self.requests += 1
-        if self.closed:
-            req.close_fds()
-            return Result(error=_err("EPROTO", "session is closed after an earlier error"), close=True)
         try:
+            if self.closed:
+                raise _err("EPROTO", "session is closed after an earlier error")
             if self.device is None:
                 return Result(self._hello(req))
             if req.op == "HELLO":
                 raise _err("EPROTO", "HELLO may only be sent once, first")
             handler = HANDLERS.get(req.op)
-            if handler is None or (self.derived_status and req.op in NATIVE_ONLY) \
-                    or (not self.derived_status and req.op in VHOST_USER_ONLY):
+            if handler is None or req.op in (NATIVE_ONLY if self.derived_status else VHOST_USER_ONLY):
                 raise _err("EOPNOTSUPP", f"{req.op} is not supported")
             if not self.derived_status and not self.owner and req.op not in QUERIES \
                     and req.op != "SET_OWNER":
@@ -283,23 +268,17 @@ class Session:
             if getattr(e, "fatal", True) is False and not self.derived_status:
                 log.info("%s: %s refused: %s: %s (the device goes on)", self.name, req.op, e.code, e)
                 return Result(error=e, fatal=False)
-            return self._fail(req, e)
+            return self.fail(e, req.op)
         except Exception as e:  # a device bug: report it, close, keep the process alive
             req.close_fds()
             log.exception("%s: internal error handling %s", self.name, req.op)
-            return self._fail(req, _err("EIO", f"internal error: {type(e).__name__}: {e}"))
+            return self.fail(_err("EIO", f"internal error: {type(e).__name__}: {e}"), req.op)
 
-    def fail(self, e: ProtocolError) -> Result:
-        """A codec could not decode a request: the session ends with this error."""
-        self.closed = True
-        self.error = e
-        log.info("%s: error %s: %s (closing)", self.name, e.code, e)
-        return Result(error=e, close=True)
-
-    def _fail(self, req: Request, e: ProtocolError) -> Result:
-        self.closed = True
-        self.error = e
-        log.info("%s: %s refused: %s: %s (closing)", self.name, req.op, e.code, e)
+    def fail(self, e: ProtocolError, op: str = "a request") -> Result:
+        """A refusal, or a request a codec could not decode: the session ends with this error."""
+        if not self.closed:
+            self.closed, self.error = True, e
+            log.info("%s: %s refused: %s: %s (closing)", self.name, op, e.code, e)
         return Result(error=e, close=True)
 
     def close(self) -> None:
@@ -309,7 +288,7 @@ class Session:
         if dev is not None:
             with dev.lock:
                 dev.close()
-            self.rings = [RingState() for _ in range(dev.num_queues)]
+            self._reset_rings()
             log.info("%s: closed", self.name)
 
     def ring_started(self, i: int) -> bool:
@@ -323,15 +302,12 @@ class Session:
         if msg["version"] != PROTOCOL_VERSION:
             raise _err("EPROTONOSUPPORT",
                        f"protocol version {msg['version']} not supported (this host speaks {PROTOCOL_VERSION})")
-        if self.hello_check is not None:
-            self.hello_check(msg)
         dev = self.device_factory(msg) if self.device_factory else None
         if dev is None:
             raise _err("ENODEV", f"no {msg['device']} device for {msg['guest']!r}")
         dev.reconnect = msg["reconnect"]
         dev.hello = msg
         self._adopt(dev)
-        self.hello = msg
         self.name = f"{msg['guest']}/{msg['device']}"
         log.info("%s: HELLO v%d%s: %s device id %d, %d queues, offering features %#x", self.name,
                  msg["version"], " (reconnect)" if msg["reconnect"] else "", dev.device_type,
@@ -349,47 +325,28 @@ class Session:
     def _reset_owner(self, req, out) -> None:
         # vhost_net_reset_owner also stops the backends (vhost_net_stop): a device that has them
         # detaches and closes them here; then the device forgets everything as on status 0.
-        if not self.derived_status:
-            reset_owner = getattr(self.device, "reset_owner", None)
-            if callable(reset_owner):
-                closer = getattr(self.device, "close_backend", None)
-                for b in reset_owner():
-                    if closer is not None:
-                        closer(b)
-        self._reset_device()
+        dev = self.device
+        if not self.derived_status and hasattr(dev, "reset_owner"):
+            for b in dev.reset_owner():
+                dev.close_backend(b)
+        dev.reset()
+        self._reset_rings()
         self.owner = False
         log.info("%s: %s: device reset, ownership dropped", self.name, req.op)
 
-    def _reset_device(self) -> None:
-        self.device.reset()
-        self.rings = [RingState() for _ in range(self.device.num_queues)]
-
     def _set_backend(self, req, out) -> None:
         """VHOST_NET_SET_BACKEND (owner only, like every setup message): swap a queue's backend."""
-        setter = getattr(self.device, "set_backend_spec", None)
-        if setter is None:
+        if not hasattr(self.device, "set_backend_spec"):
             raise _err("EOPNOTSUPP", f"a {self.device.device_type} device has no backends")
         try:
-            setter(req.index, req.source)
+            self.device.set_backend_spec(req.index, req.source)
         except OSError as e:           # the ioctl's errno (ENOBUFS, EFAULT, or the open's)
-            raise _soft(_errno_code(e), e.strerror or str(e)) from None
+            raise _os_err(e) from None
         except ValueError as e:        # a spec that cannot be opened
-            raise _soft("EINVAL", str(e)) from None
+            raise _err("EINVAL", str(e), False) from None
         log.info("%s: SET_BACKEND queue %d -> %r", self.name, req.index, req.source or "(detached)")
 
-    # --- queries -----------------------------------------------------------------------------------
-    def _get_features(self, req, out) -> dict:
-        return {"features": self.device.features | (F_PROTOCOL_FEATURES if self.derived_status else 0)}
-
-    def _get_status(self, req, out) -> dict:
-        return {"status": self.device.status}
-
-    def _get_queue_num(self, req, out) -> dict:
-        return {"num": self.device.num_queues}
-
-    def _get_stats(self, req, out) -> dict:
-        return {"stats": self.device.get_stats()}
-
+    # --- queries (the simple ones are lambdas in HANDLERS) -----------------------------------------
     def _get_config(self, req, out) -> dict:
         cfg = bytes(self.device.config_bytes())
         off, size = req.offset, req.size
@@ -399,9 +356,6 @@ class Session:
 
     def _set_config(self, req, out) -> None:
         raise _err("EPERM", "SET_CONFIG: the config space is read-only")
-
-    def _get_protocol_features(self, req, out) -> dict:
-        return {"features": self.protocol_offer}
 
     def _set_protocol_features(self, req, out) -> None:
         if req.value & ~self.protocol_offer:
@@ -414,7 +368,8 @@ class Session:
         dev = self.device
         new = req.value
         if new == 0:
-            self._reset_device()
+            dev.reset()
+            self._reset_rings()
             log.info("%s: SET_STATUS 0: device reset, memory and doorbells released", self.name)
             return {"status": dev.status}
         new &= ~VIRTIO_CONFIG_S_NEEDS_RESET          # a device-owned bit: the driver's copy is ignored
@@ -426,7 +381,6 @@ class Session:
         added = new & ~old
         if old & VIRTIO_CONFIG_S_FAILED and added:
             raise _err("EPROTO", "status after FAILED: only 0 (reset) is allowed")
-        failed, added = added & VIRTIO_CONFIG_S_FAILED, added & ~VIRTIO_CONFIG_S_FAILED
         for b in STATUS_ORDER:                       # spec 3.1.1: steps in order
             if not added & b:
                 continue
@@ -441,9 +395,8 @@ class Session:
                 log.info("%s: FEATURES_OK, negotiated %#x", self.name, dev.acked_features)
             elif b == VIRTIO_CONFIG_S_DRIVER_OK:
                 self._driver_ok(out)
-                continue
             dev.status |= b
-        if failed:                                   # spec 2.1.1: the driver gave up on the device
+        if added & VIRTIO_CONFIG_S_FAILED:           # spec 2.1.1: the driver gave up on the device
             dev.stop()
             dev.status |= VIRTIO_CONFIG_S_FAILED
             log.info("%s: driver set FAILED", self.name)
@@ -457,17 +410,11 @@ class Session:
         dev = self.device
         enabled = [i for i, r in enumerate(self.rings) if r.enabled]
         for i in enabled:
-            r = self.rings[i]
-            if dev.mem is None or not r.num or not r.addr:
+            if not self._set_up(i):
                 raise _err("EINVAL", f"DRIVER_OK: queue {i} is enabled but not set up (num, addr, memory table)")
             if dev.kicks[i] is None or dev.calls[i] is None:
                 raise _err("EINVAL", f"DRIVER_OK: queue {i} has no kick or call doorbell")
-            if not dev.vqs[i].access_ok(dev.mem):    # ring rule 13, vhost_vq_access_ok
-                raise _err("EFAULT", f"DRIVER_OK: queue {i} ring memory is not accessible")
-        for i in enabled:
-            self._start_ring(i, out)
-        dev.status |= VIRTIO_CONFIG_S_DRIVER_OK
-        dev.start()
+        self._start(enabled, out)
         log.info("%s: DRIVER_OK, enabled queues %s", self.name, enabled)
 
     # --- features ----------------------------------------------------------------------------------
@@ -499,7 +446,7 @@ class Session:
         try:
             dev.set_features(dev_f)                  # vhost_net_set_features: LOG_ALL, no log: EFAULT
         except OSError as e:
-            raise _soft(_errno_code(e), e.strerror or str(e)) from None
+            raise _os_err(e) from None
         if self.derived_status:
             dev.status |= SETUP_STATUS
             self.protocol_acked = bool(f & F_PROTOCOL_FEATURES)
@@ -512,37 +459,36 @@ class Session:
         dev = self.device
         if not self.logs or (self.derived_status
                              and not self.protocol_features & (1 << PROTOCOL_F_LOG_SHMFD)):
-            raise _soft("EOPNOTSUPP", f"a {dev.device_type} device does no dirty logging here")
+            raise _err("EOPNOTSUPP", f"a {dev.device_type} device does no dirty logging here", False)
         if req.source == "":
             if dev.acked_features & LOG_ALL:
-                raise _soft("EBUSY", "SET_LOG_BASE: cannot drop the log while VHOST_F_LOG_ALL is acked")
+                raise _err("EBUSY", "SET_LOG_BASE: cannot drop the log while VHOST_F_LOG_ALL is acked", False)
             dev.set_log_base(None)
             log.info("%s: SET_LOG_BASE: log dropped", self.name)
             return {}
-        if req.size == 0:
-            raise _soft("EFAULT", "SET_LOG_BASE: an empty log")
-        if dev.mem is not None and req.size < log_pages_needed(dev.mem.regions):
-            raise _soft("EFAULT", f"SET_LOG_BASE: a log of {req.size} bytes does not cover the memory "
-                                  f"table ({log_pages_needed(dev.mem.regions)} bytes needed)")
+        need = log_pages_needed(dev.mem.regions) if dev.mem is not None else 0
+        if req.size == 0 or req.size < need:
+            raise _err("EFAULT", f"SET_LOG_BASE: a log of {req.size} bytes does not cover the memory "
+                                 f"table ({need} bytes needed)", False)
         req.fds = ()                                 # attach_log owns an fd source now
         try:
             bitmap, owner = self.attach_log(req.source, req.offset, req.size)
         except (OSError, ValueError, OverflowError) as e:
-            raise _soft("EFAULT", f"SET_LOG_BASE: cannot map the log: {e}") from None
+            raise _err("EFAULT", f"SET_LOG_BASE: cannot map the log: {e}", False) from None
         try:
             dev.set_log_base(bitmap, owner)
         except OSError as e:
             bitmap.release()
             owner.close()
-            raise _soft(_errno_code(e, "EFAULT"), e.strerror or str(e)) from None
+            raise _os_err(e, "EFAULT") from None
         log.info("%s: SET_LOG_BASE %d bytes at offset %#x", self.name, req.size, req.offset)
         return {}
 
     # --- memory table ------------------------------------------------------------------------------
     def _require_setup_phase(self, op: str) -> None:
+        st = self.device.status
         if self.derived_status:
             return                                   # vhost-user: no status to order against
-        st = self.device.status
         if not st & VIRTIO_CONFIG_S_FEATURES_OK:
             raise _err("EPROTO", f"{op} before FEATURES_OK")
         if st & VIRTIO_CONFIG_S_DRIVER_OK:
@@ -550,7 +496,6 @@ class Session:
 
     def _set_mem_table(self, req, out) -> None:
         self._require_setup_phase("SET_MEM_TABLE")
-        dev = self.device
         if not self.derived_status and any(r.enabled for r in self.rings):
             raise _err("EBUSY", "SET_MEM_TABLE while a ring is enabled")
         check_memory_table(req.regions)
@@ -561,11 +506,11 @@ class Session:
             raise
         except Exception as e:
             raise _err("EFAULT", f"cannot attach the memory table: {type(e).__name__}: {e}") from None
-        dev.set_mem(mem)
+        self.device.set_mem(mem)
         if all(isinstance(r.source, str) for r in req.regions):
             # for monitors (GET_STATS "mem_table"): where the guest RAM is, to attach read-only
-            dev.mem_table = [{"guest_phys_addr": r.guest_phys_addr, "memory_size": r.memory_size,
-                              "mmap_offset": r.mmap_offset, "shm": r.source} for r in req.regions]
+            self.device.mem_table = [{"guest_phys_addr": r.guest_phys_addr, "memory_size": r.memory_size,
+                                      "mmap_offset": r.mmap_offset, "shm": r.source} for r in req.regions]
         if not self.derived_status:
             for r in self.rings:                     # ring addresses are translated via the table
                 r.addr = False
@@ -605,10 +550,23 @@ class Session:
             raise _err("EINVAL", f"SET_VRING_ADDR: unknown flags {req.flags:#x}")
         if req.flags & VRING_F_LOG and not self.logs:
             raise _err("EOPNOTSUPP", "SET_VRING_ADDR: dirty logging (VHOST_VRING_F_LOG) is not supported")
-        if self._log_toggle(req):
-            return
+        i = req.index
+        logged = req.log if req.flags & VRING_F_LOG else None
+        if self.logs and i < dev.num_queues and dev.mem is not None and self.rings[i].addr:
+            # the same addresses again: only the log flag changes (QEMU's vhost_dev_set_log at
+            # migration start / end), allowed while the ring runs
+            vq = dev.vqs[i]
+            try:
+                same = ring_gpas(dev.mem, vq.num, req.desc, req.avail, req.used,
+                                 _parts(vq)) == (vq.desc, vq.avail, vq.used)
+            except ProtocolError:
+                same = False
+            if same:
+                dev.log_addr[i] = logged
+                log.info("%s: queue %d used-ring logging %s", self.name, i,
+                         "off" if logged is None else f"at {logged:#x}")
+                return
         vq = self._vq(req)
-        i = vq.index
         if dev.mem is None:
             raise _err("EPROTO", "SET_VRING_ADDR before SET_MEM_TABLE")
         if not self.rings[i].num:
@@ -616,34 +574,13 @@ class Session:
         vq.desc, vq.avail, vq.used = ring_gpas(dev.mem, vq.num, req.desc, req.avail, req.used,
                                                    _parts(vq))
         if self.logs:
-            dev.log_addr[i] = req.log if req.flags & VRING_F_LOG else None
+            dev.log_addr[i] = logged
         self.rings[i].addr = True
         log.info("%s: queue %d rings desc %#x avail %#x used %#x", self.name, i, vq.desc, vq.avail, vq.used)
 
-    def _log_toggle(self, req) -> bool:
-        """SET_VRING_ADDR of a ring already set up, with the same addresses: only the log flag
-        changes (QEMU's vhost_dev_set_log at migration start / end), allowed while the ring
-        runs. Returns True when handled."""
-        dev = self.device
-        i = req.index
-        if not self.logs or i >= dev.num_queues or dev.mem is None or not self.rings[i].addr:
-            return False
-        vq = dev.vqs[i]
-        try:
-            if ring_gpas(dev.mem, vq.num, req.desc, req.avail, req.used,
-                         _parts(vq)) != (vq.desc, vq.avail, vq.used):
-                return False
-        except ProtocolError:
-            return False
-        dev.log_addr[i] = req.log if req.flags & VRING_F_LOG else None
-        log.info("%s: queue %d used-ring logging %s", self.name, i,
-                 f"at {req.log:#x}" if req.flags & VRING_F_LOG else "off")
-        return True
-
     def _set_vring_base(self, req, out) -> None:
         vq = self._vq(req)
-        vq.last_avail_idx = req.num
-        vq.last_used_idx = req.num
+        vq.last_avail_idx = vq.last_used_idx = req.num
         log.info("%s: queue %d base %d", self.name, vq.index, req.num)
 
     def _get_vring_base(self, req, out) -> dict:
@@ -657,8 +594,9 @@ class Session:
         log.info("%s: queue %d stopped at base %#x", self.name, vq.index, base)
         return {"index": vq.index, "num": base}
 
-    def _set_doorbell(self, req, kind: str) -> None:
-        # vhost-user may replace doorbells of running rings (QEMU does); native sets them up before
+    def _set_doorbell(self, req, out, kind: str) -> None:
+        """SET_VRING_KICK/CALL/ERR. vhost-user may replace doorbells of running rings (QEMU does);
+        native sets them up before DRIVER_OK."""
         vq = self._vq(req, setup=not self.derived_status)
         db = None
         if req.doorbell is not None:
@@ -675,19 +613,10 @@ class Session:
         self.device.set_doorbell(kind, vq.index, db)
         log.info("%s: queue %d %s doorbell %s", self.name, vq.index, kind,
                  _name(req.doorbell) if req.doorbell is not None else "removed")
-
-    def _set_vring_kick(self, req, out) -> None:
-        self._set_doorbell(req, "kick")
-        if self.derived_status:
+        if kind == "kick" and self.derived_status:
             if not self.protocol_acked and req.doorbell is not None:
-                self.rings[req.index].enabled = True     # no PROTOCOL_FEATURES: the kick enables
-            self._try_start(req.index, out)
-
-    def _set_vring_call(self, req, out) -> None:
-        self._set_doorbell(req, "call")
-
-    def _set_vring_err(self, req, out) -> None:
-        self._set_doorbell(req, "err")
+                self.rings[vq.index].enabled = True  # no PROTOCOL_FEATURES: the kick enables
+            self._try_start(vq.index, out)
 
     def _set_vring_enable(self, req, out) -> None:
         vq = self._vq(req, setup=False)
@@ -706,42 +635,42 @@ class Session:
         log.info("%s: queue %d %s", self.name, vq.index, "enabled" if req.num else "disabled")
 
     # --- starting and stopping rings ---------------------------------------------------------------
+    def _set_up(self, i: int) -> bool:
+        return self.device.mem is not None and self.rings[i].num and self.rings[i].addr
+
     def _try_start(self, i: int, out: Result) -> None:
-        """vhost-user: start ring i once it is enabled and fully configured."""
-        dev, ring = self.device, self.rings[i]
-        if ring.started or not ring.enabled or dev.kicks[i] is None:
-            return
-        if dev.mem is None or not ring.num or not ring.addr:
-            return                                   # kicked/enabled before configured: wait
-        if not dev.status & VIRTIO_CONFIG_S_FEATURES_OK:
-            return
-        if not dev.vqs[i].access_ok(dev.mem):        # ring rule 13, vhost_vq_access_ok
-            raise _err("EFAULT", f"queue {i}: ring memory is not accessible")
-        self._start_ring(i, out)
+        """vhost-user: start ring i once it is enabled and fully configured (else it waits)."""
+        ring = self.rings[i]
+        if not ring.started and ring.enabled and self.device.kicks[i] is not None and self._set_up(i) \
+                and self.device.status & VIRTIO_CONFIG_S_FEATURES_OK:
+            self._start([i], out)
+
+    def _start(self, rings: list, out: Result) -> None:
+        """Start `rings`, and the device (DRIVER_OK, start()) if it is not running."""
+        dev = self.device
+        for i in rings:
+            if not dev.vqs[i].access_ok(dev.mem):    # ring rule 13, vhost_vq_access_ok
+                raise _err("EFAULT", f"queue {i}: ring memory is not accessible")
+        for i in rings:
+            vq = dev.vqs[i]
+            try:
+                vq.last_used_idx = vq.used_idx(dev.mem)   # vhost_vq_init_access: resume from used.idx
+            except GuestMemoryError as e:
+                raise _err("EFAULT", f"queue {i}: {e}") from None
+            self.rings[i].started = vq.enabled = True
+            out.started.append(i)
+            log.info("%s: queue %d started (num %d, base %d)", self.name, i, vq.num, vq.last_avail_idx)
         if not dev.running:
             dev.status |= VIRTIO_CONFIG_S_DRIVER_OK
             dev.start()
-
-    def _start_ring(self, i: int, out: Result) -> None:
-        vq = self.device.vqs[i]
-        try:
-            vq.last_used_idx = vq.used_idx(self.device.mem)   # vhost_vq_init_access: resume from used.idx
-        except GuestMemoryError as e:
-            raise _err("EFAULT", f"queue {i}: {e}") from None
-        self.rings[i].started = True
-        vq.enabled = True
-        out.started.append(i)
-        log.info("%s: queue %d started (num %d, base %d)", self.name, i, vq.num, vq.last_avail_idx)
 
     def _stop_ring(self, i: int) -> None:
         ring, vq = self.rings[i], self.device.vqs[i]
         if not ring.started:
             return
-        ring.started = False
-        vq.enabled = False
-        unmap = getattr(vq, "unmap", None)
-        if callable(unmap):
-            unmap()
+        ring.started = vq.enabled = False
+        if callable(getattr(vq, "unmap", None)):
+            vq.unmap()
         if self.derived_status and not any(r.started for r in self.rings):
             self.device.stop()
             self.device.status &= ~VIRTIO_CONFIG_S_DRIVER_OK
@@ -760,14 +689,15 @@ HANDLERS: dict[str, Callable[[Session, Request, Result], dict | None]] = {
     "RESET_OWNER": Session._reset_owner,
     "RESET_DEVICE": Session._reset_owner,
     "SET_BACKEND": Session._set_backend,
-    "GET_FEATURES": Session._get_features,
+    "GET_FEATURES": lambda s, req, out: {
+        "features": s.device.features | (F_PROTOCOL_FEATURES if s.derived_status else 0)},
     "SET_FEATURES": Session._set_features,
-    "GET_PROTOCOL_FEATURES": Session._get_protocol_features,
+    "GET_PROTOCOL_FEATURES": lambda s, req, out: {"features": s.protocol_offer},
     "SET_PROTOCOL_FEATURES": Session._set_protocol_features,
-    "GET_STATUS": Session._get_status,
+    "GET_STATUS": lambda s, req, out: {"status": s.device.status},
     "SET_STATUS": Session._set_status,
-    "GET_QUEUE_NUM": Session._get_queue_num,
-    "GET_STATS": Session._get_stats,
+    "GET_QUEUE_NUM": lambda s, req, out: {"num": s.device.num_queues},
+    "GET_STATS": lambda s, req, out: {"stats": s.device.get_stats()},
     "GET_CONFIG": Session._get_config,
     "SET_CONFIG": Session._set_config,
     "SET_LOG_BASE": Session._set_log_base,
@@ -776,9 +706,9 @@ HANDLERS: dict[str, Callable[[Session, Request, Result], dict | None]] = {
     "SET_VRING_ADDR": Session._set_vring_addr,
     "SET_VRING_BASE": Session._set_vring_base,
     "GET_VRING_BASE": Session._get_vring_base,
-    "SET_VRING_KICK": Session._set_vring_kick,
-    "SET_VRING_CALL": Session._set_vring_call,
-    "SET_VRING_ERR": Session._set_vring_err,
+    "SET_VRING_KICK": lambda s, req, out: s._set_doorbell(req, out, "kick"),
+    "SET_VRING_CALL": lambda s, req, out: s._set_doorbell(req, out, "call"),
+    "SET_VRING_ERR": lambda s, req, out: s._set_doorbell(req, out, "err"),
     "SET_VRING_ENABLE": Session._set_vring_enable,
 }
 # ops one transport has and the other does not (vhost-user offers no F_STATUS)

@@ -164,7 +164,7 @@ class GuestMemory:
     def mem_ok(self) -> str | None:
         """None while every region is still backed; else why not (one line).
 
-        A bytearray cannot shrink under us; ShmGuestMemory overrides this to notice a guest that
+        A bytearray cannot shrink under us; host/guest_memory.py's MappedGuestMemory overrides this to notice a guest that
         truncated its shared memory (touching the lost pages would be SIGBUS). The data path
         calls it (through VhostDevice.mem_ok) before it touches guest memory for a batch."""
         return None

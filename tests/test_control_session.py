@@ -466,14 +466,12 @@ def test_reconnect_style_setup_resumes_at_used_idx():
     assert gvq.get_buf() == ("after", 1)
 
 
-def test_device_factory_and_hello_check_refusals():
+def test_device_factory_refusals():
     def dup(hello):
         raise ProtocolError("CID 3 is already in use", "EADDRINUSE")
     w = World(factory=dup)
     rep = w.bad("HELLO", "EADDRINUSE", version=1, device="vsock", guest="g", reconnect=False, params={})
     assert "in use" in rep["message"]
-    w = World(hello_check=dup)
-    w.bad("HELLO", "EADDRINUSE", version=1, device="vsock", guest="g", reconnect=False, params={})
 
 
 def test_a_device_bug_is_eio_not_an_exception():

@@ -100,7 +100,7 @@ def test_cli_ctrl_c_prints_partial_counts_and_exits_130():
         while not got and time.monotonic() < end:       # the seed line: cases are running
             time.sleep(0.05)
         assert got and "seed 5" in got[0], ("no seed line within 30 s", got)
-        time.sleep(1.0)
+        time.sleep(1.0)                 # Ctrl-C a while into the run (the thing under test)
         os.killpg(p.pid, signal.SIGINT)
         p.wait(60)
         reader.join(10)

@@ -422,6 +422,33 @@ def test_queued_replies_bound_stops_and_restarts_tx():
     assert dev.queued_replies == 0
 
 
+def test_cancel_pkt_gives_back_replies_and_keeps_a_partly_written_packet():
+    """vhost_transport_cancel_pkt: a socket's queued packets go, except one already partly in rx
+    buffers; the replies among them are given back, and tx, stopped on owed replies, resumes."""
+    dev, g, w = make(sizes=(64, 8, 8))
+    sk = object()
+    part = pkt(VIRTIO_VSOCK_OP_RW, src_cid=2, dst_cid=GUEST_CID, payload=bytes(2500))
+    part.owner = sk
+    dev.send_pkt(part)                       # no rx buffer yet: queued
+    g.post_rx(1, size=1000)
+    w.run()                                  # one buffer filled: the packet stays, partly sent
+    assert len(dev.send_pkt_list) == 1 and 0 < dev.send_pkt_list[0][1] < 2500
+    for i in range(8):                       # eight owed replies of sk: tx stops at the ring size
+        r = pkt(VIRTIO_VSOCK_OP_RST, src_cid=2, dst_cid=GUEST_CID, src_port=300 + i)
+        r.owner, r.reply = sk, True
+        dev.send_pkt(r)
+    assert dev.queued_replies == 8
+    assert g.xmit(pkt(VIRTIO_VSOCK_OP_REQUEST, src_port=400))
+    g.kick(VSOCK_VQ_TX, force=True)
+    w.run()
+    assert dev.stats["tx_packets"] == 0 and dev.stats["tx_stopped_replies"] >= 1
+    assert dev.cancel_pkt(sk) == 8           # the partly written packet stays
+    assert dev.queued_replies == 0 and [e[0] for e in dev.send_pkt_list] == [part]
+    assert dev.handle_tx_work in w.work      # replies given back: tx resumes
+    w.run()
+    assert dev.stats["tx_packets"] == 1
+
+
 # --- rx: host -> guest ------------------------------------------------------------------------
 @pytest.mark.parametrize("layout", ["one", "two"])
 def test_rx_delivery_in_one_and_two_descriptor_layouts(layout):

@@ -4,7 +4,8 @@ import os
 import signal
 import types
 
-from host.native import attach_shm_memory, shm_region
+from host.guest_memory import attach_memory as attach_shm_memory
+from host.native import shm_region
 from host.device import VhostDevice
 from shared.constants import VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_NEEDS_RESET
 from shared.resources import close_shm, create_shm, resource_base, unlink_shm

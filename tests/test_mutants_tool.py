@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.waiting import wait_until
 from tools.mutants.runner import load_catalog
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -163,7 +164,6 @@ def test_every_catalog_snippet_still_matches_once():
 
 def test_ctrl_c_stops_the_run_cleans_up_and_exits_130(tmp_path):
     import signal
-    import time
     root = make_tree(tmp_path)
     (tmp_path / "catalog.toml").write_text(CATALOG.replace("timeout = 3", "timeout = 120"))
     tmp = tmp_path / "tmp"                      # the tool's temporary copies go here
@@ -173,7 +173,9 @@ def test_ctrl_c_stops_the_run_cleans_up_and_exits_130(tmp_path):
                          env=dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(tmp)),
                          stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
-    time.sleep(5)                               # the baseline (~1 s), then the endless mutant
+    # the baseline, then the endless mutant: its copy holds the mutated line
+    wait_until(lambda: any("i += 0" in f.read_text() for f in tmp.glob("ve-mutants-*/w*/calc.py")),
+               60, "mutant under test", 0.05)
     p.send_signal(signal.SIGINT)
     out, _ = p.communicate(timeout=60)
     assert p.returncode == 130, out

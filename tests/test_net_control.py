@@ -233,13 +233,14 @@ def test_vhost_user_log_shmfd_and_log_all_on_running_rings():
     import os
     import struct
 
+    from host.session import PROTOCOL_F_LOG_SHMFD
     from host.vhost_user import codec
     from tests.test_vhost_user_session import GPA, MEM, negotiate, req, ring_addrs, setup_rings, state, u64
     need = -(-(GPA + MEM) // 4096 // 8)
     # offered: LOG_ALL and LOG_SHMFD; without a log, LOG_ALL is EFAULT (the connection closes)
     s = _vu_session()
     f = negotiate(s)
-    assert f & LOG_ALL and s.session.protocol_features & (1 << codec.PROTOCOL_F_LOG_SHMFD)
+    assert f & LOG_ALL and s.session.protocol_features & (1 << PROTOCOL_F_LOG_SHMFD)
     out = s.handle(req("SET_FEATURES", u64((1 << 32) | LOG_ALL), need_reply=True))
     assert out.close and s.session.error.code == "EFAULT" and out.replies[-1][-8:] == u64(1)
     s.close()

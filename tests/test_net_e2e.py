@@ -8,8 +8,10 @@ import time
 import pytest
 
 from shared.resources import ours_in_dev_shm, run_tag
+from shared.stats import read_all
 
 from .procs import ROOT, Cluster, Proc, _env
+from .waiting import fresh_snapshots, wait_until
 
 pytestmark = pytest.mark.multiprocess
 
@@ -89,9 +91,9 @@ def test_host_refuses_missing_tap_and_duplicate_mac(cluster):
     r = run_cli("-m", "guest", "--run-dir", str(cluster.run_dir), "--mem", "8M", "--net", "loopback",
                 "--mac", "52:54:00:00:20:01")
     assert r.returncode == 1 and "already in use" in r.stderr and "Traceback" not in r.stderr, r.stderr
-    time.sleep(0.3)
-    names = [n for n in ours_in_dev_shm() if run_tag(cluster.run_dir) in n]
-    assert len(names) <= 7        # only guest a's RAM and doorbells (1 + 2 queues x 3)
+    # only guest a's RAM and doorbells (1 + 2 queues x 3) once the refused guest's are gone
+    wait_until(lambda: len([n for n in ours_in_dev_shm() if run_tag(cluster.run_dir) in n]) <= 7,
+               what="refused guest's resources removed")
 
 
 @pytest.mark.slow
@@ -103,7 +105,9 @@ def test_a_flooding_guest_starves_nobody(cluster, tmp_path):
     fout = tmp_path / "f.json"
     net_guest(cluster, "f", "--net", "segment:lan", "--ip", "169.254.10.9/24", "--mac", "52:54:00:00:30:09",
               "--net-run", "tests.net_apps:flood", env={"VE_APP_OUT": str(fout), "VE_APP_SECONDS": "6"})
-    time.sleep(1.0)                                  # the flood is on
+    wait_until(lambda: any(d.get("guest") == "f" and d["stats"].get("tx_frames", 0) > 100
+                           for d in read_all(cluster.run_dir) if d.get("role") == "device"),
+               30, "flood under way")
     out_c, out_f = tmp_path / "bc.json", tmp_path / "bf.json"
     net_guest(cluster, "b", "--net", "segment:lan", "--ip", "169.254.10.2/24", "--mac", "52:54:00:00:30:02",
               "--net-run", "tests.net_apps:ping_peer",
@@ -138,9 +142,11 @@ def test_backend_that_stops_reading_pauses_tx_and_loses_nothing(cluster, tmp_pat
         # announce our MAC so b's port learns where it lives
         me.sendto(b"\xff" * 6 + bytes.fromhex("525400004009") + b"\x88\xb6" + bytes(46),
                   str(seg / "525400004002.sock"))
-        time.sleep(0.3)
+        wait_until(lambda: any(d.get("guest") == "b" and d["stats"].get("rx_frames", 0) >= 1
+                               for d in read_all(cluster.run_dir) if d.get("role") == "device"),
+                   10, "announcement taken in by b's port")
         (bench / "go-0").touch()
-        time.sleep(1.5)                                   # not reading: b's sends hit a full port
+        time.sleep(1.5)        # the thing under test: not reading a while, b's sends hit a full port
         me.settimeout(3)
         got = 0
         while got < 3000:
@@ -151,10 +157,7 @@ def test_backend_that_stops_reading_pauses_tx_and_loses_nothing(cluster, tmp_pat
             assert f[:6] == bytes.fromhex("525400004009") and len(f) == 200
             got += 1
         assert got == 3000
-        devs = [d for d in read_all(cluster.run_dir) if d.get("role") == "device"]
-        time.sleep(0.6)
-        devs = [d for d in read_all(cluster.run_dir) if d.get("role") == "device"]
-        st = devs[0]["stats"]
+        st = fresh_snapshots(cluster.run_dir)[0]["stats"]
         assert st["tx_full"] > 0 and st["tx_frames"] >= 3000 and st["tx_dropped"] == 0, st
     finally:
         me.close()
@@ -218,8 +221,7 @@ def test_malformed_tx_chain_needs_reset_others_undisturbed(cluster, tmp_path):
               env={"VE_APP_OUT": str(out), "VE_APP_PEER": "169.254.10.1", "VE_APP_COUNT": "3"})
     res = wait_file(out)
     assert res and res[0]["replies"] == 3 and res[0]["udp_echo_ok"], res
-    time.sleep(0.6)
-    devs = {d["guest"]: d for d in read_all(cluster.run_dir) if d.get("role") == "device"}
+    devs = {d["guest"]: d for d in fresh_snapshots(cluster.run_dir)}
     assert devs["evil"]["status"] & VIRTIO_CONFIG_S_NEEDS_RESET and devs["evil"]["stats"]["errors"] == 1
     assert "Unexpected descriptor format for TX" in devs["evil"]["stats"]["last_error"]
     assert not devs["a"]["stats"]["broken"] and not devs["b"]["stats"]["broken"]

@@ -7,6 +7,7 @@ import time
 
 from shared.doorbell import LocalDoorbell
 from shared.engine import MODERATE_S, Engine, PollOps
+from tests.waiting import wait_until
 
 
 class Ring:
@@ -55,7 +56,7 @@ def test_a_waiting_caller_runs_the_ring_work_on_its_own_thread():
     eng, db, ring, t = make()
     try:
         def producer():
-            time.sleep(0.05)
+            wait_until(lambda: t.lead_owner is not None, what="caller serving the ring")
             ring.produce(db)
         threading.Thread(target=producer, name="producer").start()
         with eng.lock:
@@ -93,7 +94,7 @@ def test_a_second_caller_does_not_serve_while_the_first_does():
         th = threading.Thread(target=first, name="first")
         th.start()
         started.wait(2)
-        time.sleep(0.02)
+        wait_until(lambda: t.lead_owner is not None, what="first caller serving the ring")
         rings = db.rings
         with eng.lock:
             assert t.serve(lambda: True, None) is None       # another thread serves
@@ -113,7 +114,7 @@ def test_work_done_elsewhere_ends_the_serve_when_nudged():
         flag = []
 
         def other():
-            time.sleep(0.05)
+            wait_until(lambda: t.lead_owner is not None, what="caller serving the ring")
             with eng.lock:
                 flag.append(1)
                 t.nudge()
@@ -130,7 +131,7 @@ def test_a_burst_reader_asks_for_the_doorbell_after_the_burst_and_sleeps_at_most
     eng, db, ring, t = make()
     try:
         def producer():
-            time.sleep(0.02)
+            wait_until(lambda: 4 in ring.delays, what="reader asking for a burst of 4")
             ring.produce(db, 2)               # a burst shorter than the 4 asked for: no doorbell
         threading.Thread(target=producer).start()
         t0 = time.monotonic()

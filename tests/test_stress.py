@@ -314,7 +314,7 @@ def _interrupt_stress(base: Path, ready, after: float, *extra: str):
             time.sleep(0.1)
         assert p.poll() is None, p.communicate()[0]
         assert ready(base), "the stress run did not get going in 90 s"
-        time.sleep(after)
+        time.sleep(after)           # Ctrl-C this far into the run (the thing under test)
         os.killpg(p.pid, signal.SIGINT)
         out, _ = p.communicate(timeout=120)
     finally:

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 from pathlib import Path
 
 import pytest
 
-from shared.stats import read_all
+from tests.waiting import fresh_snapshots
 from tests.procs import Proc
 from tools.launch import free_udp_port
 from tools.testpmd import LATE_PROBES, TESTPMD, Testpmd, send_and_collect
@@ -50,8 +49,7 @@ def udp_backend(tmp_path):
 
 
 def device_stats(run: Path) -> dict:
-    time.sleep(0.7)                               # the next stats snapshot (every 0.5 s)
-    (st,) = [d for d in read_all(run) if d.get("role") == "device"]
+    (st,) = fresh_snapshots(run)                  # written after the frames were counted
     return st
 
 

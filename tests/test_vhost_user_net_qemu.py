@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.stats import read_all
+from tests.waiting import fresh_snapshots
 from tests.procs import ROOT, Proc, _env
 
 pytestmark = [pytest.mark.qemu, pytest.mark.multiprocess]
@@ -108,12 +108,6 @@ def _rtt(text: str) -> float | None:
     return float(m.group(1)) if m else None
 
 
-def _stats(run_dir: Path) -> dict:
-    devs = [d for d in read_all(run_dir) if d.get("role") == "device"]
-    assert len(devs) == 1, devs
-    return devs[0]
-
-
 @pytest.mark.parametrize("layout", ["split", "packed"])
 def test_linux_guest_pings_a_tap_through_vhost_user_net(linux_guest, tmp_path, layout):
     """One boot, every scenario; the failures are reported together. "packed": the backend offers
@@ -161,13 +155,11 @@ def test_linux_guest_pings_a_tap_through_vhost_user_net(linux_guest, tmp_path, l
               (len(r.stdout), r.stderr[-300:]))
         report["tcp_guest_to_ns_MiB_s"] = round(len(r.stdout) / MiB / dt, 2)
         # the frame counters: ours against the tap's (no traffic now: both settle)
-        time.sleep(1.2)
-        for _ in range(5):
-            st = _stats(run_dir)
+        for _ in range(8):                      # each a snapshot written after the last look
+            (st,) = fresh_snapshots(run_dir)
             tap_rx, tap_tx = ns.tap_counters()
             if st["stats"]["tx_packets"] == tap_rx:
                 break
-            time.sleep(0.6)
         s = st["stats"]
         report["frames"] = {"device_tx": s["tx_packets"], "device_rx": s["rx_packets"],
                             "tap_rx": tap_rx, "tap_tx": tap_tx}
@@ -278,13 +270,11 @@ def test_linux_guest_keeps_its_link_with_vlan_and_mtu_9000(linux_guest, tmp_path
         report["vlan"] = vlan = json.loads(out[-1]) if out else {}
         check("vlan frames both ways", vlan.get("answered", 0) >= 3 and vlan.get("largest_tagged_in") == 1518
               and vlan.get("largest_tagged_out") == 1518, vlan)
-        time.sleep(1.2)
-        for _ in range(5):
-            st = _stats(run_dir)
+        for _ in range(8):                      # each a snapshot written after the last look
+            (st,) = fresh_snapshots(run_dir)
             tap_rx, tap_tx = ns.tap_counters()
             if st["stats"]["tx_packets"] == tap_rx:
                 break
-            time.sleep(0.6)
         s = st["stats"]
         report["frames"] = {"device_tx": s["tx_packets"], "device_rx": s["rx_packets"],
                             "tap_rx": tap_rx, "tap_tx": tap_tx, "drops": s["drops"],

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.stats import read_all
+from tests.waiting import fresh_snapshots
 from shared.vsock.pcap import FRAME_OVERHEAD, SNAPLEN, read_pcap
 from tests.procs import Proc
 
@@ -198,8 +198,7 @@ def session(request, linux_guest, tmp_path_factory):
         ctx["h2g"] = exchange(c, h2g)
         c.close()
         guest.wait_for("WAITING-FOR-KILL", BOOT_TIMEOUT)
-        time.sleep(1.0)                              # one more stats snapshot (every 0.5 s)
-        ctx["stats"] = [d for d in read_all(run_dir) if d.get("role") == "device"]
+        ctx["stats"] = fresh_snapshots(run_dir)     # counted up to the guest's last transfer
         yield ctx
     finally:
         if "guest" in ctx:

@@ -14,7 +14,8 @@ import pytest
 from guest.control_client import ControlClient, ControlError
 from guest.ram import GuestRAM
 from guest.virtio_dev import ProbeError, VirtioDevice
-from host.native import NativeCodec, attach_shm_memory, native_session, shm_region
+from host.guest_memory import attach_memory as attach_shm_memory
+from host.native import NativeCodec, native_session, shm_region
 from host.device import VhostDevice
 from shared.constants import (VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_VERSION_1, VIRTIO_ID_VSOCK,
                               VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,

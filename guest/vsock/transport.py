@@ -78,7 +78,7 @@ from shared.constants import (
 )
 from guest.bufpool import BufPool
 from shared.batch import Batch
-from shared.vsock.packet import HDR, Packet, cork
+from shared.vsock.packet import HDR, Packet, cancel_queued, cork, replies_resume
 from shared.constants import VIRTIO_VSOCK_MAX_PKT_BUF_SIZE, VIRTIO_VSOCK_OP_RW, VIRTIO_VSOCK_TYPE_STREAM
 from shared.vsock.proto import LEND_MIN, Loan, SockState, VsockCore
 
@@ -453,7 +453,7 @@ class VirtioVsockTransport:
     def _reply_sent(self) -> None:
         """A reply reached the tx ring: resume rx if the owed replies had stopped it."""
         self.queued_replies -= 1
-        if self.queued_replies + 1 == self.vqs[VSOCK_VQ_RX].num:
+        if replies_resume(self.queued_replies + 1, self.queued_replies, self.vqs[VSOCK_VQ_RX].num):
             self.kernel.queue_work(self.rx_work)
 
     def send_pkt_loopback(self, pkt: Packet) -> int:
@@ -528,23 +528,13 @@ class VirtioVsockTransport:
 
     def cancel_pkt(self, sk) -> int:
         """virtio_transport_cancel_pkt: drop a closing socket's queued packets; returns how many."""
-        keep: deque[Packet] = deque()
-        cnt = 0
-        removed = 0
-        for pkt in self.send_pkt_list:
-            if pkt.owner is sk:
-                removed += 1
-                if pkt.reply:
-                    cnt += 1
-            else:
-                keep.append(pkt)
-        self.send_pkt_list = keep
+        self.send_pkt_list, removed, cnt = cancel_queued(
+            self.send_pkt_list, sk, lambda pkt, sk: pkt if pkt.owner is sk else None)
         self.stats["cancelled_packets"] += removed
         if cnt and self.vqs:
             self.queued_replies -= cnt
-            num = self.vqs[VSOCK_VQ_RX].num
             # rx stopped because of owed replies, and now it may resume
-            if self.queued_replies + cnt >= num > self.queued_replies:
+            if replies_resume(self.queued_replies + cnt, self.queued_replies, self.vqs[VSOCK_VQ_RX].num):
                 self.kernel.queue_work(self.rx_work)
         return removed
 

@@ -1,1 +1,2 @@
-"""vhost-user: QEMU's backend protocol as a second control transport (codec, session, runner)."""
+"""vhost-user: QEMU's backend protocol as a second control transport (its codec and its listener;
+the session is host/session.py)."""

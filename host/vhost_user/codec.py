@@ -1,4 +1,5 @@
-"""The vhost-user wire format: bytes + fds in, typed requests out; replies to bytes. Pure code.
+"""The vhost-user wire format: bytes + fds in, the session's typed requests out; results to reply
+bytes. Pure code.
 
 Layouts from QEMU docs/interop/vhost-user.rst ("Message Specification"), checked against
 libvhost-user.h and rust-vmm vhost's message.rs:
@@ -13,127 +14,79 @@ libvhost-user.h and rust-vmm vhost's message.rs:
     config        u32 offset | u32 size | u32 flags | u8 payload[size]
     log           u64 mmap_size | u64 mmap_offset
 
-`VhostUserCodec(session)` turns each wire `Request` into the session's typed request
-(host/session.py, the one session both transports share) and its result into reply bytes:
-REPLY_ACK when negotiated and asked for, the op's own reply otherwise; any error closes.
-
-`Decoder.feed(data, fds)` buffers bytes and fds (fds arrive with the first byte of the message
-they belong to: SCM_RIGHTS on the recvmsg that read the header) and yields `Request`s; a
-malformed message raises `VhostUserError` (the runner logs it and closes the connection). Fds
-handed to a request belong to it; the decoder closes any it cannot hand out.
+`PAYLOADS` says, per request, which layout its payload has, which `Request` fields it fills and
+which fds come with it; `REPLIES`, which reply carries what. `decode_message(data, fds)` turns one
+whole message and the fds that came with its header into the session's `Request` (host/session.py),
+which owns them from then on; a malformed message raises `VhostUserError` (its fds closed, the
+connection closed). `VhostUserCodec(session)` hands each to the one Session and answers: the op's
+own reply, else REPLY_ACK when negotiated and asked for; any error closes.
 """
 from __future__ import annotations
 
 import logging
-import os
 import struct
-from dataclasses import dataclass, field
 
-from host import session as typed
-from host.session import Outcome, Session
+from host.session import PROTOCOL_F_REPLY_ACK, Region, Request, Result, Session, close_fds
 from shared.doorbell import EventFdDoorbell
 
-from .memfd import map_log_fd, map_regions
+from host import guest_memory
 
 log = logging.getLogger(__name__)
 
 HEADER = struct.Struct("<III")
-U64 = struct.Struct("<Q")
-VRING_STATE = struct.Struct("<II")
-VRING_ADDR = struct.Struct("<IIQQQQ")
 MEM_HEADER = struct.Struct("<II")
 MEM_REGION = struct.Struct("<QQQQ")
-CONFIG_HEADER = struct.Struct("<III")
-LOG = struct.Struct("<QQ")
-
-VERSION = 0x1
-VERSION_MASK = 0x3
-F_REPLY = 0x4
-F_NEED_REPLY = 0x8
+VERSION, VERSION_MASK, F_REPLY, F_NEED_REPLY = 0x1, 0x3, 0x4, 0x8
 MAX_REGIONS = 8                      # VHOST_MEMORY_BASELINE_NREGIONS
 MAX_CONFIG = 256                     # VHOST_USER_MAX_CONFIG_SIZE
 MAX_PAYLOAD = MEM_HEADER.size + MAX_REGIONS * MEM_REGION.size   # the largest message we accept
-MAX_FDS = MAX_REGIONS
 VRING_IDX_MASK = 0xFF                # SET_VRING_KICK/CALL/ERR: bits 0-7 the index
 VRING_NOFD = 1 << 8                  # bit 8: no fd (polling / remove)
 
-# Front-end message types (vhost-user.rst "Front-end message types")
-REQUESTS = {
-    1: "GET_FEATURES", 2: "SET_FEATURES", 3: "SET_OWNER", 4: "RESET_OWNER", 5: "SET_MEM_TABLE",
-    6: "SET_LOG_BASE", 7: "SET_LOG_FD", 8: "SET_VRING_NUM", 9: "SET_VRING_ADDR",
-    10: "SET_VRING_BASE", 11: "GET_VRING_BASE", 12: "SET_VRING_KICK", 13: "SET_VRING_CALL",
-    14: "SET_VRING_ERR", 15: "GET_PROTOCOL_FEATURES", 16: "SET_PROTOCOL_FEATURES",
-    17: "GET_QUEUE_NUM", 18: "SET_VRING_ENABLE", 19: "SEND_RARP", 20: "NET_SET_MTU",
-    21: "SET_BACKEND_REQ_FD", 22: "IOTLB_MSG", 23: "SET_VRING_ENDIAN", 24: "GET_CONFIG",
-    25: "SET_CONFIG", 26: "CREATE_CRYPTO_SESSION", 27: "CLOSE_CRYPTO_SESSION",
-    28: "POSTCOPY_ADVISE", 29: "POSTCOPY_LISTEN", 30: "POSTCOPY_END", 31: "GET_INFLIGHT_FD",
-    32: "SET_INFLIGHT_FD", 33: "GPU_SET_SOCKET", 34: "RESET_DEVICE", 35: "VRING_KICK",
-    36: "GET_MAX_MEM_SLOTS", 37: "ADD_MEM_REG", 38: "REM_MEM_REG", 39: "SET_STATUS",
-    40: "GET_STATUS",
-}
+# Front-end message types, codes 1.. (vhost-user.rst "Front-end message types")
+REQUESTS = dict(enumerate((
+    "GET_FEATURES SET_FEATURES SET_OWNER RESET_OWNER SET_MEM_TABLE SET_LOG_BASE SET_LOG_FD "
+    "SET_VRING_NUM SET_VRING_ADDR SET_VRING_BASE GET_VRING_BASE SET_VRING_KICK SET_VRING_CALL "
+    "SET_VRING_ERR GET_PROTOCOL_FEATURES SET_PROTOCOL_FEATURES GET_QUEUE_NUM SET_VRING_ENABLE "
+    "SEND_RARP NET_SET_MTU SET_BACKEND_REQ_FD IOTLB_MSG SET_VRING_ENDIAN GET_CONFIG SET_CONFIG "
+    "CREATE_CRYPTO_SESSION CLOSE_CRYPTO_SESSION POSTCOPY_ADVISE POSTCOPY_LISTEN POSTCOPY_END "
+    "GET_INFLIGHT_FD SET_INFLIGHT_FD GPU_SET_SOCKET RESET_DEVICE VRING_KICK GET_MAX_MEM_SLOTS "
+    "ADD_MEM_REG REM_MEM_REG SET_STATUS GET_STATUS").split(), 1))
 CODES = {v: k for k, v in REQUESTS.items()}
 
-# Protocol feature bits (vhost-user.rst "Protocol features")
-PROTOCOL_F_MQ = 0
-PROTOCOL_F_LOG_SHMFD = typed.PROTOCOL_F_LOG_SHMFD        # what the session offers: host/session.py
-PROTOCOL_F_REPLY_ACK = typed.PROTOCOL_F_REPLY_ACK
-PROTOCOL_F_CONFIG = typed.PROTOCOL_F_CONFIG
-PROTOCOL_F_RESET_DEVICE = typed.PROTOCOL_F_RESET_DEVICE
-PROTOCOL_F_STATUS = 16
-VHOST_USER_F_PROTOCOL_FEATURES = 30   # a virtio feature bit: GET/SET_PROTOCOL_FEATURES exist
+# payload layouts: (struct, the Request / result fields it holds, in wire order)
+U64 = (struct.Struct("<Q"), ("value",))
+STATE = (struct.Struct("<II"), ("index", "num"))
+ADDR = (struct.Struct("<IIQQQQ"), ("index", "flags", "desc", "used", "avail", "log"))
+CONFIG = (struct.Struct("<III"), ("offset", "size", "flags"))
+LOG = (struct.Struct("<QQ"), ("size", "offset"))
+MEM = (MEM_HEADER, ("regions",))
+# the fds a request carries: none, exactly one, one unless bit 8 of its u64, one per region
+NO_FD, ONE_FD, VRING_FD, REGION_FDS = range(4)
+
+# op -> (payload layout, fds). Ops not here carry neither (a size 0 payload; extra bytes ignored).
+PAYLOADS = {
+    **dict.fromkeys(("SET_FEATURES", "SET_PROTOCOL_FEATURES", "SET_STATUS", "SEND_RARP",
+                     "NET_SET_MTU"), (U64, NO_FD)),
+    **dict.fromkeys(("SET_LOG_FD", "SET_BACKEND_REQ_FD"), (U64, ONE_FD)),
+    **dict.fromkeys(("SET_VRING_KICK", "SET_VRING_CALL", "SET_VRING_ERR"), (U64, VRING_FD)),
+    **dict.fromkeys(("SET_VRING_NUM", "SET_VRING_BASE", "GET_VRING_BASE", "SET_VRING_ENABLE",
+                     "SET_VRING_ENDIAN"), (STATE, NO_FD)),
+    "SET_VRING_ADDR": (ADDR, NO_FD),
+    "SET_MEM_TABLE": (MEM, REGION_FDS),
+    "GET_CONFIG": (CONFIG, NO_FD),
+    "SET_CONFIG": (CONFIG, NO_FD),
+    "SET_LOG_BASE": (LOG, ONE_FD),
+}
+# op -> the reply's layout and the result fields it carries (GET_CONFIG: + the data). Other ops
+# answer only with REPLY_ACK; SET_LOG_BASE is answered (u64 0) whatever REPLY_ACK says (QEMU waits).
+REPLIES = {"GET_FEATURES": (U64[0], ("features",)), "GET_PROTOCOL_FEATURES": (U64[0], ("features",)),
+           "GET_QUEUE_NUM": (U64[0], ("num",)), "GET_VRING_BASE": STATE, "GET_CONFIG": CONFIG,
+           "SET_LOG_BASE": (U64[0], ("ok",))}
 
 
 class VhostUserError(Exception):
     """A malformed vhost-user message: log it and close the connection."""
-
-
-@dataclass(frozen=True)
-class MemRegion:
-    guest_phys_addr: int
-    memory_size: int
-    userspace_addr: int
-    mmap_offset: int
-
-
-@dataclass(frozen=True)
-class Request:
-    """One decoded front-end message. Exactly the fields its payload type has are set."""
-    op: str
-    code: int
-    flags: int
-    need_reply: bool
-    u64: int | None = None                       # u64 payloads
-    index: int | None = None                     # vring state/addr/fd index
-    num: int | None = None                       # vring state num (SET_VRING_NUM/BASE/ENABLE)
-    addr_flags: int = 0
-    desc: int = 0
-    used: int = 0
-    avail: int = 0
-    log: int = 0
-    regions: tuple[MemRegion, ...] = ()
-    offset: int = 0                              # config
-    size: int = 0
-    config_flags: int = 0
-    data: bytes = b""
-    fds: tuple[int, ...] = field(default=(), compare=False)
-    fd: int | None = field(default=None, compare=False)   # the vring fd (None: bit 8 / none sent)
-
-    def close_fds(self) -> None:
-        for fd in self.fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-
-# Which payload each request carries. None: no payload (size 0 expected, extra bytes ignored).
-_U64_OPS = {"SET_FEATURES", "SET_PROTOCOL_FEATURES", "SET_VRING_KICK", "SET_VRING_CALL",
-            "SET_VRING_ERR", "SET_LOG_FD", "SET_STATUS", "SET_BACKEND_REQ_FD", "SEND_RARP",
-            "NET_SET_MTU"}
-_STATE_OPS = {"SET_VRING_NUM", "SET_VRING_BASE", "GET_VRING_BASE", "SET_VRING_ENABLE",
-              "SET_VRING_ENDIAN"}
-_FD_OPS = {"SET_VRING_KICK": 1, "SET_VRING_CALL": 1, "SET_VRING_ERR": 1, "SET_MEM_TABLE": None,
-           "SET_LOG_BASE": 1, "SET_LOG_FD": 1, "SET_BACKEND_REQ_FD": 1}
 
 
 def decode(code: int, flags: int, payload: bytes, fds: tuple[int, ...] = ()) -> Request:
@@ -145,155 +98,83 @@ def decode(code: int, flags: int, payload: bytes, fds: tuple[int, ...] = ()) -> 
         raise VhostUserError(f"{op}: version {flags & VERSION_MASK} is not 1 (flags {flags:#x})")
     if flags & F_REPLY:
         raise VhostUserError(f"{op}: a front-end message with the REPLY flag")
-    need = bool(flags & F_NEED_REPLY)
-    want = _FD_OPS.get(op, 0)
-    if want == 0 and fds:
+    (st, names), want = PAYLOADS.get(op, ((None, ()), NO_FD))
+    if want == NO_FD and fds:
         raise VhostUserError(f"{op} carries {len(fds)} fd(s) it should not")
-    base = dict(op=op, code=code, flags=flags, need_reply=need, fds=tuple(fds))
-
-    def need_size(n: int) -> None:
-        if len(payload) < n:
-            raise VhostUserError(f"{op}: payload of {len(payload)} bytes, expected {n}")
-
-    if op in _U64_OPS:
-        need_size(U64.size)
-        (v,) = U64.unpack_from(payload)
-        if op in ("SET_VRING_KICK", "SET_VRING_CALL", "SET_VRING_ERR"):
-            if v & ~(VRING_IDX_MASK | VRING_NOFD):
-                raise VhostUserError(f"{op}: reserved bits set in {v:#x}")
-            nofd = bool(v & VRING_NOFD)
-            if nofd and fds:
-                raise VhostUserError(f"{op}: 'no fd' bit set but {len(fds)} fd(s) sent")
-            if not nofd and len(fds) != 1:
-                raise VhostUserError(f"{op}: expected one fd, got {len(fds)}")
-            return Request(**base, u64=v, index=v & VRING_IDX_MASK, fd=None if nofd else fds[0])
-        if want == 1 and len(fds) != 1:
-            raise VhostUserError(f"{op}: expected one fd, got {len(fds)}")
-        return Request(**base, u64=v, fd=fds[0] if fds else None)
-    if op in _STATE_OPS:
-        need_size(VRING_STATE.size)
-        i, n = VRING_STATE.unpack_from(payload)
-        return Request(**base, index=i, num=n)
-    if op == "SET_VRING_ADDR":
-        need_size(VRING_ADDR.size)
-        i, fl, d, u, a, lg = VRING_ADDR.unpack_from(payload)
-        return Request(**base, index=i, addr_flags=fl, desc=d, used=u, avail=a, log=lg)
-    if op == "SET_MEM_TABLE":
-        need_size(MEM_HEADER.size)
-        n, _pad = MEM_HEADER.unpack_from(payload)
+    if st is not None and len(payload) < st.size:
+        raise VhostUserError(f"{op}: payload of {len(payload)} bytes, expected {st.size}")
+    kw = dict(zip(names, st.unpack_from(payload))) if st is not None else {}
+    n = 1 if want == ONE_FD else 0
+    if want == VRING_FD:
+        v = kw["value"]
+        if v & ~(VRING_IDX_MASK | VRING_NOFD):
+            raise VhostUserError(f"{op}: reserved bits set in {v:#x}")
+        if v & VRING_NOFD and fds:
+            raise VhostUserError(f"{op}: 'no fd' bit set but {len(fds)} fd(s) sent")
+        n = 0 if v & VRING_NOFD else 1
+        kw.update(index=v & VRING_IDX_MASK, doorbell=fds[0] if n and fds else None)
+    elif op == "SET_MEM_TABLE":
+        n = kw["regions"]
         if not 1 <= n <= MAX_REGIONS:
             raise VhostUserError(f"SET_MEM_TABLE: {n} regions (1..{MAX_REGIONS})")
-        need_size(MEM_HEADER.size + n * MEM_REGION.size)
+        if len(payload) < MEM_HEADER.size + n * MEM_REGION.size:
+            raise VhostUserError(f"{op}: payload of {len(payload)} bytes, expected "
+                                 f"{MEM_HEADER.size + n * MEM_REGION.size}")
         if len(fds) != n:
             raise VhostUserError(f"SET_MEM_TABLE: {n} regions but {len(fds)} fds")
-        regions = tuple(MemRegion(*MEM_REGION.unpack_from(payload, MEM_HEADER.size + k * MEM_REGION.size))
-                        for k in range(n))
-        return Request(**base, regions=regions)
-    if op in ("GET_CONFIG", "SET_CONFIG"):
-        need_size(CONFIG_HEADER.size)
-        off, size, cf = CONFIG_HEADER.unpack_from(payload)
-        if size > MAX_CONFIG:
-            raise VhostUserError(f"{op}: size {size} exceeds {MAX_CONFIG}")
-        need_size(CONFIG_HEADER.size + size)
-        return Request(**base, offset=off, size=size, config_flags=cf,
-                       data=bytes(payload[CONFIG_HEADER.size:CONFIG_HEADER.size + size]))
+        kw["regions"] = tuple(Region(*MEM_REGION.unpack_from(payload, MEM_HEADER.size + k * MEM_REGION.size),
+                                     source=fd) for k, fd in enumerate(fds))
+    elif st is CONFIG[0]:
+        if kw["size"] > MAX_CONFIG:
+            raise VhostUserError(f"{op}: size {kw['size']} exceeds {MAX_CONFIG}")
+        if len(payload) < st.size + kw["size"]:
+            raise VhostUserError(f"{op}: payload of {len(payload)} bytes, expected {st.size + kw['size']}")
+    if want in (ONE_FD, VRING_FD) and len(fds) != n:
+        raise VhostUserError(f"{op}: expected one fd, got {len(fds)}")
     if op == "SET_LOG_BASE":
-        need_size(LOG.size)
-        if len(fds) != 1:
-            raise VhostUserError(f"SET_LOG_BASE: expected one fd, got {len(fds)}")
-        size, off = LOG.unpack_from(payload)
-        return Request(**base, size=size, offset=off, fd=fds[0])
-    return Request(**base)          # no payload (GET_FEATURES, SET_OWNER, ...) or one we refuse later
+        kw["source"] = fds[0]
+    return Request(op, need_reply=bool(flags & F_NEED_REPLY), fds=tuple(fds), **kw)
 
 
-class Decoder:
-    """Stream decoder: bytes and fds in the order recvmsg returned them.
-
-    Fds arrive with the first byte of the sendmsg that carried them (SCM_RIGHTS on a stream
-    socket), so each batch is tagged with the stream offset of the data it came with and is
-    given to the message that holds that byte.
-    """
-
-    def __init__(self) -> None:
-        self.buf = bytearray()
-        self.pos = 0                                   # stream offset of buf[0]
-        self.marks: list[tuple[int, list[int]]] = []   # (stream offset, fds)
-
-    def feed(self, data: bytes, fds=()) -> list[Request]:
-        if fds:
-            self.marks.append((self.pos + len(self.buf), list(fds)))
-        self.buf += data
-        out: list[Request] = []
-        try:
-            while len(self.buf) >= HEADER.size:
-                code, flags, size = HEADER.unpack_from(self.buf)
-                if size > MAX_PAYLOAD:
-                    raise VhostUserError(f"{REQUESTS.get(code, code)}: payload size {size} "
-                                         f"exceeds {MAX_PAYLOAD}")
-                end = HEADER.size + size
-                if len(self.buf) < end:
-                    break
-                payload = bytes(self.buf[HEADER.size:end])
-                del self.buf[:end]
-                self.pos += end
-                mine: list[int] = []
-                while self.marks and self.marks[0][0] < self.pos:
-                    mine += self.marks.pop(0)[1]
-                try:
-                    out.append(decode(code, flags, payload, tuple(mine)))
-                except VhostUserError:
-                    for fd in mine:
-                        _close(fd)
-                    raise
-        except VhostUserError:
-            for r in out:
-                r.close_fds()
-            self.close()
-            raise
-        return out
-
-    def close(self) -> None:
-        for _, fds in self.marks:
-            for fd in fds:
-                _close(fd)
-        self.marks = []
-
-
-def _close(fd: int) -> None:
+def decode_message(data: bytes, fds=()) -> Request:
+    """One whole message as the runner reads it (host/vhost_user/runner.py read_message: the
+    header, then its payload; its fds came with the header) -> Request. On VhostUserError the
+    fds are closed."""
     try:
-        os.close(fd)
-    except OSError:
-        pass
+        if len(data) < HEADER.size:
+            raise VhostUserError(f"a message of {len(data)} bytes has no header")
+        code, flags, size = HEADER.unpack_from(data)
+        if size > MAX_PAYLOAD:
+            raise VhostUserError(f"{REQUESTS.get(code, code)}: payload size {size} exceeds {MAX_PAYLOAD}")
+        if len(data) != HEADER.size + size:
+            raise VhostUserError(f"{REQUESTS.get(code, code)}: {len(data) - HEADER.size} payload bytes, "
+                                 f"the header says {size}")
+        return decode(code, flags, bytes(data[HEADER.size:]), tuple(fds))
+    except VhostUserError:
+        close_fds(fds)
+        raise
 
 
-# --- replies ---------------------------------------------------------------------------------------
-def _reply(code: int, payload: bytes) -> bytes:
-    return HEADER.pack(code, VERSION | F_REPLY, len(payload)) + payload
+def reply(op: str, payload: bytes) -> bytes:
+    return HEADER.pack(CODES[op], VERSION | F_REPLY, len(payload)) + payload
 
 
-def reply_u64(req: Request, value: int) -> bytes:
-    return _reply(req.code, U64.pack(value & 0xFFFFFFFFFFFFFFFF))
+def encode_result(req: Request, res: Result, ack: bool) -> list[bytes]:
+    """The reply bytes for one request's result: its own reply, or REPLY_ACK (u64 0 on success,
+    non-zero on failure) when negotiated and asked for, or nothing."""
+    if res.error is None and res.fields is not None and req.op in REPLIES:
+        (st, names), data = REPLIES[req.op], res.fields.get("data", b"")
+        values = {"ok": 0, "offset": req.offset, "size": len(data), "flags": req.flags, **res.fields}
+        return [reply(req.op, st.pack(*(values[n] for n in names)) + data)]
+    return [reply(req.op, U64[0].pack(res.error is not None))] if req.need_reply and ack else []
 
 
-def reply_state(req: Request, index: int, num: int) -> bytes:
-    return _reply(req.code, VRING_STATE.pack(index, num))
-
-
-def reply_config(req: Request, data: bytes) -> bytes:
-    return _reply(req.code, CONFIG_HEADER.pack(req.offset, len(data), req.config_flags) + data)
-
-
-def reply_ack(req: Request, ok: bool) -> bytes:
-    """REPLY_ACK: u64 0 on success, non-zero on failure (vhost-user.rst "REPLY_ACK")."""
-    return reply_u64(req, 0 if ok else 1)
-
-
-# --- encoding front-end messages (tests and the tools' probes) ----------------------------------------
+# --- the frontend's side of the same layouts (tests play QEMU with them) -----------------------------
 def encode_request(op: str, payload: bytes = b"", need_reply: bool = False) -> bytes:
     return HEADER.pack(CODES[op], VERSION | (F_NEED_REPLY if need_reply else 0), len(payload)) + payload
 
 
-def mem_table_payload(regions: list[MemRegion]) -> bytes:
+def mem_table_payload(regions) -> bytes:
     return MEM_HEADER.pack(len(regions), 0) + b"".join(
         MEM_REGION.pack(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset) for r in regions)
 
@@ -305,57 +186,12 @@ def parse_reply(data: bytes) -> tuple[str, int, bytes]:
     return REQUESTS.get(code, str(code)), flags, bytes(data[HEADER.size:HEADER.size + size])
 
 
-# --- the session's typed requests and results ---------------------------------------------------------
-_STATE = ("SET_VRING_NUM", "SET_VRING_BASE", "GET_VRING_BASE", "SET_VRING_ENABLE")
-
-
-def to_request(req: Request) -> typed.Request:
-    """A decoded vhost-user message -> the session's Request (fds go with it)."""
-    op = req.op
-    if op in _STATE:
-        return typed.Request(op, index=req.index, num=req.num, fds=req.fds)
-    if op in ("SET_VRING_KICK", "SET_VRING_CALL", "SET_VRING_ERR"):
-        return typed.Request(op, index=req.index, doorbell=req.fd, fds=req.fds)
-    if op == "SET_VRING_ADDR":
-        return typed.Request(op, index=req.index, flags=req.addr_flags, desc=req.desc,
-                             avail=req.avail, used=req.used, log=req.log)
-    if op == "SET_MEM_TABLE":
-        return typed.Request(op, regions=tuple(
-            typed.Region(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset, fd)
-            for r, fd in zip(req.regions, req.fds)), fds=req.fds)
-    if op in ("GET_CONFIG", "SET_CONFIG"):
-        return typed.Request(op, offset=req.offset, size=req.size)
-    if op == "SET_LOG_BASE":
-        return typed.Request(op, source=req.fd, offset=req.offset, size=req.size, fds=req.fds)
-    return typed.Request(op, value=req.u64, fds=req.fds)
-
-
-def encode_result(req: Request, res: typed.Result, ack: bool) -> list[bytes]:
-    if res.error is not None:
-        return [reply_ack(req, False)] if req.need_reply and ack else []
-    f = res.fields
-    if f is not None:
-        if req.op in ("GET_FEATURES", "GET_PROTOCOL_FEATURES"):
-            return [reply_u64(req, f["features"])]
-        if req.op == "GET_QUEUE_NUM":
-            return [reply_u64(req, f["num"])]
-        if req.op == "GET_VRING_BASE":
-            return [reply_state(req, f["index"], f["num"])]
-        if req.op == "GET_CONFIG":
-            return [reply_config(req, f["data"])]
-        if req.op == "SET_LOG_BASE":            # answered whatever REPLY_ACK says (QEMU waits)
-            return [reply_u64(req, 0)]
-    return [reply_ack(req, True)] if req.need_reply and ack else []
-
-
-def vhost_user_session(device, *, attach_memory=None, open_doorbell=None, attach_log=None,
-                       name: str = "vhost-user") -> "VhostUserCodec":
+def vhost_user_session(device, *, attach_memory=guest_memory.attach_memory, open_doorbell=EventFdDoorbell,
+                       attach_log=guest_memory.attach_log, name: str = "vhost-user") -> "VhostUserCodec":
     """A Session for a vhost-user connection (status derived from the rings) behind its codec;
-    by default memory and log come from fds (memfd.py) and doorbells are eventfds."""
-    return VhostUserCodec(Session(device=device, derived_status=True,
-                                  attach_memory=attach_memory or map_regions,
-                                  open_doorbell=open_doorbell or EventFdDoorbell,
-                                  attach_log=attach_log or map_log_fd, name=name))
+    by default memory and log come from fds (host/guest_memory.py) and doorbells are eventfds."""
+    return VhostUserCodec(Session(device=device, derived_status=True, attach_memory=attach_memory,
+                                  open_doorbell=open_doorbell, attach_log=attach_log, name=name))
 
 
 class VhostUserCodec:
@@ -363,50 +199,39 @@ class VhostUserCodec:
 
     def __init__(self, session: Session):
         self.session = session
-        self.decoder = Decoder()
-
-    def feed(self, data: bytes, fds=()) -> Outcome:
-        """One message's bytes and fds (the runner reads a message at a time) -> Outcome."""
-        out = Outcome()
-        try:
-            reqs = self.decoder.feed(data, fds)
-        except VhostUserError as e:
-            log.warning("%s: malformed message: %s; closing the connection", self.session.name, e)
-            out.close = True
-            return out
-        for req in reqs:
-            o = self.handle(req)
-            out.replies += o.replies
-            out.started += o.started
-            if o.close:
-                log.warning("%s: %s refused: %s; closing the connection", self.session.name,
-                            req.op, self.session.error)
-                out.close = True
-                break
-        return out
-
-    def close_fds(self) -> None:
-        """fds received and not handed to a request."""
-        self.decoder.close()
-
-    def close(self) -> None:
-        """The connection is gone: fds not handed out, then Session.close."""
-        self.close_fds()
-        self.session.close()
 
     @property
     def device(self):
         return self.session.device
 
-    def handle(self, req: Request) -> Outcome:
+    def feed(self, data: bytes, fds=()) -> Result:
+        """One message's bytes and fds (the runner reads a message at a time) -> Result."""
+        try:
+            req = decode_message(data, fds)
+        except VhostUserError as e:
+            log.warning("%s: malformed message: %s; closing the connection", self.session.name, e)
+            return Result(close=True)
+        res = self.handle(req)
+        if res.close:
+            log.warning("%s: %s refused: %s; closing the connection", self.session.name, req.op,
+                        self.session.error)
+        return res
+
+    def handle(self, req: Request) -> Result:
         """Never raises. Takes ownership of req's fds."""
         log.debug("%s: <- %r", self.session.name, req)
         if self.session.closed:
             req.close_fds()
-            return Outcome(close=True)
-        res = self.session.handle(to_request(req))     # derived_status: any refusal closes
-        out = Outcome(encode_result(req, res, self.session.reply_ack), res.close, res.started)
-        for r in out.replies:
+            return Result(close=True)
+        res = self.session.handle(req)                 # derived_status: any refusal closes
+        res.replies = encode_result(req, res, bool(self.session.protocol_features & (1 << PROTOCOL_F_REPLY_ACK)))
+        for r in res.replies:
             log.debug("%s: -> %s reply %s", self.session.name, req.op, r[HEADER.size:].hex())
-        return out
+        return res
 
+    def close_fds(self) -> None:
+        """Nothing waits: every message's fds go with its request."""
+
+    def close(self) -> None:
+        """The connection is gone: Session.close."""
+        self.session.close()

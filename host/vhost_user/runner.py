@@ -1,35 +1,27 @@
 """The vhost-user transport: a listening socket, one frontend at a time, one DeviceRunner.
 
-    VhostUserBackend(socket_path, kind, opts).run()
-
-serves one device kind (host/devices.py: VsockKind(cid) or NetKind(spec), transport
-"vhost-user"). It listens on `socket_path` (QEMU's `-chardev socket,path=...` connects to it),
-accepts one frontend (a second one is refused while the first is connected), reads with recvmsg
-(socket.recv_fds: the memory table's and the rings' fds arrive by SCM_RIGHTS), feeds the codec
-(which drives the one Session, host/session.py) and sends the replies. Everything else, kicks
-included (eventfds on the engine's selector, no threads), is the DeviceRunner's (host/runner.py),
-as for a native guest. On EOF or a malformed message the connection is closed, the device reset
-and a new one made for the next frontend.
-
-`serve(pairs, opts)` runs one such backend per (socket, kind) pair (a bare int is a vsock CID),
-each in a process of its own (as the daemon does for native guests), and forwards SIGTERM/SIGINT
-to them.
+`VhostUserBackend(socket_path, kind, opts).run()` serves one device kind (host/devices.py,
+transport "vhost-user") on `socket_path` (QEMU's `-chardev socket,path=...` connects to it). It
+accepts one frontend at a time (a second one is refused while the first is connected) and hands
+the connection to the DeviceRunner (host/runner.py) with the vhost-user codec; kicks are eventfds
+on the engine's selector, no threads. On EOF or a malformed message the connection is closed, the
+device reset and a new one made for the next frontend. `serve(pairs, opts)` runs one backend per
+(socket, kind) in a process of its own (host/runner.py Children, as the daemon does for native
+guests) and stops them on SIGTERM/SIGINT.
 """
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import socket
 import time
 from pathlib import Path
 
 from shared import unixsock
-from shared.signals import die_with_parent
 from shared.vsock.pcap import PcapWriter
 
-from host.devices import VsockKind
-from host.runner import Connection, DeviceRunner, MAX_FDS, checked_recv
+from host.runner import MAX_FDS, Children, Connection, DeviceRunner, checked_recv, exit_status
+from host.session import close_fds
 
 from .codec import HEADER, MAX_PAYLOAD, vhost_user_session
 
@@ -58,8 +50,7 @@ def read_message(sock: socket.socket):
         if size <= MAX_PAYLOAD:                  # larger: the codec refuses the header alone
             data += _read_exact(sock, size)
     except OSError:
-        for fd in fds:
-            os.close(fd)
+        close_fds(fds)
         raise
     finally:
         sock.setblocking(False)
@@ -79,40 +70,27 @@ def _read_exact(sock: socket.socket, n: int) -> bytes:
 class VhostUserBackend:
     def __init__(self, path: Path, kind, opts):
         self.path = Path(path)
-        self.kind = VsockKind(kind, opts, "vhost-user") if isinstance(kind, int) else kind
+        self.kind = kind
         self.opts = opts
         self.runner = DeviceRunner(self.kind, opts, f"vhost-user-{self.kind.device}-{self.path.name}")
         self.worker = self.runner.worker
         self.listener: socket.socket | None = None
         self.conn: Connection | None = None
         self.connections = 0
-        self.opened = False
-
-    @property
-    def cid(self):
-        return getattr(self.kind, "cid", None)
 
     @property
     def device(self):
         return self.runner.device
 
-    @property
-    def session(self):
-        return self.runner.session
-
     def bind(self) -> None:
         """Claim and listen on the socket, then open what the kind holds for its whole life."""
         unixsock.claim(self.path, f"host: {self.path} is already served by another backend")
         self.listener = unixsock.listen(self.path, 4)
-        if not self.opened:
-            try:
-                self.kind.open()
-            except (ValueError, OSError) as e:
-                self.listener.close()
-                self.listener = None
-                unixsock.unlink(self.path)
-                raise SystemExit(f"host: {self.path}: {getattr(e, 'strerror', None) or e}") from None
-            self.opened = True
+        try:
+            self.kind.open()
+        except (ValueError, OSError) as e:
+            self.close()
+            raise SystemExit(f"host: {self.path}: {getattr(e, 'strerror', None) or e}") from None
         log.info("vhost-user-%s backend for %s listening on %s", self.kind.device, self.kind.label,
                  self.path)
 
@@ -140,111 +118,54 @@ class VhostUserBackend:
         log.info("vhost-user %s: ready for the next frontend", self.path)
 
     # --- run ------------------------------------------------------------------------------------
-    def _write_stats(self) -> None:
-        self.runner.write_stats({"guest": f"vhost-user:{self.path.name}", **self.kind.stats_fields(),
-                                 "guest_pid": 0, "connections": self.connections})
-        if not self.worker.stopping:
-            self.worker.call_later(self.opts.stats_interval, self._write_stats)
-
     def run(self) -> int:
         if self.listener is None:
             self.bind()
         self.worker.register(self.listener, _R, self._on_accept)
-        self._write_stats()
-        try:
-            self.worker.run()
-        finally:
-            self.close()
-        return 0
+        return self.runner.run(lambda: {"guest": f"vhost-user:{self.path.name}", **self.kind.stats_fields(),
+                                        "guest_pid": 0, "connections": self.connections}, self.close)
 
     def close(self) -> None:
+        """The connection and the listener (the runner releases the device and the kind)."""
         if self.conn is not None:
             self.conn.close()
         if self.listener is not None:
             self.listener.close()
             self.listener = None
             unixsock.unlink(self.path)
-        self.runner.close()
 
 
 def serve(pairs: list[tuple[Path, object]], opts) -> int:
-    """One backend process per (socket, kind or vsock CID); returns when all have ended or on
-    SIGTERM/SIGINT."""
+    """One backend process per (socket, kind); returns when all have ended or on SIGTERM/SIGINT."""
     if opts.pcap:
         PcapWriter(opts.pcap).close()        # the file header; backends append records
-    backends = []
+    backends: list[VhostUserBackend] = []
     for path, kind in pairs:
         b = VhostUserBackend(path, kind, opts)
         try:
             b.bind()
         except (OSError, SystemExit) as e:
             for other in backends:
-                other.listener.close()
-                other.path.unlink(missing_ok=True)
+                other.close()
                 other.kind.close()
             if isinstance(e, SystemExit):
                 raise
             raise SystemExit(f"host: cannot listen on {path}: {e.strerror}") from None
         backends.append(b)
-    parent = os.getpid()
-    children: dict[int, VhostUserBackend] = {}
+    children = Children(lambda pid, b, status: log.warning(
+        "vhost-user backend for %s ended (%s)", b.path, exit_status(status)))
     for b in backends:
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                for other in backends:
-                    if other is not b:
-                        other.listener.close()
-                die_with_parent(parent)
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-                signal.signal(signal.SIGTERM, lambda *_: b.worker.stop())
-                code = b.run()
-            except BaseException:
-                log.exception("vhost-user backend failed")
-            finally:
-                logging.shutdown()
-                os._exit(code)
+        pid = children.fork(b.run, close=[o.listener for o in backends if o is not b],
+                            on_term=b.worker.stop)
         children[pid] = b
         b.listener.close()
-    stop = False
-
-    def on_signal(*_):
-        nonlocal stop
-        stop = True
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    signal.signal(signal.SIGINT, lambda *_: stop.append(1))
     while children and not stop:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            break
-        if pid:
-            b = children.pop(pid, None)
-            log.warning("vhost-user backend for %s ended (status %#x)", b.path if b else pid, status)
-        else:
+        if not children.reap():
             time.sleep(0.1)
-    for pid in children:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    end = time.monotonic() + 3
-    while children and time.monotonic() < end:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            break
-        if pid:
-            children.pop(pid, None)
-        else:
-            time.sleep(0.05)
-    for pid in children:
-        try:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
+    children.stop()
     for b in backends:
         b.path.unlink(missing_ok=True)
         b.kind.close()

@@ -55,7 +55,7 @@ from shared.constants import (RESERVED_CIDS, VHOST_VSOCK_PKT_WEIGHT, VHOST_VSOCK
                               VSOCK_VQ_RX, VSOCK_VQ_TX)
 from shared.batch import Batch
 from shared.errors import GuestMemoryError, VringError
-from shared.vsock.packet import HDR, HDR_SIZE, Packet, cork
+from shared.vsock.packet import HDR, HDR_SIZE, Packet, cancel_queued, cork, replies_resume
 from shared.vsock.proto import LEND_MIN, Loan, SockState
 
 log = logging.getLogger(__name__)
@@ -467,21 +467,12 @@ class VhostVsock(VhostDevice):
     def cancel_pkt(self, sk) -> int:
         """vhost_transport_cancel_pkt: drop a socket's packets not yet (even partly) in rx
         buffers; returns how many. Replies given back may let tx resume."""
-        keep: deque[list] = deque()
-        removed = replies = 0
-        for entry in self.send_pkt_list:
-            pkt, off = entry
-            if pkt.owner is sk and not off:
-                removed += 1
-                replies += bool(pkt.reply)
-            else:
-                keep.append(entry)
-        self.send_pkt_list = keep
+        self.send_pkt_list, removed, replies = cancel_queued(
+            self.send_pkt_list, sk, lambda e, sk: e[0] if e[0].owner is sk and not e[1] else None)
         if replies:
             before = self.queued_replies
             self.queued_replies -= replies
-            tx_num = self.vqs[VSOCK_VQ_TX].num
-            if before >= tx_num > self.queued_replies:
+            if replies_resume(before, self.queued_replies, self.vqs[VSOCK_VQ_TX].num):
                 self._queue_work(self.handle_tx_work)
         return removed
 
@@ -610,7 +601,7 @@ class VhostVsock(VhostDevice):
                     lst.popleft()
                     if pkt.reply:
                         self.queued_replies -= 1
-                        if self.queued_replies + 1 == tx_num:
+                        if replies_resume(self.queued_replies + 1, self.queued_replies, tx_num):
                             restart_tx = True
                 pkts += 1
                 total += HDR_SIZE + n

@@ -32,6 +32,7 @@ payload handed in.
 from __future__ import annotations
 
 import struct
+from collections import deque
 from dataclasses import dataclass
 
 from shared.constants import (
@@ -155,6 +156,30 @@ def cork(tail: Packet, sk, payload, buf_alloc: int, fwd_cnt: int) -> bool:
     tail.payload += payload
     tail.buf_alloc, tail.fwd_cnt = buf_alloc, fwd_cnt
     return True
+
+
+def cancel_queued(queue, sk, cancellable) -> tuple:
+    """virtio_transport_cancel_pkt / vhost_transport_cancel_pkt, written once for both
+    transports: split a queue of packets not yet on the ring into what stays and what socket
+    `sk` loses. `cancellable(entry, sk)` is the entry's Packet when it may go (the device keeps
+    a packet already partly written into rx buffers), else None. Returns (kept entries as a
+    deque, packets removed, replies among them)."""
+    keep = deque()
+    removed = replies = 0
+    for entry in queue:
+        pkt = cancellable(entry, sk)
+        if pkt is None:
+            keep.append(entry)
+        else:
+            removed += 1
+            replies += bool(pkt.reply)
+    return keep, removed, replies
+
+
+def replies_resume(before: int, after: int, num: int) -> bool:
+    """Did giving back queued replies (before -> after) bring the count under the ring size
+    that stopped the other queue (virtio_transport_more_replies, vhost_vsock_more_replies)?"""
+    return before >= num > after
 
 
 def peek_len(hdr: bytes | bytearray | memoryview) -> int:
