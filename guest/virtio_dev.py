@@ -432,6 +432,15 @@ class VirtioDevice:
         """GET_VRING_BASE: stop the ring; its last_avail_idx."""
         return self._req("GET_VRING_BASE", index=index)["num"]
 
+    def restart(self, bases: list[int]) -> None:
+        """Run the stopped rings again on this connection (a migration that failed after
+        GET_VRING_BASE): reset, the same features, the rings from `bases`, DRIVER_OK."""
+        self._negotiate(self.features, exact=True)
+        self._mem_table_sent = False
+        self._setup_rings(bases=bases)
+        self.driver_ok()
+        self.log.info("restarted; rings resume at %s", bases)
+
     def ring_addrs(self) -> list[tuple[int, int, int]]:
         return [(r.desc, r.avail, r.used) for r in self.rings]
 

@@ -235,3 +235,65 @@ def test_vsock_guest_migrates_connections_reset_listeners_kept(two_hosts, tmp_pa
     time.sleep(0.8)
     g = [d for d in read_all(b.run_dir) if d.get("role") == "guest"]
     assert g and g[0]["cid"] == 18 and g[0]["stats"]["transport_resets"] >= 1, g
+
+
+def test_failed_migration_leaves_the_source_running(two_hosts, tmp_path):
+    """The destination refuses (another --mem): tools.migrate exits 1 with one line, the source's
+    dirty logging is off again and its echo stream never stops."""
+    a, b = two_hosts
+    a.host()
+    b.host()
+    lport, rport = free_port(), free_port()
+    net = ["--net", f"udp:{lport}:{rport}", "--ip", "169.254.18.2/24", "--mac", "52:54:00:00:18:01"]
+    mon = tmp_path / "f.mon"
+    inc = tmp_path / "f.sock"
+    src = guest(a, "fail", *net, "--monitor-socket", str(mon))
+    assert src.wait_log("virtio-net:", 30), src.text()
+    dst = Proc(["-m", "guest", "--run-dir", str(b.run_dir), "--name", "fail", "--mem", "32M", *net,
+                "--incoming", f"unix:{inc}"], b._log("dst"))
+    b.procs.append(dst)
+    assert dst.wait_log("waiting for an incoming migration", 30), dst.text()
+    stream = EchoStream(lport, rport, "169.254.18.2/24").start()
+    try:
+        time.sleep(0.5)
+        r = subprocess.run([sys.executable, "-m", "tools.migrate", "--monitor", str(mon), "--to",
+                            f"unix:{inc}"], capture_output=True, text=True, timeout=60, env=_env(), cwd=ROOT)
+        assert r.returncode == 1 and "failed" in r.stderr and "--mem" in r.stderr, (r.stdout, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1
+        n = max(stream.sent)
+        time.sleep(1.0)
+    finally:
+        stream.close()
+    assert src.p.poll() is None and len([k for k in stream.back if k > n]) > 50
+    assert dst.p.wait(15) != 0                               # the refusing side gives up
+
+
+def test_migration_failing_after_the_pause_resumes_the_source(two_hosts, tmp_path):
+    """No host serves the destination's run dir: the destination cannot resume its device after
+    the source paused and stopped its rings. The source replays its device to its own host and
+    its echo stream carries on."""
+    a, b = two_hosts
+    a.host()                                  # b: no host
+    lport, rport = free_port(), free_port()
+    net = ["--net", f"udp:{lport}:{rport}", "--ip", "169.254.18.2/24", "--mac", "52:54:00:00:18:01"]
+    mon = tmp_path / "p.mon"
+    inc = tmp_path / "p.sock"
+    src = guest(a, "late", *net, "--monitor-socket", str(mon))
+    assert src.wait_log("virtio-net:", 30), src.text()
+    dst = guest(b, "late", *net, "--incoming", f"unix:{inc}", "--connect-timeout", "1")
+    assert dst.wait_log("waiting for an incoming migration", 30), dst.text()
+    stream = EchoStream(lport, rport, "169.254.18.2/24").start()
+    try:
+        time.sleep(0.5)
+        r = subprocess.run([sys.executable, "-m", "tools.migrate", "--monitor", str(mon), "--to",
+                            f"unix:{inc}"], capture_output=True, text=True, timeout=60, env=_env(), cwd=ROOT)
+        assert r.returncode == 1 and "resuming on the destination failed" in r.stderr, (r.stdout, r.stderr)
+        n = max(stream.sent)
+        time.sleep(1.5)
+    finally:
+        stream.close()
+    assert src.p.poll() is None, src.text()[-2000:]
+    assert len([k for k in stream.back if k > n]) > 50, src.text()[-3000:]
+    host_log = a.procs[0].text()
+    assert "dirty logging toggled" in host_log and "stopped at base" in host_log
+    assert dst.p.wait(15) != 0

@@ -34,6 +34,7 @@ log = logging.getLogger("guest.migration")
 BATCH = 256                  # pages per stream message
 RESUME_TIMEOUT = 30.0
 STEP_TIMEOUT = 30.0
+EXIT_GRACE = 0.5             # s the source lingers after completing (query-migrate sees it)
 
 
 class LogPair:
@@ -79,6 +80,8 @@ class Migration:
                            "dirty_guest": 0, "dirty_device": 0, "rounds": [], "downtime_ms": None,
                            "total_ms": None, "error": None}
         self.thread: threading.Thread | None = None
+        self.bases: dict = {}        # id(vdev) -> GET_VRING_BASE of each ring, once paused
+        self.detached: list = []     # net devices whose backends were handed over
         self._t0 = time.monotonic()
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -123,7 +126,8 @@ class Migration:
                 stream.close()
             for _, _, lp in logs:
                 lp.close()
-            self.info["total_ms"] = round((time.monotonic() - self._t0) * 1000, 1)
+            if self.info["total_ms"] is None:
+                self.info["total_ms"] = round((time.monotonic() - self._t0) * 1000, 1)
 
     def _table(self) -> list[dict]:
         return [{k: v for k, v in r.items() if k != "shm"} for r in self.vm.ram.table]
@@ -165,7 +169,7 @@ class Migration:
         t_pause = time.monotonic()
         self._pause(paused)
         self.info["status"] = "device"
-        bases = {}
+        bases = self.bases = {}
         for name, vdev, lp in logs:
             bases[id(vdev)] = [vdev.get_vring_base(i) for i in range(len(vdev.rings))]
         guest = mem.sync_dirty_log()
@@ -178,19 +182,23 @@ class Migration:
         self._progress(pc)
         for name, vdev, lp in logs:
             if name == "net":
+                self.detached.append(vdev)
                 for i in range(len(vdev.rings)):      # the destination's host takes the backend
                     vdev._req("SET_BACKEND", index=i, backend="")
         stream.send("state", **self._state(bases))
         rep = stream.expect("resumed", RESUME_TIMEOUT)
         downtime = (time.monotonic() - t_pause) * 1000
         self.info.update(status="completed", downtime_ms=round(downtime, 1),
-                         dest_resume_ms=rep.get("ms"))
+                         dest_resume_ms=rep.get("ms"),
+                         total_ms=round((time.monotonic() - self._t0) * 1000, 1))
         mem.stop_dirty_log()
         log.info("migration completed: %d rounds, %d pages sent, downtime %.1f ms",
                  len(pc.rounds), self.info["pages_sent"], downtime)
-        self._resume_locks(paused)          # the source has nothing left to run: it exits
-        self.vm.migrated = True
-        self.vm.stop_event.set()
+        self._resume_locks(paused)          # the source has nothing left to run: it exits,
+        self.vm.migrated = True             # once monitors had time to read "completed"
+        t = threading.Timer(EXIT_GRACE, self.vm.stop_event.set)
+        t.daemon = True
+        t.start()
 
     def _send(self, stream: Stream, pm: PageMap, seg, rnd: int, pages: list[int]) -> None:
         for k in range(0, len(pages), BATCH):
@@ -240,10 +248,18 @@ class Migration:
         """A failed migration: the source runs on as before."""
         if mem.dirty_logging:
             mem.stop_dirty_log()
-        if paused:              # rings were stopped: replay every device to its host
+        if paused:              # rings may be stopped: run them again from where they stopped
             for name, vdev, _ in logs:
                 try:
-                    vdev.reconnect()
+                    bases = self.bases.get(id(vdev))
+                    if bases is None or len(bases) != len(vdev.rings):
+                        from shared.ring_layout import used_idx_addr
+                        bases = [mem.load16(used_idx_addr(r.used)) for r in vdev.rings]
+                    vdev.restart(bases)         # (logging off: the features without LOG_ALL)
+                    if vdev in self.detached:
+                        for i in range(len(vdev.rings)):
+                            vdev._req("SET_BACKEND", index=i, backend=vdev.params["backend"])
+                    vdev.set_log_base("", 0)
                 except Exception as e:  # noqa: BLE001
                     log.error("after the failed migration, %s did not come back: %s", name, e)
             self._resume_locks(paused)

@@ -230,7 +230,13 @@ class VhostNet(VhostDevice):
             if self.mem is None or not vq.access_ok(self.mem):
                 raise OSError(errno.EFAULT, f"queue {index}: ring memory is not accessible "
                                             "(vhost_net_set_backend: -EFAULT)")
-        new = self.backend_opener(spec) if spec else None
+        # the spec the other queue's backend was opened from: that backend, shared (QEMU gives
+        # vhost-net one tap fd for both queues; a second open of a udp port or tap would fail)
+        other = self.backends[NET_VQ_TX if index == NET_VQ_RX else NET_VQ_RX]
+        if spec and other is not None and getattr(other, "name", None) == spec:
+            new = other
+        else:
+            new = self.backend_opener(spec) if spec else None
         old = self.set_backend(index, new)
         self.backend_name = spec if spec else self.backend_name
         if old is not None:
