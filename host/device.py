@@ -215,6 +215,7 @@ class VhostDevice:
                     new = DirtyLog(bitmap, owner=owner)
                 except (ValueError, TypeError) as e:
                     raise OSError(errno.EFAULT, f"SET_LOG_BASE: the log is not usable: {e}") from None
+                new.stats = self.stats       # "dirty_logged": pages the device marked, for monitors
             else:
                 new = None
             if self.dirty_log is not None:

@@ -4,6 +4,9 @@
 is an error, never created behind the user's back, and a tap another process holds (a second
 guest) is refused (EBUSY). With `vnet_hdr=on` the tap carries the virtio_net_hdr itself
 (IFF_VNET_HDR, TUNSETVNETHDRSZ): vhost-net then passes the header through instead of stripping it.
+With `multi_queue=on` (a tap made with `ip tuntap add ... multi_queue`) the fd is one queue of the
+tap (IFF_MULTI_QUEUE): a second process may attach another, as the destination of a live
+migration does while the source still holds its own.
 """
 from __future__ import annotations
 
@@ -19,12 +22,13 @@ TUNSETVNETHDRSZ = 0x400454D8
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
+IFF_MULTI_QUEUE = 0x0100
 
 
 class Tap:
     kind = "tap"
 
-    def __init__(self, ifname: str, vnet_hdr: bool = False, hdr_size: int = 12):
+    def __init__(self, ifname: str, vnet_hdr: bool = False, hdr_size: int = 12, multi_queue: bool = False):
         if not ifname or len(ifname) > 15 or "/" in ifname:
             raise ValueError(f"tap backend: bad interface name {ifname!r}")
         try:
@@ -35,7 +39,7 @@ class Tap:
             fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as e:
             raise ValueError(f"tap backend: cannot open /dev/net/tun: {e.strerror}") from None
-        flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)
+        flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0) | (IFF_MULTI_QUEUE if multi_queue else 0)
         try:
             fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", ifname.encode(), flags))
             if vnet_hdr:
