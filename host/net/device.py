@@ -162,6 +162,10 @@ class VhostNet(VhostDevice):
             # rx: a frame already taken from the old backend (rx_pending) stays: it came off the
             # wire for this guest and is delivered with the next buffers (counted if reset first)
             self.backends[index] = backend
+            if index == NET_VQ_RX:       # a multi-queue tap: frames are steered to the rx queue's
+                for b in (old, backend):
+                    if hasattr(b, "steer"):
+                        b.steer(b is self.backends[NET_VQ_RX])
             self.stats["backend_swaps"] += 1
             self._choose_hlen()
             if backend is not None and self.running:

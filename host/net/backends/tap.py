@@ -6,7 +6,9 @@ guest) is refused (EBUSY). With `vnet_hdr=on` the tap carries the virtio_net_hdr
 (IFF_VNET_HDR, TUNSETVNETHDRSZ): vhost-net then passes the header through instead of stripping it.
 With `multi_queue=on` (a tap made with `ip tuntap add ... multi_queue`) the fd is one queue of the
 tap (IFF_MULTI_QUEUE): a second process may attach another, as the destination of a live
-migration does while the source still holds its own.
+migration does while the source still holds its own. Such a queue is detached (TUNSETQUEUE
+IFF_DETACH_QUEUE: the kernel steers no frame to it) except while a device's rx queue uses it
+(`steer(True)` from VhostNet.set_backend), so an idle backend swallows no flow.
 """
 from __future__ import annotations
 
@@ -23,6 +25,9 @@ IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 IFF_MULTI_QUEUE = 0x0100
+IFF_ATTACH_QUEUE = 0x0200
+IFF_DETACH_QUEUE = 0x0400
+TUNSETQUEUE = 0x400454D9
 
 
 class Tap:
@@ -52,9 +57,20 @@ class Tap:
                 raise ValueError(f"tap backend: {ifname!r} is not a tap interface") from None
             raise ValueError(f"tap backend: cannot attach {ifname!r}: {e.strerror}") from None
         self.fd = fd
+        self.multi_queue = multi_queue
+        self.steered = True
+        if multi_queue:
+            self.steer(False)
         self.vnet_hdr = vnet_hdr
         self.name = f"tap:{ifname}"
         self.drops = 0
+
+    def steer(self, on: bool) -> None:
+        """multi_queue: let the kernel send frames to this queue (attached) or not (detached)."""
+        if not self.multi_queue or on == self.steered or self.fd < 0:
+            return
+        fcntl.ioctl(self.fd, TUNSETQUEUE, struct.pack("16sH", b"", IFF_ATTACH_QUEUE if on else IFF_DETACH_QUEUE))
+        self.steered = on
 
     def fileno(self) -> int:
         return self.fd

@@ -1,0 +1,205 @@
+"""Issue 18 item 3: two QEMUs (TCG), each on its own `python -m host --vhost-user-net` (run dirs
+of their own), migrate a running Linux guest between them over a local socket while a TCP stream
+flows into it: LOG_SHMFD, SET_LOG_BASE, SET_FEATURES with LOG_ALL on the running device,
+GET_VRING_BASE on the source; the stream arrives SHA-256-correct and ping works after it.
+
+Both hosts attach one multi-queue tap (`tap:tap0,multi_queue=on`) in a namespace: the destination
+takes its queue while the source still holds its own; quitting the source QEMU drops the source's.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from shared.stats import read_all
+from tests.procs import ROOT, _env
+from tests.test_vhost_user_net_qemu import BOOT_TIMEOUT, GUEST_IP, HOST_IP, NetNs, NsProc, _netns_skip_reason
+
+pytestmark = [pytest.mark.qemu, pytest.mark.multiprocess, pytest.mark.slow]
+
+STREAM_BYTES = 6 << 20
+SCENARIO = r"""
+ip addr add 169.254.10.2/16 dev eth0
+ip link set eth0 up
+socat -u TCP-LISTEN:7001,reuseaddr CREATE:/tmp/in &
+sleep 1
+echo GUEST-LISTENING
+wait
+echo "IN-SHA $(sha256sum /tmp/in | cut -d' ' -f1) $(wc -c < /tmp/in)"
+sleep 600
+"""
+
+# the namespace's sender: STREAM_BYTES of a seeded stream, paced so the transfer spans the migration
+SENDER = r"""
+import hashlib, random, socket, sys, time
+n, ip = int(sys.argv[1]), sys.argv[2]
+rnd = random.Random(18)
+s = socket.create_connection((ip, 7001), timeout=120)
+h = hashlib.sha256()
+sent = 0
+while sent < n:
+    chunk = rnd.randbytes(min(65536, n - sent))
+    s.sendall(chunk)
+    h.update(chunk)
+    sent += len(chunk)
+    time.sleep(0.05)
+s.close()
+print("SENT", sent, h.hexdigest(), flush=True)
+"""
+
+
+class MqNetNs(NetNs):
+    """NetNs with tap0 made multi_queue (ip tuntap ... multi_queue)."""
+
+    def __init__(self):
+        self.name = f"ve-mig-{uuid.uuid4().hex[:10]}"
+        subprocess.run(["ip", "netns", "add", self.name], check=True)
+        try:
+            for cmd in (["ip", "link", "set", "lo", "up"],
+                        ["ip", "tuntap", "add", "dev", "tap0", "mode", "tap", "multi_queue"],
+                        ["ip", "addr", "add", f"{HOST_IP}/16", "dev", "tap0"], ["ip", "link", "set", "tap0", "up"]):
+                self.run(*cmd, check=True)
+        except Exception:
+            self.close()
+            raise
+
+
+class Qmp:
+    def __init__(self, path: Path, timeout: float = 60):
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                self.s = socket.socket(socket.AF_UNIX)
+                self.s.connect(str(path))
+                break
+            except OSError:
+                self.s.close()
+                if time.monotonic() > end:
+                    raise
+                time.sleep(0.2)
+        self.f = self.s.makefile("rwb")
+        json.loads(self.f.readline())                  # the greeting
+        self.cmd("qmp_capabilities")
+
+    def cmd(self, name: str, **args) -> dict:
+        self.f.write(json.dumps({"execute": name, "arguments": args}).encode() + b"\n")
+        self.f.flush()
+        while True:
+            rep = json.loads(self.f.readline())
+            if "return" in rep:
+                return rep["return"]
+            if "error" in rep:
+                raise RuntimeError(f"QMP {name}: {rep['error']}")
+
+    def close(self) -> None:
+        try:
+            self.s.close()
+        except OSError:
+            pass
+
+
+def _device(run_dir: Path) -> dict:
+    devs = [d for d in read_all(run_dir) if d.get("role") == "device"]
+    return devs[0] if devs else {}
+
+
+def test_linux_guest_migrates_between_two_qemus_with_a_tcp_stream(linux_guest, tmp_path):
+    reason = _netns_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    from tools.linux_guest import QemuGuest, qemu_net_cmd, scenario_initrd
+    ns = MqNetNs()
+    procs: list = []
+    qemus: list = []
+    qmps: list = []
+    report: dict = {}
+    try:
+        socks, runs = [], []
+        for side in ("a", "b"):
+            run = tmp_path / f"run-{side}"
+            run.mkdir(mode=0o700)
+            sock = tmp_path / f"vun-{side}.sock"
+            h = NsProc(ns, ["-m", "host", "--vhost-user-net", str(sock), "--net-backend", "tap:tap0,multi_queue=on",
+                            "--run-dir", str(run), "--log-level", "DEBUG"], tmp_path / f"host-{side}.log")
+            procs.append(h)
+            assert h.wait_log("listening on", 20), h.text()
+            socks.append(sock)
+            runs.append(run)
+        initrd = scenario_initrd(linux_guest, SCENARIO, tmp_path / "initrd.gz")
+        mig = tmp_path / "mig.sock"
+        qa, qb = tmp_path / "qmp-a.sock", tmp_path / "qmp-b.sock"
+        src = QemuGuest(qemu_net_cmd(linux_guest, initrd, socks[0]) + ["-qmp", f"unix:{qa},server=on,wait=off"],
+                        tmp_path / "serial-a.log")
+        qemus.append(src)
+        dst = QemuGuest(qemu_net_cmd(linux_guest, initrd, socks[1]) + ["-qmp", f"unix:{qb},server=on,wait=off",
+                                                                        "-incoming", f"unix:{mig}"],
+                        tmp_path / "serial-b.log")
+        qemus.append(dst)
+        src.wait_for("GUEST-LISTENING", BOOT_TIMEOUT)
+        sender = subprocess.Popen(["ip", "netns", "exec", ns.name, sys.executable, "-c", SENDER,
+                                   str(STREAM_BYTES), GUEST_IP], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+        procs.append(sender)
+        time.sleep(2.0)                                 # the stream is flowing
+        qs, qd = Qmp(qa), Qmp(qb)
+        qmps += [qs, qd]
+        t0 = time.monotonic()
+        qs.cmd("migrate", uri=f"unix:{mig}")
+        while True:
+            info = qs.cmd("query-migrate")
+            if info.get("status") in ("completed", "failed", "cancelled"):
+                break
+            if time.monotonic() - t0 > 300:
+                raise AssertionError(f"migration did not finish: {info}")
+            time.sleep(0.2)
+        assert info["status"] == "completed", info
+        logged = (_device(runs[0]).get("stats") or {}).get("dirty_logged")
+        assert qd.cmd("query-status")["status"] == "running"
+        try:
+            qs.cmd("quit")                               # the source's tap queue goes with it
+        except (OSError, ValueError, json.JSONDecodeError):
+            pass                                         # it may close before answering
+        src.wait(30)
+        out, _ = sender.communicate(timeout=300)
+        assert out.startswith("SENT"), out
+        _, n, sha = out.split()
+        _, line = dst.wait_for("IN-SHA", 300)            # the destination's console: same guest
+        assert line.split()[1:] == [sha, n], (line, out)
+        r = ns.run("ping", "-c", "3", "-i", "0.3", "-W", "5", GUEST_IP, text=True)
+        assert r.returncode == 0 and "3 received" in r.stdout, r.stdout + r.stderr
+        ram = info.get("ram", {})
+        report = {"total_ms": info.get("total-time"), "downtime_ms": info.get("downtime"),
+                  "setup_ms": info.get("setup-time"), "rounds (dirty-sync-count)": ram.get("dirty-sync-count"),
+                  "ram_transferred": ram.get("transferred"), "normal_pages": ram.get("normal"),
+                  "zero_pages": ram.get("duplicate"), "device_logged_pages": logged,
+                  "dirty_pages_rate": ram.get("dirty-pages-rate")}
+        alog = procs[0].text()
+        for needle in ("SET_LOG_BASE", "dirty logging toggled", "stopped at base"):
+            assert needle in alog, (needle, alog[-3000:])
+        assert "Traceback" not in alog + procs[1].text()
+        print("\nQEMU MIGRATION", json.dumps(report))
+    finally:
+        for q in qmps:
+            q.close()
+        for g in qemus:
+            g.kill()
+        for p in procs:
+            if isinstance(p, subprocess.Popen):
+                if p.poll() is None:
+                    p.kill()
+                p.wait(10)
+            else:
+                p.stop()
+        ns.close()
+        out = os.environ.get("VE_QEMU_MIG_REPORT")
+        if out:
+            Path(out).write_text(json.dumps(report, indent=1))
