@@ -43,7 +43,7 @@ SENDER = r"""
 import hashlib, random, socket, sys, time
 n, ip = int(sys.argv[1]), sys.argv[2]
 rnd = random.Random(18)
-s = socket.create_connection((ip, 7001), timeout=120)
+s = socket.create_connection((ip, 7001), timeout=60)
 h = hashlib.sha256()
 sent = 0
 while sent < n:
