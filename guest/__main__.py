@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             print(f"guest: --incoming: {e}", file=sys.stderr)
             return 2
-    if args.monitor_socket is not None and args.monitor_socket.exists():
+    from guest.monitor import stale_socket
+    if args.monitor_socket is not None and args.monitor_socket.exists() and not stale_socket(args.monitor_socket):
         print(f"guest: --monitor-socket {args.monitor_socket} already exists", file=sys.stderr)
         return 2
     setup_logging("guest", args.log_level)

@@ -7,7 +7,8 @@ one reply map.
     {"execute": "query-status"}   -> {"return": {"name": ..., "running": true}}
     anything else                 -> {"error": {"class": "CommandNotFound", "desc": "..."}}
 
-The socket is created 0600 by the guest and unlinked when it exits (it never replaces a file).
+The socket is created 0600 by the guest and unlinked when it exits. It never replaces a file,
+except a stale socket whose guest died (nobody accepts on it: `stale_socket`).
 """
 from __future__ import annotations
 
@@ -26,10 +27,32 @@ def _error(cls: str, desc: str) -> dict:
     return {"error": {"class": cls, "desc": desc}}
 
 
+def stale_socket(path: Path) -> bool:
+    """True when `path` is a Unix socket nobody listens on (its guest was killed)."""
+    import stat
+    try:
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            return False
+    except OSError:
+        return False
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(str(path))
+        return False
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
 class MonitorServer:
     def __init__(self, vm, path: Path):
         self.vm = vm
         self.path = Path(path)
+        if stale_socket(self.path):
+            self.path.unlink()
         if self.path.exists():
             raise OSError(f"monitor socket {self.path} already exists")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
