@@ -13,7 +13,7 @@ from pathlib import Path
 
 import msgpack
 
-from shared.cli import prog_name
+from shared.cli import add_version, prog_name
 
 
 class MonitorError(Exception):
@@ -65,6 +65,7 @@ def main(argv=None) -> int:
                    help="stop and copy once the rest fits in this (default 300)")
     p.add_argument("--max-rounds", type=int, default=30, help="stop and copy after this many rounds (default 30)")
     p.add_argument("--json", action="store_true", help="print the final query-migrate as JSON")
+    add_version(p)
     args = p.parse_args(argv)
     if args.max_rounds < 1:
         p.error("--max-rounds must be at least 1")
