@@ -115,9 +115,10 @@ def test_one_unlogged_device_write_is_caught(monkeypatch):
 
 def test_vsock_destination_ram_equals_source_at_the_pause():
     """vhost-vsock (tests/pair.py): both directions of a stream every round; the device's
-    rx writes (and used rings) are logged, the guest's tx buffers tracked by its memory."""
+    rx writes (fast path and queued packets split over buffers, and used rings) are logged, the
+    guest's tx buffers tracked by its memory."""
     from tests.pair import VsockPair
-    p = VsockPair(ram_size=8 << 20)
+    p = VsockPair(ram_size=8 << 20, rx_buf_size=4096)    # payloads > 4 KiB split: do_send_pkt
     try:
         gsk, hsk = p.connect()
         end = max(r["guest_phys_addr"] + r["memory_size"] for r in p.ram.table)
@@ -131,7 +132,12 @@ def test_vsock_destination_ram_equals_source_at_the_pause():
         def traffic():
             n[0] += 1
             with p.lock, p.dev.batch:
-                p.dev.core.send(hsk, bytes([n[0]]) * (3000 + 700 * n[0]))
+                # one that fits an rx buffer takes the fast path (send_rw), a larger one is
+                # split over several buffers by do_send_pkt
+                p.dev.core.send(hsk, bytes([n[0]]) * (1000 + 100 * n[0]))
+            p.pump()
+            with p.lock, p.dev.batch:
+                p.dev.core.send(hsk, bytes([n[0] + 100]) * (9000 + 700 * n[0]))
             with p.lock, p.t.batch:
                 p.t.core.send(gsk, bytes([n[0]]) * 5000)
             p.pump()
