@@ -214,6 +214,8 @@ def test_vsock_guest_migrates_connections_reset_listeners_kept(two_hosts, tmp_pa
     assert r.returncode == 0, (r.stdout, r.stderr, src.text()[-3000:], dst.text()[-3000:])
     info = json.loads(r.stdout.strip().splitlines()[-1])
     assert info["dirty_device"] > 0 and echoed[0] > 0
+    print("\nVSOCK MIGRATION", json.dumps({k: info[k] for k in ("total_ms", "downtime_ms", "round", "pages_sent",
+                                                                "dirty_guest", "dirty_device", "rounds")}))
     bt.join(15)                            # the connection did not survive: reset or EOF
     assert isinstance(echoed[1], OSError), echoed
     old.close()
