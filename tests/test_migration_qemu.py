@@ -1,7 +1,8 @@
 """Issue 18 item 3: two QEMUs (TCG), each on its own `python -m host --vhost-user-net` (run dirs
 of their own), migrate a running Linux guest between them over a local socket while a TCP stream
 flows into it: LOG_SHMFD, SET_LOG_BASE, SET_FEATURES with LOG_ALL on the running device,
-GET_VRING_BASE on the source; the stream arrives SHA-256-correct and ping works after it.
+GET_VRING_BASE on the source; at the pause (the destination started with -S) both RAMs are equal
+page for page (pmemsave); the stream arrives SHA-256-correct and ping works after it.
 
 Both hosts attach one multi-queue tap (`tap:tap0,multi_queue=on`) in a namespace: the destination
 takes its queue while the source still holds its own; quitting the source QEMU drops the source's.
@@ -107,6 +108,33 @@ class Qmp:
             pass
 
 
+MEM_MB = 256           # tools.linux_guest.qemu_net_cmd's default
+
+
+def _ram_differs(qs: Qmp, qd: Qmp, tmp: Path, mem_mb: int) -> list[int]:
+    """Pages (gpa >> 12) whose bytes differ between the two paused guests (pmemsave of each)."""
+    files = []
+    for q, name in ((qs, "src.ram"), (qd, "dst.ram")):
+        f = tmp / name
+        q.cmd("pmemsave", val=0, size=mem_mb << 20, filename=str(f))
+        files.append(f)
+    out = []
+    with open(files[0], "rb") as a, open(files[1], "rb") as b:
+        page = 0
+        while True:
+            x, y = a.read(1 << 20), b.read(1 << 20)
+            if not x and not y:
+                break
+            if x != y:
+                for k in range(0, max(len(x), len(y)), 4096):
+                    if x[k:k + 4096] != y[k:k + 4096]:
+                        out.append(page + k // 4096)
+            page += 256
+    for f in files:
+        f.unlink()
+    return out
+
+
 def _device(run_dir: Path) -> dict:
     devs = [d for d in read_all(run_dir) if d.get("role") == "device"]
     return devs[0] if devs else {}
@@ -140,8 +168,9 @@ def test_linux_guest_migrates_between_two_qemus_with_a_tcp_stream(linux_guest, t
         src = QemuGuest(qemu_net_cmd(linux_guest, initrd, socks[0]) + ["-qmp", f"unix:{qa},server=on,wait=off"],
                         tmp_path / "serial-a.log")
         qemus.append(src)
+        # -S: the destination stays paused after the migration, so both RAMs can be compared
         dst = QemuGuest(qemu_net_cmd(linux_guest, initrd, socks[1]) + ["-qmp", f"unix:{qb},server=on,wait=off",
-                                                                        "-incoming", f"unix:{mig}"],
+                                                                        "-incoming", f"unix:{mig}", "-S"],
                         tmp_path / "serial-b.log")
         qemus.append(dst)
         src.wait_for("GUEST-LISTENING", BOOT_TIMEOUT)
@@ -166,6 +195,14 @@ def test_linux_guest_migrates_between_two_qemus_with_a_tcp_stream(linux_guest, t
         logged = (_device(runs[0]).get("stats") or {}).get("dirty_logged") or 0
         # rx buffers were logged, not only the two used rings (at most 2 pages each at num 256)
         assert logged > 4, f"the device logged {logged} pages while the stream flowed"
+        end = time.monotonic() + 60
+        while qd.cmd("query-status")["status"] != "paused" and time.monotonic() < end:
+            time.sleep(0.1)
+        # item 4 for QEMU: at the pause the destination's RAM equals the source's, page for page
+        differ = _ram_differs(qs, qd, tmp_path, MEM_MB)
+        n_differ = len(differ)
+        assert not differ, f"{len(differ)} pages differ, e.g. {[hex(p << 12) for p in differ[:8]]}"
+        qd.cmd("cont")
         assert qd.cmd("query-status")["status"] == "running"
         try:
             qs.cmd("quit")                               # the source's tap queue goes with it
@@ -184,7 +221,7 @@ def test_linux_guest_migrates_between_two_qemus_with_a_tcp_stream(linux_guest, t
                   "setup_ms": info.get("setup-time"), "rounds (dirty-sync-count)": ram.get("dirty-sync-count"),
                   "ram_transferred": ram.get("transferred"), "normal_pages": ram.get("normal"),
                   "zero_pages": ram.get("duplicate"), "device_logged_pages": logged,
-                  "dirty_pages_rate": ram.get("dirty-pages-rate")}
+                  "dirty_pages_rate": ram.get("dirty-pages-rate"), "pages_differing_at_pause": n_differ}
         alog = procs[0].text()
         for needle in ("SET_LOG_BASE", "dirty logging toggled", "stopped at base"):
             assert needle in alog, (needle, alog[-3000:])
