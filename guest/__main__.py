@@ -95,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", type=parse_name, default=None, help="guest name shown by the host and monitor (default: guest-CID)")
     p.add_argument("--mem", type=parse_size, default="64M", metavar="SIZE",      # parsed by argparse
                    help="guest RAM size, e.g. 64M (default 64M)")
+    p.add_argument("--incoming", default=None, metavar="unix:PATH",
+                   help="wait on PATH for a live migration (QEMU's -incoming) instead of booting "
+                        "devices; start it with the source guest's other options")
+    p.add_argument("--monitor-socket", type=Path, default=None, metavar="PATH",
+                   help="serve the guest monitor on this Unix socket (migrate, query-migrate; "
+                        "python -m tools.migrate talks to it)")
     add_programs(p, "inside the guest")
     p.add_argument("--pcap", type=Path, default=None,
                    help="record every vsock packet the guest sends or receives (vsockmon pcap)")
@@ -134,6 +140,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if check_programs("guest", args.service, args.run, args.net_run):
         return 2
+    if args.incoming is not None:
+        from guest.migration.stream import parse_uri
+        try:
+            parse_uri(args.incoming)
+        except ValueError as e:
+            print(f"guest: --incoming: {e}", file=sys.stderr)
+            return 2
+    from guest.monitor import stale_socket
+    if args.monitor_socket is not None and args.monitor_socket.exists() and not stale_socket(args.monitor_socket):
+        print(f"guest: --monitor-socket {args.monitor_socket} already exists", file=sys.stderr)
+        return 2
     setup_logging("guest", args.log_level)
     opts = GuestOptions(run_dir=args.run_dir or default_run_dir(), cid=args.cid,
                         name=args.name or (f"guest-{args.cid}" if args.cid is not None else f"guest-net-{os.getpid()}"), mem=args.mem, services=args.service,
@@ -141,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                         credit_policy=args.credit_policy, buf_size=args.buf_size,
                         rx_buf_size=args.rx_buf_size, poll_us=args.poll_us, doorbell=args.doorbell,
                         connect_timeout=args.connect_timeout, net=args.net, ip=args.ip, mac=args.mac,
-                        net_run=args.net_run, packed=args.packed)
+                        net_run=args.net_run, packed=args.packed, incoming=args.incoming,
+                        monitor=args.monitor_socket)
     vm = VM(opts)
     on_stop_signals(lambda _signum: vm.stop_event.set())   # during boot too: it still shuts down cleanly
     try:

@@ -12,6 +12,7 @@ import bisect
 class GuestAllocator:
     def __init__(self, extents: list[tuple[int, int]], granule: int = 64):
         self.granule = granule
+        self.on_free = None                      # called with the address of each block freed
         self._free: list[tuple[int, int]] = []   # sorted (start, size)
         self._used: dict[int, int] = {}          # start -> size
         self.total = 0
@@ -57,6 +58,8 @@ class GuestAllocator:
 
     def free(self, addr: int) -> None:
         size = self._used.pop(addr)  # KeyError on a double free: a driver bug, not guest input
+        if self.on_free is not None:
+            self.on_free(addr)       # GuestRAM: the memory's writable mapping there ends (dirty log)
         i = bisect.bisect_left(self._free, (addr, 0))
         self._free.insert(i, (addr, size))
         # coalesce with neighbours inside the same extent

@@ -12,6 +12,11 @@ intermediate bytes). Two kinds, one interface (`get()`, `put(buf)`, `release()`)
 
 `get()` returns None when nothing is free; the driver retries later. `release()` gives every
 buffer back to the allocator (after the device was reset and the rings drained).
+
+Dirty log (shared/memory.py): a pool of device-written buffers (rx) is made with writable=False,
+read-only views the driver cannot write through, so device writes there are the device's log's
+alone; a writable (tx) buffer is a mapping while it is out of the pool (get .. put) and dirty at
+every sync meanwhile.
 """
 from __future__ import annotations
 
@@ -28,10 +33,11 @@ class Buf:
 
 
 class BufPool:
-    def __init__(self, mem, alloc, size: int, count: int = 0):
+    def __init__(self, mem, alloc, size: int, count: int = 0, *, writable: bool = True):
         if size <= 0 or count < 0:
             raise ValueError("a buffer pool needs a positive size and a count >= 0")
         self.mem = mem
+        self.writable = writable
         self.alloc = alloc
         self.size = size
         self.fixed = count > 0
@@ -49,13 +55,18 @@ class BufPool:
         gpa = self.alloc.alloc(size)
         if gpa is None:
             return None
-        return Buf(gpa, size, self.mem.view(gpa, size), self)
+        # fixed pools map a writable buffer on get() (a view made once would stay a mapping)
+        return Buf(gpa, size, self.mem.view(gpa, size, writable=self.writable,
+                                            mapped=not self.fixed), self)
 
     def get(self, size: int | None = None) -> Buf | None:
         """A buffer of at least `size` bytes (default: the pool's size), or None."""
         if self.fixed:
             if self.free and (size is None or size <= self.size):
-                return self.free.pop()
+                b = self.free.pop()
+                if self.writable:
+                    self.mem.map(b.gpa, b.size)
+                return b
         else:
             b = self._new(self.size if size is None else size)
             if b is not None:
@@ -66,6 +77,8 @@ class BufPool:
     def put(self, b: Buf) -> None:
         b.pkt = None
         if self.fixed:
+            if self.writable:
+                self.mem.unmap(b.gpa)
             self.free.append(b)
         else:
             b.view.release()

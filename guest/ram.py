@@ -49,7 +49,9 @@ class GuestRAM:
                                              base[r["mmap_offset"]:r["mmap_offset"] + r["memory_size"]],
                                              r["userspace_addr"]) for r in self.table])
         base.release()
+        self.mem.track_views = True          # writable views are mappings for the dirty log
         self.alloc = GuestAllocator([(r["guest_phys_addr"], r["memory_size"]) for r in self.table])
+        self.alloc.on_free = self.mem.unmap
 
     def gpa_to_uva(self, gpa: int) -> int:
         for r in self.table:

@@ -201,14 +201,17 @@ class VirtioDevice:
 
     # --- virtqueues ------------------------------------------------------------------------------
     def find_vqs(self, callbacks: list, sizes: list[int], *, shared_irq: bool = False,
-                 kick_alias: dict[int, int] | None = None) -> list:
+                 kick_alias: dict[int, int] | None = None, at: list | None = None,
+                 bases: list[int] | None = None) -> list:
         """Allocate rings and doorbells for each queue and describe them to the device.
 
         shared_irq: every queue signals one call doorbell (one interrupt vector for all queues,
         as virtio-pci with a shared MSI-X vector: vp_vring_interrupt runs each queue's callback
         that has used buffers), so one interrupt thread serves the device. kick_alias {i: j}:
         queue i notifies through queue j's kick doorbell (the device then looks at both: for
-        queues whose kick only says "buffers posted", like vsock's rx and event queues)."""
+        queues whose kick only says "buffers posted", like vsock's rx and event queues).
+        at [(desc, avail, used)]: rings already in guest RAM (an incoming migration: they came
+        with it) instead of new ones; bases: each ring's SET_VRING_BASE (default 0)."""
         kick_alias = dict(kick_alias or {})
         if any(j >= i or j in kick_alias for i, j in kick_alias.items()):
             raise ValueError("kick_alias maps a queue to an earlier queue with its own kick")
@@ -228,7 +231,7 @@ class VirtioDevice:
         ring_cls = VirtQueuePacked if has(self.features, VIRTIO_F_RING_PACKED) else VirtQueue
         try:
             for i, (cb, num) in enumerate(zip(callbacks, sizes)):
-                desc, avail, used = ring_cls.alloc_rings(self.ram, num)
+                desc, avail, used = ring_cls.alloc_rings(self.ram, num) if at is None else at[i]
                 ring = _Ring(i, num, desc, avail, used)
                 self.rings.append(ring)
                 ring.vq = ring_cls(self.ram.mem, i, num, desc, avail, used,
@@ -256,7 +259,7 @@ class VirtioDevice:
             self.kicks = [0] * len(self.rings)
             self.interrupts = [0] * len(self.rings)
             self.kicks_suppressed = [0] * len(self.rings)
-            self._setup_rings(bases=None)
+            self._setup_rings(bases=bases)
         except BaseException:
             self.del_vqs()
             raise
@@ -409,6 +412,44 @@ class VirtioDevice:
                     self.on_error(r.index, status)
                 except Exception:
                     self.log.exception("on_error hook failed")
+
+    # --- live migration (docs/DESIGN.md "Live migration") -------------------------------------
+    def set_log_base(self, shm: str, size: int) -> None:
+        """VHOST_SET_LOG_BASE: the device logs its writes into `size` bytes of segment `shm`
+        ("" drops the log). Switching logs is how the migration reads one the device no longer
+        writes (the host swaps it under the device lock)."""
+        self._req("SET_LOG_BASE", shm=shm, offset=0, size=size)
+
+    def set_logging(self, on: bool) -> None:
+        """QEMU's vhost_dev_set_log: VHOST_VRING_F_LOG on every ring (the used ring logged at its
+        own gpa), then VHOST_F_LOG_ALL on the running device (and the reverse order off)."""
+        from shared.constants import VHOST_F_LOG_ALL, bit
+        rings = [(r, 1 if on else 0) for r in self.rings]
+        if not on:
+            self._req("SET_FEATURES", features=self.features)
+        for r, flags in rings:
+            self._req("SET_VRING_ADDR", index=r.index, flags=flags,
+                      desc_user_addr=self.ram.gpa_to_uva(r.desc),
+                      avail_user_addr=self.ram.gpa_to_uva(r.avail),
+                      used_user_addr=self.ram.gpa_to_uva(r.used), log_guest_addr=r.used if on else 0)
+        if on:
+            self._req("SET_FEATURES", features=self.features | bit(VHOST_F_LOG_ALL))
+
+    def get_vring_base(self, index: int) -> int:
+        """GET_VRING_BASE: stop the ring; its last_avail_idx."""
+        return self._req("GET_VRING_BASE", index=index)["num"]
+
+    def restart(self, bases: list[int]) -> None:
+        """Run the stopped rings again on this connection (a migration that failed after
+        GET_VRING_BASE): reset, the same features, the rings from `bases`, DRIVER_OK."""
+        self._negotiate(self.features, exact=True)
+        self._mem_table_sent = False
+        self._setup_rings(bases=bases)
+        self.driver_ok()
+        self.log.info("restarted; rings resume at %s", bases)
+
+    def ring_addrs(self) -> list[tuple[int, int, int]]:
+        return [(r.desc, r.avail, r.used) for r in self.rings]
 
     # --- reconnect ------------------------------------------------------------------------------
     def reconnect(self) -> None:

@@ -82,6 +82,8 @@ class GuestOptions:
     mac: bytes | None = None
     net_run: list = field(default_factory=list)       # ["module:function"] run with the NetDev
     packed: bool = False            # ask for VIRTIO_F_RING_PACKED (--packed)
+    incoming: str | None = None     # unix:PATH: wait for a live migration instead of booting devices
+    monitor: Path | None = None     # the monitor socket (migrate, query-migrate: guest/monitor.py)
 
 
 class VM:
@@ -101,6 +103,9 @@ class VM:
         self.reconnects = 0
         self.devices: list = []      # devices besides vsock (each: remove(), stats(), vdev)
         self.net = None              # the NetDev of the net device, for programs in the guest
+        self.migration = None        # the outgoing Migration (guest/migration/source.py)
+        self.migrated = False        # it completed: the guest runs on the destination now
+        self.monitor = None
 
     # --- boot -----------------------------------------------------------------------------------
     def boot(self) -> None:
@@ -127,19 +132,30 @@ class VM:
         self.kernel = Kernel(o.name, poll_us=o.poll_us)
         self.kernel.start()
 
-        if o.cid is not None:
-            self._boot_vsock(run_dir, control_path, base)
-        if o.net is not None:
-            self._boot_net(run_dir, control_path, base)
+        if o.incoming is not None:
+            from .migration.incoming import IncomingError, run_incoming
+            try:
+                run_incoming(self, run_dir, control_path, base)
+            except IncomingError as e:
+                raise BootError(str(e)) from None
+        else:
+            if o.cid is not None:
+                self._boot_vsock(run_dir, control_path, base)
+            if o.net is not None:
+                self._boot_net(run_dir, control_path, base)
+        if o.monitor is not None:
+            from .monitor import MonitorServer
+            self.monitor = MonitorServer(self, o.monitor)
+            self.monitor.start()
         self._start_services()
 
-    def _boot_vsock(self, run_dir, control_path, base) -> None:
+    def _boot_vsock(self, run_dir, control_path, base, reconnect: bool = False) -> None:
         o = self.opts
         self.vdev = VirtioDevice(self.ram, run_dir, control_path, "vsock", o.name, {"cid": o.cid},
                                  resource_base=f"{base}-vsock", owner=self.owner,
                                  timeout=o.connect_timeout, doorbell=o.doorbell,
                                  packed=o.packed)
-        self._connect_waiting(run_dir)
+        self._connect_waiting(run_dir, reconnect=reconnect)
         self.transport = VirtioVsockTransport(self.kernel, self.vdev, self.ram,
                                               queue_sizes=(o.queue_size, o.queue_size, 8),
                                               credit_policy=o.credit_policy, buf_size=o.buf_size,
@@ -156,16 +172,17 @@ class VM:
         log.info("guest %s: vsock device ready, cid %d, features %#x", o.name, o.cid, self.vdev.features)
         self.vsock = GuestVsock(self.transport)
 
-    def _boot_net(self, run_dir, control_path, base) -> None:
-        """The virtio-net device: its own control connection, rings and doorbells."""
+    def _boot_net(self, run_dir, control_path, base, migrated: dict | None = None) -> None:
+        """The virtio-net device: its own control connection, rings and doorbells (migrated: the
+        state an incoming migration brought; the rings carry on)."""
         o = self.opts
-        mac = o.mac or default_mac(os.getpid())
+        mac = bytes.fromhex(migrated["mac"]) if migrated else (o.mac or default_mac(os.getpid()))
         vdev = VirtioDevice(self.ram, run_dir, control_path, "net", o.name,
                             {"backend": o.net, "mac": format_mac(mac)},
                             resource_base=f"{base}-net", owner=self.owner, timeout=o.connect_timeout, doorbell=o.doorbell,
                             packed=o.packed)
         try:
-            vdev.connect()
+            vdev.connect(reconnect=migrated is not None)
         except ControlError as e:
             raise BootError(f"the host refused the net device: {e}") from None
         except (ConnectionError, TimeoutError, OSError) as e:
@@ -173,19 +190,22 @@ class VM:
         dev = VirtioNetDevice(self.kernel, vdev, self.ram, o.ip, queue_size=max(o.queue_size, 64))
         self.devices.append(dev)
         try:
-            dev.probe()
+            if migrated is not None:
+                dev.resume(migrated)
+            else:
+                dev.probe()
         except (ControlError, ConnectionError, TimeoutError, OSError) as e:
-            raise BootError(f"probing the net device failed: {e}") from None
+            raise BootError(f"{'resuming' if migrated else 'probing'} the net device failed: {e}") from None
         vdev.start_irq_threads(self.stop_event, err_thread=False)
         self.net = dev.netdev
 
-    def _connect_waiting(self, run_dir: Path) -> None:
+    def _connect_waiting(self, run_dir: Path, reconnect: bool = False) -> None:
         """Connect the device's control channel, waiting up to --connect-timeout for a host to
         serve the run dir (its control socket missing or not yet accepting: try again)."""
         end = time.monotonic() + self.opts.connect_timeout
         while True:
             try:
-                self.vdev.connect()
+                self.vdev.connect(reconnect=reconnect)
                 return
             except ControlError as e:
                 raise BootError(f"the host refused the vsock device: {e}") from None
@@ -296,9 +316,16 @@ class VM:
                 "ram": {"shm": self.ram.name, "size": self.ram.size, "table": self.ram.table},
                 "vqs": vqs, "conns": [sk.snapshot() for sk in socks[:64]],
                 "device_status": getattr(vdev, "status", None),
-                "needs_reset": bool(getattr(vdev, "needs_reset", False))})
+                "needs_reset": bool(getattr(vdev, "needs_reset", False)),
+                "migration": self.migration_info()})
         except OSError:
             pass
+
+    def migration_info(self) -> dict | None:
+        m = self.migration
+        if m is None:
+            return None
+        return {k: v for k, v in m.info.items() if k != "rounds"} | {"rounds": m.info["rounds"][-8:]}
 
     def _write_net_stats(self) -> None:
         if not self.devices:
@@ -310,7 +337,8 @@ class VM:
         try:
             write_stats(self.opts.run_dir, "guest", {
                 "name": self.opts.name, "cid": None, "connected": True, "reconnects": 0,
-                "stats": stats, "mem_in_use": self.ram.alloc.in_use, "mem_total": self.ram.alloc.total})
+                "stats": stats, "mem_in_use": self.ram.alloc.in_use, "mem_total": self.ram.alloc.total,
+                "migration": self.migration_info()})
         except OSError:
             pass
 
@@ -338,6 +366,8 @@ class VM:
 
     def shutdown(self) -> None:
         self.stop_event.set()
+        if self.monitor is not None:
+            self.monitor.close()
         for svc in self.services:
             try:
                 svc.stop()

@@ -25,6 +25,12 @@ Lifecycle (a small grammar):
     created  (SET_FEATURES | SET_MEM_TABLE | vring setup)*  start  (kick_received* notify*)
              [vq_err -> broken]  stop  reset  -> created
 
+Dirty logging (vhost.c's log: VHOST_F_LOG_ALL, VHOST_SET_LOG_BASE, VHOST_VRING_F_LOG), for live
+migration, belongs to the vhost core: a device that offers VHOST_F_LOG_ALL in `device_features`
+gets `set_log_base`, and while LOG_ALL is acked it logs every buffer it writes (`log_iov`, the
+kernel's vhost_log_write) and every used-ring write (`log_used`, `log_notify`: the used ring at
+its VHOST_VRING_F_LOG log address, else its gpa). LOG_ALL without a usable log is refused (EFAULT).
+
 A guest error found while processing a ring (a `VringError` or `GuestMemoryError`) goes to
 `vq_err`: log, count, set NEEDS_RESET, ring the queue's err doorbell and stop processing the device
 (`broken`) until the driver resets it (status 0) — Linux's vq_err() plus the virtio 1.x
@@ -32,12 +38,14 @@ DEVICE_NEEDS_RESET status (spec 2.1.2).
 """
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 from collections import deque
 from typing import Any, Callable
 
-from shared.constants import (VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+from host.dirty_log import DirtyLog
+from shared.constants import (VHOST_F_LOG_ALL, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
                               VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1,
                               VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, bit, has)
 from shared.errors import GuestMemoryError, VringError
@@ -79,6 +87,9 @@ class VhostDevice:
         self.acked_features = 0
         self.status = 0
         self.mem = None
+        self.dirty_log: DirtyLog | None = None     # SET_LOG_BASE
+        self.log_all = False                       # VHOST_F_LOG_ALL acked: log every write
+        self.log_addr: list[int | None] = [None] * self.num_queues   # VHOST_VRING_F_LOG log_guest_addr
         factory = vq_factory or _default_vq_factory
         self._vq_factory = factory
         self.vqs = [factory(i, f"{self.name}-q{i}") for i in range(self.num_queues)]
@@ -120,6 +131,8 @@ class VhostDevice:
 
         This device model is virtio 1.x only: VERSION_1 must be acked (a legacy driver is refused).
         """
+        if has(features, VHOST_F_LOG_ALL) and self.dirty_log is None:
+            return False        # vhost_set_features: LOG_ALL without a usable log (-EFAULT)
         return has(features, VIRTIO_F_VERSION_1) and features & ~self.features == 0
 
     def offer_packed(self, on: bool = True) -> None:
@@ -148,9 +161,13 @@ class VhostDevice:
             self.vqs[i] = new
 
     def set_features(self, features: int) -> None:
-        """SET_FEATURES: record and apply the ring features to every queue (vhost_set_features)."""
+        """SET_FEATURES: record and apply the ring features to every queue (vhost_set_features).
+        LOG_ALL without a usable log is OSError(EFAULT), as the ioctl answers (nothing changes)."""
+        if has(features, VHOST_F_LOG_ALL) and self.dirty_log is None:
+            raise OSError(errno.EFAULT, "VHOST_F_LOG_ALL needs a dirty log (SET_LOG_BASE first)")
         self.acked_features = features
         self._select_layout(has(features, VIRTIO_F_RING_PACKED))
+        self.log_all = has(features, VHOST_F_LOG_ALL)
         for vq in self.vqs:
             vq.event_idx = has(features, VIRTIO_RING_F_EVENT_IDX)
             vq.indirect = has(features, VIRTIO_RING_F_INDIRECT_DESC)
@@ -198,6 +215,11 @@ class VhostDevice:
         self.stop()
         self.status = 0
         self.acked_features = 0
+        self.log_addr = [None] * self.num_queues
+        if self.dirty_log is not None:           # the log goes with the frontend's other memory
+            self.dirty_log.release()
+            self.dirty_log = None
+        self.log_all = False
         self.broken = False
         self._unmap_vqs()
         for i, vq in enumerate(self.vqs):
@@ -212,6 +234,55 @@ class VhostDevice:
             self.mem.release()
             self.mem = None
         self.stats["resets"] += 1
+
+    # --- dirty logging (vhost.c log_write / log_used) ----------------------------------------------
+    def set_log_base(self, bitmap, owner=None) -> None:
+        """SET_LOG_BASE: the bitmap every write is logged into (None drops it, LOG_ALL then off).
+        `owner` (an mmap or shm the bitmap views) is closed with the log. A bitmap that cannot be
+        used (read-only) is OSError(EFAULT) and the old log stays. Under the device lock: once it
+        returns, the old log is never written again (a migration reads it then)."""
+        with self.lock:
+            if bitmap is not None:
+                try:
+                    new = DirtyLog(bitmap, owner=owner)
+                except (ValueError, TypeError) as e:
+                    raise OSError(errno.EFAULT, f"SET_LOG_BASE: the log is not usable: {e}") from None
+                new.stats = self.stats       # "dirty_logged": pages the device marked, for monitors
+            else:
+                new = None
+            if self.dirty_log is not None:
+                self.dirty_log.release()
+            self.dirty_log = new
+            if self.dirty_log is None:
+                self.log_all = False
+
+    def _log_base(self, vq) -> int:
+        """Where the used ring is logged: the ring's log_guest_addr (VHOST_VRING_F_LOG), else its gpa."""
+        la = self.log_addr[vq.index] if 0 <= vq.index < len(self.log_addr) else None
+        return vq.used if la is None else la
+
+    def log_used(self, vq, first: int, count: int) -> None:
+        """Log used-ring writes: `count` elements from index `first`, and used.idx (vhost log_used;
+        the ring says where it wrote them: host/vhost_vq.py, host/vhost_vq_packed.py)."""
+        dl = self.dirty_log
+        for gpa, n in vq.used_log_ranges(first, count, self._log_base(vq)):
+            dl.log_write(gpa, n)
+
+    def log_notify(self, vq) -> None:
+        """enable/disable_notify wrote used.flags or avail_event (a packed ring: its device area)."""
+        for gpa, n in vq.notify_log_ranges(self._log_base(vq)):
+            self.dirty_log.log_write(gpa, n)
+
+    def log_ring(self, vq) -> None:
+        """Everything the device writes in the ring (split: the used ring; packed: the descriptor
+        ring and the device area): for a device that does not log element by element (vsock);
+        over-logs at most the ring's own pages."""
+        for gpa, n in vq.ring_log_ranges(self._log_base(vq)):
+            self.dirty_log.log_write(gpa, n)
+
+    def log_iov(self, chain, written: int) -> None:
+        """vhost_log_write: a chain's device-writable buffers, up to `written` bytes."""
+        self.dirty_log.log_iov(chain.in_addrs, written)
 
     def close(self) -> None:
         """The connection is gone: stop and release everything."""

@@ -23,6 +23,7 @@ class DirtyLog:
         self.owner = owner
         self.pages = self.bits.nbytes * 8
         self.overflow = 0
+        self.stats: dict | None = None     # the device's stats: "dirty_logged" counts pages newly marked
 
     def log_write(self, gpa: int, length: int) -> None:
         """log_write: mark every page of [gpa, gpa+length)."""
@@ -31,11 +32,17 @@ class DirtyLog:
         first = gpa // VHOST_PAGE_SIZE
         last = (gpa + length - 1) // VHOST_PAGE_SIZE
         bits = self.bits
+        new = 0
         for page in range(first, last + 1):
             if page >= self.pages:
                 self.overflow += 1
                 continue
-            bits[page >> 3] |= 1 << (page & 7)
+            b, m = page >> 3, 1 << (page & 7)
+            if not bits[b] & m:
+                bits[b] |= m
+                new += 1
+        if new and self.stats is not None:
+            self.stats["dirty_logged"] = self.stats.get("dirty_logged", 0) + new
 
     def log_iov(self, addrs: list[tuple[int, int]], written: int) -> None:
         """vhost_log_write: log the write descriptors in order, up to `written` bytes."""

@@ -467,6 +467,10 @@ class VhostVirtqueue:
         """What enable/disable_notify wrote: used.flags and avail_event."""
         return [(base, 2), (base + 4 + 8 * self._num, 2)]
 
+    def ring_log_ranges(self, base: int) -> list[tuple[int, int]]:
+        """All the device writes in the ring: the used ring (flags, idx, elements, avail_event)."""
+        return [(base, 6 + 8 * self._num)]
+
     def snapshot(self) -> dict:
         """A read-only picture of the device's side of the queue, for monitors (GET_STATS).
 

@@ -472,6 +472,11 @@ class VhostVirtqueuePacked:
         """What enable/disable_notify wrote: the device area."""
         return [(base, 4)]
 
+    def ring_log_ranges(self, base: int) -> list[tuple[int, int]]:
+        """All the device writes in the ring: used descriptors land in the descriptor ring, and
+        the device area."""
+        return [(self._desc, 16 * self._num), (base, 4)]
+
     def __repr__(self) -> str:
         return (f"VhostVirtqueuePacked({self.name} num={self._num} avail={self._last_avail}/"
                 f"{self._avail_wrap} used={self._last_used}/{self._used_wrap})")

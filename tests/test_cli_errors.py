@@ -128,7 +128,7 @@ def test_signal_to_a_guest_whose_host_is_gone(shm_guard, sig):
 ENTRY_POINTS = ["host", "guest", "tools.demo", "tools.wait_socket", "tools.monitor", "tools.monitor.overhead",
                 "tools.stress", "tools.stress.hostile", "tools.fuzz", "tools.bench", "tools.bench_ring",
                 "tools.bench_net", "tools.bench_vhost_user", "tools.bench_vhost_user_net",
-                "tools.linux_guest", "tools.mutants"]
+                "tools.linux_guest", "tools.mutants", "tools.migrate"]
 
 
 def entry_points_in_tree() -> set[str]:

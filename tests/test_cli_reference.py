@@ -35,6 +35,7 @@ PROGRAMS = {
     "python -m tools.monitor.overhead": "tools.monitor.overhead",
     "python -m tools.stress.hostile": "tools.stress.hostile",
     "python -m tools.mutants": "tools.mutants.__main__",
+    "python -m tools.migrate": "tools.migrate.__main__",
 }
 COMMON = "Common to"            # the section of flags host and guest share
 

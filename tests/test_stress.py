@@ -102,6 +102,7 @@ def _cli(*args, timeout=60):
 def test_rss_sample_counts_private_memory_not_touched_shared_memory():
     """Touching guest RAM (shared memory) is bounded by --mem, not a leak: the sampled RSS is
     RssAnon, which shm pages do not change, while private allocations do."""
+    import mmap
     import os
     import uuid
     from multiprocessing import shared_memory
@@ -112,9 +113,12 @@ def test_rss_sample_counts_private_memory_not_touched_shared_memory():
     try:
         shm.buf[::4096] = b"\x01" * len(range(0, 32 << 20, 4096))      # touch every page
         assert rss(os.getpid()) - before < 8 << 20
-        private = bytearray(b"\x01" * (32 << 20))
+        # fresh private pages (an anonymous mapping): a bytearray could reuse heap pages an
+        # earlier test in this worker freed, already resident, and grow RSS by less
+        private = mmap.mmap(-1, 32 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        private[::4096] = b"\x01" * len(range(0, 32 << 20, 4096))
         assert rss(os.getpid()) - before > 24 << 20
-        del private
+        private.close()
     finally:
         shm.close()
         shm.unlink()

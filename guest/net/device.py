@@ -59,6 +59,37 @@ class VirtioNetDevice:
         log.info("virtio-net: %s up, features %#x%s", format_mac(self.mac), features,
                  f", {self.ifc}" if self.ifc else "")
 
+    def resume(self, st: dict) -> None:
+        """An incoming migration (guest/migration/incoming.py): the same rings, in the RAM that
+        came with the migration, carry on: features as negotiated on the source, each queue's
+        driver state restored, SET_VRING_BASE from the source's GET_VRING_BASE, DRIVER_OK; then
+        the guest announces itself (a gratuitous ARP, as VIRTIO_NET_F_GUEST_ANNOUNCE asks)."""
+        from guest.migration import vmstate
+        vdev = self.vdev
+        vdev._negotiate(st["features"], exact=True)
+        saved = [vmstate.ring_bytes(self.ram.mem, q) for q in st["vqs"]]
+        rxq, txq = vdev.find_vqs([self._irq, self._irq], [q["num"] for q in st["vqs"]],
+                                 at=[(q["desc"], q["avail"], q["used"]) for q in st["vqs"]],
+                                 bases=st["bases"])
+        for vq, q, sv in zip((rxq, txq), st["vqs"], saved):
+            vmstate.restore_vq(vq, q, sv)
+        self.mac = bytes.fromhex(st["mac"])
+        self.driver = VirtioNet(self.ram.mem, self.ram.alloc, rxq, txq, st["features"], self.mac,
+                                kick=self.vdev.notify)
+        self.driver.stats.update(st["stats"])
+        self.netdev = NetDev(self.driver, self.ifc)
+        self.netdev.set_backend = lambda index, spec: self.vdev._req("SET_BACKEND", index=index, backend=spec)
+        vdev.driver_ok()
+        self.announce()
+        self.driver.kick(rxq)
+        self.kernel.queue_work(self.netdev.poll)     # buffers the device used before the pause
+        log.info("virtio-net: %s resumed after migration, rings at %s", format_mac(self.mac), st["bases"])
+
+    def announce(self) -> None:
+        if self.netdev is not None and self.netdev.stack is not None:
+            self.netdev.send_frame(self.netdev.stack.garp())
+            self.netdev.announced = getattr(self.netdev, "announced", 0) + 1
+
     def _irq(self, vq) -> None:
         self.netdev.interrupts += 1
         self.kernel.queue_work(self.netdev.poll)

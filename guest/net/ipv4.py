@@ -53,6 +53,11 @@ class Ipv4Stack:
     def arp_request(self, ip: bytes) -> bytes:
         return self._eth(BROADCAST, ETH_P_ARP, ARP.pack(1, ETH_P_IP, 6, 4, 1, self.mac, self.ip, bytes(6), ip))
 
+    def garp(self) -> bytes:
+        """A gratuitous ARP (an ARP request for our own address, RFC 5227 announcement): the
+        segment learns where our MAC now lives (netdev_notify_peers after a migration)."""
+        return self._eth(BROADCAST, ETH_P_ARP, ARP.pack(1, ETH_P_IP, 6, 4, 1, self.mac, self.ip, bytes(6), self.ip))
+
     def ip_packet(self, dst_ip: bytes, proto: int, payload: bytes) -> bytes:
         self.ident = (self.ident + 1) & 0xFFFF
         h = IPH.pack(0x45, 0, 20 + len(payload), self.ident, 0x4000, 64, proto, 0, self.ip, dst_ip)

@@ -182,7 +182,8 @@ class VirtioVsockTransport:
                 self.core.send_rw = self.send_rw
                 rx_bufs = self.vqs[VSOCK_VQ_RX].num // 2 if self.pool else 0   # 2 descriptors each
                 tx_bufs = self.vqs[VSOCK_VQ_TX].num // 2 if self.pool else 0
-                self.rx_pool = BufPool(self.mem, self.alloc, HDR_SIZE + self.rx_buf_size, rx_bufs)
+                self.rx_pool = BufPool(self.mem, self.alloc, HDR_SIZE + self.rx_buf_size, rx_bufs,
+                                       writable=False)   # device-written: read-only views
                 self.tx_pool = BufPool(self.mem, self.alloc,
                                        HDR_SIZE + VIRTIO_VSOCK_MAX_PKT_BUF_SIZE, tx_bufs)
                 _the_virtio_vsock[self.kernel] = self

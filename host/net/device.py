@@ -54,7 +54,6 @@ import errno
 import logging
 
 from host.device import VhostDevice
-from host.dirty_log import DirtyLog
 from host.iov import iov_read, iov_write
 from shared.constants import (VHOST_F_LOG_ALL, VHOST_NET_PKT_WEIGHT, VHOST_NET_WEIGHT,
                               VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_ID_NET, bit, has)
@@ -104,10 +103,7 @@ class VhostNet(VhostDevice):
         # vhost-user (QEMU's vhost_net_init for a kernel backend): the VMM decides the header from
         # the backend, acking VHOST_NET_F_VIRTIO_NET_HDR exactly when the backend has no vnet_hdr
         self.hdr_from_backend = hdr_from_backend
-        self.log_addr: list[int | None] = [None, None]   # per ring: VHOST_VRING_F_LOG log_guest_addr
         self.rx_pending = None              # a frame taken from the backend, waiting for buffers
-        self.dirty_log: DirtyLog | None = None
-        self.log_all = False
         self.on_tx_poll = None              # runner hook: tx polling state changed
         self.on_rx_wait = None              # runner hook: rx_wanted() changed from rx_watch
         self.rx_watch = None                # whether the runner watches the rx backend now
@@ -125,20 +121,12 @@ class VhostNet(VhostDevice):
     def config_bytes(self) -> bytes:
         return NET_CONFIG.pack(self.mac, VIRTIO_NET_S_LINK_UP, 1)
 
-    def features_ok(self, features: int) -> bool:
-        if has(features, VHOST_F_LOG_ALL) and self.dirty_log is None:
-            return False        # vhost_net_set_features: LOG_ALL without a usable log (-EFAULT)
-        return super().features_ok(features)
-
     def set_features(self, features: int) -> None:
-        """vhost_net_set_features: choose who handles the header, then the ring features.
-        LOG_ALL without a usable log is OSError(EFAULT), as the ioctl answers (nothing changes)."""
-        if has(features, VHOST_F_LOG_ALL) and self.dirty_log is None:
-            raise OSError(errno.EFAULT, "VHOST_F_LOG_ALL needs a dirty log (SET_LOG_BASE first)")
+        """vhost_net_set_features: choose who handles the header, then the ring features (LOG_ALL:
+        host/device.py)."""
         super().set_features(features)
         self.guest_hlen = hdr_len(features)
         self.mrg_rxbuf = has(features, VIRTIO_NET_F_MRG_RXBUF)
-        self.log_all = has(features, VHOST_F_LOG_ALL)
         self._choose_hlen()
 
     def _choose_hlen(self) -> None:
@@ -155,24 +143,6 @@ class VhostNet(VhostDevice):
             self.vhost_hlen, self.sock_hlen = self.guest_hlen, 0
         else:
             self.vhost_hlen, self.sock_hlen = 0, self.guest_hlen
-
-    def set_log_base(self, bitmap, owner=None) -> None:
-        """SET_LOG_BASE: the bitmap every write is logged into (None drops it, LOG_ALL then off).
-        `owner` (an mmap or shm the bitmap views) is closed with the log. A bitmap that cannot be
-        used (read-only) is OSError(EFAULT) and the old log stays."""
-        with self.lock:
-            if bitmap is not None:
-                try:
-                    new = DirtyLog(bitmap, owner=owner)
-                except (ValueError, TypeError) as e:
-                    raise OSError(errno.EFAULT, f"SET_LOG_BASE: the log is not usable: {e}") from None
-            else:
-                new = None
-            if self.dirty_log is not None:
-                self.dirty_log.release()
-            self.dirty_log = new
-            if self.dirty_log is None:
-                self.log_all = False
 
     # --- backends (VHOST_NET_SET_BACKEND) -------------------------------------------------------
     def set_backend(self, index: int, backend) -> object:
@@ -192,6 +162,10 @@ class VhostNet(VhostDevice):
             # rx: a frame already taken from the old backend (rx_pending) stays: it came off the
             # wire for this guest and is delivered with the next buffers (counted if reset first)
             self.backends[index] = backend
+            if index == NET_VQ_RX:       # a multi-queue tap: frames are steered to the rx queue's
+                for b in (old, backend):
+                    if hasattr(b, "steer"):
+                        b.steer(b is self.backends[NET_VQ_RX])
             self.stats["backend_swaps"] += 1
             self._choose_hlen()
             if backend is not None and self.running:
@@ -204,11 +178,6 @@ class VhostNet(VhostDevice):
         self.tx_poll_state = VHOST_NET_POLL_DISABLED
         self.tx_poll_error = False
         self._clear_rx_pending()
-        self.log_addr = [None, None]
-        if self.dirty_log is not None:           # the log goes with the frontend's other memory
-            self.dirty_log.release()
-            self.dirty_log = None
-        self.log_all = False
         super().reset()
 
     def _clear_rx_pending(self) -> None:
@@ -265,7 +234,13 @@ class VhostNet(VhostDevice):
             if self.mem is None or not vq.access_ok(self.mem):
                 raise OSError(errno.EFAULT, f"queue {index}: ring memory is not accessible "
                                             "(vhost_net_set_backend: -EFAULT)")
-        new = self.backend_opener(spec) if spec else None
+        # the spec the other queue's backend was opened from: that backend, shared (QEMU gives
+        # vhost-net one tap fd for both queues; a second open of a udp port or tap would fail)
+        other = self.backends[NET_VQ_TX if index == NET_VQ_RX else NET_VQ_RX]
+        if spec and other is not None and getattr(other, "name", None) == spec:
+            new = other
+        else:
+            new = self.backend_opener(spec) if spec else None
         old = self.set_backend(index, new)
         self.backend_name = spec if spec else self.backend_name
         if old is not None:
@@ -324,41 +299,24 @@ class VhostNet(VhostDevice):
     def tx_polling(self) -> bool:
         return self.tx_poll_state == VHOST_NET_POLL_STARTED
 
-    # --- logging helpers --------------------------------------------------------------------------
-    def _log_base(self, vq) -> int:
-        """Where the used ring is logged: the ring's log_guest_addr (VHOST_VRING_F_LOG), else its gpa."""
-        la = self.log_addr[vq.index] if 0 <= vq.index < len(self.log_addr) else None
-        return vq.used if la is None else la
-
-    def _log_used(self, vq, first: int, count: int) -> None:
-        """Log used-ring writes: `count` elements from index `first`, and used.idx."""
-        dl = self.dirty_log
-        for gpa, n in vq.used_log_ranges(first, count, self._log_base(vq)):
-            dl.log_write(gpa, n)
-
-    def _log_notify(self, vq) -> None:
-        """enable/disable_notify wrote used.flags or avail_event."""
-        for gpa, n in vq.notify_log_ranges(self._log_base(vq)):
-            self.dirty_log.log_write(gpa, n)
-
     def _disable_notify(self, vq, mem) -> None:
         vq.disable_notify(mem)
         if self.log_all:
-            self._log_notify(vq)
+            self.log_notify(vq)
 
     def _enable_notify(self, vq, mem) -> bool:
         # seen=True: chains un-popped by discard_vq_desc (a mergeable frame still waiting for
         # buffers) are not new; a kick is asked for past the avail.idx last read
         raced = vq.enable_notify(mem, seen=True)
         if self.log_all:
-            self._log_notify(vq)
+            self.log_notify(vq)
         return raced
 
     def _add_used(self, vq, mem, used: list) -> None:
         first = vq.last_used_idx
         vq.add_used_n(mem, used)
         if self.log_all:
-            self._log_used(vq, first, len(used))
+            self.log_used(vq, first, len(used))
         self.notify(vq)
 
     def _return_used(self, vq, mem, used: list) -> None:

@@ -48,7 +48,7 @@ from functools import partial
 
 from host.device import VhostDevice
 from host.iov import iov_read, iov_write  # noqa: F401 - re-exported for callers and tests
-from shared.constants import (RESERVED_CIDS, VHOST_VSOCK_PKT_WEIGHT, VHOST_VSOCK_WEIGHT,
+from shared.constants import (VHOST_F_LOG_ALL, bit, RESERVED_CIDS, VHOST_VSOCK_PKT_WEIGHT, VHOST_VSOCK_WEIGHT,
                               VIRTIO_ID_VSOCK, VIRTIO_VSOCK_EVENT_TRANSPORT_RESET,
                               VIRTIO_VSOCK_MAX_PKT_BUF_SIZE, VIRTIO_VSOCK_OP_RST, VIRTIO_VSOCK_OP_RW,
                               VIRTIO_VSOCK_TYPE_STREAM, VMADDR_CID_HOST, VSOCK_VQ_EVENT,
@@ -70,6 +70,7 @@ class VhostVsock(VhostDevice):
     device_type = "vsock"
     device_id = VIRTIO_ID_VSOCK
     num_queues = 3
+    device_features = bit(VHOST_F_LOG_ALL)      # dirty logging (host/device.py) for migration
 
     def __init__(self, guest_cid: int, *, credit_policy: str = "every-read",
                  capture=None, reconnect: bool = False,
@@ -279,6 +280,8 @@ class VhostVsock(VhostDevice):
             # The good chains popped before a bad one still go back (vhost_add_used, chain by
             # chain): a driver waiting for them must not wait for ever.
             self._used_in_order(vq, mem)
+            if self.log_all:
+                self.log_ring(vq)           # the notify writes (used.flags, avail_event)
 
     def _requeue_tx(self) -> None:
         """The rest of the tx ring, after the weight: the worker's queued work (vhost_poll_queue),
@@ -310,6 +313,8 @@ class VhostVsock(VhostDevice):
             used.append((head, length))
         try:
             vq.add_used_n(mem, used)
+            if self.log_all:
+                self.log_ring(vq)
             self.notify(vq)
         except GUEST_ERRORS as e:
             self.vq_err(vq, e)
@@ -387,6 +392,9 @@ class VhostVsock(VhostDevice):
                 else:
                     iov_write(iov, HDR_SIZE, payload)
             vq.add_used(mem, chain.head, HDR_SIZE + n)
+            if self.log_all:
+                self.log_iov(chain, HDR_SIZE + n)
+                self.log_ring(vq)
         except GUEST_ERRORS as e:
             self.vq_err(vq, e)
             return True
@@ -589,6 +597,8 @@ class VhostVsock(VhostDevice):
                 else:
                     piece = b""
                 used.append((chain.head, HDR_SIZE + n))
+                if self.log_all:
+                    self.log_iov(chain, HDR_SIZE + n)
                 off += n
                 stats["rx_packets"] += 1
                 stats["rx_bytes"] += n
@@ -617,6 +627,8 @@ class VhostVsock(VhostDevice):
                     self.batch.defer(self._notify_rx)
                 except GUEST_ERRORS as e:
                     self.vq_err(vq, e)
+            if self.log_all:
+                self.log_ring(vq)
         if restart_tx and not self.broken:
             self._queue_work(self.handle_tx_work)
 
@@ -644,6 +656,9 @@ class VhostVsock(VhostDevice):
                                          f"struct virtio_vsock_event")
                 iov_write(chain.in_, 0, VSOCK_EVENT.pack(VIRTIO_VSOCK_EVENT_TRANSPORT_RESET))
                 vq.add_used(mem, chain.head, VSOCK_EVENT.size)
+                if self.log_all:
+                    self.log_iov(chain, VSOCK_EVENT.size)
+                    self.log_ring(vq)
             except GUEST_ERRORS as e:
                 self.vq_err(vq, e)
                 return False

@@ -4,7 +4,7 @@ both check; host/net/backends/spec.py opens them.
     loopback                 reflect every frame back to the guest
     udp:LPORT:RPORT          UDP on 127.0.0.1, bound to LPORT, sending to RPORT
     segment:NAME             the Unix-datagram L2 segment NAME in the host's run directory
-    tap:IFNAME[,vnet_hdr=on] an existing tap interface
+    tap:IFNAME[,vnet_hdr=on][,multi_queue=on] an existing tap interface
     packet:IFNAME            AF_PACKET raw socket bound to IFNAME (e.g. a veth end)
 
 Errors are ValueError with one clear line (the CLI prints it and exits non-zero).
@@ -19,7 +19,7 @@ def port(text: str, spec: str) -> int:
 
 
 USAGE = {"loopback": (0, "loopback"), "udp": (2, "udp:LPORT:RPORT"), "segment": (1, "segment:NAME"),
-         "tap": (1, "tap:IFNAME[,vnet_hdr=on]"), "packet": (1, "packet:IFNAME")}
+         "tap": (1, "tap:IFNAME[,vnet_hdr=on][,multi_queue=on]"), "packet": (1, "packet:IFNAME")}
 KINDS = tuple(USAGE)
 
 
@@ -40,7 +40,7 @@ def check_spec(spec) -> tuple[str, list[str]]:
         port(args[0], spec), port(args[1], spec)
     if kind == "tap":
         for o in args[0].split(",")[1:]:
-            if o not in ("vnet_hdr=on", "vnet_hdr=off"):
+            if o not in ("vnet_hdr=on", "vnet_hdr=off", "multi_queue=on", "multi_queue=off"):
                 raise ValueError(f"net backend {spec!r}: unknown tap option {o!r}")
     if kind == "segment" and not args[0].replace("-", "").replace("_", "").isalnum():
         raise ValueError(f"segment backend: bad segment name {args[0]!r} (letters, digits, - and _)")

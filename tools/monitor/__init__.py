@@ -34,7 +34,7 @@ from shared.stats import read_all
 
 from .model import History, build_frame, ring_sources
 from .panels import (VIEWS, conns_parts, decode_all, guests_panel, guests_summary, header, legend,
-                     net_panel, problem_lines, queues_parts, ring_parts)
+                     migration_lines, net_panel, problem_lines, queues_parts, ring_parts)
 from .ring import ring_legend
 from .ring_packed import packed_legend
 from .ram import RamError, ReadOnlyRAM
@@ -76,12 +76,15 @@ def render_view(frame: dict, view: str = "queues", width: int = 100, guest: int 
     memo = memo or (lambda key, make: make())
     head = header(frame, view, guest, keys)
     guests = memo(("guests", frame.get("stamp"), width), lambda: guests_panel(frame, width, history))
+    mig = migration_lines(frame)
+    if mig:
+        guests = Group(guests, *mig)
     own = view_parts(frame, view, width, guest, rings, ring_error)
     leg = memo(("legend", view, width), lambda: legend(view))
     if height is None:
         return Group(head, guests, *own, leg)
     return fit_height(console or _measuring_console(width), width, height, head, guests, own, leg,
-                      [guests_summary(frame, guest), *problem_lines(frame, guest)],
+                      [guests_summary(frame, guest), *mig, *problem_lines(frame, guest)],
                       legend(view, with_guests=False))
 
 

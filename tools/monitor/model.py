@@ -246,6 +246,22 @@ def net_rows(devices: dict, pdevices: dict, dt: float) -> list[dict]:
     return rows
 
 
+def migration_rows(raw: list[dict]) -> list[dict]:
+    """Guests with a live migration going or done (guest/migration/source.py `info`)."""
+    rows = []
+    for d in raw:
+        m = d.get("migration") if d.get("role") == "guest" else None
+        if isinstance(m, dict):
+            rounds = m.get("rounds") or []
+            rows.append({"guest": d.get("name") or f"pid{d.get('pid')}", "status": m.get("status"),
+                         "round": m.get("round"), "pages_sent": m.get("pages_sent"),
+                         "pages_total": m.get("pages_total"), "dirty_guest": m.get("dirty_guest"),
+                         "dirty_device": m.get("dirty_device"), "downtime_ms": m.get("downtime_ms"),
+                         "total_ms": m.get("total_ms"), "error": m.get("error"),
+                         "last_round": rounds[-1] if rounds else None})
+    return sorted(rows, key=lambda r: str(r["guest"]))
+
+
 def build_frame(raw: list[dict], prev: list[dict] | None = None, dt: float = 0.0, *,
                 run_dir: str = "", now: float | None = None) -> dict:
     guests, devices = split(raw)
@@ -257,6 +273,7 @@ def build_frame(raw: list[dict], prev: list[dict] | None = None, dt: float = 0.0
         "queues": queue_rows(guests, devices, pguests, pdevices, dt),
         "conns": conn_rows(guests, devices),
         "nets": net_rows(split_net(raw), split_net(prev or []), dt),
+        "migrations": migration_rows(raw),
     }
 
 

@@ -404,3 +404,26 @@ def problem_lines(frame: dict, guest: int | None = None) -> list[Text]:
     return [Text(f"  {g['name']}: last error: {g['last_error']}"
                  f"{_rule_note(g.get('last_rule'), g['last_error'])}", "bold red")
             for g in frame["guests"] if g.get("last_error") and (guest is None or g["cid"] == guest)]
+
+
+def migration_lines(frame: dict) -> list[Text]:
+    """One line per guest migrating (or just migrated): round, pages sent of all RAM, pages the
+    guest and the device dirtied, the last round, the downtime (docs/monitor.md)."""
+    out = []
+    for m in frame.get("migrations") or []:
+        st = m["status"] or "?"
+        style = {"failed": "bold red", "completed": "green"}.get(st, "bold yellow")
+        t = Text(f"  migration {m['guest']}: ", "bold")
+        t.append(st, style)
+        t.append(f"  round {num(m['round'])}  sent {num(m['pages_sent'])} pages"
+                 f" (RAM {num(m['pages_total'])})  dirtied guest {num(m['dirty_guest'])}"
+                 f" / device {num(m['dirty_device'])}")
+        lr = m.get("last_round")
+        if lr:
+            t.append(f"  last round {num(lr.get('sent'))} pages in {lr.get('ms')} ms")
+        if m.get("downtime_ms") is not None:
+            t.append(f"  downtime {m['downtime_ms']} ms, total {m['total_ms']} ms")
+        if m.get("error"):
+            t.append(f"  {m['error']}", "red")
+        out.append(t)
+    return out

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed of the schedule (default: random, printed)")
     p.add_argument("--faults", type=_faults, default="all",      # argparse parses a str default
                    help="which faults: all (default), none, or a comma list of "
-                        "guest-kill,host-kill,guest-stop,host-stop,rx-stall,hostile")
+                        "guest-kill,host-kill,guest-stop,host-stop,rx-stall,hostile,migrate")
     p.add_argument("--fault-rate", type=_positive(float, 0, 1), default=0.5,
                    help="probability that a round has a fault (default 0.5)")
     p.add_argument("--max-size", type=_positive(int, 1, 64 << 20), default=256 * 1024,

@@ -70,6 +70,11 @@ class Group:
         self.udp: socket.socket | None = None
         self.udp_lport = 0
         self.udp_tally = netframes.Tally()
+        # migrate: the group's second host (started with the first migrate fault) and the guests
+        # that ran there or waited for a migration
+        self.host2: Proc | None = None
+        self.migrants: list[Proc] = []
+        self.migrations = 0
 
     # --- processes -----------------------------------------------------------------------------
     def _proc(self, role: str, args: list[str], env: dict | None = None) -> Proc:
@@ -104,10 +109,14 @@ class Group:
             a += ["--service", f"echo={INDEV_ECHO_PORT}", "--service", f"sink={INDEV_SINK_PORT}"]
         return a
 
-    def _guest_args(self, cid: int) -> list[str]:
-        return ["-m", "guest", "--run-dir", str(self.run_dir), "--cid", str(cid), "--mem", "16M",
+    def _guest_args(self, cid: int, run_dir: Path | None = None, monitor: str = "a") -> list[str]:
+        return ["-m", "guest", "--run-dir", str(run_dir or self.run_dir), "--cid", str(cid), "--mem", "16M",
                 "--connect-timeout", GUEST_CONNECT_TIMEOUT,
-                "--service", f"echo={ECHO_PORT}", "--run", "tools.stress.agent:main"]
+                "--service", f"echo={ECHO_PORT}", "--run", "tools.stress.agent:main",
+                "--monitor-socket", str(self._monitor(cid, monitor))]
+
+    def _monitor(self, cid: int, side: str) -> Path:
+        return self.dir / f"m{cid}{side}"
 
     def start(self) -> None:
         self.host = self._proc("host", self._host_args())
@@ -393,6 +402,69 @@ class Group:
             ok &= self._announce_net()
         return ok
 
+    def _fault_migrate(self, f, rec) -> None:
+        """Live-migrate the target to the group's second host and back (tools.migrate); its
+        connections are reset (TRANSPORT_RESET), its services listen again, its CID is kept."""
+        cid = f.target
+        if self.host2 is None:
+            run2 = self.dir / "run2"
+            self.host2 = self._proc("host2", ["-m", "host", "--run-dir", str(run2)])
+            if not self.host2.wait_log("host listening", READY_TIMEOUT):
+                rec["recovered"] = False
+                rec["detail"] = "the second host did not start"
+                return
+        there = self._migrate(cid, self.dir / "run2", "b", self.guests[cid])
+        if there is None:
+            rec["recovered"] = self._guest_ready(cid)
+            rec["detail"] = "migration there failed; the source ran on"
+            return
+        back = self._migrate(cid, self.run_dir, "a", there)
+        if back is None:            # stranded on the second host: back by a restart at home
+            there.kill_group()
+            rec["recovered"] = self._restart_guest(cid)
+            rec["detail"] = "migration back failed; restarted at home"
+            return
+        back.args = self._guest_args(cid)       # a later guest-kill restarts it as it boots
+        self.guests[cid] = back
+        self.migrations += 2
+        rec["recovered"] = self._guest_ready(cid)
+        rec["detail"] = "there and back"
+
+    def _migrate(self, cid: int, run_dir: Path, side: str, src: Proc) -> Proc | None:
+        """One migration of `src` to a new incoming guest on run_dir's host; the destination's
+        Proc once it resumed and the source exited, else None (the destination killed)."""
+        from_side = "b" if side == "a" else "a"
+        inc = self.dir / f"i{cid}"
+        inc.unlink(missing_ok=True)            # left by a destination killed after a failure
+        dst = self._proc(f"guest{cid}-in{side}", self._guest_args(cid, run_dir, side)
+                         + ["--incoming", f"unix:{inc}"])
+        self.migrants.append(dst)
+        ok = dst.wait_log("waiting for an incoming migration", READY_TIMEOUT)
+        if ok:
+            r = self._run_tool(["-m", "tools.migrate", "--monitor", str(self._monitor(cid, from_side)),
+                                "--to", f"unix:{inc}"], READY_TIMEOUT)
+            ok = r == 0 and dst.wait_log("vsock device ready", READY_TIMEOUT)
+        if ok and src.p is not None:
+            try:
+                ok = src.p.wait(15) == 0
+            except Exception:
+                ok = False
+        if not ok:
+            dst.kill_group()
+            return None
+        return dst
+
+    def _run_tool(self, args: list[str], timeout: float) -> int:
+        with self.spawn_lock:
+            if self.stopping.is_set():
+                raise Interrupted(f"group {self.idx}: interrupted")
+            p = Proc("migrate", args, self.dir, cancel=self.stopping)
+        try:
+            return p.p.wait(timeout)
+        except Exception:
+            p.kill_group()
+            return -1
+
     def _fault_guest_stop(self, f, rec) -> None:
         g = self.guests[f.target]
         self._signal(g, signal.SIGSTOP)
@@ -452,6 +524,11 @@ class Group:
         for h in self.hostiles:
             if not h.stop(timeout):
                 self.hung_procs.append(f"group {self.idx}: hostile guest did not exit")
+        for m in self.migrants:
+            if m.alive() and not m.stop(timeout):
+                self.hung_procs.append(f"group {self.idx}: a migration guest did not exit on SIGTERM")
+        if self.host2 is not None and not self.host2.stop(timeout):
+            self.hung_procs.append(f"group {self.idx}: second host did not exit on SIGTERM")
         for lst in self.listeners.values():
             lst.close()
         if self.host is not None and not self.host.stop(timeout):
@@ -465,4 +542,9 @@ class Group:
             out += [("guest", lg) for lg in p.logs]
         for h in self.hostiles:
             out += [("hostile", p) for p in h.logs]
+        for m in self.migrants:
+            if m not in self.guests.values():
+                out += [("guest", p) for p in m.logs]
+        if self.host2 is not None:
+            out += [("host", p) for p in self.host2.logs]
         return out

@@ -13,9 +13,12 @@ from dataclasses import dataclass, field
 from .data import stream_id
 
 # Fault kinds (--faults picks among them)
-FAULTS = ("guest-kill", "host-kill", "guest-stop", "host-stop", "rx-stall", "hostile")
-# Faults that may legitimately break the streams of their target (kills reset connections)
-BREAKING = ("guest-kill", "host-kill")
+FAULTS = ("guest-kill", "host-kill", "guest-stop", "host-stop", "rx-stall", "hostile", "migrate")
+# Faults that may legitimately break the streams of their target (kills reset connections; a
+# migrated vsock guest resets its connections, as Linux does on TRANSPORT_RESET)
+BREAKING = ("guest-kill", "host-kill", "migrate")
+# migrate: the target guest moves to the group's second host and back (live migration), planned
+# from a generator of its own in rounds without another fault, so older seeds keep their plans
 
 # Workload kinds, each with an executor in workloads.EXECUTORS. The net kinds send numbered,
 # checksummed frames (netframes) through a vhost-net backend between the group's net guests
@@ -112,8 +115,9 @@ def round_plan(cfg: Config, group: int, rnd: int) -> RoundPlan:
         if cfg.indevice:
             add("indev-echo", cid, _size(r, cfg.max_size))
             add("indev-sink", cid, _size(r, cfg.max_size))
-    if cfg.faults and r.random() < cfg.fault_rate:
-        kind = r.choice(sorted(cfg.faults))
+    classic = sorted(k for k in cfg.faults if k != "migrate")
+    if classic and r.random() < cfg.fault_rate:
+        kind = r.choice(classic)
         cids = cfg.cids()
         target: object = "host" if kind.startswith("host") else r.choice(cids)
         mode = ""
@@ -129,6 +133,14 @@ def round_plan(cfg: Config, group: int, rnd: int) -> RoundPlan:
             big = max(8 * cfg.max_size, 2 << 20)
             add("h2g", victim, big)
             add("g2h", victim, big)
+    if plan.fault is None and "migrate" in cfg.faults:
+        rm = random.Random(f"stress/{cfg.seed}/{group}/{rnd}/migrate")
+        if rm.random() < cfg.fault_rate / 2:
+            target = rm.choice(cfg.cids())
+            plan.fault = Fault("migrate", target, round(rm.uniform(0.05, 0.3), 3), 0.0)
+            big = max(8 * cfg.max_size, 2 << 20)
+            add("h2g", target, big)             # victims: the fault lands mid-transfer
+            add("g2h", target, big)
     if cfg.net and not (plan.fault is not None and plan.fault.kind == "host-kill"):
         # Their own generator, so the vsock plan and faults of a seed stay what they were. Not in
         # a host-kill round: the kill takes the net devices (restarted with the host) with it.

@@ -3,7 +3,7 @@
     loopback                 reflect every frame back to the guest
     udp:LPORT:RPORT          UDP on 127.0.0.1, bound to LPORT, sending to RPORT
     segment:NAME             the Unix-datagram L2 segment NAME in the host's run directory
-    tap:IFNAME[,vnet_hdr=on] an existing tap interface
+    tap:IFNAME[,vnet_hdr=on][,multi_queue=on] an existing tap interface
     packet:IFNAME            AF_PACKET raw socket bound to IFNAME (e.g. a veth end)
 
 Errors are ValueError with one clear line (the CLI prints it and exits non-zero).
@@ -36,15 +36,18 @@ def _segment(args, spec, ctx):
 
 def _tap(args, spec, ctx):
     if len(args) != 1:
-        raise ValueError(f"net backend {spec!r}: want tap:IFNAME[,vnet_hdr=on]")
+        raise ValueError(f"net backend {spec!r}: want tap:IFNAME[,vnet_hdr=on][,multi_queue=on]")
     name, *opts = args[0].split(",")
-    vnet = False
+    vnet = mq = False
     for o in opts:
-        if o not in ("vnet_hdr=on", "vnet_hdr=off"):
+        if o not in ("vnet_hdr=on", "vnet_hdr=off", "multi_queue=on", "multi_queue=off"):
             raise ValueError(f"net backend {spec!r}: unknown tap option {o!r}")
-        vnet = o == "vnet_hdr=on"
+        if o.startswith("vnet_hdr"):
+            vnet = o == "vnet_hdr=on"
+        else:
+            mq = o == "multi_queue=on"
     from host.net.backends.tap import Tap
-    return Tap(name, vnet_hdr=vnet)
+    return Tap(name, vnet_hdr=vnet, multi_queue=mq)
 
 
 def _packet(args, spec, ctx):

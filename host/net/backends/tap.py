@@ -4,6 +4,11 @@
 is an error, never created behind the user's back, and a tap another process holds (a second
 guest) is refused (EBUSY). With `vnet_hdr=on` the tap carries the virtio_net_hdr itself
 (IFF_VNET_HDR, TUNSETVNETHDRSZ): vhost-net then passes the header through instead of stripping it.
+With `multi_queue=on` (a tap made with `ip tuntap add ... multi_queue`) the fd is one queue of the
+tap (IFF_MULTI_QUEUE): a second process may attach another, as the destination of a live
+migration does while the source still holds its own. Such a queue is detached (TUNSETQUEUE
+IFF_DETACH_QUEUE: the kernel steers no frame to it) except while a device's rx queue uses it
+(`steer(True)` from VhostNet.set_backend), so an idle backend swallows no flow.
 """
 from __future__ import annotations
 
@@ -19,12 +24,16 @@ TUNSETVNETHDRSZ = 0x400454D8
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
+IFF_MULTI_QUEUE = 0x0100
+IFF_ATTACH_QUEUE = 0x0200
+IFF_DETACH_QUEUE = 0x0400
+TUNSETQUEUE = 0x400454D9
 
 
 class Tap:
     kind = "tap"
 
-    def __init__(self, ifname: str, vnet_hdr: bool = False, hdr_size: int = 12):
+    def __init__(self, ifname: str, vnet_hdr: bool = False, hdr_size: int = 12, multi_queue: bool = False):
         if not ifname or len(ifname) > 15 or "/" in ifname:
             raise ValueError(f"tap backend: bad interface name {ifname!r}")
         try:
@@ -35,7 +44,7 @@ class Tap:
             fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as e:
             raise ValueError(f"tap backend: cannot open /dev/net/tun: {e.strerror}") from None
-        flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)
+        flags = IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0) | (IFF_MULTI_QUEUE if multi_queue else 0)
         try:
             fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", ifname.encode(), flags))
             if vnet_hdr:
@@ -48,9 +57,20 @@ class Tap:
                 raise ValueError(f"tap backend: {ifname!r} is not a tap interface") from None
             raise ValueError(f"tap backend: cannot attach {ifname!r}: {e.strerror}") from None
         self.fd = fd
+        self.multi_queue = multi_queue
+        self.steered = True
+        if multi_queue:
+            self.steer(False)
         self.vnet_hdr = vnet_hdr
         self.name = f"tap:{ifname}"
         self.drops = 0
+
+    def steer(self, on: bool) -> None:
+        """multi_queue: let the kernel send frames to this queue (attached) or not (detached)."""
+        if not self.multi_queue or on == self.steered or self.fd < 0:
+            return
+        fcntl.ioctl(self.fd, TUNSETQUEUE, struct.pack("16sH", b"", IFF_ATTACH_QUEUE if on else IFF_DETACH_QUEUE))
+        self.steered = on
 
     def fileno(self) -> int:
         return self.fd

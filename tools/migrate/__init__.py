@@ -1,0 +1,1 @@
+"""python -m tools.migrate: move a running guest to an incoming one (QMP migrate + query-migrate)."""
