@@ -39,3 +39,18 @@ def test_round_limit_stops_a_guest_that_dirties_faster_than_the_link():
 def test_bad_budget_refused():
     with pytest.raises(ValueError):
         Precopy([1], downtime_ms=0)
+
+
+def test_a_guest_on_packed_rings_is_refused_and_runs_on():
+    """The migrated queue state is the split ring's (guest/migration/vmstate.py): a guest whose
+    device uses packed rings is refused before anything starts (the monitor answers the error)."""
+    from types import SimpleNamespace
+
+    from guest.migration.source import Migration
+    split, packed = SimpleNamespace(packed=False), SimpleNamespace(packed=True)
+    vm = SimpleNamespace(vdev=SimpleNamespace(vqs=[split, split]),
+                         devices=[SimpleNamespace(vdev=SimpleNamespace(vqs=[split, packed]))])
+    with pytest.raises(ValueError, match="packed rings"):
+        Migration(vm, "unix:/tmp/nowhere")
+    vm.devices[0].vdev.vqs = [split, split]
+    assert Migration(vm, "unix:/tmp/nowhere").info["status"] == "setup"
