@@ -126,7 +126,7 @@ def _no_wake() -> None:
 
 
 LEND_MIN = 4096     # smaller payloads are copied: a copy costs less than a loan's bookkeeping
-BURST_MAX = 8       # a bulk reader asks to be woken after at most this many packets
+BURST_MAX = 16      # a bulk reader asks to be woken after at most this many packets
 
 
 class Loan:

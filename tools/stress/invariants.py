@@ -4,13 +4,17 @@ Each row is {"invariant", "count", "ok", "detail"}; `ok` False is a violation (n
 """
 from __future__ import annotations
 
+from shared.cli import DEFAULT_BUF_SIZE
+
 from .schedule import BREAKING
 
 RESET_SLACK = 2.0           # seconds around a fault window in which a broken stream is explained
 RSS_MIN_LIFE = 30.0         # a process must live this long (seconds) for its RSS trend to count
 RSS_GROWTH_ABS = 16 << 20   # allowed growth after warm-up: max(16 MiB, 25 % of the warm level)
 RSS_GROWTH_REL = 0.25
-STALL_BOUND = 4 << 20       # rx-stall: most bytes a host program may push to a guest that never reads
+# rx-stall: most bytes a host program may push to a guest that never reads: the guest socket's
+# buffer (buf_alloc, the default --buf-size) and 1 MiB of packets in flight, no more
+STALL_BOUND = DEFAULT_BUF_SIZE + (1 << 20)
 
 
 def explained(o: dict, faults: list[dict]) -> bool:
