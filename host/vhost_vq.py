@@ -50,10 +50,53 @@ class DescChain:
     in_addrs: list | None = None   # (gpa, len) of each device-writable buffer (dirty logging)
 
 
-class VhostVirtqueue:
+class VringMapping:
+    """What both ring layouts share (this one and host/vhost_vq_packed.py): the parameters the
+    control plane writes, each change of which drops the cached views of guest memory, and the
+    life of those views. A layout sets _VIEWS (its view attributes, each released before the
+    view it was cast from) and _map(mem)."""
+
+    _VIEWS: tuple = ()
+
+    def _cfg(name):  # noqa: N805 - property factory: changing a ring parameter drops the mapping
+        attr = "_" + name
+
+        def get(self):
+            return getattr(self, attr)
+
+        def set_(self, v):
+            setattr(self, attr, v)
+            self.unmap()
+        return property(get, set_)
+
+    num = _cfg("num")
+    desc = _cfg("desc")
+    avail = _cfg("avail")
+    used = _cfg("used")
+    event_idx = _cfg("event_idx")
+    del _cfg
+
+    def unmap(self) -> None:
+        """Drop the cached views (memory table replaced, ring reconfigured, device stopped)."""
+        if getattr(self, "_mem", None) is not None:
+            for name in self._VIEWS:
+                getattr(self, name).release()
+        self._mem = None
+
+    def access_ok(self, mem) -> bool:
+        """vhost_vq_access_ok: ring rule 13 (valid N, aligned parts, all inside the memory table)."""
+        try:
+            self._map(mem)
+            return True
+        except VringError:
+            return False
+
+
+class VhostVirtqueue(VringMapping):
     """struct vhost_virtqueue: one ring as the backend sees it."""
 
     packed = False
+    _VIEWS = ("_dv", "_av", "_ub", "_uv")
 
     def __init__(self, index: int, name: str = ""):
         self.index = index
@@ -74,25 +117,6 @@ class VhostVirtqueue:
         self.signalled_used_valid = False
         self._mem = None                # the GuestMemory the cached views belong to
         self._mask = 0
-
-    # --- configuration (the control plane writes these) --------------------------------------
-    def _cfg(name):  # noqa: N805 - property factory: changing a ring parameter drops the mapping
-        attr = "_" + name
-
-        def get(self):
-            return getattr(self, attr)
-
-        def set_(self, v):
-            setattr(self, attr, v)
-            self.unmap()
-        return property(get, set_)
-
-    num = _cfg("num")
-    desc = _cfg("desc")
-    avail = _cfg("avail")
-    used = _cfg("used")
-    event_idx = _cfg("event_idx")
-    del _cfg
 
     @staticmethod
     def parts(num: int):
@@ -146,21 +170,6 @@ class VhostVirtqueue:
         self._avail_event = 2 + 4 * num     # *(u16 *)&used->ring[num]
         self._mask = num - 1
         self._mem = mem
-
-    def unmap(self) -> None:
-        """Drop the cached views (memory table replaced, ring reconfigured, device stopped)."""
-        if getattr(self, "_mem", None) is not None:
-            for v in (self._dv, self._av, self._ub, self._uv):
-                v.release()
-        self._mem = None
-
-    def access_ok(self, mem) -> bool:
-        """vhost_vq_access_ok: ring rule 13 (valid N, aligned parts, all inside the memory table)."""
-        try:
-            self._map(mem)
-            return True
-        except VringError:
-            return False
 
     def init_access(self, mem) -> None:
         """vhost_vq_init_access: map the ring and publish our notification intent.

@@ -46,7 +46,7 @@ from shared.ring_layout import (DESC_F_AVAIL, DESC_F_USED, PACKED_DESC, PACKED_M
                                 VRING_PACKED_EVENT_FLAG_DESC, VRING_PACKED_EVENT_FLAG_DISABLE,
                                 VRING_PACKED_EVENT_FLAG_ENABLE, packed_need_event, packed_parts)
 
-from host.vhost_vq import DescChain
+from host.vhost_vq import DescChain, VringMapping
 
 _U32 = 0xFFFFFFFF
 _AU = DESC_F_AVAIL | DESC_F_USED
@@ -58,10 +58,11 @@ def _enc(idx: int, wrap: int) -> int:
     return idx | (wrap << VRING_PACKED_EVENT_F_WRAP_CTR)
 
 
-class VhostVirtqueuePacked:
+class VhostVirtqueuePacked(VringMapping):
     """One packed ring as the backend sees it (the packed half of struct vhost_virtqueue)."""
 
     packed = True
+    _VIEWS = ("_drv32", "_dv", "_dw", "_drvb", "_devw")      # the cast before the view it casts
 
     def __init__(self, index: int, name: str = ""):
         self.index = index
@@ -88,25 +89,6 @@ class VhostVirtqueuePacked:
         self._history: deque = deque()             # (slot, wrap, id) of recent pops (discard)
         self.last_used_slots: list[int] = []       # slots the last add_used(_n) wrote (dirty log)
         self._mem = None
-
-    # --- configuration ------------------------------------------------------------------------
-    def _cfg(name):  # noqa: N805 - property factory: changing a ring parameter drops the mapping
-        attr = "_" + name
-
-        def get(self):
-            return getattr(self, attr)
-
-        def set_(self, v):
-            setattr(self, attr, v)
-            self.unmap()
-        return property(get, set_)
-
-    num = _cfg("num")
-    desc = _cfg("desc")
-    avail = _cfg("avail")
-    used = _cfg("used")
-    event_idx = _cfg("event_idx")
-    del _cfg
 
     @staticmethod
     def parts(num: int):
@@ -168,19 +150,6 @@ class VhostVirtqueuePacked:
         if self._history.maxlen != num:         # discard_vq_desc looks back at most N chains
             self._history = deque(self._history, maxlen=num)
         self._mem = mem
-
-    def unmap(self) -> None:
-        if getattr(self, "_mem", None) is not None:
-            for v in (self._drv32, self._dv, self._dw, self._drvb, self._devw):
-                v.release()
-        self._mem = None
-
-    def access_ok(self, mem) -> bool:
-        try:
-            self._map(mem)
-            return True
-        except VringError:
-            return False
 
     def init_access(self, mem) -> None:
         """Map and publish our kick intent (a killed backend may have left DISABLE behind)."""
