@@ -1038,3 +1038,24 @@ def test_seeds_mode_brings_the_seeds_transport():
     from guest.vm import transport_mode
     assert transport_mode("every-read") == {"pool": False, "coalesce": False}
     assert transport_mode("low-space") == {"pool": True, "coalesce": True}
+
+
+def test_rx_burst_moderates_only_bulk_streams_within_the_peers_credit():
+    """VsockCore.rx_burst (interrupt moderation): 1 unless the peer sends full packets; then as
+    many packets as the credit the peer can still have allows, less one, at most BURST_MAX;
+    the seeds' mode never moderates."""
+    from shared.vsock.proto import BURST_MAX
+    core = VsockCore(2, lambda p: None, credit_policy="low-space", buf_size=4 << 20)
+    sk = VsockSock(buf_alloc=4 << 20)
+    full = core.max_pkt_len
+    sk.rx_last = 100                                    # small packets: wake at each one
+    assert core.rx_burst(sk) == 1
+    sk.rx_last = full
+    assert core.rx_burst(sk) == BURST_MAX               # a whole window of credit left
+    sk.rx_total, sk.last_fwd_cnt = (4 << 20) - 3 * full, 0   # the peer can send 3 more packets
+    assert core.rx_burst(sk) == 2
+    sk.rx_total = 4 << 20                               # no credit left: never wait for more than one
+    assert core.rx_burst(sk) == 1
+    seeds = VsockCore(2, lambda p: None, credit_policy="every-read")
+    sk.rx_total = 0
+    assert seeds.rx_burst(sk) == 1
