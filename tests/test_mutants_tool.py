@@ -182,3 +182,51 @@ def test_ctrl_c_stops_the_run_cleans_up_and_exits_130(tmp_path):
     assert "Traceback" not in out
     assert not list(tmp.iterdir()), "the temporary copies were left behind"
     assert (root / "calc.py").read_text() == CALC
+
+
+def test_ctrl_c_landing_while_the_first_mutant_is_submitted_stops_it(tmp_path, monkeypatch):
+    """The Ctrl-C race CI can hit: the signal lands in the main thread right after the pool took
+    the first mutant (which already runs, here for ever) and before the result loop. The run
+    must stop that mutant and exit 130, not wait in the pool's shutdown for it to end."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import tools.mutants.__main__ as cli
+    from tools.mutants.runner import INTERRUPTED, Result
+
+    class HangingRunner:
+        def __init__(self, root, jobs, timeout):
+            self.stopped = threading.Event()
+
+        def occurrences(self, m):
+            return 1
+
+        def baseline(self, tests, timeout):
+            return True, ""
+
+        def run_mutant(self, m):
+            self.stopped.wait(30)                    # an endless mutant until stop()
+            return Result(m.id, m.file, INTERRUPTED)
+
+        def stop(self):
+            self.stopped.set()
+
+        def close(self):
+            pass
+
+    class InterruptedPool(ThreadPoolExecutor):
+        def submit(self, fn, *args):
+            super().submit(fn, *args)
+            raise KeyboardInterrupt                  # the signal, just after the first submit
+
+    monkeypatch.setattr(cli, "Runner", HangingRunner)
+    monkeypatch.setattr(cli, "ThreadPoolExecutor", InterruptedPool)
+    root = make_tree(tmp_path)
+    (tmp_path / "catalog.toml").write_text(CATALOG)
+    done: list = []
+    t = threading.Thread(target=lambda: done.append(cli.main(
+        ["--root", str(root), "--catalog", str(tmp_path / "catalog.toml"), "--no-baseline"])))
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "Ctrl-C left the run waiting for a mutant it never stopped"
+    assert done == [130]

@@ -130,19 +130,24 @@ def main(argv=None) -> int:
                     print(tail, file=sys.stderr)
                     return fail("the related tests fail without any mutant: fix them first "
                                 "(or see --no-baseline)")
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        pool = ThreadPoolExecutor(max_workers=args.jobs)
+        futures: dict = {}
+        try:
+            # submitting inside the try: a Ctrl-C that lands while the first mutant already
+            # runs must stop it before the pool's shutdown waits for it
             futures = {pool.submit(runner.run_mutant, m): m for m in mutants}
-            try:
-                for fut in as_completed(futures):
-                    r = fut.result()
-                    results.append(r)
-                    console.print(f"[dim]{len(results)}/{len(mutants)}[/] {r.id}: "
-                                  f"[{STYLE.get(r.status, '')}]{r.status}[/] {r.seconds:.1f} s")
-            except KeyboardInterrupt:
-                interrupted = True
-                runner.stop()
-                for f in futures:
-                    f.cancel()
+            for fut in as_completed(futures):
+                r = fut.result()
+                results.append(r)
+                console.print(f"[dim]{len(results)}/{len(mutants)}[/] {r.id}: "
+                              f"[{STYLE.get(r.status, '')}]{r.status}[/] {r.seconds:.1f} s")
+        except KeyboardInterrupt:
+            interrupted = True
+            runner.stop()
+            for f in futures:
+                f.cancel()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
         for f in futures:               # the runs Ctrl-C cut short end as "interrupted"
             if f.done() and not f.cancelled() and f.exception() is None and f.result() not in results:
                 results.append(f.result())
