@@ -16,21 +16,14 @@ import struct
 import sys
 import time
 
+from guest.net.ipv4 import csum
+
 ETH_P_ALL = 0x0003
 TPID = 0x8100
 SOL_PACKET = 263
 PACKET_AUXDATA = 8
 TP_STATUS_VLAN_VALID = 0x10
 AUXDATA = struct.Struct("=IIIHHHH")       # struct tpacket_auxdata
-
-
-def _csum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
 
 
 def _retag(frame: bytes, anc) -> bytes:
@@ -66,12 +59,12 @@ def answer(frame: bytes, vid: int, ip: bytes, mac: bytes) -> bytes | None:
     icmp = bytearray(iph[ihl:total])
     icmp[0] = 0                                              # echo reply
     icmp[2:4] = b"\0\0"
-    icmp[2:4] = struct.pack("!H", _csum(bytes(icmp)))
+    icmp[2:4] = struct.pack("!H", csum(bytes(icmp)))
     hdr = bytearray(iph[:ihl])
     hdr[12:16], hdr[16:20] = iph[16:20], iph[12:16]
     hdr[8] = 64
     hdr[10:12] = b"\0\0"
-    hdr[10:12] = struct.pack("!H", _csum(bytes(hdr)))
+    hdr[10:12] = struct.pack("!H", csum(bytes(hdr)))
     return frame[6:12] + mac + frame[12:18] + bytes(hdr) + bytes(icmp)
 
 

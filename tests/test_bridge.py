@@ -26,19 +26,9 @@ from shared.doorbell import LocalDoorbell
 from shared.vsock.proto import SHUT_WR, SockState
 
 from tests.test_host_vsock import GUEST_CID, FakeGuest
+from tests.waiting import wait_until
 
 TIMEOUT = 5.0
-
-
-def wait_for(cond, timeout: float = TIMEOUT, what: str = "condition"):
-    end = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.002)
 
 
 class Harness:
@@ -136,7 +126,7 @@ def guest_listen(h: Harness, port: int):
 
 
 def guest_accept(h: Harness, lst):
-    return wait_for(lambda: h.guest(lambda c: c.accept(lst)), what="guest accept")
+    return wait_until(lambda: h.guest(lambda c: c.accept(lst)), what="guest accept")
 
 
 def guest_recv_exact(h: Harness, sk, n: int) -> bytes:
@@ -149,7 +139,7 @@ def guest_recv_exact(h: Harness, sk, n: int) -> bytes:
         except BlockingIOError:
             pass
         return len(buf) >= n
-    wait_for(step, what=f"{n} bytes in the guest")
+    wait_until(step, what=f"{n} bytes in the guest")
     return buf
 
 
@@ -168,7 +158,7 @@ def guest_send_all(h: Harness, sk, data: bytes) -> None:
         nonlocal off
         off += h.guest(lambda c: c.send(sk, data[off:]))
         return off >= len(data)
-    wait_for(step, timeout=20, what="guest send")
+    wait_until(step, timeout=20, what="guest send")
 
 
 def recv_exact(s: socket.socket, n: int) -> bytes:
@@ -240,7 +230,7 @@ def test_connect_to_port_without_guest_listener_is_refused(harness):
     with pytest.raises(ConnectionRefusedError, match="refused"):
         h.host.connect(GUEST_CID, 999)
     assert h.bridge.stats["refused_in"] == 1
-    wait_for(lambda: not h.bridge.conns, what="connection forgotten")
+    wait_until(lambda: not h.bridge.conns, what="connection forgotten")
 
 
 def test_connect_to_missing_guest_is_refused_clearly(run_dir):
@@ -276,13 +266,13 @@ def test_half_close_from_host_then_guest_closes(harness):
     s.sendall(b"last words")
     s.shutdown(socket.SHUT_WR)
     assert guest_recv_exact(h, child, 10) == b"last words"
-    wait_for(lambda: guest_try_recv(h, child, 10) == b"", what="guest EOF")
+    wait_until(lambda: guest_try_recv(h, child, 10) == b"", what="guest EOF")
     guest_send_all(h, child, b"reply after EOF")           # the other direction still works
     assert recv_exact(s, 15) == b"reply after EOF"
     h.guest(lambda c: c.release(child))
     s.settimeout(TIMEOUT)
     assert s.recv(10) == b""
-    wait_for(lambda: not h.bridge.conns, what="bridge connection released")
+    wait_until(lambda: not h.bridge.conns, what="bridge connection released")
     s.close()
 
 
@@ -304,8 +294,8 @@ def test_closed_connections_are_freed_without_the_cyclic_gc(harness):
             assert recv_exact(s, 3000) == b"y" * 3000
             s.close()
             h.guest(lambda c: c.release(child))
-            wait_for(lambda: not h.bridge.conns, what="bridge connection released")
-        wait_for(lambda: not [o for o in gc.get_objects() if type(o) is BridgeConn],
+            wait_until(lambda: not h.bridge.conns, what="bridge connection released")
+        wait_until(lambda: not [o for o in gc.get_objects() if type(o) is BridgeConn],
                  what="closed bridge connections freed by reference counting")
     finally:
         gc.enable()
@@ -320,7 +310,7 @@ def test_guest_connects_to_host_listener(harness, run_dir):
     h.guest(lambda c: c.connect(sk, 2, 5000))
     lsock.settimeout(TIMEOUT)
     conn, _ = lsock.accept()
-    wait_for(lambda: sk.state == SockState.ESTABLISHED, what="guest connected")
+    wait_until(lambda: sk.state == SockState.ESTABLISHED, what="guest connected")
     guest_send_all(h, sk, b"hello from the guest")
     assert recv_exact(conn, 20) == b"hello from the guest"
     conn.sendall(b"hi guest")
@@ -331,7 +321,7 @@ def test_guest_connects_to_host_listener(harness, run_dir):
     conn.sendall(b"still open")
     assert guest_recv_exact(h, sk, 10) == b"still open"
     conn.close()                                             # host side done too: both closed
-    wait_for(lambda: not h.bridge.conns, what="bridge connection released")
+    wait_until(lambda: not h.bridge.conns, what="bridge connection released")
     assert h.bridge.stats["connections_out"] == 1
     h.host.close()
     assert not (run_dir / f"vsock-{GUEST_CID}.sock_5000").exists()
@@ -341,7 +331,7 @@ def test_guest_connect_without_host_listener_gets_rst(harness, run_dir):
     h = harness()
     sk = h.guest(lambda c: c.socket())
     h.guest(lambda c: c.connect(sk, 2, 5001))
-    wait_for(lambda: sk.state == SockState.CLOSE, what="connect refused")
+    wait_until(lambda: sk.state == SockState.CLOSE, what="connect refused")
     assert sk.err == errno.ECONNREFUSED
     assert h.bridge.stats["refused_out"] == 1
 
@@ -356,7 +346,7 @@ def test_slow_unix_reader_holds_back_the_guest(harness):
     h.guest(lambda c: c.connect(sk, 2, 6000))
     lsock.settimeout(TIMEOUT)
     conn, _ = lsock.accept()
-    wait_for(lambda: sk.state == SockState.ESTABLISHED, what="guest connected")
+    wait_until(lambda: sk.state == SockState.ESTABLISHED, what="guest connected")
     total = 4 << 20
     data = bytes(range(256)) * (total // 256)
     sender = threading.Thread(target=guest_send_all, args=(h, sk, data), daemon=True)
@@ -394,7 +384,7 @@ def test_connect_times_out_when_the_guest_does_not_answer(harness):
             h.host.connect(GUEST_CID, 1234)
         assert time.monotonic() - t0 < 3
     assert h.bridge.stats["refused_in"] == 1
-    wait_for(lambda: not h.bridge.conns, what="connection forgotten")
+    wait_until(lambda: not h.bridge.conns, what="connection forgotten")
 
 
 def test_device_reset_closes_bridged_connections_and_listener(harness, run_dir):

@@ -9,15 +9,7 @@ from shared.barrier import mb
 from shared.batch import Batch
 from shared.doorbell import LocalDoorbell
 from shared.engine import WAIT_TIMEOUT, Engine, PollOps
-
-
-def wait_until(pred, timeout: float = 5.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.001)
-    return pred()
+from tests.waiting import wait_until
 
 
 def test_work_runs_once_with_the_lock_held_on_the_engine_thread():

@@ -18,6 +18,7 @@ from host.net.backends.spec import open_backend
 from shared.net.spec import check_spec, claim_key
 from shared.net.hdr import parse_ip
 from tests.net_rig import NetRig
+from tests.waiting import wait_until
 from tools.launch import free_udp_port
 
 MAC_A = bytes.fromhex("525400000a01")
@@ -27,16 +28,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def frame(i: int, size: int, src: bytes = MAC_A) -> bytes:
     return b"\xff" * 6 + src + b"\x88\xb5" + (i.to_bytes(4, "big") * size)[:size - 14]
-
-
-def wait_for(pred, timeout=5.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        r = pred()
-        if r:
-            return r
-        time.sleep(0.005)
-    return pred()
 
 
 def test_frames_both_ways_over_udp_pair():
@@ -90,8 +81,8 @@ def test_segment_floods_unknown_and_refuses_a_duplicate_mac(tmp_path):
     try:
         f = bytes.fromhex("5254000000ee") + bytes.fromhex("525400000001") + b"\x88\xb5" + bytes(50)
         assert ports[0].send(f)                               # unknown destination: flooded
-        assert wait_for(lambda: ports[1].readable()) and ports[1].recv() == f
-        assert wait_for(lambda: ports[2].readable()) and ports[2].recv() == f
+        assert wait_until(lambda: ports[1].readable()) and ports[1].recv() == f
+        assert wait_until(lambda: ports[2].readable()) and ports[2].recv() == f
         with pytest.raises(ValueError, match="already on segment"):
             Segment(tmp_path, "s", bytes.fromhex("525400000001"))
     finally:
@@ -106,7 +97,7 @@ def test_segment_sends_to_a_registered_port_it_has_not_learned(tmp_path):
     try:
         f = bytes.fromhex("525400000002") + bytes.fromhex("525400000001") + b"\x88\xb5" + bytes(50)
         assert ports[0].send(f)
-        assert wait_for(lambda: ports[1].readable()) and ports[1].recv() == f
+        assert wait_until(lambda: ports[1].readable()) and ports[1].recv() == f
         assert not ports[2].readable()      # not flooded (a flood is sent by the same send())
         assert ports[0].fdb[bytes.fromhex("525400000002")].endswith("525400000002.sock")
     finally:

@@ -1,12 +1,6 @@
-"""Backend specs opened into backends (one registry, one line per kind; the grammar is shared/net/spec.py).
-
-    loopback                 reflect every frame back to the guest
-    udp:LPORT:RPORT          UDP on 127.0.0.1, bound to LPORT, sending to RPORT
-    segment:NAME             the Unix-datagram L2 segment NAME in the host's run directory
-    tap:IFNAME[,vnet_hdr=on][,multi_queue=on] an existing tap interface
-    packet:IFNAME            AF_PACKET raw socket bound to IFNAME (e.g. a veth end)
-
-Errors are ValueError with one clear line (the CLI prints it and exits non-zero).
+"""Backend specs opened into backends: one registry, one line per kind. The grammar (loopback,
+udp:LPORT:RPORT, segment:NAME, tap:IFNAME[,...], packet:IFNAME) and its errors are
+shared/net/spec.py's; a spec that does not parse is ValueError with one clear line.
 """
 from __future__ import annotations
 
