@@ -108,8 +108,10 @@ def test_kick_prepare_fences_avail_idx_store_before_reading_avail_event(fence, e
 
 
 @MODES
-def test_enable_cb_fences_used_event_store_before_reading_used_idx(fence, event_idx):
-    """virtqueue_enable_cb: store used_event (or avail.flags) -> mb -> load used.idx."""
+@pytest.mark.parametrize("enable", ["enable_cb", "enable_cb_delayed"])
+def test_enable_cb_fences_used_event_store_before_reading_used_idx(fence, event_idx, enable):
+    """virtqueue_enable_cb and virtqueue_enable_cb_delayed: store used_event (or avail.flags)
+    -> mb -> load used.idx."""
     ram, mem, vq, h = pair(event_idx)
     add(ram, vq)
     vq.kick_prepare()
@@ -126,29 +128,7 @@ def test_enable_cb_fences_used_event_store_before_reading_used_idx(fence, event_
         h.add_used(mem, c.head, 32)
 
     fence.arm(device_uses)
-    assert not vq.enable_cb(), "enable_cb read used.idx before the fence"
-    assert fence.calls == 1
-
-
-@MODES
-def test_enable_cb_delayed_fences_its_store_before_reading_used_idx(fence, event_idx):
-    """virtqueue_enable_cb_delayed: the same order as enable_cb."""
-    ram, mem, vq, h = pair(event_idx)
-    add(ram, vq)
-    vq.kick_prepare()
-    c = h.get_vq_desc(mem)
-    vq.disable_cb()
-
-    def device_uses():
-        if event_idx:
-            assert mem.load16(used_event_addr(vq.avail, NUM)) == vq.last_used_idx, \
-                "used_event was not published before the fence"
-        else:
-            assert not mem.load16(avail_flags_addr(vq.avail)) & VRING_AVAIL_F_NO_INTERRUPT
-        h.add_used(mem, c.head, 32)
-
-    fence.arm(device_uses)
-    assert not vq.enable_cb_delayed(), "enable_cb_delayed read used.idx before the fence"
+    assert not getattr(vq, enable)(), f"{enable} read used.idx before the fence"
     assert fence.calls == 1
 
 
