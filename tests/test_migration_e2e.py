@@ -57,6 +57,20 @@ def guest(c: Cluster, name: str, *extra: str) -> Proc:
     return p
 
 
+def net_args() -> tuple[int, int, list[str]]:
+    """A udp backend on two free ports, and the guest's --net/--ip/--mac for it."""
+    lport, rport = free_port(), free_port()
+    return lport, rport, ["--net", f"udp:{lport}:{rport}", "--ip", "169.254.18.2/24",
+                          "--mac", "52:54:00:00:18:01"]
+
+
+def migrate(mon, inc, *extra: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """python -m tools.migrate from the source's monitor to the destination's --incoming."""
+    return subprocess.run([sys.executable, "-m", "tools.migrate", "--monitor", str(mon), "--to",
+                           f"unix:{inc}", *extra], capture_output=True, text=True, timeout=timeout,
+                          env=_env(), cwd=ROOT)
+
+
 class EchoStream:
     """Numbered UDP echo requests every `interval` s from a peer on the guest's udp backend;
     each payload carries its number and a SHA-256 of itself, checked when it comes back."""
@@ -127,8 +141,7 @@ def test_net_guest_migrates_between_two_hosts_with_an_echo_stream(two_hosts, tmp
     a, b = two_hosts
     a.host()
     b.host()
-    lport, rport = free_port(), free_port()
-    net = ["--net", f"udp:{lport}:{rport}", "--ip", "169.254.18.2/24", "--mac", "52:54:00:00:18:01"]
+    lport, rport, net = net_args()
     mon = tmp_path / "src.mon"
     inc = tmp_path / "incoming.sock"
     src = guest(a, "mig", *net, "--monitor-socket", str(mon))
@@ -141,9 +154,7 @@ def test_net_guest_migrates_between_two_hosts_with_an_echo_stream(two_hosts, tmp
         before = len(stream.back)
         assert before > 50, (before, src.text()[-2000:])
         t0 = time.monotonic()
-        r = subprocess.run([sys.executable, "-m", "tools.migrate", "--monitor", str(mon), "--to",
-                            f"unix:{inc}", "--json"], capture_output=True, text=True, timeout=120,
-                           env=_env(), cwd=ROOT)
+        r = migrate(mon, inc, "--json", timeout=120)
         total = time.monotonic() - t0
         assert r.returncode == 0, (r.stdout, r.stderr, src.text()[-3000:], dst.text()[-3000:])
         info = json.loads(r.stdout.strip().splitlines()[-1])
@@ -208,9 +219,7 @@ def test_vsock_guest_migrates_connections_reset_listeners_kept(two_hosts, tmp_pa
     bt = threading.Thread(target=busy, daemon=True)
     bt.start()
     time.sleep(0.5)
-    r = subprocess.run([sys.executable, "-m", "tools.migrate", "--monitor", str(mon), "--to",
-                        f"unix:{inc}", "--json"], capture_output=True, text=True, timeout=120,
-                       env=_env(), cwd=ROOT)
+    r = migrate(mon, inc, "--json", timeout=120)
     assert r.returncode == 0, (r.stdout, r.stderr, src.text()[-3000:], dst.text()[-3000:])
     info = json.loads(r.stdout.strip().splitlines()[-1])
     assert info["dirty_device"] > 0 and echoed[0] > 0
@@ -245,8 +254,7 @@ def test_failed_migration_leaves_the_source_running(two_hosts, tmp_path):
     a, b = two_hosts
     a.host()
     b.host()
-    lport, rport = free_port(), free_port()
-    net = ["--net", f"udp:{lport}:{rport}", "--ip", "169.254.18.2/24", "--mac", "52:54:00:00:18:01"]
+    lport, rport, net = net_args()
     mon = tmp_path / "f.mon"
     inc = tmp_path / "f.sock"
     src = guest(a, "fail", *net, "--monitor-socket", str(mon))
@@ -258,8 +266,7 @@ def test_failed_migration_leaves_the_source_running(two_hosts, tmp_path):
     stream = EchoStream(lport, rport, "169.254.18.2/24").start()
     try:
         time.sleep(0.5)
-        r = subprocess.run([sys.executable, "-m", "tools.migrate", "--monitor", str(mon), "--to",
-                            f"unix:{inc}"], capture_output=True, text=True, timeout=60, env=_env(), cwd=ROOT)
+        r = migrate(mon, inc)
         assert r.returncode == 1 and "failed" in r.stderr and "--mem" in r.stderr, (r.stdout, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1
         n = max(stream.sent)
@@ -276,8 +283,7 @@ def test_migration_failing_after_the_pause_resumes_the_source(two_hosts, tmp_pat
     its echo stream carries on."""
     a, b = two_hosts
     a.host()                                  # b: no host
-    lport, rport = free_port(), free_port()
-    net = ["--net", f"udp:{lport}:{rport}", "--ip", "169.254.18.2/24", "--mac", "52:54:00:00:18:01"]
+    lport, rport, net = net_args()
     mon = tmp_path / "p.mon"
     inc = tmp_path / "p.sock"
     src = guest(a, "late", *net, "--monitor-socket", str(mon))
@@ -287,8 +293,7 @@ def test_migration_failing_after_the_pause_resumes_the_source(two_hosts, tmp_pat
     stream = EchoStream(lport, rport, "169.254.18.2/24").start()
     try:
         time.sleep(0.5)
-        r = subprocess.run([sys.executable, "-m", "tools.migrate", "--monitor", str(mon), "--to",
-                            f"unix:{inc}"], capture_output=True, text=True, timeout=60, env=_env(), cwd=ROOT)
+        r = migrate(mon, inc)
         assert r.returncode == 1 and "resuming on the destination failed" in r.stderr, (r.stdout, r.stderr)
         n = max(stream.sent)
         time.sleep(1.5)
