@@ -53,24 +53,32 @@ def device_stats(run: Path) -> dict:
     return st
 
 
+def forward_frames(b: dict, pmd: Testpmd, n: int = 2000) -> tuple[dict, int, int, float]:
+    """Once testpmd forwards (skip if it cannot run here), n numbered frames through it and back
+    in order; returns the device's stats snapshot, the probes sent and come back, the seconds."""
+    host, peer, lport = b["host"], b["peer"], b["lport"]
+    probes = host.wait_log("queue 1 started", 60) and pmd.wait_forwarding(peer, lport)
+    if not probes:
+        pmd.stop()
+        if "virtio_user" not in pmd.text() or pmd.p.returncode not in (None, 0):
+            pytest.skip(f"testpmd cannot run here: {pmd.text()[-500:]}")
+        raise AssertionError(host.text()[-3000:] + pmd.text()[-2000:])
+    got, dt = send_and_collect(peer, lport, range(n))
+    assert got == list(range(n)), (len(got), got[:5], got[-5:])
+    sent, back = probes
+    back += len(LATE_PROBES)
+    LATE_PROBES.clear()
+    return device_stats(b["run"]), sent, back, dt
+
+
 def test_testpmd_forwards_our_frames_back(udp_backend, tmp_path):
     host, peer, lport = udp_backend["host"], udp_backend["peer"], udp_backend["lport"]
     pmd = Testpmd(udp_backend["sock"], tmp_path / "testpmd1.log")
+    n = 2000
     try:
-        probes = host.wait_log("queue 1 started", 60) and pmd.wait_forwarding(peer, lport)
-        if not probes:
-            pmd.stop()
-            if "virtio_user" not in pmd.text() or pmd.p.returncode not in (None, 0):
-                pytest.skip(f"testpmd cannot run here: {pmd.text()[-500:]}")
-            raise AssertionError(host.text()[-3000:] + pmd.text()[-2000:])
-        n = 2000
-        got, dt = send_and_collect(peer, lport, range(n))
-        assert got == list(range(n)), (len(got), got[:5], got[-5:])
-        st = device_stats(udp_backend["run"])
+        st, sent, back, dt = forward_frames(udp_backend, pmd, n)
         s = st["stats"]
-        sent, back = probes
-        back += len(LATE_PROBES)
-        LATE_PROBES.clear()
+        probes = (sent, back)
         print(f"device stats: rx {s['rx_packets']} tx {s['tx_packets']} interrupts {s['vq_interrupts']} "
               f"suppressed {s['vq_interrupts_suppressed']} kicks {s['vq_kicks']}; probes {probes}")
         assert st["device"] == "net" and s["drops"] == 0, s
@@ -129,23 +137,13 @@ def test_testpmd_with_packed_vq_forwards_our_frames_back(udp_backend_packed, tmp
     GET_VRING_BASE returns both positions with theirs."""
     from shared.constants import VIRTIO_F_RING_PACKED
     b = udp_backend_packed
-    host, peer, lport = b["host"], b["peer"], b["lport"]
+    host = b["host"]
     pmd = Testpmd(b["sock"], tmp_path / "testpmd-packed.log", packed=True)
+    n = 2000
     try:
-        probes = host.wait_log("queue 1 started", 60) and pmd.wait_forwarding(peer, lport)
-        if not probes:
-            pmd.stop()
-            if "virtio_user" not in pmd.text() or pmd.p.returncode not in (None, 0):
-                pytest.skip(f"testpmd cannot run here: {pmd.text()[-500:]}")
-            raise AssertionError(host.text()[-3000:] + pmd.text()[-2000:])
-        n = 2000
-        got, dt = send_and_collect(peer, lport, range(n))
-        assert got == list(range(n)), (len(got), got[:5], got[-5:])
-        st = device_stats(b["run"])
+        st, sent, back, dt = forward_frames(b, pmd, n)
         s = st["stats"]
-        sent, back = probes
-        back += len(LATE_PROBES)
-        LATE_PROBES.clear()
+        probes = (sent, back)
         print(f"packed: device stats: rx {s['rx_packets']} tx {s['tx_packets']} interrupts "
               f"{s['vq_interrupts']} kicks {s['vq_kicks']}; probes {probes}")
         assert s["features"] >> VIRTIO_F_RING_PACKED & 1, hex(s["features"])
