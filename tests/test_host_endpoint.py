@@ -16,8 +16,9 @@ from host.vsock.endpoint import HostEndpoint, HostVsock
 from shared.constants import VIRTIO_VSOCK_OP_REQUEST
 from shared.vsock.proto import SHUT_WR, SockState
 from tests.test_bridge import (TIMEOUT, Harness, guest_accept, guest_listen, guest_recv_exact,
-                               guest_send_all, wait_for)
+                               guest_send_all)
 from tests.test_host_vsock import GUEST_CID, make
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 
@@ -32,7 +33,7 @@ def h(run_dir):
 def guest_connect(h, port: int):
     sk = h.guest(lambda c: c.socket())
     h.guest(lambda c: c.connect(sk, 2, port))
-    wait_for(lambda: sk.state != SockState.SYN_SENT, what="guest connect")
+    wait_until(lambda: sk.state != SockState.SYN_SENT, what="guest connect")
     return sk
 
 
@@ -148,7 +149,7 @@ def test_device_stop_fails_sockets_and_services_listen_again_on_start(h):
     srv.settimeout(TIMEOUT)
     tr, rbox = in_thread(c.recv, 10)
     ta, abox = in_thread(srv.accept)
-    wait_for(lambda: c.waiting and srv.waiting, what="both asleep")
+    wait_until(lambda: c.waiting and srv.waiting, what="both asleep")
     old_services = list(ep.services)
     h.on_worker(h.dev.stop)                      # guest reset / reconnect
     tr.join(TIMEOUT)
