@@ -129,6 +129,7 @@ class DoorbellThread:
         self.followers = 0                # callers waiting on their Condition meanwhile
         self.budget_ns = self.poll_ns     # adaptive poll budget of serving callers
         self.served = 0                   # sleeps on the doorbell by callers (not the thread)
+        self.disarmed = False             # a burst server left notifications off: re-arm first
         self._unpark = threading.Event()
         self.thread = threading.Thread(target=self._loop, name=f"{engine.name}-{name}", daemon=True)
 
@@ -174,6 +175,14 @@ class DoorbellThread:
             try:
                 if self.want_lead:
                     continue
+                if self.disarmed:
+                    with lock:
+                        raced = self._arm_for_sleep()
+                    if raced:
+                        with lock:
+                            stats["handler_runs"] += 1
+                            self._run_handler(polled=True)
+                        continue
                 t0 = time.perf_counter_ns()
                 n = self.db.wait(IDLE_WAIT)
             except Exception:       # closed or unlinked under us: the queue is going away
@@ -237,10 +246,10 @@ class DoorbellThread:
                 try:
                     return self._serve(done, deadline, burst)
                 finally:
-                    # Leave the ring armed for the very next buffer, as the next sleeper expects;
-                    # what raced in meanwhile rings the doorbell for it.
-                    if self.poll.delay(1):
-                        self.nudge()
+                    # NAPI's rule: the consumer is busy with what it took, so no interrupt
+                    # while it is (each would be a wasted doorbell). Whoever sleeps on the
+                    # doorbell next re-arms first (_arm_for_sleep).
+                    self._disarm()
             return self._serve(done, deadline)
         finally:
             self.lead_owner = None
@@ -248,6 +257,22 @@ class DoorbellThread:
             self.leader.release()
             if self.followers:
                 self._unpark.set()        # someone still waits: the doorbell thread serves on
+
+    def _disarm(self) -> None:
+        """Ask the other side not to notify (poll.suppress); the next sleeper re-arms."""
+        if self.poll.suppress is not None and self.poll.rearm is not None:
+            self.poll.suppress()
+            self.disarmed = True
+        elif self.poll.delay(1):            # no suppress: leave it armed for the next buffer
+            self.nudge()
+
+    def _arm_for_sleep(self) -> bool:
+        """Before sleeping on the doorbell: re-arm notifications a server left suppressed.
+        True when work raced in while they were off (run the ring work instead of sleeping)."""
+        if not self.disarmed:
+            return False
+        self.disarmed = False
+        return bool(self.poll.rearm())
 
     def nudge(self) -> None:
         """Wake the caller serving this ring (its wait ends as if the doorbell rang)."""
@@ -277,9 +302,12 @@ class DoorbellThread:
             if left <= 0:
                 return False
             if moderate:
+                self.disarmed = False
                 if poll.delay(burst):
                     continue                # buffers raced in while re-arming: take them
                 left = min(left, MODERATE_S)
+            elif poll is not None and self._arm_for_sleep():
+                continue                    # buffers raced in while re-arming: take them
             state = released(lock)
             t0 = time.perf_counter_ns()
             try:
