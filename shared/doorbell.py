@@ -77,12 +77,14 @@ class SemDoorbell:
             except posix_ipc.BusyError:
                 return 0
             n = 1
-            while True:  # drain: eventfd read returns the whole counter
-                try:
-                    self._sem.acquire(0)
+            sem = self._sem
+            while sem.value:  # drain: eventfd read returns the whole counter (no exception
+                try:          # per wake-up: sem_getvalue first, a trywait only if it pays)
+                    sem.acquire(0)
                 except posix_ipc.BusyError:
-                    return n
+                    break
                 n += 1
+            return n
         finally:
             with self._lock:
                 self._waiters -= 1
