@@ -398,3 +398,93 @@ def test_device_reset_closes_bridged_connections_and_listener(harness, run_dir):
     assert not (run_dir / f"vsock-{GUEST_CID}.sock").exists()
     assert h.dev.bridge is None and not h.dev.running
     s.close()
+
+
+# --- guest -> Unix from lent guest buffers ------------------------------------------------------
+def lend_tx(h: Harness) -> None:
+    """The guest puts each RW payload in a descriptor of its own after the 44-byte header (the
+    Linux layout), so the device lends payloads of >= LEND_MIN bytes instead of copying them."""
+    from tests.test_host_vsock import FakeGuest as FG, HDR_SIZE
+
+    def xmit(pkt, **kw):
+        raw = pkt.pack()
+        return FG.add_tx(h.g, raw, split=HDR_SIZE if len(raw) > HDR_SIZE else None)
+    h.g.xmit = xmit
+
+
+def guest_connect_to_host(h: Harness, port: int):
+    lsock = h.host.listen(GUEST_CID, port)
+    sk = h.guest(lambda c: c.socket())
+    h.guest(lambda c: c.connect(sk, 2, port))
+    lsock.settimeout(TIMEOUT)
+    conn, _ = lsock.accept()
+    wait_until(lambda: sk.state == SockState.ESTABLISHED, what="guest connected")
+    return sk, conn
+
+
+def mixed_payload(total: int) -> tuple[bytes, list[int]]:
+    """Random bytes and the sizes the guest writes them in: lent (>= 4 KiB) and copied pieces."""
+    data = os.urandom(total)
+    sizes, left, i = [], total, 0
+    pattern = (65536, 100, 5000, 70000, 4096, 1, 30000)
+    while left:
+        n = min(left, pattern[i % len(pattern)])
+        sizes.append(n)
+        left -= n
+        i += 1
+    return data, sizes
+
+
+def test_slow_unix_reader_partial_writes_keep_lent_bytes_intact_and_in_order(harness):
+    """guest -> Unix writes views of the guest's lent tx buffers: a partial write must keep the
+    unsent tail (and its loan) for later, every byte arrives once and in order, and every lent
+    tx buffer goes back to the guest once written."""
+    h = harness()
+    lend_tx(h)
+    sk, conn = guest_connect_to_host(h, 6100)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    data, sizes = mixed_payload(3 << 20)
+
+    def send():
+        off = 0
+        for n in sizes:
+            guest_send_all(h, sk, data[off:off + n])
+            off += n
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    # Nobody reads yet: the bridge stalls on a partial write, holding a lent piece.
+    (c,) = wait_until(lambda: list(h.bridge.conns), what="bridged connection")
+    wait_until(lambda: any(p[1] is not None for p in list(c.to_unix)), what="a lent piece waiting")
+    assert h.dev.loans > 0
+    conn.settimeout(TIMEOUT)
+    got = bytearray()
+    while len(got) < len(data):        # a slow reader: small reads, now and then a pause
+        d = conn.recv(3000)
+        assert d, f"EOF after {len(got)} bytes"
+        got += d
+        if len(got) % 7 == 0:
+            time.sleep(0.001)
+    assert bytes(got) == data
+    sender.join(TIMEOUT)
+    assert not sender.is_alive()
+    assert h.bridge.stats["bytes_to_host"] == len(data)
+    wait_until(lambda: h.dev.loans == 0 and not h.dev.tx_order, what="every lent tx buffer back")
+    conn.close()
+
+
+def test_closing_with_unwritten_lent_pieces_gives_the_guest_buffers_back(harness):
+    """A Unix peer that goes away while lent pieces wait to be written: the connection closes
+    and every lent tx buffer goes back to the guest (no view of guest RAM outlives it)."""
+    h = harness()
+    lend_tx(h)
+    sk, conn = guest_connect_to_host(h, 6101)
+    data, _ = mixed_payload(2 << 20)
+    sender = threading.Thread(target=lambda: h.guest(lambda core: core.send(sk, data)), daemon=True)
+    sender.start()
+    (c,) = wait_until(lambda: list(h.bridge.conns), what="bridged connection")
+    wait_until(lambda: any(p[1] is not None for p in list(c.to_unix)), what="a lent piece waiting")
+    conn.close()
+    wait_until(lambda: not h.bridge.conns, what="bridge connection closed")
+    wait_until(lambda: h.dev.loans == 0 and not h.dev.tx_order, what="every lent tx buffer back")
+    assert not c.to_unix
+    sender.join(TIMEOUT)
