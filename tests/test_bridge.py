@@ -478,8 +478,17 @@ def test_closing_with_unwritten_lent_pieces_gives_the_guest_buffers_back(harness
     h = harness()
     lend_tx(h)
     sk, conn = guest_connect_to_host(h, 6101)
-    data, _ = mixed_payload(2 << 20)
-    sender = threading.Thread(target=lambda: h.guest(lambda core: core.send(sk, data)), daemon=True)
+    data, _ = mixed_payload(4 << 20)        # more than the Unix socket and the core buffer hold
+
+    def send():
+        off = 0
+        while off < len(data):
+            try:
+                off += h.guest(lambda core: core.send(sk, data[off:off + 65536]))
+            except OSError:                 # the bridge reset the connection: done
+                return
+            time.sleep(0.0005)
+    sender = threading.Thread(target=send, daemon=True)
     sender.start()
     (c,) = wait_until(lambda: list(h.bridge.conns), what="bridged connection")
     wait_until(lambda: any(p[1] is not None for p in list(c.to_unix)), what="a lent piece waiting")

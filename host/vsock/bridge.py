@@ -61,6 +61,12 @@ HANDSHAKE_TIMEOUT = 10.0        # a host program that never sends its CONNECT li
 HOST_PORT_FIRST = 1 << 30       # Firecracker: host-side ports for host-initiated connections
 HOST_PORT_END = 1 << 31
 ACCEPT_BATCH = 64
+# Our Unix sockets' SO_SNDBUF (the kernel caps it at net.core.wmem_max). An AF_UNIX stream
+# charges what waits in the peer's queue to the sender's buffer, so the default (~208 KiB, less
+# than one CHUNK) made guest -> Unix stop on EAGAIN and go round EVENT_WRITE about once per
+# chunk. A few chunks of room let one readiness callback write several. What waits there is
+# bounded by this, so a slow Unix reader still slows the guest sender.
+UNIX_SNDBUF = 1 << 20
 RX_BACKLOG_PKTS = 128           # device's send_pkt_list at or above this: stop reading Unix sockets
 BACKLOG_RETRY = 0.01            # then look again this often (seconds)
 
@@ -180,6 +186,7 @@ class VsockBridge:
                 log.warning("vsock bridge %s: accept failed: %s", self.path, e)
                 return
             unix.setblocking(False)
+            _set_sndbuf(unix)
             c = BridgeConn(self, unix, inbound=True)
             self.conns.add(c)
             c.timer = self.worker.call_later(HANDSHAKE_TIMEOUT, lambda c=c: self._timeout(c))
@@ -281,6 +288,7 @@ class VsockBridge:
             self.stats["refused_out"] += 1
             log.debug("vsock bridge: guest port %d -> %s: %s", pkt.src_port, target, e)
             return None
+        _set_sndbuf(unix)
         c = BridgeConn(self, unix, inbound=False)
         sk = self.core.socket()
         sk.data = c
@@ -549,6 +557,13 @@ class VsockBridge:
             view.release()
             if loan is not None:
                 loan.release()
+
+
+def _set_sndbuf(unix: socket.socket) -> None:
+    try:
+        unix.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SNDBUF)
+    except OSError as e:            # a smaller buffer only costs speed
+        log.debug("vsock bridge: SO_SNDBUF: %s", e)
 
 
 def _noop(*_a) -> None:
