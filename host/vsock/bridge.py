@@ -20,9 +20,13 @@ vhost-device-vsock "hybrid vsock" do; the bridge runs on the device's worker thr
 Each bridged pair (`BridgeConn`) moves bytes both ways without ever holding more than one chunk in
 each direction, so the vsock credit is the flow control end to end:
 
-    Unix -> guest  read one chunk only when the previous one is fully accepted by core.send
-                   (credit-limited); a remainder stops reading until the core socket's `wake`
-                   says there is credit again.
+    Unix -> guest  read straight into the guest's next rx buffers (device.fill_rw: one copy,
+                   kernel -> guest RAM, as vhost-net's handle_rx), one packet at a time and
+                   never more than the credit (core.rw_room), up to one chunk per step. When
+                   that path cannot take it (a packet queued before, no rx buffer, capture on),
+                   read one chunk into a buffer only when the previous one is fully accepted by
+                   core.send (credit-limited); a remainder stops reading until the core
+                   socket's `wake` says there is credit again.
     guest -> Unix  take one chunk (at most CHUNK bytes in at most MAX_IOV pieces) from the core
                    only when the previous one is fully written to the Unix socket; the rest
                    waits for EVENT_WRITE. The pieces are views of where the guest's bytes lie
@@ -102,7 +106,7 @@ class BridgeConn:
 
     __slots__ = ("bridge", "unix", "sk", "state", "inbound", "line", "to_guest", "to_unix",
                  "unix_eof", "shut_sent", "guest_eof", "events", "timer", "guest_port",
-                 "host_port", "pump", "on_ready", "wake", "rbuf", "backoff")
+                 "host_port", "pump", "on_ready", "wake", "rbuf", "backoff", "reader")
 
     def __init__(self, bridge: "VsockBridge", unix: socket.socket, inbound: bool):
         self.bridge = bridge
@@ -127,6 +131,7 @@ class BridgeConn:
         self.pump = lambda: bridge._pump(self)
         self.on_ready = lambda mask: bridge._on_unix(self, mask)
         self.wake = lambda *_: bridge.schedule(self.pump)
+        self.reader = _reader(unix)       # device.fill_rw's readinto: Unix -> guest buffers
 
     def __repr__(self) -> str:
         d = "in" if self.inbound else "out"
@@ -381,6 +386,11 @@ class VsockBridge:
         """Read one chunk from the Unix side; True if it filled the buffer (more may wait)."""
         if c.to_guest or c.unix_eof or not self._guest_can_take(c):
             return False
+        fill = getattr(self.device, "fill_rw", None)
+        if fill is not None:
+            full = self._fill_guest(c, fill)
+            if full is not None:
+                return full
         if c.rbuf is None:
             c.rbuf = bytearray(CHUNK)
         try:
@@ -395,6 +405,35 @@ class VsockBridge:
         else:
             c.unix_eof = True
         return n == CHUNK
+
+    def _fill_guest(self, c: BridgeConn, fill) -> bool | None:
+        """Unix -> guest rx buffers directly, packet by packet, each at most the credit left,
+        up to CHUNK bytes. True if every read filled what it asked for (more may wait), None
+        if the device's fill path could not take the first packet (use the buffered path)."""
+        core, sk = self.core, c.sk
+        moved = 0
+        while moved < CHUNK:
+            room = core.rw_room(sk)
+            if not room:
+                return False            # no credit: the core's wake brings us back
+            try:
+                n = fill(sk, c.reader, room)
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError:
+                self._close(c, release=True)
+                return False
+            if n is None:
+                return None if not moved else True
+            if not n:
+                c.unix_eof = True
+                return False
+            core.rw_filled(sk, n)
+            self.stats["bytes_to_guest"] += n
+            moved += n
+            if c.reader.short:
+                return False            # the Unix socket is drained for now
+        return True
 
     def _pump_open(self, c: BridgeConn) -> None:
         core, sk = self.core, c.sk
@@ -535,7 +574,7 @@ class VsockBridge:
         c.rbuf = None
         c.to_guest = b""
         self._drop_to_unix(c)
-        c.pump = c.on_ready = c.wake = _noop
+        c.pump = c.on_ready = c.wake = c.reader = _noop
         sk, c.sk = c.sk, None
         if sk is not None:
             sk.wake = _noop
@@ -557,6 +596,22 @@ class VsockBridge:
             view.release()
             if loan is not None:
                 loan.release()
+
+
+def _reader(unix: socket.socket):
+    """readinto(buffers) for device.fill_rw: one recv into one buffer, or one recvmsg_into."""
+    recv_into, recvmsg_into = unix.recv_into, unix.recvmsg_into
+
+    def readinto(bufs) -> int:
+        if len(bufs) == 1:
+            n = recv_into(bufs[0])
+            readinto.short = n < bufs[0].nbytes
+        else:
+            n = recvmsg_into(bufs)[0]
+            readinto.short = n < sum(b.nbytes for b in bufs)
+        return n
+    readinto.short = False          # the last read got less than it asked: drained for now
+    return readinto
 
 
 def _set_sndbuf(unix: socket.socket) -> None:
