@@ -398,3 +398,131 @@ def test_device_reset_closes_bridged_connections_and_listener(harness, run_dir):
     assert not (run_dir / f"vsock-{GUEST_CID}.sock").exists()
     assert h.dev.bridge is None and not h.dev.running
     s.close()
+
+
+# --- guest -> Unix from lent guest buffers ------------------------------------------------------
+def lend_tx(h: Harness) -> None:
+    """The guest puts each RW payload in a descriptor of its own after the 44-byte header (the
+    Linux layout), so the device lends payloads of >= LEND_MIN bytes instead of copying them."""
+    from tests.test_host_vsock import FakeGuest as FG, HDR_SIZE
+
+    def xmit(pkt, **kw):
+        raw = pkt.pack()
+        return FG.add_tx(h.g, raw, split=HDR_SIZE if len(raw) > HDR_SIZE else None)
+    h.g.xmit = xmit
+
+
+def guest_connect_to_host(h: Harness, port: int):
+    lsock = h.host.listen(GUEST_CID, port)
+    sk = h.guest(lambda c: c.socket())
+    h.guest(lambda c: c.connect(sk, 2, port))
+    lsock.settimeout(TIMEOUT)
+    conn, _ = lsock.accept()
+    wait_until(lambda: sk.state == SockState.ESTABLISHED, what="guest connected")
+    return sk, conn
+
+
+def mixed_payload(total: int) -> tuple[bytes, list[int]]:
+    """Random bytes and the sizes the guest writes them in: lent (>= 4 KiB) and copied pieces."""
+    data = os.urandom(total)
+    sizes, left, i = [], total, 0
+    pattern = (65536, 100, 5000, 70000, 4096, 1, 30000)
+    while left:
+        n = min(left, pattern[i % len(pattern)])
+        sizes.append(n)
+        left -= n
+        i += 1
+    return data, sizes
+
+
+def test_slow_unix_reader_partial_writes_keep_lent_bytes_intact_and_in_order(harness):
+    """guest -> Unix writes views of the guest's lent tx buffers: a partial write must keep the
+    unsent tail (and its loan) for later, every byte arrives once and in order, and every lent
+    tx buffer goes back to the guest once written."""
+    h = harness()
+    lend_tx(h)
+    sk, conn = guest_connect_to_host(h, 6100)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    data, sizes = mixed_payload(3 << 20)
+
+    def send():
+        off = 0
+        for n in sizes:
+            guest_send_all(h, sk, data[off:off + n])
+            off += n
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    # Nobody reads yet: the bridge stalls on a partial write, holding a lent piece.
+    (c,) = wait_until(lambda: list(h.bridge.conns), what="bridged connection")
+    wait_until(lambda: any(p[1] is not None for p in list(c.to_unix)), what="a lent piece waiting")
+    assert h.dev.loans > 0
+    conn.settimeout(TIMEOUT)
+    got = bytearray()
+    while len(got) < len(data):        # a slow reader: small reads, now and then a pause
+        d = conn.recv(3000)
+        assert d, f"EOF after {len(got)} bytes"
+        got += d
+        if len(got) % 7 == 0:
+            time.sleep(0.001)
+    assert bytes(got) == data
+    sender.join(TIMEOUT)
+    assert not sender.is_alive()
+    assert h.bridge.stats["bytes_to_host"] == len(data)
+    wait_until(lambda: h.dev.loans == 0 and not h.dev.tx_order, what="every lent tx buffer back")
+    conn.close()
+
+
+def test_closing_with_unwritten_lent_pieces_gives_the_guest_buffers_back(harness):
+    """A Unix peer that goes away while lent pieces wait to be written: the connection closes
+    and every lent tx buffer goes back to the guest (no view of guest RAM outlives it)."""
+    h = harness()
+    lend_tx(h)
+    sk, conn = guest_connect_to_host(h, 6101)
+    data, _ = mixed_payload(4 << 20)        # more than the Unix socket and the core buffer hold
+
+    def send():
+        off = 0
+        while off < len(data):
+            try:
+                off += h.guest(lambda core: core.send(sk, data[off:off + 65536]))
+            except OSError:                 # the bridge reset the connection: done
+                return
+            time.sleep(0.0005)
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    (c,) = wait_until(lambda: list(h.bridge.conns), what="bridged connection")
+    wait_until(lambda: any(p[1] is not None for p in list(c.to_unix)), what="a lent piece waiting")
+    conn.close()
+    wait_until(lambda: not h.bridge.conns, what="bridge connection closed")
+    wait_until(lambda: h.dev.loans == 0 and not h.dev.tx_order, what="every lent tx buffer back")
+    assert not c.to_unix
+    sender.join(TIMEOUT)
+
+
+# --- Unix -> guest straight into rx buffers -------------------------------------------------------
+def test_host_writer_never_overruns_a_guest_that_does_not_read(harness):
+    """Unix -> guest reads straight into the guest's rx buffers (device.fill_rw), never more than
+    the guest's credit: a guest that does not read gets exactly its buffer's worth, nothing is
+    dropped, and once it reads, every byte arrives in order."""
+    h = harness()
+    lst = guest_listen(h, 1234)
+    # A buffer that is no multiple of what one rx buffer holds: the last packet before the
+    # credit runs out must be cut to the credit, not to the buffer.
+    assert h.guest(lambda c: c.set_buffer_size(lst, 10_000)) == 10_000
+    s = h.host.connect(GUEST_CID, 1234)
+    child = guest_accept(h, lst)
+    assert child.buf_alloc == 10_000
+    filled = []
+    real_fill = h.dev.fill_rw
+    h.dev.fill_rw = lambda *a: filled.append(real_fill(*a)) or filled[-1]
+    data = os.urandom(1 << 20)
+    writer = threading.Thread(target=s.sendall, args=(data,), daemon=True)
+    writer.start()
+    wait_until(lambda: child.rx_bytes == child.buf_alloc, what="the guest's buffer full")
+    time.sleep(0.1)                                   # nothing more may come
+    assert child.rx_bytes == child.buf_alloc and child.rx_dropped_bytes == 0
+    assert sum(n for n in filled if n) > 0            # straight into guest RAM, mostly
+    assert guest_recv_exact(h, child, len(data)) == data
+    writer.join(TIMEOUT)
+    assert child.rx_dropped_bytes == 0 and h.bridge.stats["bytes_to_guest"] == len(data)
+    s.close()

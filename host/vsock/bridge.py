@@ -20,13 +20,22 @@ vhost-device-vsock "hybrid vsock" do; the bridge runs on the device's worker thr
 Each bridged pair (`BridgeConn`) moves bytes both ways without ever holding more than one chunk in
 each direction, so the vsock credit is the flow control end to end:
 
-    Unix -> guest  read one chunk only when the previous one is fully accepted by core.send
-                   (credit-limited); a remainder stops reading until the core socket's `wake`
-                   says there is credit again.
-    guest -> Unix  core.recv one chunk only when the previous one is fully written to the Unix
-                   socket; the rest waits for EVENT_WRITE. Not reading from the core is what
-                   keeps the guest's data in the host core's receive buffer and holds back its
-                   credit (fwd_cnt), so a slow Unix reader slows the guest sender.
+    Unix -> guest  read straight into the guest's next rx buffers (device.fill_rw: one copy,
+                   kernel -> guest RAM, as vhost-net's handle_rx), one packet at a time and
+                   never more than the credit (core.rw_room), up to one chunk per step. When
+                   that path cannot take it (a packet queued before, no rx buffer, capture on),
+                   read one chunk into a buffer only when the previous one is fully accepted by
+                   core.send (credit-limited); a remainder stops reading until the core
+                   socket's `wake` says there is credit again.
+    guest -> Unix  take one chunk (at most CHUNK bytes in at most MAX_IOV pieces) from the core
+                   only when the previous one is fully written to the Unix socket; the rest
+                   waits for EVENT_WRITE. The pieces are views of where the guest's bytes lie
+                   (core.recv_view: a lent tx buffer, or the core's copy), written with one
+                   sendmsg, so the payload is copied once, guest RAM -> the Unix socket; each
+                   lent buffer goes back to the guest (its loan released) once it is fully
+                   written. Not taking from the core is what keeps the guest's data in the host
+                   core's receive buffer and holds back its credit (fwd_cnt), so a slow Unix
+                   reader slows the guest sender.
 
 Shutdown: EOF from the Unix side -> core.shutdown(SEND) once the pending data is sent (half
 close); the guest's SEND shutdown (drained) -> Unix shutdown(SHUT_WR); both -> release. An RST,
@@ -37,6 +46,7 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections import deque
 import selectors
 import socket
 from pathlib import Path
@@ -49,11 +59,18 @@ log = logging.getLogger(__name__)
 
 MAX_CONNECT_LINE = 32           # `CONNECT <port>\n`, bounded
 CHUNK = 256 * 1024              # bytes moved per step in each direction
+MAX_IOV = 64                    # guest -> Unix: pieces per chunk (one sendmsg; IOV_MAX is 1024)
 READ_BURST = 4                  # Unix reads per readiness callback while the guest takes them all
 HANDSHAKE_TIMEOUT = 10.0        # a host program that never sends its CONNECT line is dropped
 HOST_PORT_FIRST = 1 << 30       # Firecracker: host-side ports for host-initiated connections
 HOST_PORT_END = 1 << 31
 ACCEPT_BATCH = 64
+# Our Unix sockets' SO_SNDBUF (the kernel caps it at net.core.wmem_max). An AF_UNIX stream
+# charges what waits in the peer's queue to the sender's buffer, so the default (~208 KiB, less
+# than one CHUNK) made guest -> Unix stop on EAGAIN and go round EVENT_WRITE about once per
+# chunk. A few chunks of room let one readiness callback write several. What waits there is
+# bounded by this, so a slow Unix reader still slows the guest sender.
+UNIX_SNDBUF = 1 << 20
 RX_BACKLOG_PKTS = 128           # device's send_pkt_list at or above this: stop reading Unix sockets
 BACKLOG_RETRY = 0.01            # then look again this often (seconds)
 
@@ -89,7 +106,7 @@ class BridgeConn:
 
     __slots__ = ("bridge", "unix", "sk", "state", "inbound", "line", "to_guest", "to_unix",
                  "unix_eof", "shut_sent", "guest_eof", "events", "timer", "guest_port",
-                 "host_port", "pump", "on_ready", "wake", "rbuf", "backoff")
+                 "host_port", "pump", "on_ready", "wake", "rbuf", "backoff", "reader")
 
     def __init__(self, bridge: "VsockBridge", unix: socket.socket, inbound: bool):
         self.bridge = bridge
@@ -100,7 +117,8 @@ class BridgeConn:
         self.line = b""                   # the CONNECT line read so far
         self.to_guest = b""               # read from Unix, not yet accepted by core.send
         self.rbuf: bytearray | None = None  # what Unix reads land in (to_guest views it)
-        self.to_unix = memoryview(b"")    # received from the guest, not yet written to Unix
+        # received from the guest, not yet written to Unix: [view, Loan | None] pieces
+        self.to_unix: deque[list] = deque()
         self.unix_eof = False             # the Unix side sent EOF
         self.shut_sent = False            # core.shutdown(SEND) done
         self.guest_eof = False            # guest's SEND shutdown passed on (SHUT_WR)
@@ -113,6 +131,7 @@ class BridgeConn:
         self.pump = lambda: bridge._pump(self)
         self.on_ready = lambda mask: bridge._on_unix(self, mask)
         self.wake = lambda *_: bridge.schedule(self.pump)
+        self.reader = _reader(unix)       # device.fill_rw's readinto: Unix -> guest buffers
 
     def __repr__(self) -> str:
         d = "in" if self.inbound else "out"
@@ -172,6 +191,7 @@ class VsockBridge:
                 log.warning("vsock bridge %s: accept failed: %s", self.path, e)
                 return
             unix.setblocking(False)
+            _set_sndbuf(unix)
             c = BridgeConn(self, unix, inbound=True)
             self.conns.add(c)
             c.timer = self.worker.call_later(HANDSHAKE_TIMEOUT, lambda c=c: self._timeout(c))
@@ -273,6 +293,7 @@ class VsockBridge:
             self.stats["refused_out"] += 1
             log.debug("vsock bridge: guest port %d -> %s: %s", pkt.src_port, target, e)
             return None
+        _set_sndbuf(unix)
         c = BridgeConn(self, unix, inbound=False)
         sk = self.core.socket()
         sk.data = c
@@ -337,7 +358,7 @@ class VsockBridge:
                 c.timer = None
             self.stats["connections_in"] += 1
             ok = c.host_port if self.dialect == "firecracker" else c.guest_port
-            c.to_unix = memoryview(b"OK %d\n" % ok)
+            c.to_unix.append([memoryview(b"OK %d\n" % ok), None])
         elif st != SockState.SYN_SENT or c.sk.err:
             # RST from the guest (nothing listening), or an error: the Unix connection just closes.
             self.stats["refused_in"] += 1
@@ -365,6 +386,11 @@ class VsockBridge:
         """Read one chunk from the Unix side; True if it filled the buffer (more may wait)."""
         if c.to_guest or c.unix_eof or not self._guest_can_take(c):
             return False
+        fill = getattr(self.device, "fill_rw", None)
+        if fill is not None:
+            full = self._fill_guest(c, fill)
+            if full is not None:
+                return full
         if c.rbuf is None:
             c.rbuf = bytearray(CHUNK)
         try:
@@ -379,6 +405,35 @@ class VsockBridge:
         else:
             c.unix_eof = True
         return n == CHUNK
+
+    def _fill_guest(self, c: BridgeConn, fill) -> bool | None:
+        """Unix -> guest rx buffers directly, packet by packet, each at most the credit left,
+        up to CHUNK bytes. True if every read filled what it asked for (more may wait), None
+        if the device's fill path could not take the first packet (use the buffered path)."""
+        core, sk = self.core, c.sk
+        moved = 0
+        while moved < CHUNK:
+            room = core.rw_room(sk)
+            if not room:
+                return False            # no credit: the core's wake brings us back
+            try:
+                n = fill(sk, c.reader, room)
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError:
+                self._close(c, release=True)
+                return False
+            if n is None:
+                return None if not moved else True
+            if not n:
+                c.unix_eof = True
+                return False
+            core.rw_filled(sk, n)
+            self.stats["bytes_to_guest"] += n
+            moved += n
+            if c.reader.short:
+                return False            # the Unix socket is drained for now
+        return True
 
     def _pump_open(self, c: BridgeConn) -> None:
         core, sk = self.core, c.sk
@@ -402,30 +457,22 @@ class VsockBridge:
         # guest -> Unix: one chunk at a time, only as fast as the Unix side takes it.
         while True:
             if c.to_unix:
-                try:
-                    n = c.unix.send(c.to_unix)
-                except (BlockingIOError, InterruptedError):
-                    n = 0
-                except OSError as e:    # the Unix peer is gone
-                    log.debug("vsock bridge %r: write to Unix: %s", c, e)
-                    self._close(c, release=True)
+                if not self._write_unix(c):
                     return
-                c.to_unix = c.to_unix[n:]
                 if c.to_unix:
-                    break
+                    break               # the rest waits for EVENT_WRITE
             if c.guest_eof or not core.readable(sk):
                 break                   # nothing queued: the core's wake brings us back
             try:
-                data = core.recv(sk, CHUNK)
+                view, loan = core.recv_view(sk, CHUNK)
             except BlockingIOError:
                 break                   # nothing queued: the core's wake brings us back
             except OSError as e:        # ECONNRESET (transport reset) and friends
                 log.debug("vsock bridge %r: recv from guest: %s", c, e)
                 self._close(c, release=True)
                 return
-            if data:
-                self.stats["bytes_to_host"] += len(data)
-                c.to_unix = memoryview(data)
+            if view:
+                self._take_chunk(c, view, loan)
                 continue
             # End of stream: the guest shut SEND (half close), or the connection was reset.
             c.guest_eof = True
@@ -442,6 +489,46 @@ class VsockBridge:
             self._close(c, release=True)        # both directions done
             return
         self._update_events(c)
+
+    def _take_chunk(self, c: BridgeConn, view: memoryview, loan) -> None:
+        """One chunk for the Unix side: the first piece (taken), then more pieces of what is
+        queued, up to CHUNK bytes and MAX_IOV pieces. recv_view counts each piece as consumed
+        (the guest's credit) as it is taken: taking no more than one chunk ahead of the Unix
+        socket is what keeps the flow control end to end."""
+        core, sk, q = self.core, c.sk, c.to_unix
+        q.append([view, loan])
+        total = len(view)
+        while total < CHUNK and len(q) < MAX_IOV and sk.rx_bytes:
+            view, loan = core.recv_view(sk, CHUNK - total)
+            if not view:
+                break
+            q.append([view, loan])
+            total += len(view)
+        self.stats["bytes_to_host"] += total
+
+    def _write_unix(self, c: BridgeConn) -> bool:
+        """Write what is pending to the Unix socket (one sendmsg); each lent piece fully written
+        goes back to the guest, a partial one keeps its tail. False: the connection closed."""
+        q = c.to_unix
+        try:
+            n = c.unix.sendmsg([p[0] for p in q]) if len(q) > 1 else c.unix.send(q[0][0])
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError as e:            # the Unix peer is gone
+            log.debug("vsock bridge %r: write to Unix: %s", c, e)
+            self._close(c, release=True)
+            return False
+        while n:
+            piece = q[0]
+            k = len(piece[0])
+            if n < k:
+                piece[0] = piece[0][n:]
+                break
+            n -= k
+            q.popleft()
+            if piece[1] is not None:
+                piece[1].release()      # the guest's buffer is written: it may go back
+        return True
 
     def _update_events(self, c: BridgeConn) -> None:
         ev = 0
@@ -486,8 +573,8 @@ class VsockBridge:
         # held by cyclic garbage can wait for a full collection (a stress run grew by 80 MiB).
         c.rbuf = None
         c.to_guest = b""
-        c.to_unix = memoryview(b"")
-        c.pump = c.on_ready = c.wake = _noop
+        self._drop_to_unix(c)
+        c.pump = c.on_ready = c.wake = c.reader = _noop
         sk, c.sk = c.sk, None
         if sk is not None:
             sk.wake = _noop
@@ -497,6 +584,41 @@ class VsockBridge:
                     self.core.release(sk)
                 except OSError as e:
                     log.debug("vsock bridge: release: %s", e)
+
+
+    @staticmethod
+    def _drop_to_unix(c: BridgeConn) -> None:
+        """Forget what was not written; lent guest buffers go back (no view of guest RAM may
+        outlive the connection: the device releases the memory after its stopping hooks)."""
+        q = c.to_unix
+        while q:
+            view, loan = q.popleft()
+            view.release()
+            if loan is not None:
+                loan.release()
+
+
+def _reader(unix: socket.socket):
+    """readinto(buffers) for device.fill_rw: one recv into one buffer, or one recvmsg_into."""
+    recv_into, recvmsg_into = unix.recv_into, unix.recvmsg_into
+
+    def readinto(bufs) -> int:
+        if len(bufs) == 1:
+            n = recv_into(bufs[0])
+            readinto.short = n < bufs[0].nbytes
+        else:
+            n = recvmsg_into(bufs)[0]
+            readinto.short = n < sum(b.nbytes for b in bufs)
+        return n
+    readinto.short = False          # the last read got less than it asked: drained for now
+    return readinto
+
+
+def _set_sndbuf(unix: socket.socket) -> None:
+    try:
+        unix.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SNDBUF)
+    except OSError as e:            # a smaller buffer only costs speed
+        log.debug("vsock bridge: SO_SNDBUF: %s", e)
 
 
 def _noop(*_a) -> None:

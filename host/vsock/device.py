@@ -405,6 +405,75 @@ class VhostVsock(VhostDevice):
         self.batch.defer(self._notify_rx)
         return True
 
+    def fill_rw(self, sk, readinto, limit: int) -> int | None:
+        """send_rw for a producer that reads its payload from a source (the bridge's Unix
+        socket): the guest's next rx buffer is filled straight from the source, as vhost-net's
+        handle_rx receives into the guest's iovec: `readinto(buffers)` reads at most `limit`
+        bytes into views of the chain's payload area and returns the count, then the header is
+        packed with that length, the chain used and the notify deferred. The caller accounts the
+        bytes (VsockCore.rw_filled) and never asks for more than the socket's credit. Returns
+        the bytes filled (0: the source had none, and the buffer goes back to the ring), or None
+        when this path cannot take it (a packet queued before it, no rx buffer, capture on, a
+        broken device): the caller takes the ordinary path. What readinto raises (EAGAIN, a
+        reset) is raised after the buffer went back."""
+        if (self.send_pkt_list or self.capture is not None or sk.remote_cid != self.guest_cid
+                or not self._ready() or limit <= 0):
+            return None
+        vq, mem = self.vqs[VSOCK_VQ_RX], self.mem
+        if not self.mem_ok(vq):
+            return None
+        try:
+            chain = vq.get_vq_desc(mem)
+            if chain is None:
+                return None          # no rx buffer: the ordinary path queues and re-arms
+            if chain.out:
+                raise VringError(14, f"Expected 0 output buffers, got {len(chain.out)}")
+            room = chain.in_len - HDR_SIZE
+            if room <= 0:
+                raise VringError(14, f"Buffer len [{chain.in_len}] too small")
+            want = min(room, limit)
+            iov = chain.in_
+            bufs, skip = [], HDR_SIZE          # views of the payload area, `want` bytes in all
+            for v in iov:
+                ln = v.nbytes
+                if skip >= ln:
+                    skip -= ln
+                    continue
+                k = min(ln - skip, want)
+                bufs.append(v[skip:skip + k])
+                skip = 0
+                want -= k
+                if not want:
+                    break
+            try:
+                n = readinto(bufs)
+            except BaseException:
+                vq.discard_vq_desc(1)
+                raise
+            if not n:
+                vq.discard_vq_desc(1)
+                return 0
+            fields = (VMADDR_CID_HOST, sk.remote_cid, sk.local_port, sk.remote_port, n,
+                      VIRTIO_VSOCK_TYPE_STREAM, VIRTIO_VSOCK_OP_RW, 0, sk.buf_alloc, sk.fwd_cnt)
+            first = iov[0]
+            if first.nbytes >= HDR_SIZE:
+                HDR.pack_into(first, 0, *fields)
+            else:
+                iov_write(iov, 0, HDR.pack(*fields))
+            vq.add_used(mem, chain.head, HDR_SIZE + n)
+            if self.log_all:            # dirty logging: the buffer filled, then the ring
+                self.log_iov(chain, HDR_SIZE + n)
+                self.log_ring(vq)
+        except GUEST_ERRORS as e:
+            self.vq_err(vq, e)
+            return None
+        stats = self.stats
+        stats["rx_packets"] += 1
+        stats["rx_bytes"] += n
+        stats["bytes_out"] += HDR_SIZE + n
+        self.batch.defer(self._notify_rx)
+        return n
+
     def queue_has_work(self, qidx: int) -> bool:
         """Work for the engine's busy-poll: tx chains (while replies may still be queued), or
         packets waiting with rx buffers posted. The event queue is never polled."""

@@ -395,6 +395,25 @@ class VsockCore:
         self.stats["tx_bytes"] += total
         return total
 
+    def rw_room(self, sk: VsockSock) -> int:
+        """Bytes one RW packet of sk may carry now, for a transport that fills the packet from
+        the source itself (the host bridge reads a Unix socket straight into a guest rx buffer):
+        0 when send() would raise or find no credit (the caller then takes send()'s path)."""
+        if (sk.released or sk.err or sk.state != SockState.ESTABLISHED
+                or sk.shutdown & VIRTIO_VSOCK_SHUTDOWN_SEND
+                or sk.peer_shutdown & VIRTIO_VSOCK_SHUTDOWN_RCV):
+            return 0
+        return min(self.has_space(sk), self.max_pkt_len)
+
+    def rw_filled(self, sk: VsockSock, n: int) -> None:
+        """Account an RW packet of n <= rw_room(sk) bytes that the transport filled and put on
+        its ring itself (its header advertised buf_alloc and fwd_cnt): send()'s bookkeeping."""
+        sk.tx_cnt = (sk.tx_cnt + n) & U32
+        sk.last_fwd_cnt = sk.fwd_cnt
+        sk.tx_total += n
+        self.stats["tx"]["RW"] += 1
+        self.stats["tx_bytes"] += n
+
     def recv(self, sk: VsockSock, n: int) -> bytes:
         """Dequeue up to n bytes. b"" = end of stream (peer shut SEND or reset, queue drained;
         or we shut RCV). BlockingIOError(EAGAIN) when nothing is queued yet."""
