@@ -379,31 +379,40 @@ class VhostVsock(VhostDevice):
                 vq.discard_vq_desc(1)
                 return False         # the ordinary path splits it over several buffers
             iov = chain.in_
-            first = iov[0]
-            fields = (VMADDR_CID_HOST, sk.remote_cid, sk.local_port, sk.remote_port, n,
-                      VIRTIO_VSOCK_TYPE_STREAM, VIRTIO_VSOCK_OP_RW, 0, sk.buf_alloc, sk.fwd_cnt)
-            if first.nbytes >= HDR_SIZE:
-                HDR.pack_into(first, 0, *fields)
-            else:
-                iov_write(iov, 0, HDR.pack(*fields))
             if n:
-                if len(iov) == 2 and first.nbytes == HDR_SIZE:
+                if len(iov) == 2 and iov[0].nbytes == HDR_SIZE:
                     iov[1][:n] = payload
                 else:
                     iov_write(iov, HDR_SIZE, payload)
-            vq.add_used(mem, chain.head, HDR_SIZE + n)
-            if self.log_all:
-                self.log_iov(chain, HDR_SIZE + n)
-                self.log_ring(vq)
+            self._rw_used(vq, mem, chain, sk, n)
         except GUEST_ERRORS as e:
             self.vq_err(vq, e)
             return True
+        self._rw_sent(n)
+        return True
+
+    def _rw_used(self, vq, mem, chain, sk, n: int) -> None:
+        """An RW packet of n payload bytes is in the rx chain: its header (the credit fields as
+        of now) packed in place, the chain used, and both logged for migration."""
+        iov = chain.in_
+        first = iov[0]
+        fields = (VMADDR_CID_HOST, sk.remote_cid, sk.local_port, sk.remote_port, n,
+                  VIRTIO_VSOCK_TYPE_STREAM, VIRTIO_VSOCK_OP_RW, 0, sk.buf_alloc, sk.fwd_cnt)
+        if first.nbytes >= HDR_SIZE:
+            HDR.pack_into(first, 0, *fields)
+        else:
+            iov_write(iov, 0, HDR.pack(*fields))
+        vq.add_used(mem, chain.head, HDR_SIZE + n)
+        if self.log_all:
+            self.log_iov(chain, HDR_SIZE + n)
+            self.log_ring(vq)
+
+    def _rw_sent(self, n: int) -> None:
         stats = self.stats
         stats["rx_packets"] += 1
         stats["rx_bytes"] += n
         stats["bytes_out"] += HDR_SIZE + n
         self.batch.defer(self._notify_rx)
-        return True
 
     def fill_rw(self, sk, readinto, limit: int) -> int | None:
         """send_rw for a producer that reads its payload from a source (the bridge's Unix
@@ -453,25 +462,11 @@ class VhostVsock(VhostDevice):
             if not n:
                 vq.discard_vq_desc(1)
                 return 0
-            fields = (VMADDR_CID_HOST, sk.remote_cid, sk.local_port, sk.remote_port, n,
-                      VIRTIO_VSOCK_TYPE_STREAM, VIRTIO_VSOCK_OP_RW, 0, sk.buf_alloc, sk.fwd_cnt)
-            first = iov[0]
-            if first.nbytes >= HDR_SIZE:
-                HDR.pack_into(first, 0, *fields)
-            else:
-                iov_write(iov, 0, HDR.pack(*fields))
-            vq.add_used(mem, chain.head, HDR_SIZE + n)
-            if self.log_all:            # dirty logging: the buffer filled, then the ring
-                self.log_iov(chain, HDR_SIZE + n)
-                self.log_ring(vq)
+            self._rw_used(vq, mem, chain, sk, n)
         except GUEST_ERRORS as e:
             self.vq_err(vq, e)
             return None
-        stats = self.stats
-        stats["rx_packets"] += 1
-        stats["rx_bytes"] += n
-        stats["bytes_out"] += HDR_SIZE + n
-        self.batch.defer(self._notify_rx)
+        self._rw_sent(n)
         return n
 
     def queue_has_work(self, qidx: int) -> bool:
