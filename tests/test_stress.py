@@ -157,16 +157,18 @@ def test_short_stress_run_with_faults_keeps_every_invariant(tmp_path):
     short = Path(tempfile.mkdtemp(prefix="ves-", dir="/tmp"))   # segment port sockets: AF_UNIX paths are short
     try:
         r = _cli("--pairs", "2", "--guests-per-host", "1", "--seconds", "18", "--faults", "all",
-                 "--fault-rate", "0.7", "--seed", "84", "--plain", "--json", str(out), "--dir", str(short / "s"),
+                 "--fault-rate", "0.7", "--seed", "100", "--plain", "--json", str(out), "--dir", str(short / "s"),
                  timeout=400)
         why = "" if r.returncode == 0 else _why_failed(out, short / "s") + r.stderr[-2000:]
     finally:
         shutil.rmtree(short, ignore_errors=True)
     assert r.returncode == 0, why
     doc = json.loads(out.read_text())
-    assert doc["ok"] and doc["seed"] == 84 and doc["rounds"] >= 4
-    # seed 84 plans a hostile guest, then stops (group 0) and a guest kill, then a host kill
-    # (group 1) in the first rounds (see test_same_seed_same_schedule...: the plan is the seed's)
+    assert doc["ok"] and doc["seed"] == 100 and doc["rounds"] >= 4
+    # seed 100 plans a host kill then a guest kill (group 0), a hostile guest then a migration
+    # (group 1) in each group's first two rounds (`--print-schedule 2`: the plan is the seed's),
+    # so even a loaded machine that runs few rounds in 18 s meets them all (seed 84 had its
+    # only host kills in round 7, which a loaded CI run did not always reach)
     kinds = {f["kind"] for f in doc["fault_log"]}
     assert {"hostile", "guest-kill", "host-kill"} <= kinds, kinds
     rows = {row["invariant"]: row for row in doc["invariants"]}
