@@ -1041,15 +1041,20 @@ def test_seeds_mode_brings_the_seeds_transport():
 
 
 def test_rx_burst_moderates_only_bulk_streams_within_the_peers_credit():
-    """VsockCore.rx_burst (interrupt moderation): 1 unless the peer sends full packets; then as
-    many packets as the credit the peer can still have allows, less one, at most BURST_MAX;
-    the seeds' mode never moderates."""
-    from shared.vsock.proto import BURST_MAX
+    """VsockCore.rx_burst (interrupt moderation): 1 unless the peer sends bulk packets (at least
+    BULK_PKT bytes: full ones, or a bridge's partial socket reads); then as many packets as the
+    credit the peer can still have allows, less one, at most BURST_MAX; the seeds' mode never
+    moderates."""
+    from shared.vsock.proto import BULK_PKT, BURST_MAX
     core = VsockCore(2, lambda p: None, credit_policy="low-space", buf_size=4 << 20)
     sk = VsockSock(buf_alloc=4 << 20)
     full = core.max_pkt_len
     sk.rx_last = 100                                    # small packets: wake at each one
     assert core.rx_burst(sk) == 1
+    sk.rx_last = BULK_PKT - 1                           # a request/response of 16 KiB - 1
+    assert core.rx_burst(sk) == 1
+    sk.rx_last = BULK_PKT                               # a bridge's partial read of a bulk stream
+    assert core.rx_burst(sk) == BURST_MAX
     sk.rx_last = full
     assert core.rx_burst(sk) == BURST_MAX               # a whole window of credit left
     sk.rx_total, sk.last_fwd_cnt = (4 << 20) - 3 * full, 0   # the peer can send 3 more packets

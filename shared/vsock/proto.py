@@ -127,6 +127,7 @@ def _no_wake() -> None:
 
 LEND_MIN = 4096     # smaller payloads are copied: a copy costs less than a loan's bookkeeping
 BURST_MAX = 16      # a bulk reader asks to be woken after at most this many packets
+BULK_PKT = 16 * 1024   # a packet this big marks a bulk stream (rx_burst); smaller: request/response
 
 
 class Loan:
@@ -669,11 +670,12 @@ class VsockCore:
 
     def rx_burst(self, sk: VsockSock) -> int:
         """How many more packets a reader of sk may wait for before being woken (interrupt
-        moderation): 1, unless the peer has been sending full packets, and then as many as the
+        moderation): 1, unless the peer has been sending bulk packets (at least BULK_PKT bytes:
+        full ones, or what a bridge read from its socket), and then as many as the
         credit the peer can still have allows (our buffer less what it sent since our last
         advertised fwd_cnt, an upper bound), less one for safety, at most BURST_MAX. The
         seeds' mode (every-read) never moderates."""
-        if sk.rx_last < self.max_pkt_len or self.credit_policy == "every-read":
+        if sk.rx_last < BULK_PKT or self.credit_policy == "every-read":
             return 1
         unacked = (sk.rx_total - sk.last_fwd_cnt) & U32
         return max(1, min(BURST_MAX, (sk.buf_alloc - unacked) // self.max_pkt_len - 1))
