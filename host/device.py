@@ -403,7 +403,14 @@ class VhostDevice:
                     self.handle_kick(qidx)
                 except (VringError, GuestMemoryError) as e:
                     self.vq_err(vq, e)
-        return PollOps(pending, suppress, rearm, polled, delay)
+        def burst() -> int:
+            return self.expected_burst(qidx) if usable() else 1
+        return PollOps(pending, suppress, rearm, polled, delay, burst)
+
+    def expected_burst(self, qidx: int) -> int:
+        """How many buffers the guest should add to queue qidx soon (the kick thread then asks
+        for the kick only after that many: shared/engine.py PollOps.burst). 1: no idea."""
+        return 1
 
     def mem_ok(self, vq=None) -> bool:
         """The data path's guard before touching guest memory (a batch, a wake, a kick).

@@ -39,6 +39,13 @@ finds the doorbell thread asleep on the doorbell rings the doorbell once to take
 adaptive, as KVM's halt polling: it grows when a sleep ended sooner than the budget would have
 polled, and halves when a poll window found nothing, so polling only costs where it pays.
 
+Moderation (EVENT_IDX, NAPI). A burst server returns with notifications off (the consumer is busy
+with what it took); whoever sleeps on the doorbell next re-arms first. A doorbell thread whose
+ring expects a burst (PollOps.burst: a bulk stream within its credit, such as a bridged guest
+sender) asks, right after work, to be rung only after that many buffers, sleeps at most
+MODERATE_S and looks at the ring anyway; an empty moderated sleep re-arms for the very next
+buffer, so an idle ring costs nothing.
+
 `run()` runs the engine loop on the calling thread (a host device process's main thread);
 `start()` runs it on a thread of its own (the guest kernel's worker). `stats` counts what the
 monitor and benchmarks show: wakeups (doorbell waits that returned rings), handler runs, polled
@@ -100,12 +107,17 @@ class PollOps:
                 handler (a device counts kicks in the latter)
     delay(k)    re-arm asking to be notified only after k more buffers (EVENT_IDX moderation);
                 True when work raced in
+    burst()     how many buffers the producer is expected to add soon (a bulk stream within its
+                credit); above 1, the doorbell thread, right after work, sleeps moderated:
+                delay(burst()), at most MODERATE_S, then looks at the ring anyway
     """
     pending: Callable[[], bool]
     suppress: Callable[[], None] | None = None
     rearm: Callable[[], bool] | None = None
     handler: Callable[[], None] | None = None   # for work found by polling (default: the doorbell's)
     delay: Callable[[int], bool] | None = None
+    burst: Callable[[], int] | None = None    # buffers the producer should add soon (>1: the
+                                              # doorbell thread moderates like a burst serve)
 
 
 class DoorbellThread:
@@ -130,6 +142,7 @@ class DoorbellThread:
         self.budget_ns = self.poll_ns     # adaptive poll budget of serving callers
         self.served = 0                   # sleeps on the doorbell by callers (not the thread)
         self.disarmed = False             # a burst server left notifications off: re-arm first
+        self.after_work = False           # the thread's last wake-up found work (moderate next)
         self._unpark = threading.Event()
         self.thread = threading.Thread(target=self._loop, name=f"{engine.name}-{name}", daemon=True)
 
@@ -183,8 +196,24 @@ class DoorbellThread:
                             stats["handler_runs"] += 1
                             self._run_handler(polled=True)
                         continue
+                wait_s, moderated = IDLE_WAIT, False
+                if self.after_work and poll is not None and poll.burst is not None:
+                    # Right after work, with a burst expected (a bulk stream within its
+                    # credit): ask to be rung only after that many buffers, and look at the
+                    # ring after MODERATE_S anyway, as a moderated serve() does.
+                    with lock:
+                        k = poll.burst()
+                        raced = k > 1 and poll.delay(k)
+                    if raced:
+                        with lock:
+                            stats["handler_runs"] += 1
+                            self._run_handler(polled=True)
+                        continue
+                    if k > 1:
+                        wait_s, moderated = MODERATE_S, True
+                self.after_work = False
                 t0 = time.perf_counter_ns()
-                n = self.db.wait(IDLE_WAIT)
+                n = self.db.wait(wait_s)
             except Exception:       # closed or unlinked under us: the queue is going away
                 return
             finally:
@@ -197,11 +226,15 @@ class DoorbellThread:
                     self.wakeups += 1
                     self._grow_budget(t0)
                 elif poll is not None and poll.pending():
-                    stats["missed_wakeups"] += 1      # work waited for a doorbell that never rang
+                    if not moderated:           # a burst that stopped short is no lost wake-up
+                        stats["missed_wakeups"] += 1   # work waited for a doorbell that never rang
+                elif moderated and poll.delay(1):
+                    pass                        # re-armed for the very next buffer; one raced in
                 else:
-                    continue
+                    continue                    # (moderated: re-armed for the next buffer)
                 stats["handler_runs"] += 1
                 self._run_handler(polled=not n)
+                self.after_work = True
                 if (self.poll_ns and poll is not None and self.budget_ns >= POLL_MIN_NS
                         and not self._parked()):
                     self._poll_for(lambda: False, None)     # vhost busyloop, NAPI: then sleep

@@ -213,6 +213,35 @@ def test_small_payloads_are_copied_not_lent():
         p.close()
 
 
+def test_the_kick_thread_expects_a_burst_only_after_bulk_packets_of_a_live_connection():
+    """VhostVsock.expected_burst (the tx kick thread's moderation, PollOps.burst): the packets
+    the guest may still send on the connection it sent on last, when it sends bulk; 1 after a
+    small packet, on other queues, and once the connection or the rings are gone."""
+    from shared.constants import VSOCK_VQ_RX, VSOCK_VQ_TX
+    from shared.vsock.proto import BURST_MAX
+    from tests.pair import VsockPair
+    p = VsockPair(buf_size=4 << 20)
+    try:
+        gsk, hsk = p.connect()
+        dev = p.dev
+        assert dev.expected_burst(VSOCK_VQ_TX) == 1        # nothing sent yet
+        with p.lock, p.t.batch:
+            p.t.core.send(gsk, b"x" * 100)
+        p.pump()
+        assert dev.expected_burst(VSOCK_VQ_TX) == 1        # request/response sized
+        with p.lock, p.t.batch:
+            p.t.core.send(gsk, b"x" * 65536)
+        p.pump()
+        assert dev.expected_burst(VSOCK_VQ_TX) == BURST_MAX
+        assert dev.expected_burst(VSOCK_VQ_RX) == 1
+        with p.lock:
+            dev.core.release(hsk)                           # the host closes it
+        assert dev.expected_burst(VSOCK_VQ_TX) == 1
+        p.pump()
+    finally:
+        p.close()
+
+
 def test_recv_view_is_zero_copy_and_release_returns_the_buffer():
     """h2g: the guest's recv_view hands out the rx buffer itself; it goes back to the rx pool
     only at release()."""

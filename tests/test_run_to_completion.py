@@ -51,13 +51,13 @@ class Ring:
             db.ring()
 
 
-def make(poll=True):
+def make(poll=True, burst=None):
     eng = Engine("t")
     eng.start()
     db = LocalDoorbell()
     ring = Ring()
     ops = PollOps(pending=ring.pending, suppress=ring.suppress, rearm=ring.rearm,
-                  delay=ring.delay) if poll else None
+                  delay=ring.delay, burst=burst) if poll else None
     t = eng.add_doorbell(db, ring.handler, poll=ops, name="irq")
     return eng, db, ring, t
 
@@ -173,5 +173,37 @@ def test_a_burst_reader_leaves_notifications_off_and_the_next_sleeper_rearms_fir
         wait_until(lambda: ring.notify_after == 1, what="the ring re-armed before sleeping")
         ring.produce(db)                              # and it still hears the next one
         wait_until(lambda: ring.taken == ring.items, what="the next item taken")
+    finally:
+        eng.stop(timeout=2)
+
+
+def test_the_doorbell_thread_moderates_after_work_when_a_burst_is_expected():
+    """PollOps.burst (a bulk stream within its credit, e.g. a bridged guest sender): after work,
+    the doorbell thread asks to be rung only after that many buffers, finds a shorter burst by
+    its bounded sleep (MODERATE_S), and once a moderated sleep finds nothing it re-arms for the
+    very next buffer; none of this counts as a lost wake-up."""
+    eng, db, ring, t = make(burst=lambda: 4)
+    try:
+        real_wait, real_delay = db.wait, ring.delay
+
+        def delay(k):                   # the producer adds 2 while the thread sleeps, moderated
+            r = real_delay(k)
+            if k == 4 and ring.items == 1:
+                def wait(timeout):
+                    db.wait = real_wait
+                    ring.produce(db, 2)           # short of 4: no doorbell rings
+                    return real_wait(timeout)
+                db.wait = wait
+            return r
+        ring.delay = t.poll.delay = delay
+        wait_until(lambda: ring.notify_after == 1, what="the thread asleep, armed")
+        ring.produce(db)                              # rings: the thread takes it
+        wait_until(lambda: ring.taken == 3, what="the short burst found by the bounded sleep")
+        assert 4 in ring.delays
+        wait_until(lambda: ring.notify_after == 1 and ring.delays[-1] == 1,
+                   what="re-armed for the very next buffer after an empty moderated sleep")
+        ring.produce(db)
+        wait_until(lambda: ring.taken == 4, what="the next item")
+        assert eng.stats["missed_wakeups"] == 0
     finally:
         eng.stop(timeout=2)

@@ -100,6 +100,7 @@ class VhostVsock(VhostDevice):
         self.tx_order: deque[list] = deque()   # [head, len, done] of popped tx chains not yet used
         self._tx_more = None        # the timer of _requeue_tx while a program thread serves tx
         self.loan_gen = 0           # bumped when the rings go away: older loans are void
+        self.last_rx_sk = None      # the socket of the guest's last RW packet (expected_burst)
         self._notify_rx = lambda: self.notify(self.vqs[VSOCK_VQ_RX])
         # In-device programs (host/vsock/endpoint.py): start_hooks run at the end of start()
         # (DRIVER_OK), stop_hooks(old_core) at the end of stop(), both with self.lock held.
@@ -178,6 +179,7 @@ class VhostVsock(VhostDevice):
         # Lent views of guest RAM must be gone before the memory is released.
         self.loan_gen += 1
         self.loans = 0
+        self.last_rx_sk = None
         self.tx_order.clear()
         if self._tx_more is not None:
             self._tx_more.cancel()
@@ -343,8 +345,18 @@ class VhostVsock(VhostDevice):
             self.loans += 1
         else:
             payload = self._payload(chain, length)
+        self.last_rx_sk = sk
         core.rx_rw(sk, buf_alloc, fwd_cnt, payload)
         return True
+
+    def expected_burst(self, qidx: int) -> int:
+        """The tx queue: the packets the guest may still send on the connection it sent on last,
+        when that is a bulk stream (VsockCore.rx_burst: within its credit, at most BURST_MAX)."""
+        sk = self.last_rx_sk
+        if (qidx != VSOCK_VQ_TX or sk is None or sk.released
+                or sk.state is not SockState.ESTABLISHED):
+            return 1
+        return self.core.rx_burst(sk)
 
     def _loan_done(self, entry: list, gen: int) -> None:
         """A lent tx chain was read (or dropped): it goes back to the used ring, with the chains
