@@ -36,8 +36,11 @@ thread serves only while no caller does: it parks while a caller leads, and for 
 last one left (a caller that comes back for more takes the doorbell at no cost); a caller that
 finds the doorbell thread asleep on the doorbell rings the doorbell once to take its place. A
 64 B round trip thus wakes two threads (one per side), as a bare ring does. The poll budget is
-adaptive, as KVM's halt polling: it grows when a sleep ended sooner than the budget would have
-polled, and halves when a poll window found nothing, so polling only costs where it pays.
+adaptive, as KVM's halt polling: it grows when a sleep ended within POLL_GROW windows (a peer
+that sleeps too adds its own wake-up), and halves once POLL_MISSES windows in a row found
+nothing, so polling only costs
+where it pays (halving at the first miss made a polling request/response pair fall back to
+sleeping for good: one miss, one side sleeps, the other's next window misses too).
 
 Moderation (EVENT_IDX, NAPI). A burst server returns with notifications off (the consumer is busy
 with what it took); whoever sleeps on the doorbell next re-arms first. A doorbell thread whose
@@ -72,6 +75,8 @@ IDLE_WAIT = 0.5           # an idle doorbell thread's sleep (stop rings it awake
 PARK_S = 0.02             # a doorbell thread stays parked this long after a caller served its ring
 MODERATE_S = 0.0005       # longest sleep of a server that asked to be notified only after a burst
 POLL_MIN_NS = 2_000       # an adaptive poll budget below this is no poll at all
+POLL_MISSES = 4           # consecutive empty poll windows before the budget halves
+POLL_GROW = 4             # a sleep shorter than this many windows grows the budget back
 
 
 def released(lock):
@@ -140,6 +145,7 @@ class DoorbellThread:
         self.last_lead = 0.0              # when the last caller stopped serving (monotonic)
         self.followers = 0                # callers waiting on their Condition meanwhile
         self.budget_ns = self.poll_ns     # adaptive poll budget of serving callers
+        self.poll_misses = 0              # consecutive poll windows that found nothing
         self.served = 0                   # sleeps on the doorbell by callers (not the thread)
         self.disarmed = False             # a burst server left notifications off: re-arm first
         self.after_work = False           # the thread's last wake-up found work (moderate next)
@@ -368,9 +374,12 @@ class DoorbellThread:
                 return True
 
     def _grow_budget(self, t0: int) -> None:
-        """A sleep that ended sooner than the poll budget would have polled: poll again next
-        time (KVM's halt polling grows its window the same way)."""
-        if self.poll_ns and time.perf_counter_ns() - t0 < self.poll_ns:
+        """A sleep that ended within POLL_GROW windows: poll again next time (KVM's halt
+        polling grows its window the same way). Not within one window: what ended the sleep
+        also paid the peer's own wake-up, which a peer that polls too does not pay (a request/
+        response pair where both sides poll answers within a window; where both sleep, each
+        side's sleep is a whole round trip)."""
+        if self.poll_ns and time.perf_counter_ns() - t0 < POLL_GROW * self.poll_ns:
             self.budget_ns = min(self.poll_ns, max(2 * self.budget_ns, self.poll_ns // 4))
 
     def _poll_for(self, done, deadline: float | None) -> bool:
@@ -414,8 +423,12 @@ class DoorbellThread:
             spent = clock() - t0
             stats["poll_ns"] += spent
             self.polled_ns += spent
-            if not hit and not ok:
-                self.budget_ns //= 2            # polls keep finding nothing: poll less
+            if hit or ok:
+                self.poll_misses = 0
+            else:
+                self.poll_misses += 1
+                if self.poll_misses >= POLL_MISSES:
+                    self.budget_ns //= 2        # polls keep finding nothing: poll less
 
 
 class Engine:

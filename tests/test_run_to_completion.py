@@ -6,7 +6,7 @@ import threading
 import time
 
 from shared.doorbell import LocalDoorbell
-from shared.engine import MODERATE_S, Engine, PollOps
+from shared.engine import MODERATE_S, POLL_GROW, POLL_MISSES, Engine, PollOps
 from tests.waiting import wait_until
 
 
@@ -205,5 +205,36 @@ def test_the_doorbell_thread_moderates_after_work_when_a_burst_is_expected():
         ring.produce(db)
         wait_until(lambda: ring.taken == 4, what="the next item")
         assert eng.stats["missed_wakeups"] == 0
+    finally:
+        eng.stop(timeout=2)
+
+
+def test_the_poll_budget_halves_only_after_several_empty_windows_and_grows_back():
+    """Adaptive polling (--poll-us): one empty window must not halve the budget (a polling
+    request/response pair would fall back to sleeping for good); POLL_MISSES in a row do, a
+    window that finds work resets the count, and a sleep within POLL_GROW windows grows it."""
+    import time as _t
+    eng = Engine("t", poll_us=50)
+    db = LocalDoorbell()
+    ring = Ring()
+    t = eng.add_doorbell(db, ring.handler, poll=PollOps(pending=ring.pending), name="irq")
+    try:
+        full = t.poll_ns
+        with eng.lock:
+            for _ in range(POLL_MISSES - 1):
+                assert t._poll_for(lambda: False, None) is False
+            assert t.budget_ns == full                   # a few misses: still the whole window
+            ring.items += 1                              # a window that finds work
+            t._poll_for(lambda: False, None)
+            assert t.poll_misses == 0 and t.budget_ns == full
+            for _ in range(POLL_MISSES):
+                t._poll_for(lambda: False, None)
+            assert t.budget_ns == full // 2              # POLL_MISSES in a row: halved
+            t._poll_for(lambda: False, None)
+            assert t.budget_ns == full // 4              # and on while they keep missing
+            t._grow_budget(_t.perf_counter_ns() - (POLL_GROW * full) // 2)
+            assert t.budget_ns == full // 2              # a sleep within POLL_GROW windows
+            t._grow_budget(_t.perf_counter_ns() - 2 * POLL_GROW * full)
+            assert t.budget_ns == full // 2              # a long sleep: no growth
     finally:
         eng.stop(timeout=2)
