@@ -365,6 +365,9 @@ class VhostVsock(VhostDevice):
             return                  # the rings it came from are gone
         self.loans -= 1
         entry[2] = True
+        self.batch.defer(self._tx_used_flush)   # loans released in one batch: one add_used_n
+
+    def _tx_used_flush(self) -> None:
         if self._ready():
             self._used_in_order(self.vqs[VSOCK_VQ_TX], self.mem)
 
