@@ -7,8 +7,9 @@ from __future__ import annotations
 from shared.errors import VringError
 
 
-def iov_read(iov: list[memoryview], offset: int, n: int) -> bytes:
-    """Copy n bytes starting `offset` bytes into the iovec (the caller checked the total length)."""
+def iov_views(iov: list[memoryview], offset: int, n: int) -> list[memoryview]:
+    """Views of the n bytes starting `offset` bytes into the iovec (no copy; for a reader that
+    fills guest buffers itself, or iov_read)."""
     parts = []
     for v in iov:
         ln = v.nbytes
@@ -23,6 +24,12 @@ def iov_read(iov: list[memoryview], offset: int, n: int) -> bytes:
             break
     if n:
         raise VringError(14, "descriptor chain shorter than the packet")
+    return parts
+
+
+def iov_read(iov: list[memoryview], offset: int, n: int) -> bytes:
+    """Copy n bytes starting `offset` bytes into the iovec (the caller checked the total length)."""
+    parts = iov_views(iov, offset, n)
     return bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
 
 

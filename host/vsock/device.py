@@ -47,7 +47,7 @@ from collections import deque
 from functools import partial
 
 from host.device import VhostDevice
-from host.iov import iov_read, iov_write  # noqa: F401 - re-exported for callers and tests
+from host.iov import iov_read, iov_views, iov_write  # noqa: F401 - re-exported for callers and tests
 from shared.constants import (VHOST_F_LOG_ALL, bit, RESERVED_CIDS, VHOST_VSOCK_PKT_WEIGHT, VHOST_VSOCK_WEIGHT,
                               VIRTIO_ID_VSOCK, VIRTIO_VSOCK_EVENT_TRANSPORT_RESET,
                               VIRTIO_VSOCK_MAX_PKT_BUF_SIZE, VIRTIO_VSOCK_OP_RST, VIRTIO_VSOCK_OP_RW,
@@ -455,20 +455,7 @@ class VhostVsock(VhostDevice):
             room = chain.in_len - HDR_SIZE
             if room <= 0:
                 raise VringError(14, f"Buffer len [{chain.in_len}] too small")
-            want = min(room, limit)
-            iov = chain.in_
-            bufs, skip = [], HDR_SIZE          # views of the payload area, `want` bytes in all
-            for v in iov:
-                ln = v.nbytes
-                if skip >= ln:
-                    skip -= ln
-                    continue
-                k = min(ln - skip, want)
-                bufs.append(v[skip:skip + k])
-                skip = 0
-                want -= k
-                if not want:
-                    break
+            bufs = iov_views(chain.in_, HDR_SIZE, min(room, limit))   # the payload area
             try:
                 n = readinto(bufs)
             except BaseException:
