@@ -242,6 +242,42 @@ def test_the_kick_thread_expects_a_burst_only_after_bulk_packets_of_a_live_conne
         p.close()
 
 
+def test_small_writes_stop_at_the_peers_credit_and_advertise_their_own():
+    """VsockCore.send's one-packet path (a write within the credit and one packet): each write
+    counts against the peer's credit (tx_cnt), so a sender stops at exactly the peer's buffer;
+    and the packet's header advertises our fwd_cnt (last_fwd_cnt), so no CREDIT_UPDATE repeats it."""
+    from tests.pair import VsockPair
+    p = VsockPair(buf_size=64 * 1024)
+    try:
+        gsk, hsk = p.connect()
+        sent = 0
+        while True:
+            with p.lock, p.t.batch:
+                n = p.t.core.send(gsk, b"s" * 100)
+            p.pump()
+            if not n:
+                break
+            sent += n
+            assert sent <= 64 * 1024, "wrote past the peer's buffer"
+        assert sent == 64 * 1024                          # the last write taken in part
+    finally:
+        p.close()
+    p = VsockPair(buf_size=1 << 20)
+    try:
+        gsk, hsk = p.connect()
+        with p.lock, p.t.batch:
+            assert p.t.core.send(gsk, b"s" * 1000) == 1000
+        p.pump()
+        with p.lock:
+            assert p.dev.core.recv_into(hsk, memoryview(bytearray(500))) == 500
+        assert hsk.last_fwd_cnt != hsk.fwd_cnt              # too little read for a CREDIT_UPDATE
+        with p.lock, p.dev.batch:
+            assert p.dev.core.send(hsk, b"r" * 10) == 10      # the header carries fwd_cnt
+        assert hsk.last_fwd_cnt == hsk.fwd_cnt
+    finally:
+        p.close()
+
+
 def test_recv_view_is_zero_copy_and_release_returns_the_buffer():
     """h2g: the guest's recv_view hands out the rx buffer itself; it goes back to the rx pool
     only at release()."""

@@ -422,7 +422,7 @@ class VsockSocket:
     def sendall(self, data) -> None:
         mv = memoryview(data).cast("B")
         deadline = self._deadline(self._timeout)     # one deadline for the whole call
-        off = 0
+        off = self._send(mv, deadline)
         while off < len(mv):
             off += self._send(mv[off:], deadline)
 
