@@ -420,15 +420,24 @@ class VsockSocket:
         return self._send(memoryview(data).cast("B"), self._deadline(self._timeout))
 
     def sendall(self, data) -> None:
-        mv = memoryview(data).cast("B")
-        deadline = self._deadline(self._timeout)     # one deadline for the whole call
-        off = self._send(mv, deadline)
+        timeout = self._timeout
+        deadline = None if timeout is None else time.monotonic() + timeout   # one for the call
+        if type(data) is bytes:             # the common case: no view needed unless partial
+            off = self._send(data, deadline)
+            if off == len(data):
+                return
+            mv = memoryview(data)
+        else:
+            mv = memoryview(data).cast("B")
+            off = self._send(mv, deadline)
         while off < len(mv):
             off += self._send(mv[off:], deadline)
 
-    def _send(self, mv: memoryview, deadline: float | None) -> int:
+    def _send(self, mv, deadline: float | None) -> int:
+        """Send what the credit allows of mv (bytes, or a byte memoryview), waiting for credit."""
         with self._lock:
-            self._check()
+            if self._closed:
+                raise _err(errno.EBADF, "socket is closed")
             sk, core = self._sk, self._core
             while True:
                 with self._family.batch:  # the packets of this send: one kick or interrupt
