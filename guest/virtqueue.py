@@ -38,7 +38,77 @@ from shared.ring_layout import (DESC, USED_ELEM, avail_size, check_num, desc_tab
 _U16 = 0xFFFF
 
 
-class VirtQueue:
+class DriverRing:
+    """What the driver's split and packed virtqueues share (the guest's counterpart of the
+    device's VringMapping): the ring's place and features, BAD_RING, allocating and freeing
+    its parts in guest RAM, and dropping the cached views. A subclass gives `ring_parts(num)`
+    ((size, align) of its three parts) and lists its views in `_views`."""
+
+    kind = ""                             # "packed " for messages
+
+    def _init_ring(self, mem: GuestMemory, index: int, num: int, desc: int, avail: int, used: int,
+                   event_idx: bool, indirect: bool, alloc, name: str) -> None:
+        self.mem = mem
+        self.index = index
+        self.name = name or f"vq{index}"
+        self.num = num                    # queue size N
+        self.desc = desc                  # gpa of the descriptor table (packed: ring)
+        self.avail = avail                # gpa of the available ring (packed: driver area)
+        self.used = used                  # gpa of the used ring (packed: device area)
+        self.event_idx = event_idx        # VIRTIO_RING_F_EVENT_IDX negotiated
+        self.indirect = indirect and alloc is not None   # VIRTIO_RING_F_INDIRECT_DESC usable
+        self.alloc = alloc                # GuestAllocator for indirect tables
+        self.broken = False               # set by BAD_RING; the queue then refuses work
+        self.broken_reason = ""           # what the device did wrong
+
+    def _bad_ring(self, why: str) -> None:
+        # BAD_RING: the device wrote something impossible; stop using the queue.
+        self.broken = True
+        self.broken_reason = why
+
+    @staticmethod
+    def _alloc_mem(ram_or_alloc, mem):
+        alloc = getattr(ram_or_alloc, "alloc", None)
+        if alloc is not None and not callable(alloc):   # a GuestRAM: .alloc is the allocator
+            return alloc, mem if mem is not None else ram_or_alloc.mem
+        return ram_or_alloc, mem
+
+    @classmethod
+    def alloc_rings(cls, ram_or_alloc, num: int, mem: GuestMemory | None = None) -> tuple[int, int, int]:
+        """Allocate and zero the three parts (vring_alloc_queue).
+
+        Takes a GuestRAM, or a GuestAllocator plus the GuestMemory it carves. Raises MemoryError
+        when guest RAM is exhausted (nothing stays allocated).
+        """
+        alloc, mem = cls._alloc_mem(ram_or_alloc, mem)
+        if mem is None:
+            raise ValueError("alloc_rings needs the GuestMemory to zero the rings")
+        parts = cls.ring_parts(num)
+        got: list[int] = []
+        for size, align in parts:
+            gpa = alloc.alloc(size, align)
+            if gpa is None:
+                for g in got:
+                    alloc.free(g)
+                raise MemoryError(f"no guest memory for a {num}-entry {cls.kind}virtqueue")
+            got.append(gpa)
+        for gpa, (size, _) in zip(got, parts):
+            mem.write(gpa, bytes(size))
+        return got[0], got[1], got[2]
+
+    @classmethod
+    def free_rings(cls, ram_or_alloc, desc: int, avail: int, used: int) -> None:
+        alloc, _ = cls._alloc_mem(ram_or_alloc, None)
+        for gpa in (desc, avail, used):
+            alloc.free(gpa)
+
+    def close(self) -> None:
+        """Drop the cached views so the guest RAM can be unmapped."""
+        for v in self._views():
+            v.release()
+
+
+class VirtQueue(DriverRing):
     """One split virtqueue as the driver sees it (struct vring_virtqueue, split half)."""
 
     packed = False
@@ -48,18 +118,7 @@ class VirtQueue:
         check_num(num)
         if desc % 16 or avail % 2 or used % 4:
             raise ValueError(f"ring parts misaligned: desc {desc:#x} avail {avail:#x} used {used:#x}")
-        self.mem = mem
-        self.index = index
-        self.name = name or f"vq{index}"
-        self.num = num                    # queue size N
-        self.desc = desc                  # gpa of the descriptor table
-        self.avail = avail                # gpa of the available ring
-        self.used = used                  # gpa of the used ring
-        self.event_idx = event_idx        # VIRTIO_RING_F_EVENT_IDX negotiated
-        self.indirect = indirect and alloc is not None   # VIRTIO_RING_F_INDIRECT_DESC usable
-        self.alloc = alloc                # GuestAllocator for indirect tables
-        self.broken = False               # set by BAD_RING; the queue then refuses work
-        self.broken_reason = ""           # what the device did wrong
+        self._init_ring(mem, index, num, desc, avail, used, event_idx, indirect, alloc, name)
         self.num_free = num               # descriptors on the free list
         self.free_head = 0                # first free descriptor
         self.num_added = 0                # buffers added since the last kick_prepare
@@ -93,40 +152,9 @@ class VirtQueue:
         return desc_table_size(num), avail_size(num), used_size(num)
 
     @staticmethod
-    def _alloc_mem(ram_or_alloc, mem):
-        alloc = getattr(ram_or_alloc, "alloc", None)
-        if alloc is not None and not callable(alloc):   # a GuestRAM: .alloc is the allocator
-            return alloc, mem if mem is not None else ram_or_alloc.mem
-        return ram_or_alloc, mem
-
-    @staticmethod
-    def alloc_rings(ram_or_alloc, num: int, mem: GuestMemory | None = None) -> tuple[int, int, int]:
-        """Allocate and zero desc/avail/used (alignments 16/2/4), like vring_alloc_queue.
-
-        Takes a GuestRAM, or a GuestAllocator plus the GuestMemory it carves. Raises MemoryError
-        when guest RAM is exhausted (nothing stays allocated).
-        """
-        alloc, mem = VirtQueue._alloc_mem(ram_or_alloc, mem)
-        if mem is None:
-            raise ValueError("alloc_rings needs the GuestMemory to zero the rings")
-        sizes = VirtQueue.layout(num)
-        got: list[int] = []
-        for size, align in zip(sizes, (16, 2, 4)):
-            gpa = alloc.alloc(size, align)
-            if gpa is None:
-                for g in got:
-                    alloc.free(g)
-                raise MemoryError(f"no guest memory for a {num}-entry virtqueue")
-            got.append(gpa)
-        for gpa, size in zip(got, sizes):
-            mem.write(gpa, bytes(size))
-        return got[0], got[1], got[2]
-
-    @staticmethod
-    def free_rings(ram_or_alloc, desc: int, avail: int, used: int) -> None:
-        alloc, _ = VirtQueue._alloc_mem(ram_or_alloc, None)
-        for gpa in (desc, avail, used):
-            alloc.free(gpa)
+    def ring_parts(num: int) -> list[tuple[int, int]]:
+        """(size, align) of desc/avail/used: alignments 16/2/4 (spec 2.7)."""
+        return list(zip(VirtQueue.layout(num), (16, 2, 4)))
 
     # --- adding buffers ----------------------------------------------------------------------
     def add_sgs(self, out_sgs: list[tuple[int, int]], in_sgs: list[tuple[int, int]], token) -> bool:
@@ -238,11 +266,6 @@ class VirtQueue:
         if table is not None:
             self.alloc.free(table)
         return token
-
-    def _bad_ring(self, why: str) -> None:
-        # BAD_RING: the device wrote something impossible; stop using the queue.
-        self.broken = True
-        self.broken_reason = why
 
     def get_buf(self):
         """virtqueue_get_buf: (token, len) of the next used buffer, or None."""
@@ -373,10 +396,8 @@ class VirtQueue:
         except ValueError:          # views released
             return {}
 
-    def close(self) -> None:
-        """Drop the cached views so the guest RAM can be unmapped."""
-        for v in (self._dv, self._av, self._ub, self._uv):
-            v.release()
+    def _views(self) -> tuple:
+        return self._dv, self._av, self._ub, self._uv
 
     def __repr__(self) -> str:
         return (f"VirtQueue({self.name} num={self.num} free={self.num_free} "

@@ -35,6 +35,7 @@ know which layout they hold.
 """
 from __future__ import annotations
 
+from guest.virtqueue import DriverRing
 from shared.barrier import mb
 from shared.constants import VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
 from shared.memory import GuestMemory
@@ -47,28 +48,19 @@ from shared.ring_layout import (DESC_F_AVAIL, DESC_F_USED, PACKED_DESC, PACKED_D
 _AU = DESC_F_AVAIL | DESC_F_USED
 
 
-class VirtQueuePacked:
+class VirtQueuePacked(DriverRing):
     """One packed virtqueue as the driver sees it (struct vring_virtqueue, packed half)."""
 
     packed = True
+    kind = "packed "
 
     def __init__(self, mem: GuestMemory, index: int, num: int, desc: int, driver: int, device: int,
                  *, event_idx: bool = False, indirect: bool = False, alloc=None, name: str = ""):
         check_packed_num(num)
         if desc % 16 or driver % 4 or device % 4:
             raise ValueError(f"ring parts misaligned: desc {desc:#x} driver {driver:#x} device {device:#x}")
-        self.mem = mem
-        self.index = index
-        self.name = name or f"vq{index}"
-        self.num = num
-        self.desc = desc                  # gpa of the descriptor ring
-        self.avail = driver               # gpa of the driver area (SET_VRING_ADDR's avail)
-        self.used = device                # gpa of the device area (SET_VRING_ADDR's used)
-        self.event_idx = event_idx
-        self.indirect = indirect and alloc is not None
-        self.alloc = alloc
-        self.broken = False
-        self.broken_reason = ""
+        # avail/used: the driver and device areas (SET_VRING_ADDR's avail and used)
+        self._init_ring(mem, index, num, desc, driver, device, event_idx, indirect, alloc, name)
         self.num_free = num               # free descriptor slots
         self.num_added = 0                # descriptors added since the last kick_prepare
         self.next_avail_idx = 0           # the slot the next buffer starts at
@@ -101,29 +93,10 @@ class VirtQueuePacked:
         return tuple(s for s, _ in packed_parts(num))
 
     @staticmethod
-    def alloc_rings(ram_or_alloc, num: int, mem: GuestMemory | None = None) -> tuple[int, int, int]:
-        """Allocate and zero the descriptor ring and the two event areas (align 16/4/4)."""
-        from guest.virtqueue import VirtQueue
-        alloc, mem = VirtQueue._alloc_mem(ram_or_alloc, mem)
-        if mem is None:
-            raise ValueError("alloc_rings needs the GuestMemory to zero the rings")
+    def ring_parts(num: int) -> list[tuple[int, int]]:
+        """(size, align) of the descriptor ring and the two event areas (align 16/4/4)."""
         check_packed_num(num)
-        got: list[int] = []
-        for size, align in packed_parts(num):
-            gpa = alloc.alloc(size, align)
-            if gpa is None:
-                for g in got:
-                    alloc.free(g)
-                raise MemoryError(f"no guest memory for a {num}-entry packed virtqueue")
-            got.append(gpa)
-        for gpa, (size, _) in zip(got, packed_parts(num)):
-            mem.write(gpa, bytes(size))
-        return got[0], got[1], got[2]
-
-    @staticmethod
-    def free_rings(ram_or_alloc, desc: int, avail: int, used: int) -> None:
-        from guest.virtqueue import VirtQueue
-        VirtQueue.free_rings(ram_or_alloc, desc, avail, used)
+        return list(packed_parts(num))
 
     # --- adding buffers ----------------------------------------------------------------------
     def add_sgs(self, out_sgs: list[tuple[int, int]], in_sgs: list[tuple[int, int]], token) -> bool:
@@ -217,10 +190,6 @@ class VirtQueuePacked:
     def more_used(self) -> bool:
         """more_used_packed; never on a broken queue."""
         return not self.broken and self._is_used(self.last_used_idx, self.used_wrap_counter)
-
-    def _bad_ring(self, why: str) -> None:
-        self.broken = True
-        self.broken_reason = why
 
     def _detach_buf(self, bid: int):
         token, descs, table = self._state[bid]
@@ -391,9 +360,8 @@ class VirtQueuePacked:
         except ValueError:
             return {}
 
-    def close(self) -> None:
-        for v in (self._dev32, self._devb, self._dv, self._dw, self._drv, self._devw):
-            v.release()
+    def _views(self) -> tuple:
+        return self._dev32, self._devb, self._dv, self._dw, self._drv, self._devw
 
     def __repr__(self) -> str:
         return (f"VirtQueuePacked({self.name} num={self.num} free={self.num_free} "

@@ -333,6 +333,18 @@ def test_non_stream_packet_carries_no_payload_and_gets_rst():
     assert [p.op for p in g.recv_rx()] == [VIRTIO_VSOCK_OP_RST]
 
 
+def _other_device_still_connects(other, g2, w2) -> None:
+    """Another guest's device, next to a broken one, still takes a connection."""
+    g2.post_rx()
+    l2 = other.core.socket()
+    other.core.bind(l2, 1234)
+    other.core.listen(l2, 4)
+    sk = g2.core.socket()
+    g2.core.connect(sk, 2, 1234)
+    g2.settle(w2)
+    assert sk.state == SockState.ESTABLISHED and not other.broken
+
+
 @pytest.mark.parametrize("case", ["short header", "in-buffers on tx", "len over 64 KiB",
                                   "len beyond the chain"])
 def test_malformed_tx_chain_needs_reset_and_other_device_unaffected(case):
@@ -358,15 +370,7 @@ def test_malformed_tx_chain_needs_reset_and_other_device_unaffected(case):
     g.kick(VSOCK_VQ_TX, force=True)
     dev.handle_tx_work()
     assert dev.core.accept(lst) is None and dev.stats["tx_packets"] == 0
-    # The other guest's device works.
-    g2.post_rx()
-    l2 = other.core.socket()
-    other.core.bind(l2, 1234)
-    other.core.listen(l2, 4)
-    sk = g2.core.socket()
-    g2.core.connect(sk, 2, 1234)
-    g2.settle(w2)
-    assert sk.state == SockState.ESTABLISHED and not other.broken
+    _other_device_still_connects(other, g2, w2)
     # After a reset the device is usable again (fresh state).
     dev.reset()
     assert not dev.broken and dev.status == 0 and dev.stats["errors"] == 1
@@ -714,13 +718,6 @@ def test_packed_hostile_tx_needs_reset_and_other_device_unaffected(case, rule):
     assert dev.broken and dev.status & VIRTIO_CONFIG_S_NEEDS_RESET
     assert dev.stats["errors"] == 1 and dev.stats["last_rule"] == rule, dev.stats["last_error"]
     assert dev.errs[VSOCK_VQ_TX].pending() == 1
-    g2.post_rx()
-    l2 = other.core.socket()
-    other.core.bind(l2, 1234)
-    other.core.listen(l2, 4)
-    sk = g2.core.socket()
-    g2.core.connect(sk, 2, 1234)
-    g2.settle(w2)
-    assert sk.state == SockState.ESTABLISHED and not other.broken
+    _other_device_still_connects(other, g2, w2)
     dev.reset()
     assert not dev.broken and all(not getattr(q, "packed", False) for q in dev.vqs)
