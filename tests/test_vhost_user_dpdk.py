@@ -25,8 +25,8 @@ from tools.testpmd import LATE_PROBES, TESTPMD, Testpmd, send_and_collect
 pytestmark = [pytest.mark.multiprocess, pytest.mark.dpdk]
 
 
-@pytest.fixture
-def udp_backend(tmp_path):
+def _udp_backend(tmp_path, extra: list[str]):
+    """Our vhost-user-net (extra flags) on a UDP backend whose far end is `peer`."""
     if TESTPMD is None:
         pytest.skip("dpdk-testpmd is not installed (apt-get install dpdk-dev; see .ci/run)")
     if os.geteuid() != 0:
@@ -37,7 +37,7 @@ def udp_backend(tmp_path):
     lport = free_udp_port()
     run = tmp_path / "run"
     sock = tmp_path / "pmd.sock"
-    host = Proc(["-m", "host", "--vhost-user-net", str(sock), "--net-backend",
+    host = Proc(["-m", "host", *extra, "--vhost-user-net", str(sock), "--net-backend",
                  f"udp:{lport}:{peer.getsockname()[1]}", "--run-dir", str(run), "--log-level", "DEBUG"],
                 tmp_path / "host.log")
     try:
@@ -46,6 +46,11 @@ def udp_backend(tmp_path):
     finally:
         host.stop()
         peer.close()
+
+
+@pytest.fixture
+def udp_backend(tmp_path):
+    yield from _udp_backend(tmp_path, [])
 
 
 def device_stats(run: Path) -> dict:
@@ -109,25 +114,7 @@ def test_testpmd_forwards_our_frames_back(udp_backend, tmp_path):
 
 @pytest.fixture
 def udp_backend_packed(tmp_path):
-    if TESTPMD is None:
-        pytest.skip("dpdk-testpmd is not installed (apt-get install dpdk-dev; see .ci/run)")
-    if os.geteuid() != 0:
-        pytest.skip("dpdk-testpmd needs root (its runtime directory is /var/run/dpdk)")
-    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
-    peer.bind(("127.0.0.1", 0))
-    lport = free_udp_port()
-    run = tmp_path / "run"
-    sock = tmp_path / "pmd.sock"
-    host = Proc(["-m", "host", "--packed", "--vhost-user-net", str(sock), "--net-backend",
-                 f"udp:{lport}:{peer.getsockname()[1]}", "--run-dir", str(run), "--log-level", "DEBUG"],
-                tmp_path / "host.log")
-    try:
-        assert host.wait_log("listening on", 20), host.text()
-        yield {"host": host, "sock": sock, "peer": peer, "lport": lport, "run": run}
-    finally:
-        host.stop()
-        peer.close()
+    yield from _udp_backend(tmp_path, ["--packed"])
 
 
 def test_testpmd_with_packed_vq_forwards_our_frames_back(udp_backend_packed, tmp_path):
