@@ -376,38 +376,28 @@ class VsockCore:
             raise _oserror(errno.ENOTCONN, "send")
         mv = memoryview(data).cast("B")
         size = len(mv)
-        space = self.has_space(sk)                     # virtio_transport_get_credit
-        fast = self.send_rw
-        if 0 < size <= space and size <= self.max_pkt_len and fast is not None:
-            # One packet, all of it within the credit (a small write, a request): the loop
-            # below without its slicing and arithmetic.
-            sk.tx_cnt = (sk.tx_cnt + size) & U32
-            if fast(sk, mv):
-                sk.last_fwd_cnt = sk.fwd_cnt
-                self.stats["tx"]["RW"] += 1
-            else:
-                self._send_pkt_info(sk, VIRTIO_VSOCK_OP_RW, payload=mv)
-            sk.tx_total += size
-            self.stats["tx_bytes"] += size
-            return size
-        total = min(size, space)
+        total = min(size, self.has_space(sk))         # virtio_transport_get_credit
         if not total and size:
             sk.credit_stalls += 1
         off = 0
+        fast = self.send_rw
         step = self.max_pkt_len
+        stats = self.stats
         while off < total:
             n = min(total - off, step)
             sk.tx_cnt = (sk.tx_cnt + n) & U32
-            # The payload is a view of the caller's buffer: the transport copies it once, into
-            # guest RAM (or into its queue), before this call returns.
-            if fast is not None and fast(sk, mv[off:off + n]):
+            # The payload is a view of the caller's buffer (the whole of it when it is one
+            # packet: no slice): the transport copies it once, into guest RAM (or into its
+            # queue), before this call returns.
+            chunk = mv if n == size else mv[off:off + n]
+            if fast is not None and fast(sk, chunk):
                 sk.last_fwd_cnt = sk.fwd_cnt        # the header advertised it
-                self.stats["tx"]["RW"] += 1
+                stats["tx"]["RW"] += 1
             else:
-                self._send_pkt_info(sk, VIRTIO_VSOCK_OP_RW, payload=mv[off:off + n])
+                self._send_pkt_info(sk, VIRTIO_VSOCK_OP_RW, payload=chunk)
             off += n
         sk.tx_total += total
-        self.stats["tx_bytes"] += total
+        stats["tx_bytes"] += total
         return total
 
     def rw_room(self, sk: VsockSock) -> int:
