@@ -194,29 +194,25 @@ class DoorbellThread:
             try:
                 if self.want_lead:
                     continue
-                if self.disarmed:
-                    with lock:
-                        raced = self._arm_for_sleep()
-                    if raced:
-                        with lock:
-                            stats["handler_runs"] += 1
-                            self._run_handler(polled=True)
-                        continue
                 wait_s, moderated = IDLE_WAIT, False
-                if self.after_work and poll is not None and poll.burst is not None:
-                    # Right after work, with a burst expected (a bulk stream within its
-                    # credit): ask to be rung only after that many buffers, and look at the
-                    # ring after MODERATE_S anyway, as a moderated serve() does.
+                expect = self.after_work and poll is not None and poll.burst is not None
+                if expect or self.disarmed:
                     with lock:
-                        k = poll.burst()
-                        raced = k > 1 and poll.delay(k)
-                    if raced:
-                        with lock:
+                        # Right after work, with a burst expected (a bulk stream within its
+                        # credit): ask to be rung only after that many buffers, and look at the
+                        # ring after MODERATE_S anyway, as a moderated serve() does. Else
+                        # re-arm what a burst server left off (NAPI).
+                        k = poll.burst() if expect else 1
+                        if k > 1:
+                            self.disarmed = False
+                            raced = poll.delay(k)
+                            wait_s, moderated = MODERATE_S, True
+                        else:
+                            raced = self._arm_for_sleep()
+                        if raced:           # buffers raced in while re-arming: take them
                             stats["handler_runs"] += 1
                             self._run_handler(polled=True)
-                        continue
-                    if k > 1:
-                        wait_s, moderated = MODERATE_S, True
+                            continue
                 self.after_work = False
                 t0 = time.perf_counter_ns()
                 n = self.db.wait(wait_s)
