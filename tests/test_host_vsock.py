@@ -259,9 +259,8 @@ def test_iov_helpers_scatter_and_gather():
     assert iov_read(iov, 4, 6) == b"cdefgh"
 
 
-# --- tx: guest -> host ------------------------------------------------------------------------
-def test_guest_connects_to_host_listener_and_data_flows_both_ways():
-    dev, g, w = make()
+def _guest_connects(dev, g, w):
+    """A host listener on port 1234 and a guest socket connected to it: (listener, guest sk)."""
     g.post_rx()
     lst = dev.core.socket()
     dev.core.bind(lst, 1234)
@@ -270,6 +269,19 @@ def test_guest_connects_to_host_listener_and_data_flows_both_ways():
     g.core.connect(sk, 2, 1234)
     g.settle(w)
     assert sk.state == SockState.ESTABLISHED
+    return lst, sk
+
+
+def _other_device_still_connects(other, g2, w2) -> None:
+    """Another guest's device, next to a broken one, still takes a connection."""
+    _guest_connects(other, g2, w2)
+    assert not other.broken
+
+
+# --- tx: guest -> host ------------------------------------------------------------------------
+def test_guest_connects_to_host_listener_and_data_flows_both_ways():
+    dev, g, w = make()
+    lst, sk = _guest_connects(dev, g, w)
     child = dev.core.accept(lst)
     assert child is not None and child.remote_cid == GUEST_CID and child.remote_port == sk.local_port
     assert g.core.send(sk, b"hello host") == 10
@@ -333,16 +345,6 @@ def test_non_stream_packet_carries_no_payload_and_gets_rst():
     assert [p.op for p in g.recv_rx()] == [VIRTIO_VSOCK_OP_RST]
 
 
-def _other_device_still_connects(other, g2, w2) -> None:
-    """Another guest's device, next to a broken one, still takes a connection."""
-    g2.post_rx()
-    l2 = other.core.socket()
-    other.core.bind(l2, 1234)
-    other.core.listen(l2, 4)
-    sk = g2.core.socket()
-    g2.core.connect(sk, 2, 1234)
-    g2.settle(w2)
-    assert sk.state == SockState.ESTABLISHED and not other.broken
 
 
 @pytest.mark.parametrize("case", ["short header", "in-buffers on tx", "len over 64 KiB",
@@ -656,15 +658,9 @@ def test_packed_rings_carry_a_connection_both_ways_over_many_laps(event_idx):
     slots; 200 KB each way laps them many times (4 KiB rx buffers, two slots each)."""
     dev, g, w = make(packed=True, sizes=(8, 8, 4), event_idx=event_idx)
     assert all(getattr(q, "packed", False) for q in dev.vqs)
-    g.post_rx()
-    lst = dev.core.socket()
-    dev.core.bind(lst, 1234)
-    dev.core.listen(lst, 4)
-    sk = g.core.socket()
-    g.core.connect(sk, 2, 1234)
-    g.settle(w)
+    lst, sk = _guest_connects(dev, g, w)
     child = dev.core.accept(lst)
-    assert sk.state == SockState.ESTABLISHED and child is not None
+    assert child is not None
     data = bytes(range(256)) * 800
     got_host, got_guest = b"", b""
     sent_g = sent_h = 0

@@ -17,15 +17,9 @@ from tests.net_rig import MAC, V1, Rig
 def test_coalesced_rw_packet_carries_the_newest_credit_fields():
     """While rx is busy, a small RW joins the one queued before it (autocork). The merged packet
     must advertise the *newest* buf_alloc and fwd_cnt: the guest takes its credit from it."""
-    from tests.test_host_vsock import make
+    from tests.test_host_vsock import _guest_connects, make
     dev, g, w = make(credit_policy="low-space")     # no CREDIT_UPDATE per read to break the cork
-    g.post_rx()
-    lst = dev.core.socket()
-    dev.core.bind(lst, 1234)
-    dev.core.listen(lst, 4)
-    gsk = g.core.socket()
-    g.core.connect(gsk, 2, 1234)
-    g.settle(w)
+    lst, gsk = _guest_connects(dev, g, w)
     hsk = dev.core.accept(lst)
     assert hsk is not None
     assert g.core.send(gsk, b"xyz") == 3
