@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_doorbell(p, "kick, call and err doorbells: sem (named POSIX semaphores, the default) or "
                     "eventfd (eventfds passed over the control socket with SCM_RIGHTS, as vhost-user "
                     "does; the host's device process then waits on one selector)", "sem")
-    add_common(p, "CREDIT_UPDATE after every read (2016-17 seeds) or when free space < 64 KiB")
+    add_common(p, "CREDIT_UPDATE after every read (2016-17 seeds), when free space < 64 KiB (Linux 2019) "
+                  "or also once half the window was read (half-window)")
     return p
 
 

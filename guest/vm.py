@@ -71,7 +71,7 @@ class GuestOptions:
     run: list = field(default_factory=list)           # ["module:function"]
     pcap: Path | None = None
     queue_size: int = 128
-    credit_policy: str = "low-space"
+    credit_policy: str = "half-window"
     buf_size: int = 1 << 20
     rx_buf_size: int = 64 * 1024
     poll_us: int = 0

@@ -53,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_doorbell(p, "the doorbells native guests may pass: sem (named POSIX semaphores, a thread "
                     "per kick in the device process), eventfd (eventfds over the control socket, "
                     "waited on by the device process's one selector) or any (default)", "any")
-    add_common(p, "when host sockets send CREDIT_UPDATE: after every read (the 2016-17 seeds) or "
-                  "only when free space falls below 64 KiB (Linux 2019)")
+    add_common(p, "when host sockets send CREDIT_UPDATE: after every read (the 2016-17 seeds), "
+                  "only when free space falls below 64 KiB (Linux 2019) or also once half the "
+                  "window was read (half-window)")
     return p
 
 

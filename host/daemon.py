@@ -48,7 +48,7 @@ SUPPORTED_DEVICES = tuple(DEVICE_KINDS)
 class HostOptions:
     run_dir: Path
     pcap: Path | None = None
-    credit_policy: str = "low-space"
+    credit_policy: str = "half-window"
     dialect: str = "firecracker"
     max_queue_size: int = 1024
     stats_interval: float = 0.5

@@ -10,7 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
-CREDIT_POLICIES = ("every-read", "low-space")
+CREDIT_POLICIES = ("every-read", "low-space", "half-window")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DEFAULT_LOG_LEVEL = "WARNING"
 
@@ -97,8 +97,8 @@ def seconds(text: str) -> float:
 def add_common(p: argparse.ArgumentParser, credit_help: str) -> None:
     """--credit-policy, --buf-size, --poll-us, --log-level and --version, spelled the same on
     both sides."""
-    p.add_argument("--credit-policy", choices=CREDIT_POLICIES, default="low-space",
-                   help=credit_help + " (default low-space)")
+    p.add_argument("--credit-policy", choices=CREDIT_POLICIES, default="half-window",
+                   help=credit_help + " (default half-window)")
     p.add_argument("--buf-size", type=buf_size, default=DEFAULT_BUF_SIZE, metavar="BYTES",
                    help="receive buffer of each vsock socket on this side, advertised as buf_alloc "
                         "(SO_VM_SOCKETS_BUFFER_SIZE; default 4194304, Linux's is 262144)")

@@ -276,13 +276,13 @@ def credit_update_case(policy: str, low_rx_bytes_test: bool) -> bool:
     return True
 
 
-@pytest.mark.parametrize("policy", ["every-read", "low-space", "rcvlowat"])
+@pytest.mark.parametrize("policy", ["every-read", "low-space", "rcvlowat", "half-window"])
 def test_credit_update_on_set_rcvlowat(policy):
     assert credit_update_case(policy, low_rx_bytes_test=False)
 
 
 @pytest.mark.parametrize("policy,completes", [("every-read", True), ("rcvlowat", True),
-                                               ("low-space", False)])
+                                               ("half-window", True), ("low-space", False)])
 def test_credit_update_low_rx_bytes(policy, completes):
     # The 2019 "low-space" policy alone stalls here (free space is exactly 64 KiB, not
     # below): the bug this vsock_test case was written for, fixed by the rx_bytes rule.

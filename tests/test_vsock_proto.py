@@ -325,6 +325,34 @@ def test_policy_rcvlowat_also_updates_when_queue_runs_low():
     assert cli.peer_fwd_cnt == BUF
 
 
+def test_policy_half_window_updates_once_half_the_window_was_read():
+    link = Link(credit_policy="half-window")
+    _, cli, srv = connected_pair(link)
+    # 256K window: an update after the 8th read of 16K (128K read since the last one) and the
+    # 16th; low-space alone sends one, after the 13th.
+    assert fill_and_drain(link, cli, srv, BUF, 16 * K) == 2
+    assert srv.last_fwd_cnt == BUF and cli.peer_fwd_cnt == BUF
+
+
+def test_policy_half_window_keeps_a_bulk_sender_in_credit_low_space_does_not():
+    """A reader that keeps up (reads each 64 KiB packet as it arrives): under half-window the
+    sender's credit never falls below half the window; under low-space it runs down to one
+    packet before the update, and the bulk stream stalls once per window while it travels."""
+    lowest = {}
+    for policy in ("half-window", "low-space"):
+        link = Link(credit_policy=policy)
+        _, cli, srv = connected_pair(link)
+        low = BUF
+        for _ in range(4 * BUF // (64 * K)):
+            assert link.guest.send(cli, b"q" * (64 * K)) == 64 * K
+            link.pump()
+            low = min(low, link.guest.has_space(cli))
+            assert len(link.host.recv(srv, 64 * K)) == 64 * K
+            link.pump()
+        lowest[policy] = low
+    assert lowest == {"half-window": BUF // 2, "low-space": 0}
+
+
 def test_bad_policy_rejected():
     with pytest.raises(ValueError):
         VsockCore(3, print, credit_policy="sometimes")
@@ -1026,7 +1054,7 @@ def test_seeds_credit_arithmetic_has_no_clamp_the_modern_policies_do():
     our own buffer, as Linux 6.1's virtio_transport_has_space does."""
     from shared.vsock.proto import VsockSock
     for policy, want in (("every-read", (4 << 20) - 1000), ("low-space", (256 << 10) - 1000),
-                         ("rcvlowat", (256 << 10) - 1000)):
+                         ("rcvlowat", (256 << 10) - 1000), ("half-window", (256 << 10) - 1000)):
         core = VsockCore(3, lambda p: None, credit_policy=policy, buf_size=256 << 10)
         sk = VsockSock(buf_alloc=256 << 10, peer_buf_alloc=4 << 20, tx_cnt=1000, peer_fwd_cnt=0)
         assert core.has_space(sk) == want, policy
@@ -1038,6 +1066,7 @@ def test_seeds_mode_brings_the_seeds_transport():
     from guest.vm import transport_mode
     assert transport_mode("every-read") == {"pool": False, "coalesce": False}
     assert transport_mode("low-space") == {"pool": True, "coalesce": True}
+    assert transport_mode("half-window") == {"pool": True, "coalesce": True}
 
 
 def test_rx_burst_moderates_only_bulk_streams_within_the_peers_credit():

@@ -60,6 +60,11 @@ advertise" shape lives in `_credit_update_due`):
                            caps at its own buffer (current Linux) can use
     "rcvlowat"    2024:    as low-space, or rx_bytes < SO_RCVLOWAT (the vsock_test
                            "credit update + low rx_bytes" fix)
+    "half-window" ours:    as low-space, or once half of W was read since the last
+                           advertisement (TCP's receive-window update): a sender whose
+                           reader keeps up never runs dry. Under low-space it runs out of
+                           credit once per window and both sides stall while the update
+                           travels; this costs one CREDIT_UPDATE per W/2 of a bulk stream.
 
 Close (virtio_transport_close). release() sends RST at once if the peer already shut both
 ways; otherwise SHUTDOWN(RCV|SEND) and a close timeout (VSOCK_CLOSE_TIMEOUT, 8 s): the peer's
@@ -109,7 +114,7 @@ from shared.vsock.packet import Packet, op_name
 U32 = 0xFFFFFFFF
 LAST_RESERVED_PORT = 1023          # af_vsock: ephemeral ports start above this
 SHUT_RD, SHUT_WR, SHUT_RDWR = 0, 1, 2   # socket.SHUT_* (how = mode - 1)
-CREDIT_POLICIES = ("every-read", "low-space", "rcvlowat")
+CREDIT_POLICIES = ("every-read", "low-space", "rcvlowat", "half-window")
 
 
 class SockState(enum.IntEnum):
@@ -884,9 +889,11 @@ class VsockCore:
         # with the larger buffer must speak up before the *smaller* window runs out, or both
         # wait forever (a socat in a Linux guest stalled at exactly 256 KiB against a 1 MiB host).
         window = min(sk.buf_alloc, sk.peer_buf_alloc) if sk.peer_buf_alloc else sk.buf_alloc
-        free_space = window - ((sk.fwd_cnt - sk.last_fwd_cnt) & U32)
-        if free_space < VIRTIO_VSOCK_MAX_PKT_BUF_SIZE:
+        read = (sk.fwd_cnt - sk.last_fwd_cnt) & U32
+        if window - read < VIRTIO_VSOCK_MAX_PKT_BUF_SIZE:
             return True
+        if self.credit_policy == "half-window":
+            return read >= window - window // 2
         return self.credit_policy == "rcvlowat" and sk.rx_bytes < sk.rcvlowat
 
     # ------------------------------------------------------------------ bookkeeping
