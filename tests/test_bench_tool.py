@@ -296,3 +296,29 @@ def test_the_plan_puts_packed_rows_next_to_split_and_the_packed_ring_bench_runs(
     assert "packed" not in old.configs()                       # a build without --packed: n/a rows
     r = bench_ring(0.1, 64, 1, True, packed=True)
     assert r["rt"] > 10 and 0 < r["kicks"] <= 1 and 0 < r["irqs"] <= 1
+
+
+def test_cpu_seconds_is_finer_than_a_tick_and_counts_exited_threads():
+    """The bench's CPU figures (cpu_s_per_gb, the idle pair's % of a core) read another
+    process's CPU time: whole clock ticks (10 ms, 0.67 % of a core over the quick idle figure's
+    1.5 s) made a 0.6 % idle pair read 0 % or 1.33 %. A thread that spun and exited still counts;
+    a process that is gone reads None."""
+    from tools.bench.cluster import CLK_TCK, cpu_seconds
+    code = ("import threading, time\n"
+            "def spin(s):\n"
+            "    end = time.thread_time() + s\n"
+            "    while time.thread_time() < end: pass\n"
+            "t = threading.Thread(target=spin, args=(0.123,)); t.start(); t.join()\n"
+            "spin(0.0345)\n"
+            "print('ready', flush=True); time.sleep(30)\n")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        got = cpu_seconds(p.pid)
+        assert 0.1575 <= got < 0.1575 + 0.2                 # both spins, and start-up
+        ticks = got * CLK_TCK
+        assert round(ticks, 6) != round(ticks)              # not a whole number of ticks
+    finally:
+        p.kill()
+        p.wait()
+    assert cpu_seconds(p.pid) is None

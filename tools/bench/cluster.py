@@ -89,8 +89,22 @@ def threads(pid: int) -> int | None:
         return None
 
 
+def process_cpu_clock(pid: int) -> int:
+    """The clock id of `pid`'s process-wide CPU-time clock, as clock_getcpuclockid(3) makes it
+    (the kernel's MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED)): every thread's time, the exited
+    ones too, in nanoseconds."""
+    return ((~pid) << 3) | 2
+
+
 def cpu_seconds(pid: int) -> float | None:
-    """utime + stime of every thread of `pid` (/proc/PID/stat fields 14 and 15), None if gone."""
+    """CPU time of every thread of `pid` (exited ones included), None if gone: the process's
+    CPU-time clock (nanoseconds), else utime + stime from /proc/PID/stat (fields 14 and 15),
+    which count whole clock ticks: over the 1.5 s of an idle figure one tick is 0.67 % of a
+    core."""
+    try:
+        return time.clock_gettime(process_cpu_clock(pid))
+    except (OSError, OverflowError):
+        pass
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
