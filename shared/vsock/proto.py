@@ -371,7 +371,8 @@ class VsockCore:
         """Queue as much of `data` as the peer's credit allows, as RW packets of at most
         max_pkt_len bytes (virtio_transport_send_pkt_info). Returns the bytes taken: 0 when
         there is no credit (no CREDIT_REQUEST is sent, as Linux does not)."""
-        self._check_open(sk)
+        if sk.released:                 # _check_open, written out: every write comes this way
+            raise _oserror(errno.EBADF, "socket already released")
         # af_vsock vsock_stream_sendmsg: shutdown first, then socket error, then state.
         if sk.shutdown & VIRTIO_VSOCK_SHUTDOWN_SEND or sk.peer_shutdown & VIRTIO_VSOCK_SHUTDOWN_RCV:
             raise _oserror(errno.EPIPE, "send after shutdown")
@@ -379,14 +380,16 @@ class VsockCore:
             raise _oserror(sk.err, "send")
         if sk.state != SockState.ESTABLISHED:
             raise _oserror(errno.ENOTCONN, "send")
-        mv = memoryview(data).cast("B")
+        step = self.max_pkt_len
+        # bytes of one packet go as they are (no view to make); anything else as a byte view,
+        # sliced per packet without a copy
+        mv = data if type(data) is bytes and len(data) <= step else memoryview(data).cast("B")
         size = len(mv)
         total = min(size, self.has_space(sk))         # virtio_transport_get_credit
         if not total and size:
             sk.credit_stalls += 1
         off = 0
         fast = self.send_rw
-        step = self.max_pkt_len
         stats = self.stats
         while off < total:
             n = min(total - off, step)
