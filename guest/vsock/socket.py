@@ -24,6 +24,7 @@ class GuestVsock(VsockFamily):
         self.transport = transport
         self.kernel = transport.kernel
         self.lock = transport.kernel.lock
+        self.batch = transport.batch  # the fast path: one kick per send (the transport's, for good)
 
     @property
     def current_core(self):
@@ -44,11 +45,7 @@ class GuestVsock(VsockFamily):
     def cancel_pkt(self, sk) -> int:
         return self.transport.cancel_pkt(sk)
 
-    # --- the fast path: one kick per send, waiting calls serve the rx ring ------------------------
-    @property
-    def batch(self):
-        return self.transport.batch
-
+    # --- the fast path: waiting calls serve the rx ring ------------------------------------------
     @property
     def stats(self) -> dict:
         return getattr(self.kernel, "stats", {})

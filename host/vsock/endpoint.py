@@ -50,6 +50,7 @@ class HostVsock(VsockFamily):
     def __init__(self, device):
         self.device = device
         self.lock = device.lock
+        self.batch = device.batch       # the fast path: one interrupt per send (the device's, for good)
         self.up_event = threading.Event()
         device.start_hooks.append(self._started)
         device.stop_hooks.append(self._stopped)
@@ -89,11 +90,7 @@ class HostVsock(VsockFamily):
     def cancel_pkt(self, sk) -> int:
         return self.device.cancel_pkt(sk)
 
-    # --- the fast path: one interrupt per send, waiting calls serve the tx ring -------------------
-    @property
-    def batch(self):
-        return self.device.batch
-
+    # --- the fast path: waiting calls serve the tx ring -------------------------------------------
     @property
     def stats(self) -> dict:
         return getattr(self.device.worker, "stats", {})
