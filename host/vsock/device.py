@@ -385,11 +385,9 @@ class VhostVsock(VhostDevice):
             return True              # NEEDS_RESET now: the packet goes with the device
         n = len(payload)
         try:
-            chain = vq.get_vq_desc(mem)
+            chain = self._in_chain(vq, mem)
             if chain is None:
                 return False         # no rx buffer: queued, and rx notifications re-armed
-            if chain.out:
-                raise VringError(14, f"Expected 0 output buffers, got {len(chain.out)}")
             if chain.in_len - HDR_SIZE < n:
                 vq.discard_vq_desc(1)
                 return False         # the ordinary path splits it over several buffers
@@ -405,6 +403,16 @@ class VhostVsock(VhostDevice):
             return True
         self._rw_sent(n)
         return True
+
+    @staticmethod
+    def _in_chain(vq, mem):
+        """The next chain of a queue the device only writes (rx, event), or None when it is
+        empty: it must hold device-writable buffers only (ring rule 14, "Expected 0 output
+        buffers" in vhost_transport_do_send_pkt)."""
+        chain = vq.get_vq_desc(mem)
+        if chain is not None and chain.out:
+            raise VringError(14, f"Expected 0 output buffers, got {len(chain.out)}")
+        return chain
 
     def _rw_used(self, vq, mem, chain, sk, n: int) -> None:
         """An RW packet of n payload bytes is in the rx chain: its header (the credit fields as
@@ -447,11 +455,9 @@ class VhostVsock(VhostDevice):
         if not self.mem_ok(vq):
             return None
         try:
-            chain = vq.get_vq_desc(mem)
+            chain = self._in_chain(vq, mem)
             if chain is None:
                 return None          # no rx buffer: the ordinary path queues and re-arms
-            if chain.out:
-                raise VringError(14, f"Expected 0 output buffers, got {len(chain.out)}")
             room = chain.in_len - HDR_SIZE
             if room <= 0:
                 raise VringError(14, f"Buffer len [{chain.in_len}] too small")
@@ -630,15 +636,13 @@ class VhostVsock(VhostDevice):
             while lst:
                 entry = lst[0]
                 pkt, off = entry
-                chain = vq.get_vq_desc(mem)
+                chain = self._in_chain(vq, mem)
                 if chain is None:
                     # No buffer: wait for the rx kick, unless buffers raced in meanwhile.
                     if vq.enable_notify(mem):
                         vq.disable_notify(mem)
                         continue
                     break
-                if chain.out:
-                    raise VringError(14, f"Expected 0 output buffers, got {len(chain.out)}")
                 plen = pkt.len
                 remaining = plen - off
                 room = chain.in_len - HDR_SIZE
@@ -711,12 +715,10 @@ class VhostVsock(VhostDevice):
                 return False
             vq, mem = self.vqs[VSOCK_VQ_EVENT], self.mem
             try:
-                chain = vq.get_vq_desc(mem)
+                chain = self._in_chain(vq, mem)
                 if chain is None:
                     self.reset_pending = True
                     return False
-                if chain.out:
-                    raise VringError(14, f"Expected 0 output buffers, got {len(chain.out)}")
                 if chain.in_len < VSOCK_EVENT.size:
                     raise VringError(14, f"event buffer of {chain.in_len} bytes cannot hold "
                                          f"struct virtio_vsock_event")
