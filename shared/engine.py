@@ -38,9 +38,9 @@ finds the doorbell thread asleep on the doorbell rings the doorbell once to take
 64 B round trip thus wakes two threads (one per side), as a bare ring does. The poll budget is
 adaptive, as KVM's halt polling: it grows when a sleep ended within POLL_GROW windows (a peer
 that sleeps too adds its own wake-up), and halves once POLL_MISSES windows in a row found
-nothing, so polling only costs
-where it pays (halving at the first miss made a polling request/response pair fall back to
-sleeping for good: one miss, one side sleeps, the other's next window misses too).
+nothing, so polling only costs where it pays (halving at the first miss made a polling
+request/response pair fall back to sleeping for good: one miss, one side sleeps, the other's
+next window misses too).
 
 Moderation (EVENT_IDX, NAPI). A burst server returns with notifications off (the consumer is busy
 with what it took); whoever sleeps on the doorbell next re-arms first. A doorbell thread whose
